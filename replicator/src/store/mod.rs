@@ -1,0 +1,300 @@
+//! The local backing store: a regular file or a block device, opened once, driven through an
+//! [`IoEngine`] (io_uring or a thread pool). NBD semantics live here: FLUSH is fdatasync, TRIM
+//! punches a hole, WRITE_ZEROES zeroes a range (falling back to writing zeros), and allocation is
+//! reported from SEEK_DATA/SEEK_HOLE.
+
+mod buf;
+mod engine;
+mod threads;
+mod uring;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+pub use buf::{ALIGN, IoBuf};
+pub use engine::{EngineKind, IoDone, IoEngine, IoOp};
+pub use threads::ThreadsEngine;
+pub use uring::UringEngine;
+
+use crate::nbd::proto::{Extent, STATE_HOLE, STATE_ZERO};
+
+/// Threads in the portable engine's pool.
+pub const THREADS: usize = 16;
+/// Chunk size of the write-zeros fallback.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Errors opening a store. Each names the path and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing path could not be opened.
+    #[error("cannot open backing store {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    /// The backing path is neither a regular file nor a block device.
+    #[error("backing store {path} is neither a regular file nor a block device")]
+    NotFileOrDevice { path: PathBuf },
+    /// The backing store has size zero.
+    #[error("backing store {path} is empty; create it with a size first (truncate -s 1G {path})")]
+    Empty { path: PathBuf },
+    /// O_DIRECT was requested but the store's size is not a multiple of 4096.
+    #[error("backing store {path} is {size} bytes, not a multiple of 4096, which direct_io needs")]
+    Unaligned { path: PathBuf, size: u64 },
+    /// The engine could not start.
+    #[error("cannot start the {engine} I/O engine: {source}")]
+    Engine { engine: &'static str, source: std::io::Error },
+}
+
+/// How to open a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Engine choice.
+    pub engine: EngineKind,
+    /// Open with O_DIRECT (requests must then be 4096-aligned).
+    pub direct: bool,
+    /// Open read-only.
+    pub read_only: bool,
+}
+
+/// An open backing store.
+#[derive(Debug)]
+pub struct Store {
+    file: Arc<File>,
+    engine: Box<dyn IoEngine>,
+    size: u64,
+    path: PathBuf,
+    direct: bool,
+    block_device: bool,
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl Store {
+    /// Opens `path` and starts the engine.
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open { path: path.to_owned(), source };
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path).map_err(open_err)?;
+        let ft = file.metadata().map_err(open_err)?.file_type();
+        let block_device = ft.is_block_device();
+        if !ft.is_file() && !block_device {
+            return Err(StoreError::NotFileOrDevice { path: path.to_owned() });
+        }
+        // SEEK_END gives the size of regular files and block devices alike.
+        // SAFETY: plain syscall on a valid fd.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+        let size = u64::try_from(end).map_err(|_| open_err(std::io::Error::last_os_error()))?;
+        if size == 0 {
+            return Err(StoreError::Empty { path: path.to_owned() });
+        }
+        if opts.direct && size % ALIGN as u64 != 0 {
+            return Err(StoreError::Unaligned { path: path.to_owned(), size });
+        }
+        let file = Arc::new(file);
+        let engine = Self::start_engine(&file, opts.engine)?;
+        Ok(Self { file, engine, size, path: path.to_owned(), direct: opts.direct, block_device })
+    }
+
+    fn start_engine(file: &Arc<File>, kind: EngineKind) -> Result<Box<dyn IoEngine>, StoreError> {
+        let threads = || -> Result<Box<dyn IoEngine>, StoreError> {
+            ThreadsEngine::new(Arc::clone(file), THREADS)
+                .map(|e| Box::new(e) as Box<dyn IoEngine>)
+                .map_err(|source| StoreError::Engine { engine: "threads", source })
+        };
+        match kind {
+            EngineKind::Threads => threads(),
+            EngineKind::Uring => UringEngine::new(Arc::clone(file))
+                .map(|e| Box::new(e) as Box<dyn IoEngine>)
+                .map_err(|source| StoreError::Engine { engine: "uring", source }),
+            EngineKind::Auto => match UringEngine::new(Arc::clone(file)) {
+                Ok(e) => Ok(Box::new(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring unavailable, using the thread-pool engine");
+                    threads()
+                }
+            },
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Name of the engine in use.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+    /// Opened with O_DIRECT.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+    /// Is a block device (not a regular file).
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+    /// Smallest I/O unit clients must respect.
+    pub fn min_block(&self) -> u32 {
+        if self.direct { ALIGN as u32 } else { 1 }
+    }
+
+    async fn run(&self, op: IoOp) -> IoDone {
+        let (tx, rx) = oneshot::channel();
+        self.engine.submit(op, tx);
+        rx.await.unwrap_or(IoDone { result: Err(libc::ESHUTDOWN), buf: None })
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, i32> {
+        let d = self.run(IoOp::Read { offset, buf: IoBuf::zeroed(len) }).await;
+        d.result.map(|()| d.buf.expect("a read returns its buffer"))
+    }
+
+    /// Writes `buf` at `offset`; with `fua` it is durable on return.
+    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
+        self.run(IoOp::Write { offset, buf, fua }).await.result
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> Result<(), i32> {
+        self.run(IoOp::Flush).await.result
+    }
+
+    async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> Result<(), i32> {
+        self.run(IoOp::Fallocate { offset, len, mode }).await.result
+    }
+
+    /// Discards a range. Unsupported discards are not errors (TRIM is advisory).
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), i32> {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(offset, len, mode).await {
+            Ok(()) => {}
+            Err(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if fua { self.flush().await } else { Ok(()) }
+    }
+
+    /// Zeroes a range: punch a hole when `may_trim`, else zero-range; if the kernel cannot,
+    /// write zeros — unless `fast_only`, which then fails with EOPNOTSUPP having done nothing.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> Result<(), i32> {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let mut modes = vec![libc::FALLOC_FL_ZERO_RANGE | keep];
+        if may_trim {
+            modes.insert(0, libc::FALLOC_FL_PUNCH_HOLE | keep);
+        }
+        let mut done = false;
+        for mode in modes {
+            match self.fallocate(offset, len, mode).await {
+                Ok(()) => {
+                    done = true;
+                    break;
+                }
+                Err(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !done {
+            if fast_only {
+                return Err(libc::EOPNOTSUPP);
+            }
+            let mut at = offset;
+            while at < offset + len {
+                let n = ZERO_CHUNK.min(offset + len - at);
+                let buf = IoBuf::zeroed(usize::try_from(n).expect("chunk is 1 MiB"));
+                self.write(at, buf, false).await?;
+                at += n;
+            }
+        }
+        if fua { self.flush().await } else { Ok(()) }
+    }
+
+    /// Hints the kernel to read a range ahead.
+    pub fn cache(&self, offset: u64, len: u64) -> Result<(), i32> {
+        let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(libc::EINVAL);
+        };
+        // SAFETY: plain syscall on a valid fd; it only schedules readahead.
+        let rc = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) };
+        if rc == 0 { Ok(()) } else { Err(rc) }
+    }
+
+    /// Allocation of `[offset, offset+len)` as `base:allocation` extents, at most `max` of them
+    /// (they may cover less than the range; never more).
+    pub async fn block_status(&self, offset: u64, len: u32, max: usize) -> Result<Vec<Extent>, i32> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || allocation(&file, offset, len, max))
+            .await
+            .map_err(|_| libc::EIO)?
+    }
+
+    /// fdatasync outside the engine (used at shutdown).
+    pub fn sync_now(&self) -> Result<(), i32> {
+        self.file.sync_data().map_err(|e| errno(&e))
+    }
+}
+
+fn seek(fd: i32, offset: u64, whence: i32) -> Result<Option<u64>, i32> {
+    let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    if r >= 0 {
+        return Ok(Some(r.unsigned_abs()));
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => Ok(None), // no data (or no hole) after offset
+        Some(e) => Err(e),
+        None => Err(libc::EIO),
+    }
+}
+
+/// SEEK_DATA/SEEK_HOLE walk. Filesystems without support report everything as data.
+fn allocation(file: &File, offset: u64, len: u32, max: usize) -> Result<Vec<Extent>, i32> {
+    let fd = file.as_raw_fd();
+    let end = offset + u64::from(len);
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end && out.len() < max.max(1) {
+        let data = match seek(fd, at, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(libc::EINVAL | libc::EOPNOTSUPP) => {
+                return Ok(vec![Extent { len: u32::try_from(end - at).expect("≤ len"), flags: 0 }]);
+            }
+            Err(e) => return Err(e),
+        };
+        let (next, flags) = match data {
+            Some(d) if d <= at => {
+                let hole = seek(fd, at, libc::SEEK_HOLE)?.unwrap_or(end);
+                (hole, 0)
+            }
+            Some(d) => (d, STATE_HOLE | STATE_ZERO),
+            None => (end, STATE_HOLE | STATE_ZERO),
+        };
+        let next = next.clamp(at + 1, end);
+        out.push(Extent { len: u32::try_from(next - at).expect("≤ len"), flags });
+        at = next;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
