@@ -4,3 +4,4 @@
 pub mod negotiate;
 pub mod proto;
 pub mod request;
+pub mod server;

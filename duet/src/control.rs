@@ -1,0 +1,119 @@
+//! The control protocol between `duet <command>` and the daemon: one JSON object per line over a
+//! Unix socket (mode 0600), one request and one response per connection. Every message carries
+//! `v`, the protocol version; a daemon refuses versions it does not speak with a message that says
+//! so, and a CLI does the same with replies.
+
+use serde::{Deserialize, Serialize};
+
+/// The version this build speaks.
+pub const VERSION: u32 = 1;
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A request from the CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version.
+    pub v: u32,
+    /// What to do.
+    #[serde(flatten)]
+    pub cmd: Command,
+}
+
+/// The commands the daemon understands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// Report roles, states, and counters.
+    Status,
+}
+
+/// A response from the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version.
+    pub v: u32,
+    /// Success, with the result; or failure with a reason.
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+/// Result or error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "ok")]
+pub enum Body {
+    /// The command worked.
+    #[serde(rename = "true")]
+    Ok { result: serde_json::Value },
+    /// It did not, and why.
+    #[serde(rename = "false")]
+    Err { error: String },
+}
+
+impl Response {
+    /// A success.
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self { v: VERSION, body: Body::Ok { result } }
+    }
+    /// A failure.
+    pub fn err(error: impl Into<String>) -> Self {
+        Self { v: VERSION, body: Body::Err { error: error.into() } }
+    }
+}
+
+/// Decodes a request line; errors are the message to send back.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_LINE {
+        return Err(format!("request longer than {MAX_LINE} bytes"));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
+    let v = value.get("v").and_then(serde_json::Value::as_u64);
+    match v {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "control protocol version {v} is not supported (this daemon speaks {VERSION}); use the duet CLI of the same release"
+            ));
+        }
+        None => return Err("request has no protocol version \"v\"".into()),
+    }
+    serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let r = Request { v: VERSION, cmd: Command::Status };
+        let line = serde_json::to_vec(&r).unwrap();
+        assert_eq!(std::str::from_utf8(&line).unwrap(), r#"{"v":1,"cmd":"status"}"#);
+        assert_eq!(decode_request(&line).unwrap(), r);
+        let resp = Response::ok(serde_json::json!({"a": 1}));
+        let s = serde_json::to_string(&resp).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), resp);
+        let e = Response::err("no");
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
+    }
+
+    #[test]
+    fn hostile_requests() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "not JSON"),
+            (b"\xff\xfe", "not JSON"),
+            (br#"{"cmd":"status"}"#, "no protocol version"),
+            (br#"{"v":2,"cmd":"status"}"#, "version 2 is not supported"),
+            (br#"{"v":1,"cmd":"format-disk"}"#, "bad request"),
+            (br#"{"v":1}"#, "bad request"),
+            (br#"[1,2,3]"#, "no protocol version"),
+        ];
+        for (line, want) in cases {
+            let e = decode_request(line).unwrap_err();
+            assert!(e.contains(want), "{line:?}: {e}");
+        }
+        assert!(decode_request(&vec![b' '; MAX_LINE + 1]).unwrap_err().contains("longer"));
+    }
+}

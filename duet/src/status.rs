@@ -1,0 +1,175 @@
+//! What `duet status` shows: the daemon builds a [`NodeStatus`], sends it as JSON, and the CLI
+//! prints it as JSON (`--json`) or as text ([`render`]).
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+/// One node's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node's name.
+    pub node: String,
+    /// The cluster's name.
+    pub cluster: String,
+    /// duet version.
+    pub version: String,
+    /// Daemon process id.
+    pub pid: u32,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    /// The other node, if configured.
+    pub peer: Option<String>,
+    /// Set while the daemon is stopping.
+    pub shutting_down: bool,
+    /// Every resource.
+    pub resources: Vec<ResourceStatus>,
+}
+
+/// One resource's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceStatus {
+    pub name: String,
+    /// Primary | Secondary.
+    pub role: String,
+    /// Diskless | Inconsistent | Outdated | Consistent | UpToDate.
+    pub disk_state: String,
+    /// StandAlone | Connecting | Connected | ...
+    pub connection: String,
+    pub protocol: String,
+    pub disk: String,
+    pub size_bytes: u64,
+    pub io_engine: String,
+    pub direct_io: bool,
+    /// Address the NBD export is served on, when exporting.
+    pub nbd_listen: Option<String>,
+    pub exporting: bool,
+    pub stats: Counters,
+}
+
+/// NBD counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub clients_connected: u64,
+    pub clients_total: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub zeroes: u64,
+    pub request_errors: u64,
+    pub protocol_errors: u64,
+}
+
+/// Human-readable size.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// The text form of `duet status`.
+pub fn render(s: &NodeStatus) -> String {
+    let mut o = String::new();
+    let peer = s.peer.as_deref().map_or("no peer configured".to_string(), |p| format!("peer {p}"));
+    let _ = writeln!(
+        o,
+        "node {} of cluster {} ({peer}); duet {}, pid {}, up {}s{}",
+        s.node,
+        s.cluster,
+        s.version,
+        s.pid,
+        s.uptime_s,
+        if s.shutting_down { ", SHUTTING DOWN" } else { "" }
+    );
+    for r in &s.resources {
+        let _ = writeln!(
+            o,
+            "{}: role {}, disk {}, connection {}, protocol {}",
+            r.name, r.role, r.disk_state, r.connection, r.protocol
+        );
+        let _ = writeln!(
+            o,
+            "  disk {} ({}, {} engine{})",
+            r.disk,
+            bytes(r.size_bytes),
+            r.io_engine,
+            if r.direct_io { ", O_DIRECT" } else { "" }
+        );
+        match (&r.nbd_listen, r.exporting) {
+            (Some(a), true) => {
+                let _ = writeln!(o, "  NBD export {} on {a}", r.name);
+            }
+            _ => {
+                let _ = writeln!(o, "  NBD export closed");
+            }
+        }
+        let c = &r.stats;
+        let _ = writeln!(
+            o,
+            "  clients {} connected ({} since start); reads {} ({}), writes {} ({}), flushes {}, trims {}, zeroes {}; errors: {} request, {} protocol",
+            c.clients_connected,
+            c.clients_total,
+            c.reads,
+            bytes(c.bytes_read),
+            c.writes,
+            bytes(c.bytes_written),
+            c.flushes,
+            c.trims,
+            c.zeroes,
+            c.request_errors,
+            c.protocol_errors
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(1 << 30), "1.0 GiB");
+    }
+
+    #[test]
+    fn render_mentions_everything() {
+        let s = NodeStatus {
+            node: "alpha".into(),
+            cluster: "demo".into(),
+            version: "0.1.0".into(),
+            pid: 42,
+            uptime_s: 3,
+            peer: None,
+            shutting_down: false,
+            resources: vec![ResourceStatus {
+                name: "vol0".into(),
+                role: "Primary".into(),
+                disk_state: "UpToDate".into(),
+                connection: "StandAlone".into(),
+                protocol: "C".into(),
+                disk: "/v.img".into(),
+                size_bytes: 1 << 26,
+                io_engine: "uring".into(),
+                direct_io: false,
+                nbd_listen: Some("127.0.0.1:10809".into()),
+                exporting: true,
+                stats: Counters { writes: 7, ..Counters::default() },
+            }],
+        };
+        let t = render(&s);
+        for want in ["node alpha", "no peer configured", "role Primary", "UpToDate", "StandAlone", "64.0 MiB", "uring", "127.0.0.1:10809", "writes 7"] {
+            assert!(t.contains(want), "{want} missing in {t}");
+        }
+    }
+}

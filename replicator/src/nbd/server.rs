@@ -1,0 +1,527 @@
+//! The NBD connection driver: sockets and tasks around the pure codec, negotiation and
+//! validation. One task reads requests, one task per request does the I/O, one task writes
+//! replies in completion order.
+//!
+//! Shutdown (spec, "Terminating the transmission phase"): once the shutdown signal fires, options
+//! that would start transmission are refused, new requests are answered `NBD_ESHUTDOWN` (a client
+//! must then disconnect), requests already in flight are finished and answered, and a connection
+//! whose client does not disconnect within [`SHUTDOWN_GRACE`] is closed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::negotiate::{BASE_ALLOCATION_ID, ExportInfo, Negotiation, Step};
+use super::proto::*;
+use super::request::{Command, Limits, Refusal, validate};
+use crate::ratelimit::RateLimit;
+use crate::store::{IoBuf, Store};
+
+/// Largest option payload accepted during negotiation.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Largest READ/WRITE payload advertised.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// An oversized WRITE up to this length is read and discarded (the connection stays usable);
+/// beyond it the connection is closed as abusive.
+pub const MAX_DISCARD: u32 = 64 << 20;
+/// How long a client may take for one negotiation step.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may stay open after shutdown began.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Per-connection budget of in-flight buffer memory, in 4 KiB units (64 MiB).
+const INFLIGHT_UNITS: u32 = 16 * 1024;
+/// Most extents in one BLOCK_STATUS reply.
+const MAX_EXTENTS: usize = 1024;
+
+/// Counters of one server, read by `duet status` and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections_active: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub flushes: AtomicU64,
+    pub trims: AtomicU64,
+    pub zeroes: AtomicU64,
+    pub request_errors: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+/// Counter values at one moment: a plain copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub connections_active: u64,
+    pub connections_total: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub zeroes: u64,
+    pub request_errors: u64,
+    pub protocol_errors: u64,
+}
+
+impl Stats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            connections_active: self.connections_active.load(Relaxed),
+            connections_total: self.connections_total.load(Relaxed),
+            reads: self.reads.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+            bytes_read: self.bytes_read.load(Relaxed),
+            bytes_written: self.bytes_written.load(Relaxed),
+            flushes: self.flushes.load(Relaxed),
+            trims: self.trims.load(Relaxed),
+            zeroes: self.zeroes.load(Relaxed),
+            request_errors: self.request_errors.load(Relaxed),
+            protocol_errors: self.protocol_errors.load(Relaxed),
+        }
+    }
+}
+
+/// Resolves once the shutdown watch reads `true` (or its sender is gone).
+pub async fn stopped(sd: &mut watch::Receiver<bool>) {
+    let _ = sd.wait_for(|s| *s).await;
+}
+
+/// An export: what clients see, and the store behind it.
+#[derive(Debug)]
+pub struct Export {
+    /// Negotiation-time description.
+    pub info: ExportInfo,
+    /// The backing store.
+    pub store: Arc<Store>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// The exports of one listener.
+#[derive(Debug)]
+pub struct Server {
+    exports: Vec<Export>,
+    infos: Vec<ExportInfo>,
+    log_limit: Mutex<RateLimit>,
+}
+
+impl Server {
+    /// A server for `exports`.
+    pub fn new(exports: Vec<Export>) -> Arc<Self> {
+        let infos = exports.iter().map(|e| e.info.clone()).collect();
+        Arc::new(Self {
+            exports,
+            infos,
+            log_limit: Mutex::new(RateLimit::new(10, Duration::from_secs(10))),
+        })
+    }
+
+    /// The exports.
+    pub fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    /// Logs a client-triggerable problem, rate-limited.
+    fn log_client(&self, peer: SocketAddr, what: &str) {
+        let allowed = self.log_limit.lock().map(|mut l| l.allow(Instant::now())).ok().flatten();
+        if let Some(suppressed) = allowed {
+            tracing::warn!(%peer, suppressed, "closing NBD connection: {what}");
+        }
+    }
+
+    /// Accepts connections until `shutdown` turns true, then waits for every connection to end.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        let for_conns = shutdown.clone();
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((sock, peer)) => {
+                        if conns.len() >= MAX_CONNECTIONS {
+                            self.log_client(peer, "too many connections");
+                            continue;
+                        }
+                        let srv = Arc::clone(&self);
+                        conns.spawn(srv.connection(sock, peer, for_conns.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stopped(&mut shutdown) => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(listener);
+        while conns.join_next().await.is_some() {}
+    }
+
+    async fn connection(self: Arc<Self>, sock: TcpStream, peer: SocketAddr, sd: watch::Receiver<bool>) {
+        let _ = sock.set_nodelay(true);
+        let (rd, mut wr) = sock.into_split();
+        let mut conn = Reader { rd, buf: BytesMut::with_capacity(256 * 1024) };
+        let session = match self.negotiate(&mut conn, &mut wr, &sd).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                if let Some(ex) = self.exports.first() {
+                    ex.stats.protocol_errors.fetch_add(1, Relaxed);
+                }
+                self.log_client(peer, &format!("during negotiation: {e}"));
+                return;
+            }
+        };
+        let export = &self.exports[session.export];
+        export.stats.connections_active.fetch_add(1, Relaxed);
+        export.stats.connections_total.fetch_add(1, Relaxed);
+        tracing::debug!(%peer, export = %export.info.name, structured = session.structured, "NBD client connected");
+        let limits = Limits::new(&export.info, &session);
+        if let Err(e) = self.transmit(conn, wr, session.export, limits, sd).await {
+            export.stats.protocol_errors.fetch_add(1, Relaxed);
+            self.log_client(peer, &e);
+        }
+        export.stats.connections_active.fetch_sub(1, Relaxed);
+    }
+
+    async fn negotiate(
+        &self,
+        conn: &mut Reader,
+        wr: &mut OwnedWriteHalf,
+        sd: &watch::Receiver<bool>,
+    ) -> Result<Option<super::negotiate::Session>, String> {
+        let mut out = BytesMut::with_capacity(1024);
+        encode_greeting(&mut out);
+        wr.write_all(&out).await.map_err(|e| e.to_string())?;
+        conn.fill_timeout(4).await?;
+        let flags = decode_client_flags(&conn.buf).map_err(|e| e.to_string())?.expect("4 bytes");
+        conn.buf.advance(4);
+        let mut neg = Negotiation::new(&self.infos, flags);
+        loop {
+            conn.fill_timeout(OPTION_HEADER_LEN).await?;
+            let h = decode_option_header(&conn.buf).map_err(|e| e.to_string())?.expect("16 bytes");
+            if h.len > MAX_OPTION_LEN {
+                let e = ProtoError::OptionTooLong { option: h.option, len: h.len, max: MAX_OPTION_LEN };
+                return Err(e.to_string());
+            }
+            let len = h.len as usize;
+            conn.fill_timeout(OPTION_HEADER_LEN + len).await?;
+            conn.buf.advance(OPTION_HEADER_LEN);
+            let data = conn.buf.split_to(len);
+            let stopping = *sd.borrow();
+            if stopping {
+                neg.set_shutting_down();
+            }
+            out.clear();
+            let step = neg.handle(h.option, &data, &mut out);
+            wr.write_all(&out).await.map_err(|e| e.to_string())?;
+            match step {
+                Step::Continue => {}
+                Step::Close => return Ok(None),
+                Step::Transmit(s) => return Ok(Some(s)),
+            }
+        }
+    }
+
+    async fn transmit(
+        self: &Arc<Self>,
+        mut conn: Reader,
+        wr: OwnedWriteHalf,
+        export: usize,
+        limits: Limits,
+        mut sd: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+        let writer = tokio::spawn(write_replies(wr, rx));
+        let budget = Arc::new(Semaphore::new(INFLIGHT_UNITS as usize));
+        let mut shutting_since: Option<tokio::time::Instant> = None;
+        let result = loop {
+            // Wait for a whole header; cancel-safe because partial bytes stay in conn.buf.
+            let got = match shutting_since {
+                None => tokio::select! {
+                    r = conn.fill(REQUEST_HEADER_LEN) => r,
+                    _ = stopped(&mut sd) => {
+                        shutting_since = Some(tokio::time::Instant::now());
+                        continue;
+                    }
+                },
+                Some(t) => {
+                    match tokio::time::timeout_at(t + SHUTDOWN_GRACE, conn.fill(REQUEST_HEADER_LEN)).await {
+                        Ok(r) => r,
+                        Err(_) => break Ok(()), // grace over: hard disconnect
+                    }
+                }
+            };
+            match got {
+                Ok(true) => {}
+                Ok(false) => break Ok(()), // client closed at a request boundary
+                Err(e) => break Err(e),
+            }
+            let h = match decode_request(&conn.buf) {
+                Ok(Some(h)) => h,
+                Ok(None) => unreachable!("fill returned a whole header"),
+                Err(e) => break Err(e.to_string()),
+            };
+            conn.buf.advance(REQUEST_HEADER_LEN);
+            let cmd = if shutting_since.is_some() && h.kind != CMD_DISC {
+                Err(Refusal { error: NbdError::Shutdown, reason: "server is shutting down" })
+            } else {
+                validate(&h, &limits)
+            };
+            let cmd = match cmd {
+                Ok(c) => c,
+                Err(r) => {
+                    if h.kind == CMD_WRITE {
+                        if h.len > MAX_DISCARD {
+                            break Err(format!("write payload of {} bytes is abusive", h.len));
+                        }
+                        if let Err(e) = conn.discard(h.len as usize).await {
+                            break Err(e);
+                        }
+                    }
+                    self.exports[export].stats.request_errors.fetch_add(1, Relaxed);
+                    let _ = tx.send(Reply::error(&h, limits.structured, r));
+                    continue;
+                }
+            };
+            if cmd == Command::Disconnect {
+                break Ok(());
+            }
+            let units = 1 + match cmd {
+                Command::Read { len, .. } | Command::Write { len, .. } => len.div_ceil(4096),
+                _ => 0,
+            };
+            let permit = Arc::clone(&budget)
+                .acquire_many_owned(units)
+                .await
+                .expect("the budget semaphore is never closed");
+            let payload = match cmd {
+                Command::Write { len, .. } => match conn.payload(len as usize).await {
+                    Ok(b) => Some(b),
+                    Err(e) => break Err(e),
+                },
+                _ => None,
+            };
+            let (srv, tx) = (Arc::clone(self), tx.clone());
+            tokio::spawn(async move {
+                let reply = srv.execute(export, &h, cmd, payload, limits).await;
+                let _ = tx.send(reply);
+                drop(permit);
+            });
+        };
+        // In-flight requests hold senders; the writer ends once the last one has replied.
+        drop(tx);
+        let _ = writer.await;
+        result
+    }
+
+    async fn execute(
+        &self,
+        export: usize,
+        h: &RequestHeader,
+        cmd: Command,
+        payload: Option<IoBuf>,
+        limits: Limits,
+    ) -> Reply {
+        let ex = &self.exports[export];
+        let (store, st) = (&ex.store, &ex.stats);
+        let ok = Reply::ok(h.cookie);
+        let r = match cmd {
+            Command::Read { offset, len } => match store.read(offset, len as usize).await {
+                Ok(buf) => {
+                    st.reads.fetch_add(1, Relaxed);
+                    st.bytes_read.fetch_add(u64::from(len), Relaxed);
+                    return Reply::read(h.cookie, offset, buf, limits.structured);
+                }
+                Err(e) => Err(e),
+            },
+            Command::Write { offset, len, fua } => {
+                let buf = payload.expect("writes carry a payload");
+                let r = store.write(offset, buf, fua).await;
+                if r.is_ok() {
+                    st.writes.fetch_add(1, Relaxed);
+                    st.bytes_written.fetch_add(u64::from(len), Relaxed);
+                }
+                r
+            }
+            Command::Flush => {
+                st.flushes.fetch_add(1, Relaxed);
+                store.flush().await
+            }
+            Command::Trim { offset, len, fua } => {
+                st.trims.fetch_add(1, Relaxed);
+                store.trim(offset, u64::from(len), fua).await
+            }
+            Command::WriteZeroes { offset, len, fua, may_trim, fast_only } => {
+                st.zeroes.fetch_add(1, Relaxed);
+                store.write_zeroes(offset, u64::from(len), fua, may_trim, fast_only).await
+            }
+            Command::Cache { offset, len } => store.cache(offset, u64::from(len)),
+            Command::BlockStatus { offset, len, req_one } => {
+                let max = if req_one { 1 } else { MAX_EXTENTS };
+                match store.block_status(offset, len, max).await {
+                    Ok(ext) => return Reply::block_status(h.cookie, &ext),
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Disconnect => unreachable!("handled by the reader"),
+        };
+        match r {
+            Ok(()) => ok,
+            Err(errno) => {
+                st.request_errors.fetch_add(1, Relaxed);
+                let error = NbdError::from_errno(errno);
+                let reason = if error == NbdError::NotSup { "zeroing would not be fast" } else { "I/O error" };
+                if error == NbdError::Io {
+                    tracing::error!(errno, export = %ex.info.name, "backing store I/O error");
+                }
+                Reply::error(h, limits.structured, Refusal { error, reason })
+            }
+        }
+    }
+}
+
+/// Reads from a socket through a buffer, so waiting for a header is cancel-safe.
+struct Reader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl Reader {
+    /// Ensures `n` bytes are buffered. `Ok(false)`: clean EOF with nothing buffered.
+    async fn fill(&mut self, n: usize) -> Result<bool, String> {
+        while self.buf.len() < n {
+            self.buf.reserve(n.max(64 * 1024));
+            let got = self.rd.read_buf(&mut self.buf).await.map_err(|e| e.to_string())?;
+            if got == 0 {
+                return if self.buf.is_empty() {
+                    Ok(false)
+                } else {
+                    Err(format!("truncated frame ({} of {n} bytes)", self.buf.len()))
+                };
+            }
+        }
+        Ok(true)
+    }
+
+    async fn fill_timeout(&mut self, n: usize) -> Result<(), String> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.fill(n)).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err("client closed during negotiation".into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("negotiation timed out".into()),
+        }
+    }
+
+    /// Reads a write payload into an aligned buffer.
+    async fn payload(&mut self, len: usize) -> Result<IoBuf, String> {
+        let mut b = IoBuf::zeroed(len);
+        let have = self.buf.len().min(len);
+        b[..have].copy_from_slice(&self.buf[..have]);
+        self.buf.advance(have);
+        if have < len {
+            self.rd.read_exact(&mut b[have..]).await.map_err(|e| format!("truncated write payload: {e}"))?;
+        }
+        Ok(b)
+    }
+
+    /// Skips a payload we refused.
+    async fn discard(&mut self, mut len: usize) -> Result<(), String> {
+        while len > 0 {
+            if self.buf.is_empty() && !self.fill(1).await? {
+                return Err("truncated write payload".into());
+            }
+            let n = self.buf.len().min(len);
+            self.buf.advance(n);
+            len -= n;
+        }
+        Ok(())
+    }
+}
+
+/// A reply ready to send: header bytes and optional READ data.
+struct Reply {
+    head: BytesMut,
+    data: Option<IoBuf>,
+}
+
+impl Reply {
+    fn ok(cookie: u64) -> Self {
+        let mut head = BytesMut::with_capacity(16);
+        encode_simple_reply(&mut head, 0, cookie);
+        Self { head, data: None }
+    }
+
+    fn read(cookie: u64, offset: u64, data: IoBuf, structured: bool) -> Self {
+        let mut head = BytesMut::with_capacity(32);
+        if structured {
+            let len = u32::try_from(data.len()).expect("reads are bounded by MAX_PAYLOAD");
+            encode_read_chunk_header(&mut head, cookie, offset, len);
+        } else {
+            encode_simple_reply(&mut head, 0, cookie);
+        }
+        Self { head, data: Some(data) }
+    }
+
+    fn block_status(cookie: u64, extents: &[Extent]) -> Self {
+        let mut head = BytesMut::with_capacity(24 + extents.len() * 8);
+        encode_block_status(&mut head, cookie, BASE_ALLOCATION_ID, extents);
+        Self { head, data: None }
+    }
+
+    fn error(h: &RequestHeader, structured: bool, r: Refusal) -> Self {
+        let mut head = BytesMut::with_capacity(64);
+        // A READ (and BLOCK_STATUS) under structured replies must be answered with a chunk.
+        if structured && (h.kind == CMD_READ || h.kind == CMD_BLOCK_STATUS) {
+            encode_error_chunk(&mut head, h.cookie, r.error, r.reason);
+        } else {
+            encode_simple_reply(&mut head, r.error.code(), h.cookie);
+        }
+        Self { head, data: None }
+    }
+}
+
+/// Writes replies as they complete, coalescing small ones into one syscall.
+async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>) {
+    const COALESCE: usize = 256 * 1024;
+    let mut out = BytesMut::with_capacity(COALESCE);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            out.extend_from_slice(&r.head);
+            if let Some(d) = r.data {
+                if d.len() <= 64 * 1024 {
+                    out.extend_from_slice(&d);
+                } else {
+                    if wr.write_all(&out).await.is_err() || wr.write_all(&d).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            }
+            if out.len() < COALESCE {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+    let _ = wr.shutdown().await;
+}
