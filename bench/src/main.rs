@@ -1,1 +1,267 @@
-fn main() {}
+//! `duet-bench nbd`: fio's `nbd` engine against duet, `nbdkit file` and `qemu-nbd`, on the same
+//! kind of backing file, in one run, interleaved, several repetitions. Prints a table with the
+//! median of each figure and the ratio duet/peer, and writes every sample as JSON.
+//!
+//! The machines this runs on are shared and noisy, so only ratios within one run mean anything;
+//! the order of servers rotates every repetition so that none always runs first.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark duet's NBD server against nbdkit and qemu-nbd with fio")]
+struct Args {
+    /// The duet binary (release build).
+    #[arg(long, default_value = "target/release/duet")]
+    duet: PathBuf,
+    /// Repetitions of every (workload, server) pair.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seconds per fio run.
+    #[arg(long, default_value_t = 8)]
+    runtime: u64,
+    /// Backing file size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Where the backing files go (a real filesystem, not tmpfs).
+    #[arg(long, default_value = "/var/tmp/duet-bench")]
+    dir: PathBuf,
+    /// JSON results file.
+    #[arg(long, default_value = "bench-results/nbd.json")]
+    out: PathBuf,
+    /// Only these servers (duet, nbdkit, qemu-nbd); default all.
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<String>,
+    /// Only these workloads (by name); default all.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    qd: u32,
+    /// Report latency percentiles instead of throughput.
+    latency: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload { name: "randwrite-4k-qd32", rw: "randwrite", bs: "4k", qd: 32, latency: false },
+    Workload { name: "randread-4k-qd32", rw: "randread", bs: "4k", qd: 32, latency: false },
+    Workload { name: "seqwrite-1m-qd8", rw: "write", bs: "1m", qd: 8, latency: false },
+    Workload { name: "write-4k-qd1", rw: "randwrite", bs: "4k", qd: 1, latency: true },
+];
+
+const SERVERS: [&str; 3] = ["duet", "nbdkit", "qemu-nbd"];
+
+#[derive(Debug, Clone, Serialize)]
+struct Sample {
+    workload: String,
+    server: String,
+    rep: usize,
+    iops: f64,
+    mib_s: f64,
+    lat_p50_us: f64,
+    lat_p99_us: f64,
+}
+
+/// A running server, killed (with its process group) on drop.
+struct Running {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("server on port {port} did not come up")
+}
+
+fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
+    let null = || Stdio::null();
+    let (child, uri) = match server {
+        "duet" => {
+            let cfg = args.dir.join("duet.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[cluster]\nname = \"bench\"\nconfigured_master = \"bench\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"\"\n\
+                     [node.bench]\n[[resource]]\nname = \"vol0\"\nnbd_listen = \"127.0.0.1:{port}\"\n[resource.on.bench]\ndisk = \"{}\"\n",
+                    args.dir.join("duet.sock").display(),
+                    file.display()
+                ),
+            )?;
+            let c = Command::new(&args.duet)
+                .args(["--config"])
+                .arg(&cfg)
+                .args(["--node", "bench", "daemon"])
+                .env("DUET_LOG", "warn")
+                .stdout(null())
+                .spawn()
+                .with_context(|| format!("starting {}", args.duet.display()))?;
+            (c, format!("nbd://127.0.0.1:{port}/vol0"))
+        }
+        "nbdkit" => {
+            let c = Command::new("nbdkit")
+                .args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1", "file"])
+                .arg(format!("file={}", file.display()))
+                .stdout(null())
+                .spawn()
+                .context("starting nbdkit (apt-get install nbdkit)")?;
+            (c, format!("nbd://127.0.0.1:{port}/"))
+        }
+        "qemu-nbd" => {
+            let c = Command::new("qemu-nbd")
+                .args(["-f", "raw", "-b", "127.0.0.1", "-p", &port.to_string(), "-x", "vol0", "--persistent", "--shared=8"])
+                .arg(file)
+                .stdout(null())
+                .spawn()
+                .context("starting qemu-nbd (apt-get install qemu-utils)")?;
+            (c, format!("nbd://127.0.0.1:{port}/vol0"))
+        }
+        other => bail!("unknown server {other}"),
+    };
+    let r = Running { child, uri };
+    wait_port(port)?;
+    Ok(r)
+}
+
+fn fio(uri: &str, w: &Workload, args: &Args) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let out = Command::new("fio")
+        .args(["--name=bench", "--ioengine=nbd", "--output-format=json", "--time_based", "--norandommap", "--randrepeat=0"])
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--rw={}", w.rw))
+        .arg(format!("--bs={}", w.bs))
+        .arg(format!("--iodepth={}", w.qd))
+        .arg(format!("--size={}M", args.size_mib))
+        .arg(format!("--runtime={}", args.runtime))
+        .arg("--ramp_time=1")
+        .output()
+        .context("running fio (apt-get install fio)")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+    let json = &text[text.find('{').context("no JSON in fio output")?..];
+    let v: serde_json::Value = serde_json::from_str(json).context("parsing fio JSON")?;
+    let job = &v["jobs"][0];
+    if job["error"].as_i64() != Some(0) {
+        bail!("fio reported error {}", job["error"]);
+    }
+    let side = if w.rw.contains("read") { &job["read"] } else { &job["write"] };
+    let iops = side["iops"].as_f64().unwrap_or(0.0);
+    let mib_s = side["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok((iops, mib_s, pct("50.000000"), pct("99.000000")))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let servers: Vec<&str> =
+        SERVERS.iter().copied().filter(|s| args.servers.is_empty() || args.servers.iter().any(|x| x == s)).collect();
+    let workloads: Vec<Workload> =
+        WORKLOADS.iter().copied().filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|x| x == w.name)).collect();
+    std::fs::create_dir_all(&args.dir)?;
+    // One random source image, copied to a file per server, so every server reads real data from
+    // a fully allocated file of the same layout.
+    let seed = args.dir.join("seed.img");
+    let want = args.size_mib << 20;
+    if std::fs::metadata(&seed).map(|m| m.len()).unwrap_or(0) != want {
+        eprintln!("creating a {} MiB random seed image...", args.size_mib);
+        let st = Command::new("dd")
+            .args(["if=/dev/urandom", "bs=1M", "status=none", "iflag=fullblock"])
+            .arg(format!("of={}", seed.display()))
+            .arg(format!("count={}", args.size_mib))
+            .status()?;
+        if !st.success() {
+            bail!("dd failed");
+        }
+    }
+    let mut samples = Vec::new();
+    for rep in 0..args.reps {
+        for w in &workloads {
+            // Rotate the server order every repetition.
+            let n = servers.len();
+            for k in 0..n {
+                let server = servers[(k + rep) % n];
+                let file = args.dir.join(format!("{server}.img"));
+                std::fs::copy(&seed, &file).context("copying the seed image")?;
+                let port = 20809 + u16::try_from(k).unwrap_or(0);
+                let r = start(server, &args, &file, port)?;
+                let (iops, mib_s, p50, p99) = fio(&r.uri, w, &args)?;
+                drop(r);
+                eprintln!("rep {rep} {:<18} {server:<9} {iops:>9.0} IOPS {mib_s:>8.1} MiB/s p50 {p50:>7.1}us p99 {p99:>7.1}us", w.name);
+                samples.push(Sample {
+                    workload: w.name.into(),
+                    server: server.into(),
+                    rep,
+                    iops,
+                    mib_s,
+                    lat_p50_us: p50,
+                    lat_p99_us: p99,
+                });
+            }
+        }
+    }
+    let pick = |w: &str, s: &str, f: &dyn Fn(&Sample) -> f64| {
+        median(samples.iter().filter(|x| x.workload == w && x.server == s).map(f).collect())
+    };
+    println!("\nmedians of {} repetitions, {} s each (ratio = duet/peer; >1 is better for IOPS and MiB/s, <1 for latency)", args.reps, args.runtime);
+    println!("{:<18} {:<9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}", "workload", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "IOPS ratio", "p50 ratio");
+    let mut summary = Vec::new();
+    for w in &workloads {
+        let duet_iops = pick(w.name, "duet", &|x| x.iops);
+        let duet_p50 = pick(w.name, "duet", &|x| x.lat_p50_us);
+        for s in &servers {
+            let (iops, mib, p50, p99) = (
+                pick(w.name, s, &|x| x.iops),
+                pick(w.name, s, &|x| x.mib_s),
+                pick(w.name, s, &|x| x.lat_p50_us),
+                pick(w.name, s, &|x| x.lat_p99_us),
+            );
+            let ratio = if *s == "duet" || iops == 0.0 { String::new() } else { format!("{:.2}", duet_iops / iops) };
+            let lratio = if *s == "duet" || p50 == 0.0 || !w.latency { String::new() } else { format!("{:.2}", duet_p50 / p50) };
+            println!("{:<18} {:<9} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12}", w.name, s, iops, mib, p50, p99, ratio, lratio);
+            summary.push(serde_json::json!({"workload": w.name, "server": s, "iops": iops, "mib_s": mib, "lat_p50_us": p50, "lat_p99_us": p99}));
+        }
+    }
+    if let Some(d) = args.out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let doc = serde_json::json!({
+        "reps": args.reps, "runtime_s": args.runtime, "size_mib": args.size_mib,
+        "medians": summary, "samples": samples,
+    });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
+    println!("\nall samples written to {}", args.out.display());
+    for s in &servers {
+        let _ = std::fs::remove_file(args.dir.join(format!("{s}.img")));
+    }
+    Ok(())
+}

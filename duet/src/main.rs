@@ -83,6 +83,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             match rt.block_on(daemon::run(cfg, node)) {
                 Ok(()) => ExitCode::SUCCESS,
