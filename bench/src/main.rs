@@ -132,7 +132,18 @@ fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Ru
         }
         "qemu-nbd" => {
             let c = Command::new("qemu-nbd")
-                .args(["-f", "raw", "-b", "127.0.0.1", "-p", &port.to_string(), "-x", "vol0", "--persistent", "--shared=8"])
+                .args([
+                    "-f",
+                    "raw",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-x",
+                    "vol0",
+                    "--persistent",
+                    "--shared=8",
+                ])
                 .arg(file)
                 .stdout(null())
                 .spawn()
@@ -148,7 +159,14 @@ fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Ru
 
 fn fio(uri: &str, w: &Workload, args: &Args) -> anyhow::Result<(f64, f64, f64, f64)> {
     let out = Command::new("fio")
-        .args(["--name=bench", "--ioengine=nbd", "--output-format=json", "--time_based", "--norandommap", "--randrepeat=0"])
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            "--output-format=json",
+            "--time_based",
+            "--norandommap",
+            "--randrepeat=0",
+        ])
         .arg(format!("--uri={uri}"))
         .arg(format!("--rw={}", w.rw))
         .arg(format!("--bs={}", w.bs))
@@ -183,10 +201,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let servers: Vec<&str> =
-        SERVERS.iter().copied().filter(|s| args.servers.is_empty() || args.servers.iter().any(|x| x == s)).collect();
-    let workloads: Vec<Workload> =
-        WORKLOADS.iter().copied().filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|x| x == w.name)).collect();
+    let servers: Vec<&str> = SERVERS
+        .iter()
+        .copied()
+        .filter(|s| args.servers.is_empty() || args.servers.iter().any(|x| x == s))
+        .collect();
+    let workloads: Vec<Workload> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|x| x == w.name))
+        .collect();
     std::fs::create_dir_all(&args.dir)?;
     // One random source image, copied to a file per server, so every server reads real data from
     // a fully allocated file of the same layout.
@@ -216,7 +240,10 @@ fn main() -> anyhow::Result<()> {
                 let r = start(server, &args, &file, port)?;
                 let (iops, mib_s, p50, p99) = fio(&r.uri, w, &args)?;
                 drop(r);
-                eprintln!("rep {rep} {:<18} {server:<9} {iops:>9.0} IOPS {mib_s:>8.1} MiB/s p50 {p50:>7.1}us p99 {p99:>7.1}us", w.name);
+                eprintln!(
+                    "rep {rep} {:<18} {server:<9} {iops:>9.0} IOPS {mib_s:>8.1} MiB/s p50 {p50:>7.1}us p99 {p99:>7.1}us",
+                    w.name
+                );
                 samples.push(Sample {
                     workload: w.name.into(),
                     server: server.into(),
@@ -232,8 +259,14 @@ fn main() -> anyhow::Result<()> {
     let pick = |w: &str, s: &str, f: &dyn Fn(&Sample) -> f64| {
         median(samples.iter().filter(|x| x.workload == w && x.server == s).map(f).collect())
     };
-    println!("\nmedians of {} repetitions, {} s each (ratio = duet/peer; >1 is better for IOPS and MiB/s, <1 for latency)", args.reps, args.runtime);
-    println!("{:<18} {:<9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}", "workload", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "IOPS ratio", "p50 ratio");
+    println!(
+        "\nmedians of {} repetitions, {} s each (ratio = duet/peer; >1 is better for IOPS and MiB/s, <1 for latency)",
+        args.reps, args.runtime
+    );
+    println!(
+        "{:<18} {:<9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "workload", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "IOPS ratio", "p50 ratio"
+    );
     let mut summary = Vec::new();
     for w in &workloads {
         let duet_iops = pick(w.name, "duet", &|x| x.iops);
@@ -245,9 +278,20 @@ fn main() -> anyhow::Result<()> {
                 pick(w.name, s, &|x| x.lat_p50_us),
                 pick(w.name, s, &|x| x.lat_p99_us),
             );
-            let ratio = if *s == "duet" || iops == 0.0 { String::new() } else { format!("{:.2}", duet_iops / iops) };
-            let lratio = if *s == "duet" || p50 == 0.0 || !w.latency { String::new() } else { format!("{:.2}", duet_p50 / p50) };
-            println!("{:<18} {:<9} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12}", w.name, s, iops, mib, p50, p99, ratio, lratio);
+            let ratio = if *s == "duet" || iops == 0.0 {
+                String::new()
+            } else {
+                format!("{:.2}", duet_iops / iops)
+            };
+            let lratio = if *s == "duet" || p50 == 0.0 || !w.latency {
+                String::new()
+            } else {
+                format!("{:.2}", duet_p50 / p50)
+            };
+            println!(
+                "{:<18} {:<9} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12}",
+                w.name, s, iops, mib, p50, p99, ratio, lratio
+            );
             summary.push(serde_json::json!({"workload": w.name, "server": s, "iops": iops, "mib_s": mib, "lat_p50_us": p50, "lat_p99_us": p99}));
         }
     }

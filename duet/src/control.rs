@@ -82,6 +82,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -92,21 +92,49 @@ impl State {
         let mut metric = |name: &str, help: &str, kind: &str, vals: Vec<(String, u64)>| {
             o.push_str(&format!("# HELP duet_{name} {help}\n# TYPE duet_{name} {kind}\n"));
             for (res, v) in vals {
-                o.push_str(&format!("duet_{name}{{node=\"{}\",resource=\"{res}\"}} {v}\n", st.node));
+                o.push_str(&format!(
+                    "duet_{name}{{node=\"{}\",resource=\"{res}\"}} {v}\n",
+                    st.node
+                ));
             }
         };
         let per = |f: &dyn Fn(&ResourceStatus) -> u64| -> Vec<(String, u64)> {
             st.resources.iter().map(|r| (r.name.clone(), f(r))).collect()
         };
         metric("size_bytes", "Size of the volume.", "gauge", per(&|r| r.size_bytes));
-        metric("nbd_clients", "NBD clients connected.", "gauge", per(&|r| r.stats.clients_connected));
+        metric(
+            "nbd_clients",
+            "NBD clients connected.",
+            "gauge",
+            per(&|r| r.stats.clients_connected),
+        );
         metric("nbd_reads_total", "NBD reads served.", "counter", per(&|r| r.stats.reads));
         metric("nbd_writes_total", "NBD writes served.", "counter", per(&|r| r.stats.writes));
-        metric("nbd_read_bytes_total", "Bytes read by NBD clients.", "counter", per(&|r| r.stats.bytes_read));
-        metric("nbd_written_bytes_total", "Bytes written by NBD clients.", "counter", per(&|r| r.stats.bytes_written));
+        metric(
+            "nbd_read_bytes_total",
+            "Bytes read by NBD clients.",
+            "counter",
+            per(&|r| r.stats.bytes_read),
+        );
+        metric(
+            "nbd_written_bytes_total",
+            "Bytes written by NBD clients.",
+            "counter",
+            per(&|r| r.stats.bytes_written),
+        );
         metric("nbd_flushes_total", "NBD flushes.", "counter", per(&|r| r.stats.flushes));
-        metric("nbd_request_errors_total", "NBD requests answered with an error.", "counter", per(&|r| r.stats.request_errors));
-        metric("nbd_protocol_errors_total", "NBD connections closed for protocol violations.", "counter", per(&|r| r.stats.protocol_errors));
+        metric(
+            "nbd_request_errors_total",
+            "NBD requests answered with an error.",
+            "counter",
+            per(&|r| r.stats.request_errors),
+        );
+        metric(
+            "nbd_protocol_errors_total",
+            "NBD connections closed for protocol violations.",
+            "counter",
+            per(&|r| r.stats.protocol_errors),
+        );
         o
     }
 }
@@ -154,7 +182,10 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
     for (addr, exports) in by_addr {
         let names: Vec<String> = exports.iter().map(|e| e.info.name.clone()).collect();
         let listener = TcpListener::bind(addr).await.with_context(|| {
-            format!("cannot listen for NBD on {addr} (nbd_listen of {}): is another server using it?", names.join(", "))
+            format!(
+                "cannot listen for NBD on {addr} (nbd_listen of {}): is another server using it?",
+                names.join(", ")
+            )
         })?;
         let bound = listener.local_addr().context("local address of the NBD listener")?;
         tracing::info!(%bound, exports = ?names, "serving NBD");
@@ -175,9 +206,11 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
     let metrics_addr = cfg.metrics_listen(&node);
     if !metrics_addr.is_empty() {
         let addr: SocketAddr = metrics_addr.parse().expect("validated by Config::validate");
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for metrics on {addr} (metrics_listen); set it to \"\" to disable"))?;
+        let l = TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen for metrics on {addr} (metrics_listen); set it to \"\" to disable"
+            )
+        })?;
         tokio::spawn(serve_metrics(l, Arc::clone(&state), sd_rx.clone()));
     }
     tracing::info!(node = %node, "duet daemon running");
@@ -230,9 +263,11 @@ async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
                 path.display()
             );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale control socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale control socket {}", path.display()))?;
     }
-    let l = UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot set mode 0600 on {}", path.display()))?;
     Ok(l)
@@ -257,13 +292,20 @@ async fn handle_control(s: UnixStream, state: &State) -> std::io::Result<()> {
     let (rd, mut wr) = s.into_split();
     let mut line = Vec::new();
     let mut rd = BufReader::new(rd).take(control::MAX_LINE as u64 + 1);
-    let resp = match tokio::time::timeout(std::time::Duration::from_secs(10), rd.read_until(b'\n', &mut line)).await {
+    let resp = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        rd.read_until(b'\n', &mut line),
+    )
+    .await
+    {
         Err(_) => Response::err("timed out waiting for a request"),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(_)) => match control::decode_request(line.trim_ascii()) {
             Err(e) => Response::err(e),
             Ok(req) => match req.cmd {
-                Command::Status => Response::ok(serde_json::to_value(state.status()).unwrap_or_default()),
+                Command::Status => {
+                    Response::ok(serde_json::to_value(state.status()).unwrap_or_default())
+                }
             },
         },
     };
@@ -298,15 +340,19 @@ async fn serve_metrics(l: TcpListener, state: Arc<State>, mut sd: watch::Receive
 
 /// Sends one request to the daemon of `node` and returns its result.
 pub async fn call(sock: &PathBuf, cmd: Command) -> Result<serde_json::Value, CallError> {
-    let s = UnixStream::connect(sock).await.map_err(|e| CallError::Unreachable(sock.clone(), e.to_string()))?;
+    let s = UnixStream::connect(sock)
+        .await
+        .map_err(|e| CallError::Unreachable(sock.clone(), e.to_string()))?;
     let (rd, mut wr) = s.into_split();
-    let mut req = serde_json::to_vec(&control::Request { v: control::VERSION, cmd }).expect("requests serialise");
+    let mut req = serde_json::to_vec(&control::Request { v: control::VERSION, cmd })
+        .expect("requests serialise");
     req.push(b'\n');
     wr.write_all(&req).await.map_err(|e| CallError::Protocol(e.to_string()))?;
     let mut line = Vec::new();
     let mut rd = BufReader::new(rd).take(16 << 20);
     rd.read_until(b'\n', &mut line).await.map_err(|e| CallError::Protocol(e.to_string()))?;
-    let resp: Response = serde_json::from_slice(&line).map_err(|e| CallError::Protocol(format!("bad reply: {e}")))?;
+    let resp: Response = serde_json::from_slice(&line)
+        .map_err(|e| CallError::Protocol(format!("bad reply: {e}")))?;
     if resp.v != control::VERSION {
         return Err(CallError::Protocol(format!(
             "daemon speaks control protocol {} and this CLI speaks {}; use the CLI of the daemon's release",

@@ -21,7 +21,11 @@ pub fn describe(cfg: &Config) -> String {
         let _ = writeln!(o, "\nnode {n}:");
         let _ = writeln!(o, "  control socket {}", cfg.control_socket(n).display());
         let m = cfg.metrics_listen(n);
-        let _ = writeln!(o, "  metrics {}", if m.is_empty() { "disabled".to_string() } else { format!("on http://{m}/metrics") });
+        let _ = writeln!(
+            o,
+            "  metrics {}",
+            if m.is_empty() { "disabled".to_string() } else { format!("on http://{m}/metrics") }
+        );
         let peer = cfg.peer_of(n);
         for r in &cfg.resource {
             let on = &r.on[*n];
@@ -36,7 +40,11 @@ pub fn describe(cfg: &Config) -> String {
             );
             match peer {
                 None => {
-                    let _ = writeln!(o, "    runs as a standalone primary (no peer) and serves NBD export {} on {}", r.name, r.nbd_listen);
+                    let _ = writeln!(
+                        o,
+                        "    runs as a standalone primary (no peer) and serves NBD export {} on {}",
+                        r.name, r.nbd_listen
+                    );
                 }
                 Some(p) => {
                     let _ = writeln!(
@@ -54,7 +62,12 @@ pub fn describe(cfg: &Config) -> String {
         for (i, l) in cfg.heartbeat.link.iter().enumerate() {
             let Some(on) = l.on.get(*n) else { continue };
             let _ = match l.kind {
-                LinkKind::Udp => writeln!(o, "  heartbeat link {i}: udp {} -> {}", on.bind.as_deref().unwrap_or("?"), on.peer.as_deref().unwrap_or("?")),
+                LinkKind::Udp => writeln!(
+                    o,
+                    "  heartbeat link {i}: udp {} -> {}",
+                    on.bind.as_deref().unwrap_or("?"),
+                    on.peer.as_deref().unwrap_or("?")
+                ),
                 LinkKind::Serial => writeln!(
                     o,
                     "  heartbeat link {i}: serial {} at {} baud, flow control {:?}",
@@ -65,7 +78,13 @@ pub fn describe(cfg: &Config) -> String {
             };
         }
         for v in &cfg.vip {
-            let _ = writeln!(o, "  when master, holds VIP {} on {}{}", v.address, v.interface, if v.mac.is_empty() { String::new() } else { format!(" with MAC {}", v.mac) });
+            let _ = writeln!(
+                o,
+                "  when master, holds VIP {} on {}{}",
+                v.address,
+                v.interface,
+                if v.mac.is_empty() { String::new() } else { format!(" with MAC {}", v.mac) }
+            );
         }
     }
     if nodes.len() == 2 {

@@ -131,6 +131,7 @@ pub fn render(s: &NodeStatus) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -168,7 +169,17 @@ mod tests {
             }],
         };
         let t = render(&s);
-        for want in ["node alpha", "no peer configured", "role Primary", "UpToDate", "StandAlone", "64.0 MiB", "uring", "127.0.0.1:10809", "writes 7"] {
+        for want in [
+            "node alpha",
+            "no peer configured",
+            "role Primary",
+            "UpToDate",
+            "StandAlone",
+            "64.0 MiB",
+            "uring",
+            "127.0.0.1:10809",
+            "writes 7",
+        ] {
             assert!(t.contains(want), "{want} missing in {t}");
         }
     }

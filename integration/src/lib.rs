@@ -1,1 +1,316 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: start real `duet` daemons in their own process
+//! groups (killed at drop, even when a test fails), run real clients with deadlines, poll instead
+//! of sleeping, and speak raw NBD for the hostile-input tests.
+
+pub mod rawnbd;
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `duet` binary under test: `$DUET_BIN`, else `target/debug/duet` of this workspace.
+pub fn duet_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DUET_BIN") {
+        return PathBuf::from(p);
+    }
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(root.join("target"));
+    let p = target.join("debug").join("duet");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p duet` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// True if `tool` is on PATH; otherwise prints why the calling test is skipped.
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: {tool} is not installed (scripts/test.sh installs it)");
+    }
+    ok
+}
+
+/// True if running as root; otherwise prints why the calling test is skipped.
+pub fn is_root(why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("SKIP: needs root for {why}");
+    }
+    root
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion with a deadline; kills its process group if it overruns.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() >= end {
+            kill_group(&child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs a command and asserts it succeeded; returns stdout.
+pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
+    let o = run(cmd, limit);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn kill_group(child: &Child, sig: nix::sys::signal::Signal) {
+    let pid = i32::try_from(child.id()).expect("pid fits i32");
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+/// Options for one node's configuration.
+#[derive(Debug, Clone)]
+pub struct NodeOpts {
+    /// Size of the backing file.
+    pub size: u64,
+    /// `io_engine`.
+    pub engine: &'static str,
+    /// `direct_io`.
+    pub direct: bool,
+}
+
+impl Default for NodeOpts {
+    fn default() -> Self {
+        Self { size: 256 << 20, engine: "auto", direct: false }
+    }
+}
+
+/// A running standalone daemon with its own directory, config, disk and ports.
+#[derive(Debug)]
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub disk: PathBuf,
+    pub socket: PathBuf,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Writes a config for a single node "alpha" (not started).
+    pub fn configure(opts: &NodeOpts) -> Self {
+        // Under /var/tmp (a real filesystem) rather than a tmpfs /tmp, so O_DIRECT and
+        // hole punching behave as on a server.
+        std::fs::create_dir_all("/var/tmp/duet-tests").expect("create /var/tmp/duet-tests");
+        let dir = tempfile::Builder::new()
+            .prefix("node-")
+            .tempdir_in("/var/tmp/duet-tests")
+            .expect("tempdir");
+        let disk = dir.path().join("vol0.img");
+        std::fs::File::create(&disk).and_then(|f| f.set_len(opts.size)).expect("create disk");
+        let socket = dir.path().join("duet.sock");
+        let (port, metrics_port) = (free_port(), free_port());
+        let config = dir.path().join("duet.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[cluster]
+name = "itest"
+configured_master = "alpha"
+control_socket = "{sock}"
+metrics_listen = "127.0.0.1:{metrics_port}"
+
+[node.alpha]
+
+[[resource]]
+name = "vol0"
+nbd_listen = "127.0.0.1:{port}"
+io_engine = "{engine}"
+direct_io = {direct}
+
+[resource.on.alpha]
+disk = "{disk}"
+"#,
+                sock = socket.display(),
+                engine = opts.engine,
+                direct = opts.direct,
+                disk = disk.display()
+            ),
+        )
+        .expect("write config");
+        let log = dir.path().join("daemon.log");
+        Self { dir, config, disk, socket, port, metrics_port, log, child: None }
+    }
+
+    /// Configures and starts a node, waiting until it serves NBD.
+    pub fn start(opts: &NodeOpts) -> Self {
+        let mut n = Self::configure(opts);
+        n.spawn();
+        n
+    }
+
+    /// Starts the daemon and waits for its NBD port and control socket.
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(duet_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--node", "alpha", "daemon"])
+            .env("DUET_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn duet daemon");
+        self.child = Some(child);
+        let port = self.port;
+        let sock = self.socket.clone();
+        let up = wait_until(Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok() && sock.exists()
+        });
+        assert!(up, "daemon did not come up; log:\n{}", self.log_text());
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `nbd://` URI of the export.
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/vol0", self.port)
+    }
+
+    /// A `duet` CLI command against this node's config.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(duet_bin());
+        c.arg("--config").arg(&self.config).args(["--node", "alpha"]);
+        c
+    }
+
+    /// `duet status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run_ok(self.cli().args(["status", "--json"]), Duration::from_secs(10));
+        serde_json::from_str(&out).expect("status JSON")
+    }
+
+    /// PID of the daemon.
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().expect("started").id()).expect("pid fits")
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.pid());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.terminate_wait()
+    }
+
+    /// Waits (bounded) for the daemon to exit after a signal was sent.
+    pub fn terminate_wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("started");
+        let mut status = None;
+        let exited = wait_until(Duration::from_secs(30), || {
+            status = child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        if !exited {
+            kill_group(&child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            panic!("daemon ignored SIGTERM for 30 s; log:\n{}", self.log_text());
+        }
+        status.expect("exited")
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_group(&c, nix::sys::signal::Signal::SIGKILL);
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

@@ -38,6 +38,7 @@ impl RateLimit {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

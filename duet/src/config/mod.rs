@@ -22,7 +22,12 @@ pub enum ConfigError {
     Invalid { key: String, value: String, problem: String, fix: String },
 }
 
-fn invalid(key: impl Into<String>, value: impl std::fmt::Display, problem: &str, fix: &str) -> ConfigError {
+fn invalid(
+    key: impl Into<String>,
+    value: impl std::fmt::Display,
+    problem: &str,
+    fix: &str,
+) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         value: value.to_string(),
@@ -295,7 +300,12 @@ pub struct PeerTimers {
 
 impl Default for PeerTimers {
     fn default() -> Self {
-        Self { ping_interval_ms: 1000, ping_timeout_ms: 500, timeout_ms: 6000, connect_retry_ms: 1000 }
+        Self {
+            ping_interval_ms: 1000,
+            ping_timeout_ms: 500,
+            timeout_ms: 6000,
+            connect_retry_ms: 1000,
+        }
     }
 }
 
@@ -313,7 +323,13 @@ pub struct Heartbeat {
 
 impl Default for Heartbeat {
     fn default() -> Self {
-        Self { keepalive_ms: 200, warntime_ms: 600, deadtime_ms: 1000, initdead_ms: 10_000, link: vec![] }
+        Self {
+            keepalive_ms: 200,
+            warntime_ms: 600,
+            deadtime_ms: 1000,
+            initdead_ms: 10_000,
+            link: vec![],
+        }
     }
 }
 
@@ -487,11 +503,17 @@ fn valid_name(s: &str) -> bool {
 }
 
 fn socket_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse().map_err(|_| invalid(key, v, "not an address:port", "write it as 192.0.2.1:10809 or [2001:db8::1]:10809"))
+    v.parse().map_err(|_| {
+        invalid(key, v, "not an address:port", "write it as 192.0.2.1:10809 or [2001:db8::1]:10809")
+    })
 }
 
 fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
-    if v == 0 { Err(invalid(key, v, "must be greater than 0", "set a positive value")) } else { Ok(()) }
+    if v == 0 {
+        Err(invalid(key, v, "must be greater than 0", "set a positive value"))
+    } else {
+        Ok(())
+    }
 }
 
 /// Parses `ADDR/PREFIX`.
@@ -503,9 +525,17 @@ pub fn parse_prefix(v: &str) -> Option<(IpAddr, u8)> {
     (p <= max).then_some((ip, p))
 }
 
-const BAUDS: [u32; 12] = [1200, 2400, 4800, 9600, 19200, 38400, 57600, 115_200, 230_400, 460_800, 500_000, 921_600];
-const SB0: [&str; 5] = ["disconnect", "discard-younger-primary", "discard-older-primary", "discard-zero-changes", "discard-least-changes"];
-const SB1: [&str; 5] = ["disconnect", "consensus", "violently-as0p", "discard-secondary", "call-pri-lost-after-sb"];
+const BAUDS: [u32; 12] =
+    [1200, 2400, 4800, 9600, 19200, 38400, 57600, 115_200, 230_400, 460_800, 500_000, 921_600];
+const SB0: [&str; 5] = [
+    "disconnect",
+    "discard-younger-primary",
+    "discard-older-primary",
+    "discard-zero-changes",
+    "discard-least-changes",
+];
+const SB1: [&str; 5] =
+    ["disconnect", "consensus", "violently-as0p", "discard-secondary", "call-pri-lost-after-sb"];
 const SB2: [&str; 3] = ["disconnect", "violently-as0p", "call-pri-lost-after-sb"];
 
 impl Config {
@@ -568,14 +598,24 @@ impl Config {
         let names = self.node_names().join(", ");
         match explicit {
             Some(n) if self.node.contains_key(n) => Ok(n.to_string()),
-            Some(n) => Err(invalid("--node", n, "no such [node.NAME] section", &format!("use one of: {names}"))),
+            Some(n) => Err(invalid(
+                "--node",
+                n,
+                "no such [node.NAME] section",
+                &format!("use one of: {names}"),
+            )),
             None if self.node.contains_key(hostname) => Ok(hostname.to_string()),
             None => {
                 let short = hostname.split('.').next().unwrap_or(hostname);
                 if self.node.contains_key(short) {
                     return Ok(short.to_string());
                 }
-                Err(invalid("hostname", hostname, "this host's name matches no [node.NAME] section", &format!("pass --node with one of: {names}")))
+                Err(invalid(
+                    "hostname",
+                    hostname,
+                    "this host's name matches no [node.NAME] section",
+                    &format!("pass --node with one of: {names}"),
+                ))
             }
         }
     }
@@ -584,42 +624,82 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
         if !valid_name(&c.name) {
-            return Err(invalid("cluster.name", &c.name, "not a valid name", "use 1-64 letters, digits, '-', '_' or '.'"));
+            return Err(invalid(
+                "cluster.name",
+                &c.name,
+                "not a valid name",
+                "use 1-64 letters, digits, '-', '_' or '.'",
+            ));
         }
         match self.node.len() {
             1 | 2 => {}
             n => {
-                return Err(invalid("node", n, "a duet cluster has one or two [node.NAME] sections", "define [node.NAME] for each machine (two for a pair)"));
+                return Err(invalid(
+                    "node",
+                    n,
+                    "a duet cluster has one or two [node.NAME] sections",
+                    "define [node.NAME] for each machine (two for a pair)",
+                ));
             }
         }
         for name in self.node.keys() {
             if !valid_name(name) {
-                return Err(invalid(format!("node.{name}"), name, "not a valid node name", "use 1-64 letters, digits, '-', '_' or '.'"));
+                return Err(invalid(
+                    format!("node.{name}"),
+                    name,
+                    "not a valid node name",
+                    "use 1-64 letters, digits, '-', '_' or '.'",
+                ));
             }
         }
         let known = |n: &str| self.node.contains_key(n);
         let names = self.node_names().join(", ");
         if !known(&c.configured_master) {
-            return Err(invalid("cluster.configured_master", &c.configured_master, "not one of the configured nodes", &format!("use one of: {names}")));
+            return Err(invalid(
+                "cluster.configured_master",
+                &c.configured_master,
+                "not one of the configured nodes",
+                &format!("use one of: {names}"),
+            ));
         }
         let pair = self.node.len() == 2;
         match &c.secret_file {
             Some(p) if !p.is_absolute() => {
-                return Err(invalid("cluster.secret_file", p.display(), "must be an absolute path", "write the full path, e.g. /etc/duet/secret"));
+                return Err(invalid(
+                    "cluster.secret_file",
+                    p.display(),
+                    "must be an absolute path",
+                    "write the full path, e.g. /etc/duet/secret",
+                ));
             }
             None if pair => {
-                return Err(invalid("cluster.secret_file", "", "missing; a pair authenticates its links with a shared secret", "set secret_file to a file holding the same secret on both nodes"));
+                return Err(invalid(
+                    "cluster.secret_file",
+                    "",
+                    "missing; a pair authenticates its links with a shared secret",
+                    "set secret_file to a file holding the same secret on both nodes",
+                ));
             }
             _ => {}
         }
         if c.control_socket.as_os_str().is_empty() || !c.control_socket.is_absolute() {
-            return Err(invalid("cluster.control_socket", c.control_socket.display(), "must be an absolute path", "e.g. /run/duet/duet.sock"));
+            return Err(invalid(
+                "cluster.control_socket",
+                c.control_socket.display(),
+                "must be an absolute path",
+                "e.g. /run/duet/duet.sock",
+            ));
         }
         for (n, o) in &self.node {
             if let Some(s) = &o.control_socket
                 && !s.is_absolute()
             {
-                return Err(invalid(format!("node.{n}.control_socket"), s.display(), "must be an absolute path", "e.g. /run/duet/duet.sock"));
+                return Err(invalid(
+                    format!("node.{n}.control_socket"),
+                    s.display(),
+                    "must be an absolute path",
+                    "e.g. /run/duet/duet.sock",
+                ));
             }
             if let Some(m) = &o.metrics_listen
                 && !m.is_empty()
@@ -631,7 +711,12 @@ impl Config {
             socket_addr("cluster.metrics_listen", &c.metrics_listen)?;
         }
         if self.resource.is_empty() {
-            return Err(invalid("resource", "[]", "no [[resource]] defined", "add a [[resource]] with a name and [resource.on.NAME] disk for each node"));
+            return Err(invalid(
+                "resource",
+                "[]",
+                "no [[resource]] defined",
+                "add a [[resource]] with a name and [resource.on.NAME] disk for each node",
+            ));
         }
         let mut seen = BTreeSet::new();
         for (i, r) in self.resource.iter().enumerate() {
@@ -640,20 +725,40 @@ impl Config {
         self.validate_heartbeat()?;
         let f = &self.fencing;
         if f.policy == FencingPolicy::ResourceAndStonith && f.fence_command.trim().is_empty() {
-            return Err(invalid("fencing.fence_command", "", "resource-and-stonith needs a fence command", "set fence_command, or use policy = \"resource-only\""));
+            return Err(invalid(
+                "fencing.fence_command",
+                "",
+                "resource-and-stonith needs a fence command",
+                "set fence_command, or use policy = \"resource-only\"",
+            ));
         }
         let mut names = BTreeSet::new();
         for (i, h) in self.health.check.iter().enumerate() {
             let k = |f: &str| format!("health.check[{i}].{f}");
             if !valid_name(&h.name) || !names.insert(h.name.clone()) {
-                return Err(invalid(k("name"), &h.name, "missing, invalid or duplicate", "give each check a unique name of letters, digits, '-', '_' or '.'"));
+                return Err(invalid(
+                    k("name"),
+                    &h.name,
+                    "missing, invalid or duplicate",
+                    "give each check a unique name of letters, digits, '-', '_' or '.'",
+                ));
             }
             match h.kind {
                 CheckKind::Ping if h.target.parse::<IpAddr>().is_err() => {
-                    return Err(invalid(k("target"), &h.target, "a ping check needs an IP address", "e.g. target = \"192.0.2.1\""));
+                    return Err(invalid(
+                        k("target"),
+                        &h.target,
+                        "a ping check needs an IP address",
+                        "e.g. target = \"192.0.2.1\"",
+                    ));
                 }
                 CheckKind::Interface | CheckKind::Script if h.target.trim().is_empty() => {
-                    return Err(invalid(k("target"), &h.target, "empty", "name the interface (interface) or the command (script)"));
+                    return Err(invalid(
+                        k("target"),
+                        &h.target,
+                        "empty",
+                        "name the interface (interface) or the command (script)",
+                    ));
                 }
                 _ => {}
             }
@@ -665,84 +770,179 @@ impl Config {
         for (i, s) in self.service.iter().enumerate() {
             let k = |f: &str| format!("service[{i}].{f}");
             if !valid_name(&s.name) || !names.insert(s.name.clone()) {
-                return Err(invalid(k("name"), &s.name, "missing, invalid or duplicate", "give each service a unique name"));
+                return Err(invalid(
+                    k("name"),
+                    &s.name,
+                    "missing, invalid or duplicate",
+                    "give each service a unique name",
+                ));
             }
             if s.start.trim().is_empty() {
-                return Err(invalid(k("start"), &s.start, "empty", "give the command that starts the service"));
+                return Err(invalid(
+                    k("start"),
+                    &s.start,
+                    "empty",
+                    "give the command that starts the service",
+                ));
             }
             if s.stop.trim().is_empty() {
-                return Err(invalid(k("stop"), &s.stop, "empty", "give the command that stops the service"));
+                return Err(invalid(
+                    k("stop"),
+                    &s.stop,
+                    "empty",
+                    "give the command that stops the service",
+                ));
             }
             positive(&k("timeout_ms"), s.timeout_ms)?;
         }
         for (i, v) in self.vip.iter().enumerate() {
             let k = |f: &str| format!("vip[{i}].{f}");
             if v.interface.trim().is_empty() || v.interface.len() > 15 {
-                return Err(invalid(k("interface"), &v.interface, "not an interface name", "e.g. interface = \"eth0\""));
+                return Err(invalid(
+                    k("interface"),
+                    &v.interface,
+                    "not an interface name",
+                    "e.g. interface = \"eth0\"",
+                ));
             }
             if parse_prefix(&v.address).is_none() {
-                return Err(invalid(k("address"), &v.address, "not ADDRESS/PREFIX", "e.g. \"192.0.2.100/24\" or \"2001:db8::100/64\""));
+                return Err(invalid(
+                    k("address"),
+                    &v.address,
+                    "not ADDRESS/PREFIX",
+                    "e.g. \"192.0.2.100/24\" or \"2001:db8::100/64\"",
+                ));
             }
             for (j, a) in v.aliases.iter().enumerate() {
                 if parse_prefix(a).is_none() {
-                    return Err(invalid(format!("vip[{i}].aliases[{j}]"), a, "not ADDRESS/PREFIX", "e.g. \"192.0.2.101/24\""));
+                    return Err(invalid(
+                        format!("vip[{i}].aliases[{j}]"),
+                        a,
+                        "not ADDRESS/PREFIX",
+                        "e.g. \"192.0.2.101/24\"",
+                    ));
                 }
             }
             if !v.mac.is_empty() && !valid_mac(&v.mac) {
-                return Err(invalid(k("mac"), &v.mac, "not a unicast MAC address", "use \"\" or a locally administered unicast MAC such as \"02:00:5e:00:01:01\""));
+                return Err(invalid(
+                    k("mac"),
+                    &v.mac,
+                    "not a unicast MAC address",
+                    "use \"\" or a locally administered unicast MAC such as \"02:00:5e:00:01:01\"",
+                ));
             }
             positive(&k("announce_interval_ms"), v.announce_interval_ms)?;
         }
         Ok(())
     }
 
-    fn validate_resource(&self, i: usize, r: &Resource, seen: &mut BTreeSet<String>) -> Result<(), ConfigError> {
+    fn validate_resource(
+        &self,
+        i: usize,
+        r: &Resource,
+        seen: &mut BTreeSet<String>,
+    ) -> Result<(), ConfigError> {
         let k = |f: &str| format!("resource[{i}].{f}");
         if !valid_name(&r.name) {
-            return Err(invalid(k("name"), &r.name, "not a valid resource name", "use 1-64 letters, digits, '-', '_' or '.'"));
+            return Err(invalid(
+                k("name"),
+                &r.name,
+                "not a valid resource name",
+                "use 1-64 letters, digits, '-', '_' or '.'",
+            ));
         }
         if !seen.insert(r.name.clone()) {
-            return Err(invalid(k("name"), &r.name, "duplicate resource name", "give each [[resource]] its own name"));
+            return Err(invalid(
+                k("name"),
+                &r.name,
+                "duplicate resource name",
+                "give each [[resource]] its own name",
+            ));
         }
         socket_addr(&k("nbd_listen"), &r.nbd_listen)?;
         let g = r.bitmap_granularity_kib;
         if !g.is_power_of_two() || !(4..=1024).contains(&g) {
-            return Err(invalid(k("bitmap_granularity_kib"), g, "must be a power of two from 4 to 1024", "use 4 (the default)"));
+            return Err(invalid(
+                k("bitmap_granularity_kib"),
+                g,
+                "must be a power of two from 4 to 1024",
+                "use 4 (the default)",
+            ));
         }
         let al = r.activity_log_extent_kib;
         if !al.is_power_of_two() || !(64..=65536).contains(&al) || al < g {
-            return Err(invalid(k("activity_log_extent_kib"), al, "must be a power of two from 64 to 65536 and at least the bitmap granularity", "use 4096 (the default)"));
+            return Err(invalid(
+                k("activity_log_extent_kib"),
+                al,
+                "must be a power of two from 64 to 65536 and at least the bitmap granularity",
+                "use 4096 (the default)",
+            ));
         }
         if !(7..=65534).contains(&r.activity_log_extents) {
-            return Err(invalid(k("activity_log_extents"), r.activity_log_extents, "must be between 7 and 65534", "use 1237 (the default)"));
+            return Err(invalid(
+                k("activity_log_extents"),
+                r.activity_log_extents,
+                "must be between 7 and 65534",
+                "use 1237 (the default)",
+            ));
         }
         for n in r.on.keys() {
             if !self.node.contains_key(n) {
-                return Err(invalid(format!("resource[{i}].on.{n}"), n, "not a configured node", &format!("use one of: {}", self.node_names().join(", "))));
+                return Err(invalid(
+                    format!("resource[{i}].on.{n}"),
+                    n,
+                    "not a configured node",
+                    &format!("use one of: {}", self.node_names().join(", ")),
+                ));
             }
         }
         let mut addrs = Vec::new();
         for n in self.node.keys() {
             let kn = |f: &str| format!("resource[{i}].on.{n}.{f}");
             let Some(on) = r.on.get(n) else {
-                return Err(invalid(format!("resource[{i}].on.{n}"), "", "missing", &format!("add [resource.on.{n}] with the disk of node {n}")));
+                return Err(invalid(
+                    format!("resource[{i}].on.{n}"),
+                    "",
+                    "missing",
+                    &format!("add [resource.on.{n}] with the disk of node {n}"),
+                ));
             };
             if on.disk.as_os_str().is_empty() || !on.disk.is_absolute() {
-                return Err(invalid(kn("disk"), on.disk.display(), "must be an absolute path", "e.g. disk = \"/var/lib/duet/vol0.img\" or \"/dev/sdb\""));
+                return Err(invalid(
+                    kn("disk"),
+                    on.disk.display(),
+                    "must be an absolute path",
+                    "e.g. disk = \"/var/lib/duet/vol0.img\" or \"/dev/sdb\"",
+                ));
             }
             if on.meta != "internal" && !Path::new(&on.meta).is_absolute() {
-                return Err(invalid(kn("meta"), &on.meta, "must be \"internal\" or an absolute path", "use \"internal\" or e.g. \"/var/lib/duet/vol0.meta\""));
+                return Err(invalid(
+                    kn("meta"),
+                    &on.meta,
+                    "must be \"internal\" or an absolute path",
+                    "use \"internal\" or e.g. \"/var/lib/duet/vol0.meta\"",
+                ));
             }
             match (&on.replication_address, self.node.len()) {
                 (Some(a), _) => addrs.push(socket_addr(&kn("replication_address"), a)?),
                 (None, 2) => {
-                    return Err(invalid(kn("replication_address"), "", "missing; a pair needs this node's end of the peer link", "e.g. replication_address = \"198.51.100.1:7789\""));
+                    return Err(invalid(
+                        kn("replication_address"),
+                        "",
+                        "missing; a pair needs this node's end of the peer link",
+                        "e.g. replication_address = \"198.51.100.1:7789\"",
+                    ));
                 }
                 (None, _) => {}
             }
         }
         if addrs.len() == 2 && addrs[0] == addrs[1] {
-            return Err(invalid(k("on.*.replication_address"), addrs[0], "both nodes use the same address", "give each node its own address"));
+            return Err(invalid(
+                k("on.*.replication_address"),
+                addrs[0],
+                "both nodes use the same address",
+                "give each node its own address",
+            ));
         }
         let s = &r.resync;
         let ks = |f: &str| format!("resource[{i}].resync.{f}");
@@ -754,27 +954,60 @@ impl Config {
             }
         }
         if s.max_rate_kib != 0 && s.min_rate_kib > s.max_rate_kib {
-            return Err(invalid(ks("min_rate_kib"), s.min_rate_kib, "larger than max_rate_kib", "lower min_rate_kib or raise max_rate_kib (0 = unlimited)"));
+            return Err(invalid(
+                ks("min_rate_kib"),
+                s.min_rate_kib,
+                "larger than max_rate_kib",
+                "lower min_rate_kib or raise max_rate_kib (0 = unlimited)",
+            ));
         }
         let sb = &r.split_brain;
         let kb = |f: &str| format!("resource[{i}].split_brain.{f}");
-        let node_victim = sb.after_sb_0pri.strip_prefix("discard-node-").is_some_and(|n| self.node.contains_key(n));
+        let node_victim = sb
+            .after_sb_0pri
+            .strip_prefix("discard-node-")
+            .is_some_and(|n| self.node.contains_key(n));
         if !SB0.contains(&sb.after_sb_0pri.as_str()) && !node_victim {
-            return Err(invalid(kb("after_sb_0pri"), &sb.after_sb_0pri, "unknown policy", &format!("use one of: {}, discard-node-NAME", SB0.join(", "))));
+            return Err(invalid(
+                kb("after_sb_0pri"),
+                &sb.after_sb_0pri,
+                "unknown policy",
+                &format!("use one of: {}, discard-node-NAME", SB0.join(", ")),
+            ));
         }
         if !SB1.contains(&sb.after_sb_1pri.as_str()) {
-            return Err(invalid(kb("after_sb_1pri"), &sb.after_sb_1pri, "unknown policy", &format!("use one of: {}", SB1.join(", "))));
+            return Err(invalid(
+                kb("after_sb_1pri"),
+                &sb.after_sb_1pri,
+                "unknown policy",
+                &format!("use one of: {}", SB1.join(", ")),
+            ));
         }
         if !SB2.contains(&sb.after_sb_2pri.as_str()) {
-            return Err(invalid(kb("after_sb_2pri"), &sb.after_sb_2pri, "unknown policy", &format!("use one of: {}", SB2.join(", "))));
+            return Err(invalid(
+                kb("after_sb_2pri"),
+                &sb.after_sb_2pri,
+                "unknown policy",
+                &format!("use one of: {}", SB2.join(", ")),
+            ));
         }
         let p = &r.peer;
         let kp = |f: &str| format!("resource[{i}].peer.{f}");
-        for (f, v) in [("ping_interval_ms", p.ping_interval_ms), ("ping_timeout_ms", p.ping_timeout_ms), ("timeout_ms", p.timeout_ms), ("connect_retry_ms", p.connect_retry_ms)] {
+        for (f, v) in [
+            ("ping_interval_ms", p.ping_interval_ms),
+            ("ping_timeout_ms", p.ping_timeout_ms),
+            ("timeout_ms", p.timeout_ms),
+            ("connect_retry_ms", p.connect_retry_ms),
+        ] {
             positive(&kp(f), v)?;
         }
         if p.ping_timeout_ms >= p.timeout_ms {
-            return Err(invalid(kp("ping_timeout_ms"), p.ping_timeout_ms, "must be less than timeout_ms", "e.g. ping_timeout_ms = 500 with timeout_ms = 6000"));
+            return Err(invalid(
+                kp("ping_timeout_ms"),
+                p.ping_timeout_ms,
+                "must be less than timeout_ms",
+                "e.g. ping_timeout_ms = 500 with timeout_ms = 6000",
+            ));
         }
         Ok(())
     }
@@ -783,39 +1016,74 @@ impl Config {
         let h = &self.heartbeat;
         positive("heartbeat.keepalive_ms", h.keepalive_ms)?;
         if h.deadtime_ms <= 2 * h.keepalive_ms {
-            return Err(invalid("heartbeat.deadtime_ms", h.deadtime_ms, &format!("must be more than 2 x keepalive_ms ({})", 2 * h.keepalive_ms), "raise deadtime_ms or lower keepalive_ms"));
+            return Err(invalid(
+                "heartbeat.deadtime_ms",
+                h.deadtime_ms,
+                &format!("must be more than 2 x keepalive_ms ({})", 2 * h.keepalive_ms),
+                "raise deadtime_ms or lower keepalive_ms",
+            ));
         }
         if h.warntime_ms < h.keepalive_ms || h.warntime_ms >= h.deadtime_ms {
-            return Err(invalid("heartbeat.warntime_ms", h.warntime_ms, "must be at least keepalive_ms and less than deadtime_ms", "e.g. warntime_ms = 600 with keepalive 200 and deadtime 1000"));
+            return Err(invalid(
+                "heartbeat.warntime_ms",
+                h.warntime_ms,
+                "must be at least keepalive_ms and less than deadtime_ms",
+                "e.g. warntime_ms = 600 with keepalive 200 and deadtime 1000",
+            ));
         }
         if h.initdead_ms < h.deadtime_ms {
-            return Err(invalid("heartbeat.initdead_ms", h.initdead_ms, "must be at least deadtime_ms", "e.g. initdead_ms = 10000"));
+            return Err(invalid(
+                "heartbeat.initdead_ms",
+                h.initdead_ms,
+                "must be at least deadtime_ms",
+                "e.g. initdead_ms = 10000",
+            ));
         }
         for (i, l) in h.link.iter().enumerate() {
             let k = |f: &str| format!("heartbeat.link[{i}].{f}");
             for n in l.on.keys() {
                 if !self.node.contains_key(n) {
-                    return Err(invalid(k(&format!("on.{n}")), n, "not a configured node", "use the names of [node.NAME] sections"));
+                    return Err(invalid(
+                        k(&format!("on.{n}")),
+                        n,
+                        "not a configured node",
+                        "use the names of [node.NAME] sections",
+                    ));
                 }
             }
             match l.kind {
                 LinkKind::Udp => {
                     if l.baud.is_some() || l.flow_control.is_some() {
-                        return Err(invalid(k("baud"), l.baud.unwrap_or(0), "baud and flow_control apply to serial links only", "remove them from this udp link"));
+                        return Err(invalid(
+                            k("baud"),
+                            l.baud.unwrap_or(0),
+                            "baud and flow_control apply to serial links only",
+                            "remove them from this udp link",
+                        ));
                     }
                 }
                 LinkKind::Serial => {
                     if let Some(b) = l.baud
                         && !BAUDS.contains(&b)
                     {
-                        return Err(invalid(k("baud"), b, "not a standard baud rate", "use e.g. 9600, 38400 or 115200"));
+                        return Err(invalid(
+                            k("baud"),
+                            b,
+                            "not a standard baud rate",
+                            "use e.g. 9600, 38400 or 115200",
+                        ));
                     }
                 }
             }
             for n in self.node.keys() {
                 let kn = |f: &str| format!("heartbeat.link[{i}].on.{n}.{f}");
                 let Some(on) = l.on.get(n) else {
-                    return Err(invalid(format!("heartbeat.link[{i}].on.{n}"), "", "missing", &format!("add [heartbeat.link.on.{n}] for node {n}")));
+                    return Err(invalid(
+                        format!("heartbeat.link[{i}].on.{n}"),
+                        "",
+                        "missing",
+                        &format!("add [heartbeat.link.on.{n}] for node {n}"),
+                    ));
                 };
                 match l.kind {
                     LinkKind::Udp => {
@@ -824,19 +1092,35 @@ impl Config {
                         socket_addr(&kn("bind"), b)?;
                         socket_addr(&kn("peer"), p)?;
                         if on.device.is_some() {
-                            return Err(invalid(kn("device"), "", "device applies to serial links only", "remove it from this udp link"));
+                            return Err(invalid(
+                                kn("device"),
+                                "",
+                                "device applies to serial links only",
+                                "remove it from this udp link",
+                            ));
                         }
                     }
                     LinkKind::Serial => {
                         match &on.device {
                             Some(d) if d.is_absolute() => {}
                             d => {
-                                let v = d.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
-                                return Err(invalid(kn("device"), v, "a serial link needs an absolute device path", "e.g. device = \"/dev/ttyS0\""));
+                                let v =
+                                    d.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
+                                return Err(invalid(
+                                    kn("device"),
+                                    v,
+                                    "a serial link needs an absolute device path",
+                                    "e.g. device = \"/dev/ttyS0\"",
+                                ));
                             }
                         }
                         if on.bind.is_some() || on.peer.is_some() {
-                            return Err(invalid(kn("bind"), "", "bind and peer apply to udp links only", "remove them from this serial link"));
+                            return Err(invalid(
+                                kn("bind"),
+                                "",
+                                "bind and peer apply to udp links only",
+                                "remove them from this serial link",
+                            ));
                         }
                     }
                 }
@@ -854,4 +1138,5 @@ fn valid_mac(s: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests;

@@ -54,35 +54,150 @@ fn broken_configs_name_the_key() {
         ("unknown key", "name = \"vol0\"", "name = \"vol0\"\nbogus = 1", "bogus"),
         ("unknown section", "[node.alpha]", "[node.alpha]\n[wat]", "wat"),
         ("missing disk", "disk = \"/tmp/duet-test/vol0.img\"", "", "disk"),
-        ("relative disk", "disk = \"/tmp/duet-test/vol0.img\"", "disk = \"vol0.img\"", "resource[0].on.alpha.disk"),
-        ("bad address", "nbd_listen = \"127.0.0.1:10809\"", "nbd_listen = \"localhost\"", "resource[0].nbd_listen"),
-        ("bad port", "nbd_listen = \"127.0.0.1:10809\"", "nbd_listen = \"127.0.0.1:99999\"", "resource[0].nbd_listen"),
+        (
+            "relative disk",
+            "disk = \"/tmp/duet-test/vol0.img\"",
+            "disk = \"vol0.img\"",
+            "resource[0].on.alpha.disk",
+        ),
+        (
+            "bad address",
+            "nbd_listen = \"127.0.0.1:10809\"",
+            "nbd_listen = \"localhost\"",
+            "resource[0].nbd_listen",
+        ),
+        (
+            "bad port",
+            "nbd_listen = \"127.0.0.1:10809\"",
+            "nbd_listen = \"127.0.0.1:99999\"",
+            "resource[0].nbd_listen",
+        ),
         ("bad protocol", "name = \"vol0\"", "name = \"vol0\"\nprotocol = \"D\"", "protocol"),
         ("bad engine", "name = \"vol0\"", "name = \"vol0\"\nio_engine = \"aio\"", "io_engine"),
         ("wrong type", "name = \"vol0\"", "name = \"vol0\"\ndirect_io = \"yes\"", "direct_io"),
         ("bad resource name", "name = \"vol0\"", "name = \"vol 0\"", "resource[0].name"),
-        ("unknown master", "configured_master = \"alpha\"", "configured_master = \"zeta\"", "cluster.configured_master"),
+        (
+            "unknown master",
+            "configured_master = \"alpha\"",
+            "configured_master = \"zeta\"",
+            "cluster.configured_master",
+        ),
         ("bad cluster name", "name = \"demo\"", "name = \"\"", "cluster.name"),
-        ("relative socket", "control_socket = \"/tmp/duet-test/duet.sock\"", "control_socket = \"duet.sock\"", "cluster.control_socket"),
-        ("bad metrics", "metrics_listen = \"\"", "metrics_listen = \"nope\"", "cluster.metrics_listen"),
-        ("on unknown node", "[resource.on.alpha]", "[resource.on.zeta]\ndisk = \"/x\"\n[resource.on.alpha]", "resource[0].on.zeta"),
-        ("granularity", "name = \"vol0\"", "name = \"vol0\"\nbitmap_granularity_kib = 3", "bitmap_granularity_kib"),
-        ("al extents", "name = \"vol0\"", "name = \"vol0\"\nactivity_log_extents = 3", "activity_log_extents"),
-        ("relative meta", "disk = \"/tmp/duet-test/vol0.img\"", "disk = \"/tmp/duet-test/vol0.img\"\nmeta = \"m.md\"", "meta"),
-        ("deadtime", "[node.alpha]", "[node.alpha]\n[heartbeat]\nkeepalive_ms = 500\ndeadtime_ms = 1000\nwarntime_ms = 600", "heartbeat.deadtime_ms"),
-        ("warntime", "[node.alpha]", "[node.alpha]\n[heartbeat]\nwarntime_ms = 2000", "heartbeat.warntime_ms"),
-        ("sb policy", "[resource.on.alpha]", "[resource.split_brain]\nafter_sb_0pri = \"coin-toss\"\n[resource.on.alpha]", "after_sb_0pri"),
-        ("sb node", "[resource.on.alpha]", "[resource.split_brain]\nafter_sb_0pri = \"discard-node-zeta\"\n[resource.on.alpha]", "after_sb_0pri"),
-        ("resync min>max", "[resource.on.alpha]", "[resource.resync]\nmax_rate_kib = 100\n[resource.on.alpha]", "min_rate_kib"),
-        ("ping timeout", "[resource.on.alpha]", "[resource.peer]\nping_timeout_ms = 7000\n[resource.on.alpha]", "ping_timeout_ms"),
-        ("stonith w/o cmd", "[node.alpha]", "[node.alpha]\n[fencing]\npolicy = \"resource-and-stonith\"", "fencing.fence_command"),
+        (
+            "relative socket",
+            "control_socket = \"/tmp/duet-test/duet.sock\"",
+            "control_socket = \"duet.sock\"",
+            "cluster.control_socket",
+        ),
+        (
+            "bad metrics",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"nope\"",
+            "cluster.metrics_listen",
+        ),
+        (
+            "on unknown node",
+            "[resource.on.alpha]",
+            "[resource.on.zeta]\ndisk = \"/x\"\n[resource.on.alpha]",
+            "resource[0].on.zeta",
+        ),
+        (
+            "granularity",
+            "name = \"vol0\"",
+            "name = \"vol0\"\nbitmap_granularity_kib = 3",
+            "bitmap_granularity_kib",
+        ),
+        (
+            "al extents",
+            "name = \"vol0\"",
+            "name = \"vol0\"\nactivity_log_extents = 3",
+            "activity_log_extents",
+        ),
+        (
+            "relative meta",
+            "disk = \"/tmp/duet-test/vol0.img\"",
+            "disk = \"/tmp/duet-test/vol0.img\"\nmeta = \"m.md\"",
+            "meta",
+        ),
+        (
+            "deadtime",
+            "[node.alpha]",
+            "[node.alpha]\n[heartbeat]\nkeepalive_ms = 500\ndeadtime_ms = 1000\nwarntime_ms = 600",
+            "heartbeat.deadtime_ms",
+        ),
+        (
+            "warntime",
+            "[node.alpha]",
+            "[node.alpha]\n[heartbeat]\nwarntime_ms = 2000",
+            "heartbeat.warntime_ms",
+        ),
+        (
+            "sb policy",
+            "[resource.on.alpha]",
+            "[resource.split_brain]\nafter_sb_0pri = \"coin-toss\"\n[resource.on.alpha]",
+            "after_sb_0pri",
+        ),
+        (
+            "sb node",
+            "[resource.on.alpha]",
+            "[resource.split_brain]\nafter_sb_0pri = \"discard-node-zeta\"\n[resource.on.alpha]",
+            "after_sb_0pri",
+        ),
+        (
+            "resync min>max",
+            "[resource.on.alpha]",
+            "[resource.resync]\nmax_rate_kib = 100\n[resource.on.alpha]",
+            "min_rate_kib",
+        ),
+        (
+            "ping timeout",
+            "[resource.on.alpha]",
+            "[resource.peer]\nping_timeout_ms = 7000\n[resource.on.alpha]",
+            "ping_timeout_ms",
+        ),
+        (
+            "stonith w/o cmd",
+            "[node.alpha]",
+            "[node.alpha]\n[fencing]\npolicy = \"resource-and-stonith\"",
+            "fencing.fence_command",
+        ),
         ("fencing policy", "[node.alpha]", "[node.alpha]\n[fencing]\npolicy = \"shoot\"", "policy"),
-        ("ping target", "[node.alpha]", "[node.alpha]\n[[health.check]]\nname = \"up\"\nkind = \"ping\"\ntarget = \"router\"", "health.check[0].target"),
-        ("service stop", "[node.alpha]", "[node.alpha]\n[[service]]\nname = \"nfs\"\nstart = \"x\"\nstop = \"\"", "service[0].stop"),
-        ("vip address", "[node.alpha]", "[node.alpha]\n[[vip]]\ninterface = \"eth0\"\naddress = \"192.0.2.1\"", "vip[0].address"),
-        ("vip mac", "[node.alpha]", "[node.alpha]\n[[vip]]\ninterface = \"eth0\"\naddress = \"192.0.2.1/24\"\nmac = \"01:00:5e:00:00:01\"", "vip[0].mac"),
-        ("serial baud", "[node.alpha]", "[node.alpha]\n[[heartbeat.link]]\nkind = \"serial\"\nbaud = 1234\n[heartbeat.link.on.alpha]\ndevice = \"/dev/ttyS0\"", "heartbeat.link[0].baud"),
-        ("udp missing peer", "[node.alpha]", "[node.alpha]\n[[heartbeat.link]]\nkind = \"udp\"\n[heartbeat.link.on.alpha]\nbind = \"127.0.0.1:694\"", "heartbeat.link[0].on.alpha.peer"),
+        (
+            "ping target",
+            "[node.alpha]",
+            "[node.alpha]\n[[health.check]]\nname = \"up\"\nkind = \"ping\"\ntarget = \"router\"",
+            "health.check[0].target",
+        ),
+        (
+            "service stop",
+            "[node.alpha]",
+            "[node.alpha]\n[[service]]\nname = \"nfs\"\nstart = \"x\"\nstop = \"\"",
+            "service[0].stop",
+        ),
+        (
+            "vip address",
+            "[node.alpha]",
+            "[node.alpha]\n[[vip]]\ninterface = \"eth0\"\naddress = \"192.0.2.1\"",
+            "vip[0].address",
+        ),
+        (
+            "vip mac",
+            "[node.alpha]",
+            "[node.alpha]\n[[vip]]\ninterface = \"eth0\"\naddress = \"192.0.2.1/24\"\nmac = \"01:00:5e:00:00:01\"",
+            "vip[0].mac",
+        ),
+        (
+            "serial baud",
+            "[node.alpha]",
+            "[node.alpha]\n[[heartbeat.link]]\nkind = \"serial\"\nbaud = 1234\n[heartbeat.link.on.alpha]\ndevice = \"/dev/ttyS0\"",
+            "heartbeat.link[0].baud",
+        ),
+        (
+            "udp missing peer",
+            "[node.alpha]",
+            "[node.alpha]\n[[heartbeat.link]]\nkind = \"udp\"\n[heartbeat.link.on.alpha]\nbind = \"127.0.0.1:694\"",
+            "heartbeat.link[0].on.alpha.peer",
+        ),
         ("three nodes", "[node.alpha]", "[node.alpha]\n[node.beta]\n[node.gamma]", "node"),
         ("pair without secret", "[node.alpha]", "[node.alpha]\n[node.beta]", "cluster.secret_file"),
     ];
@@ -96,15 +211,21 @@ fn broken_configs_name_the_key() {
 
 #[test]
 fn pair_needs_replication_addresses_and_distinct_ones() {
-    let pair = SINGLE.replace("[node.alpha]", "[node.alpha]\n[node.beta]").replace(
-        "configured_master",
-        "secret_file = \"/etc/duet/secret\"\nconfigured_master",
-    ) + "[resource.on.beta]\ndisk = \"/tmp/b.img\"\n";
+    let pair = SINGLE
+        .replace("[node.alpha]", "[node.alpha]\n[node.beta]")
+        .replace("configured_master", "secret_file = \"/etc/duet/secret\"\nconfigured_master")
+        + "[resource.on.beta]\ndisk = \"/tmp/b.img\"\n";
     let e = parse(&pair).unwrap_err().to_string();
     assert!(e.contains("resource[0].on.alpha.replication_address"), "{e}");
     let with = pair
-        .replace("disk = \"/tmp/duet-test/vol0.img\"", "disk = \"/tmp/a.img\"\nreplication_address = \"127.0.0.1:7789\"")
-        .replace("disk = \"/tmp/b.img\"", "disk = \"/tmp/b.img\"\nreplication_address = \"127.0.0.1:7789\"");
+        .replace(
+            "disk = \"/tmp/duet-test/vol0.img\"",
+            "disk = \"/tmp/a.img\"\nreplication_address = \"127.0.0.1:7789\"",
+        )
+        .replace(
+            "disk = \"/tmp/b.img\"",
+            "disk = \"/tmp/b.img\"\nreplication_address = \"127.0.0.1:7789\"",
+        );
     let e = parse(&with).unwrap_err().to_string();
     assert!(e.contains("same address"), "{e}");
     let ok = with.replacen("127.0.0.1:7789", "127.0.0.1:7790", 1);
@@ -120,7 +241,9 @@ fn no_resource() {
 
 #[test]
 fn parse_errors_say_where() {
-    let e = parse(&SINGLE.replace("name = \"vol0\"", "name = \"vol0\"\nbogus = 1")).unwrap_err().to_string();
+    let e = parse(&SINGLE.replace("name = \"vol0\"", "name = \"vol0\"\nbogus = 1"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("line 12 (`bogus = 1`)") && e.contains("unknown field `bogus`"), "{e}");
 }
 

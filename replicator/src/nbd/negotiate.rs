@@ -231,7 +231,12 @@ impl<'a> Negotiation<'a> {
             self.meta = None;
         }
         if !self.structured {
-            encode_option_reply(out, option, REP_ERR_INVALID, b"negotiate structured replies first");
+            encode_option_reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                b"negotiate structured replies first",
+            );
             return Step::Continue;
         }
         let mut r = OptReader::new(data);
@@ -276,6 +281,7 @@ impl<'a> Negotiation<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use bytes::Buf;
@@ -445,13 +451,20 @@ mod tests {
         assert_eq!(r[0].1, REP_META_CONTEXT);
         assert_eq!(&r[0].2[4..], BASE_ALLOCATION.as_bytes());
         out.clear();
-        n.handle(OPT_SET_META_CONTEXT, &meta_data("vol0", &["x-foo:bar", BASE_ALLOCATION]), &mut out);
+        n.handle(
+            OPT_SET_META_CONTEXT,
+            &meta_data("vol0", &["x-foo:bar", BASE_ALLOCATION]),
+            &mut out,
+        );
         let r = replies(&out);
         assert_eq!(r.len(), 2);
         assert_eq!(&r[0].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
         out.clear();
         let step = n.handle(OPT_GO, &go_data("vol0", &[]), &mut out);
-        assert_eq!(step, Step::Transmit(Session { export: 0, structured: true, base_allocation: true }));
+        assert_eq!(
+            step,
+            Step::Transmit(Session { export: 0, structured: true, base_allocation: true })
+        );
         let r = replies(&out);
         let flags = u16::from_be_bytes([r[0].2[10], r[0].2[11]]);
         assert_ne!(flags & TF_SEND_DF, 0);
@@ -468,7 +481,10 @@ mod tests {
         n.handle(OPT_SET_META_CONTEXT, &[0, 0, 0, 1], &mut out);
         assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
         let step = n.handle(OPT_GO, &go_data("vol0", &[]), &mut out);
-        assert_eq!(step, Step::Transmit(Session { export: 0, structured: true, base_allocation: false }));
+        assert_eq!(
+            step,
+            Step::Transmit(Session { export: 0, structured: true, base_allocation: false })
+        );
     }
 
     #[test]

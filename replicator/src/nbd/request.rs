@@ -104,9 +104,9 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Refusal> {
         return Err(refuse(err, "range beyond the end of the export"));
     }
     let mb = u64::from(lim.min_block.max(1));
-    let aligned = h.offset % mb == 0 && u64::from(h.len) % mb == 0;
+    let aligned = h.offset.is_multiple_of(mb) && u64::from(h.len).is_multiple_of(mb);
     // The end of an export whose size is not a multiple of the block size is reachable.
-    let tail_ok = h.offset % mb == 0 && end == Some(lim.size);
+    let tail_ok = h.offset.is_multiple_of(mb) && end == Some(lim.size);
     if !aligned && !tail_ok && matches!(h.kind, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
     {
         return Err(refuse(Inval, "not aligned to the minimum block size"));
@@ -135,6 +135,7 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Refusal> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -158,7 +159,10 @@ mod tests {
 
     #[test]
     fn good_requests() {
-        assert_eq!(validate(&req(CMD_READ, 0, 0, 512), &LIM), Ok(Command::Read { offset: 0, len: 512 }));
+        assert_eq!(
+            validate(&req(CMD_READ, 0, 0, 512), &LIM),
+            Ok(Command::Read { offset: 0, len: 512 })
+        );
         assert_eq!(
             validate(&req(CMD_WRITE, CMD_FLAG_FUA, 4096, 4096), &LIM),
             Ok(Command::Write { offset: 4096, len: 4096, fua: true })
@@ -166,8 +170,17 @@ mod tests {
         assert_eq!(validate(&req(CMD_FLUSH, 0, 0, 0), &LIM), Ok(Command::Flush));
         assert_eq!(validate(&req(CMD_DISC, 0, 0, 0), &LIM), Ok(Command::Disconnect));
         assert_eq!(
-            validate(&req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 0, 1 << 20), &LIM),
-            Ok(Command::WriteZeroes { offset: 0, len: 1 << 20, fua: false, may_trim: false, fast_only: true })
+            validate(
+                &req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 0, 1 << 20),
+                &LIM
+            ),
+            Ok(Command::WriteZeroes {
+                offset: 0,
+                len: 1 << 20,
+                fua: false,
+                may_trim: false,
+                fast_only: true
+            })
         );
         // Trim and write-zeroes are not bounded by the payload maximum.
         assert!(validate(&req(CMD_TRIM, 0, 0, 1 << 20), &LIM).is_ok());

@@ -143,7 +143,11 @@ impl Server {
     }
 
     /// Accepts connections until `shutdown` turns true, then waits for every connection to end.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut conns = JoinSet::new();
         let for_conns = shutdown.clone();
         loop {
@@ -170,11 +174,22 @@ impl Server {
         while conns.join_next().await.is_some() {}
     }
 
-    async fn connection(self: Arc<Self>, sock: TcpStream, peer: SocketAddr, sd: watch::Receiver<bool>) {
+    async fn connection(
+        self: Arc<Self>,
+        sock: TcpStream,
+        peer: SocketAddr,
+        sd: watch::Receiver<bool>,
+    ) {
         let _ = sock.set_nodelay(true);
         let (rd, mut wr) = sock.into_split();
         let mut conn = Reader { rd, buf: BytesMut::with_capacity(256 * 1024) };
-        let session = match self.negotiate(&mut conn, &mut wr, &sd).await {
+        let mut sd_neg = sd.clone();
+        // A client still negotiating when shutdown begins has nothing in flight: hang up.
+        let negotiated = tokio::select! {
+            r = self.negotiate(&mut conn, &mut wr, &sd) => r,
+            _ = stopped(&mut sd_neg) => Ok(None),
+        };
+        let session = match negotiated {
             Ok(Some(s)) => s,
             Ok(None) => return,
             Err(e) => {
@@ -214,7 +229,8 @@ impl Server {
             conn.fill_timeout(OPTION_HEADER_LEN).await?;
             let h = decode_option_header(&conn.buf).map_err(|e| e.to_string())?.expect("16 bytes");
             if h.len > MAX_OPTION_LEN {
-                let e = ProtoError::OptionTooLong { option: h.option, len: h.len, max: MAX_OPTION_LEN };
+                let e =
+                    ProtoError::OptionTooLong { option: h.option, len: h.len, max: MAX_OPTION_LEN };
                 return Err(e.to_string());
             }
             let len = h.len as usize;
@@ -259,7 +275,9 @@ impl Server {
                     }
                 },
                 Some(t) => {
-                    match tokio::time::timeout_at(t + SHUTDOWN_GRACE, conn.fill(REQUEST_HEADER_LEN)).await {
+                    match tokio::time::timeout_at(t + SHUTDOWN_GRACE, conn.fill(REQUEST_HEADER_LEN))
+                        .await
+                    {
                         Ok(r) => r,
                         Err(_) => break Ok(()), // grace over: hard disconnect
                     }
@@ -384,7 +402,11 @@ impl Server {
             Err(errno) => {
                 st.request_errors.fetch_add(1, Relaxed);
                 let error = NbdError::from_errno(errno);
-                let reason = if error == NbdError::NotSup { "zeroing would not be fast" } else { "I/O error" };
+                let reason = if error == NbdError::NotSup {
+                    "zeroing would not be fast"
+                } else {
+                    "I/O error"
+                };
                 if error == NbdError::Io {
                     tracing::error!(errno, export = %ex.info.name, "backing store I/O error");
                 }
@@ -428,12 +450,15 @@ impl Reader {
 
     /// Reads a write payload into an aligned buffer.
     async fn payload(&mut self, len: usize) -> Result<IoBuf, String> {
-        let mut b = IoBuf::zeroed(len);
+        let mut b = IoBuf::with_len(len);
         let have = self.buf.len().min(len);
         b[..have].copy_from_slice(&self.buf[..have]);
         self.buf.advance(have);
         if have < len {
-            self.rd.read_exact(&mut b[have..]).await.map_err(|e| format!("truncated write payload: {e}"))?;
+            self.rd
+                .read_exact(&mut b[have..])
+                .await
+                .map_err(|e| format!("truncated write payload: {e}"))?;
         }
         Ok(b)
     }

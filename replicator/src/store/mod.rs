@@ -147,7 +147,7 @@ impl Store {
     }
     /// Smallest I/O unit clients must respect.
     pub fn min_block(&self) -> u32 {
-        if self.direct { ALIGN as u32 } else { 1 }
+        if self.direct { 4096 } else { 1 }
     }
 
     async fn run(&self, op: IoOp) -> IoDone {
@@ -158,7 +158,7 @@ impl Store {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, i32> {
-        let d = self.run(IoOp::Read { offset, buf: IoBuf::zeroed(len) }).await;
+        let d = self.run(IoOp::Read { offset, buf: IoBuf::with_len(len) }).await;
         d.result.map(|()| d.buf.expect("a read returns its buffer"))
     }
 
@@ -234,13 +234,19 @@ impl Store {
             return Err(libc::EINVAL);
         };
         // SAFETY: plain syscall on a valid fd; it only schedules readahead.
-        let rc = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) };
+        let rc =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) };
         if rc == 0 { Ok(()) } else { Err(rc) }
     }
 
     /// Allocation of `[offset, offset+len)` as `base:allocation` extents, at most `max` of them
     /// (they may cover less than the range; never more).
-    pub async fn block_status(&self, offset: u64, len: u32, max: usize) -> Result<Vec<Extent>, i32> {
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+        max: usize,
+    ) -> Result<Vec<Extent>, i32> {
         let file = Arc::clone(&self.file);
         tokio::task::spawn_blocking(move || allocation(&file, offset, len, max))
             .await
@@ -277,7 +283,9 @@ fn allocation(file: &File, offset: u64, len: u32, max: usize) -> Result<Vec<Exte
         let data = match seek(fd, at, libc::SEEK_DATA) {
             Ok(d) => d,
             Err(libc::EINVAL | libc::EOPNOTSUPP) => {
-                return Ok(vec![Extent { len: u32::try_from(end - at).expect("≤ len"), flags: 0 }]);
+                return Ok(vec![Extent {
+                    len: u32::try_from(end - at).expect("≤ len"), flags: 0
+                }]);
             }
             Err(e) => return Err(e),
         };
@@ -297,4 +305,5 @@ fn allocation(file: &File, offset: u64, len: u32, max: usize) -> Result<Vec<Exte
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests;

@@ -7,7 +7,8 @@ fn open(kind: EngineKind, size: u64, direct: bool) -> (tempfile::TempDir, Store)
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vol.img");
     File::create(&path).unwrap().set_len(size).unwrap();
-    let store = Store::open(&path, StoreOptions { engine: kind, direct, read_only: false }).unwrap();
+    let store =
+        Store::open(&path, StoreOptions { engine: kind, direct, read_only: false }).unwrap();
     (dir, store)
 }
 
@@ -96,15 +97,25 @@ macro_rules! suite {
         mod $m {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn write_read_many() { super::write_read_many($kind).await }
+            async fn write_read_many() {
+                super::write_read_many($kind).await
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn large_io() { super::large_io($kind).await }
+            async fn large_io() {
+                super::large_io($kind).await
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn trim_and_zeroes() { super::trim_and_zeroes($kind).await }
+            async fn trim_and_zeroes() {
+                super::trim_and_zeroes($kind).await
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn direct_io() { super::direct_io($kind).await }
+            async fn direct_io() {
+                super::direct_io($kind).await
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn errors_are_errnos() { super::errors_are_errnos($kind).await }
+            async fn errors_are_errnos() {
+                super::errors_are_errnos($kind).await
+            }
         }
     };
 }

@@ -1,0 +1,188 @@
+//! Acceptance 4 and the operator surface: broken configs fail before anything starts, with the
+//! key named; `duet status` and `check-config` work; refusals are clear and have exit codes.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration::{Node, NodeOpts, duet_bin, run, run_ok};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A table of broken configs: the daemon exits 2, names the key, and starts nothing.
+#[test]
+fn broken_configs_fail_before_anything_starts() {
+    let n = Node::configure(&NodeOpts::default());
+    let good = std::fs::read_to_string(&n.config).unwrap();
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("unknown key", "direct_io = false", "direct_io = false\nturbo = true", "turbo"),
+        ("missing disk", &format!("disk = \"{}\"", n.disk.display()), "", "disk"),
+        (
+            "bad address",
+            "nbd_listen = \"127.0.0.1:",
+            "nbd_listen = \"127.0.0.1.1:",
+            "resource[0].nbd_listen",
+        ),
+        ("bad protocol", "direct_io = false", "direct_io = false\nprotocol = \"Z\"", "protocol"),
+        ("bad engine", "io_engine = \"auto\"", "io_engine = \"spdk\"", "io_engine"),
+        (
+            "unknown master",
+            "configured_master = \"alpha\"",
+            "configured_master = \"omega\"",
+            "cluster.configured_master",
+        ),
+        (
+            "relative disk",
+            &format!("disk = \"{}\"", n.disk.display()),
+            "disk = \"vol0.img\"",
+            "resource[0].on.alpha.disk",
+        ),
+        (
+            "bad heartbeat",
+            "[node.alpha]",
+            "[node.alpha]\n[heartbeat]\ndeadtime_ms = 100",
+            "heartbeat.deadtime_ms",
+        ),
+        ("not toml", "[cluster]", "[cluster", "line 1"),
+    ];
+    for (what, from, to, key) in cases {
+        assert!(good.contains(from), "{what}: base config lacks {from}");
+        std::fs::write(&n.config, good.replacen(from, to, 1)).unwrap();
+        let o = run(n.cli().arg("daemon"), MIN);
+        assert_eq!(o.status.code(), Some(2), "{what}: {}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert!(e.contains(key), "{what}: {e:?} does not name {key}");
+        assert!(e.contains("configuration error"), "{what}: {e}");
+        assert!(!n.socket.exists(), "{what}: the daemon started something");
+        let o = run(n.cli().arg("check-config"), MIN);
+        assert_eq!(o.status.code(), Some(2), "{what}: check-config {}", stderr_of(&o));
+    }
+    // A disk that does not exist: runtime error (exit 1) naming the key and the path.
+    std::fs::write(&n.config, good.replace(&n.disk.display().to_string(), "/nonexistent/vol0.img"))
+        .unwrap();
+    let o = run(n.cli().arg("daemon"), MIN);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(e.contains("resource[0].on.alpha.disk") && e.contains("/nonexistent/vol0.img"), "{e}");
+    // A missing config file.
+    let o =
+        run(Command::new(duet_bin()).args(["--config", "/nonexistent/duet.toml", "status"]), MIN);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr_of(&o).contains("/nonexistent/duet.toml"));
+    // A node that is not in the file.
+    std::fs::write(&n.config, &good).unwrap();
+    let o = run(
+        Command::new(duet_bin()).arg("--config").arg(&n.config).args(["--node", "zeta", "status"]),
+        MIN,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr_of(&o).contains("--node"), "{}", stderr_of(&o));
+    // Usage errors come from clap with exit 2.
+    let o = run(Command::new(duet_bin()).arg("frobnicate"), MIN);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn check_config_describes_each_node() {
+    let n = Node::configure(&NodeOpts::default());
+    let out = run_ok(n.cli().arg("check-config"), MIN);
+    assert!(out.contains("configuration is valid"), "{out}");
+    assert!(
+        out.contains("standalone primary") && out.contains(&format!("127.0.0.1:{}", n.port)),
+        "{out}"
+    );
+    // The shipped example (a pair) validates too, and says a pair cannot run yet.
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../duet.example.toml");
+    let out =
+        run_ok(Command::new(duet_bin()).arg("--config").arg(&example).arg("check-config"), MIN);
+    assert!(
+        out.contains("node alpha")
+            && out.contains("node beta")
+            && out.contains("serial /dev/ttyS0"),
+        "{out}"
+    );
+    assert!(out.contains("single-node configurations only"), "{out}");
+}
+
+#[test]
+fn status_text_json_and_metrics() {
+    let n = Node::start(&NodeOpts::default());
+    let text = run_ok(n.cli().arg("status"), MIN);
+    for want in
+        ["node alpha", "role Primary", "disk UpToDate", "connection StandAlone", "NBD export vol0"]
+    {
+        assert!(text.contains(want), "{want} not in {text}");
+    }
+    let j = n.status();
+    assert_eq!(j["node"], "alpha");
+    assert_eq!(j["resources"][0]["size_bytes"], 256u64 << 20);
+    assert_eq!(j["resources"][0]["exporting"], true);
+    // The control socket is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&n.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Prometheus text on metrics_listen.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", n.metrics_port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(body.contains("duet_size_bytes{node=\"alpha\",resource=\"vol0\"} 268435456"), "{body}");
+    assert!(body.contains("# TYPE duet_nbd_writes_total counter"), "{body}");
+}
+
+#[test]
+fn control_socket_refuses_garbage_and_other_versions() {
+    let n = Node::start(&NodeOpts::default());
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    for (req, want) in [
+        (&b"hello\n"[..], "not JSON"),
+        (b"{\"v\":99,\"cmd\":\"status\"}\n", "version 99"),
+        (b"{\"v\":1,\"cmd\":\"wipe\"}\n", "bad request"),
+    ] {
+        let mut s = UnixStream::connect(&n.socket).unwrap();
+        s.write_all(req).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], "false", "{line}");
+        assert!(v["error"].as_str().unwrap().contains(want), "{line}");
+    }
+    // Still answering afterwards.
+    assert_eq!(n.status()["node"], "alpha");
+}
+
+#[test]
+fn refusals_for_unreachable_daemon_second_daemon_and_busy_port() {
+    let mut n = Node::configure(&NodeOpts::default());
+    let o = run(n.cli().arg("status"), MIN);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("cannot reach the duet daemon"), "{}", stderr_of(&o));
+    n.spawn();
+    // A second daemon on the same control socket is refused, and the first keeps running.
+    let o = run(n.cli().arg("daemon"), MIN);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(e.contains("cannot listen for NBD") || e.contains("another duet daemon"), "{e}");
+    assert!(n.alive());
+    assert_eq!(n.status()["node"], "alpha");
+    // A different control socket but the same NBD port: the port is named.
+    let cfg2 = n.dir.path().join("second.toml");
+    let text = std::fs::read_to_string(&n.config).unwrap().replace("duet.sock", "second.sock");
+    let text = text
+        .replace(&format!("127.0.0.1:{}\"\n\n[node", n.metrics_port), "\"\n\n[node")
+        .replace("metrics_listen = \"127.0.0.1:\"", "metrics_listen = \"\"");
+    std::fs::write(&cfg2, text).unwrap();
+    let o = run(
+        Command::new(duet_bin()).arg("--config").arg(&cfg2).args(["--node", "alpha", "daemon"]),
+        MIN,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(e.contains("nbd_listen") && e.contains(&n.port.to_string()), "{e}");
+}

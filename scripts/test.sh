@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite: system packages, build, lints, unit + integration tests.
+# Tests that need root (loop devices, mounts, namespaces) print SKIP when not root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+install_deps
+export PATH="$PATH:/usr/sbin:/sbin"
+
+echo "==> build"
+cargo build --workspace --all-targets --locked
+echo "==> format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  echo "(cargo-nextest not installed; using cargo test)"
+  cargo test --workspace --locked --no-fail-fast
+fi
+echo "==> all tests passed"
