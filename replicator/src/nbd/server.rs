@@ -16,7 +16,9 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::negotiate::{BASE_ALLOCATION_ID, ExportInfo, Negotiation, Step};
@@ -40,6 +42,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 128;
 /// Per-connection budget of in-flight buffer memory, in 4 KiB units (64 MiB).
 const INFLIGHT_UNITS: u32 = 16 * 1024;
+/// Requests taken from the buffer before pending replies are written.
+const MAX_BATCH: usize = 64;
+/// Replies are coalesced up to this many bytes per write.
+const COALESCE: usize = 256 * 1024;
 /// Most extents in one BLOCK_STATUS reply.
 const MAX_EXTENTS: usize = 1024;
 
@@ -252,98 +258,123 @@ impl Server {
         }
     }
 
+    /// The transmission phase of one connection, in one task: it reads requests, keeps the
+    /// in-flight ones in a `FuturesUnordered`, and writes replies as they complete, coalescing
+    /// whatever is ready into one write. One task (instead of a reader, a writer and a task per
+    /// request) means no cross-thread wake-ups and no contention on the socket between threads.
     async fn transmit(
-        self: &Arc<Self>,
+        &self,
         mut conn: Reader,
-        wr: OwnedWriteHalf,
+        mut wr: OwnedWriteHalf,
         export: usize,
         limits: Limits,
         mut sd: watch::Receiver<bool>,
     ) -> Result<(), String> {
-        let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-        let writer = tokio::spawn(write_replies(wr, rx));
-        let budget = Arc::new(Semaphore::new(INFLIGHT_UNITS as usize));
+        let mut inflight = FuturesUnordered::new();
+        let mut units: u32 = 0;
+        let mut pending: Vec<Reply> = Vec::new();
+        let mut out = BytesMut::with_capacity(COALESCE);
         let mut shutting_since: Option<tokio::time::Instant> = None;
+        let mut batch = 0;
         let result = loop {
-            // Wait for a whole header; cancel-safe because partial bytes stay in conn.buf.
-            let got = match shutting_since {
-                None => tokio::select! {
-                    r = conn.fill(REQUEST_HEADER_LEN) => r,
-                    _ = stopped(&mut sd) => {
-                        shutting_since = Some(tokio::time::Instant::now());
-                        continue;
-                    }
-                },
-                Some(t) => {
-                    match tokio::time::timeout_at(t + SHUTDOWN_GRACE, conn.fill(REQUEST_HEADER_LEN))
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => break Ok(()), // grace over: hard disconnect
-                    }
-                }
-            };
-            match got {
-                Ok(true) => {}
-                Ok(false) => break Ok(()), // client closed at a request boundary
-                Err(e) => break Err(e),
+            // Whatever completed meanwhile joins this round's replies.
+            while let Some(Some((reply, u))) = inflight.next().now_or_never() {
+                units -= u;
+                pending.push(reply);
             }
-            let h = match decode_request(&conn.buf) {
-                Ok(Some(h)) => h,
-                Ok(None) => unreachable!("fill returned a whole header"),
-                Err(e) => break Err(e.to_string()),
-            };
-            conn.buf.advance(REQUEST_HEADER_LEN);
-            let cmd = if shutting_since.is_some() && h.kind != CMD_DISC {
-                Err(Refusal { error: NbdError::Shutdown, reason: "server is shutting down" })
-            } else {
-                validate(&h, &limits)
-            };
-            let cmd = match cmd {
-                Ok(c) => c,
-                Err(r) => {
-                    if h.kind == CMD_WRITE {
-                        if h.len > MAX_DISCARD {
-                            break Err(format!("write payload of {} bytes is abusive", h.len));
-                        }
-                        if let Err(e) = conn.discard(h.len as usize).await {
-                            break Err(e);
-                        }
+            let room = units < INFLIGHT_UNITS;
+            // Take every request already buffered (up to a batch) before writing replies.
+            if room && batch < MAX_BATCH && conn.buf.len() >= REQUEST_HEADER_LEN {
+                batch += 1;
+                match self.take_request(&mut conn, export, &limits, shutting_since.is_some()).await {
+                    Ok(Taken::Reply(r)) => pending.push(r),
+                    Ok(Taken::Start(h, cmd, payload, u)) => {
+                        units += u;
+                        inflight.push(Box::pin(async move {
+                            (self.execute(export, &h, cmd, payload, limits).await, u)
+                        }));
                     }
-                    self.exports[export].stats.request_errors.fetch_add(1, Relaxed);
-                    let _ = tx.send(Reply::error(&h, limits.structured, r));
-                    continue;
+                    Ok(Taken::Disconnect) => break Ok(()),
+                    Err(e) => break Err(e),
                 }
-            };
-            if cmd == Command::Disconnect {
-                break Ok(());
+                continue;
             }
-            let units = 1 + match cmd {
-                Command::Read { len, .. } | Command::Write { len, .. } => len.div_ceil(4096),
-                _ => 0,
-            };
-            let permit = Arc::clone(&budget)
-                .acquire_many_owned(units)
-                .await
-                .expect("the budget semaphore is never closed");
-            let payload = match cmd {
-                Command::Write { len, .. } => match conn.payload(len as usize).await {
-                    Ok(b) => Some(b),
+            batch = 0;
+            if !pending.is_empty() && send_replies(&mut wr, &mut out, &mut pending).await.is_err() {
+                break Ok(()); // the client went away; nothing left to answer
+            }
+            let grace = shutting_since.map(|t| t + SHUTDOWN_GRACE);
+            tokio::select! {
+                biased;
+                Some((reply, u)) = inflight.next(), if !inflight.is_empty() => {
+                    units -= u;
+                    pending.push(reply);
+                }
+                // Cancel-safe: partial bytes stay in conn.buf.
+                r = conn.fill(REQUEST_HEADER_LEN), if room => match r {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()), // client closed at a request boundary
                     Err(e) => break Err(e),
                 },
-                _ => None,
-            };
-            let (srv, tx) = (Arc::clone(self), tx.clone());
-            tokio::spawn(async move {
-                let reply = srv.execute(export, &h, cmd, payload, limits).await;
-                let _ = tx.send(reply);
-                drop(permit);
-            });
+                _ = stopped(&mut sd), if shutting_since.is_none() => {
+                    shutting_since = Some(tokio::time::Instant::now());
+                }
+                _ = tokio::time::sleep_until(grace.unwrap_or_else(tokio::time::Instant::now)), if grace.is_some() => {
+                    break Ok(()); // grace over: hard disconnect
+                }
+            }
         };
-        // In-flight requests hold senders; the writer ends once the last one has replied.
-        drop(tx);
-        let _ = writer.await;
+        // Finish what is in flight; answer it if the client still listens.
+        while let Some((reply, _)) = inflight.next().await {
+            pending.push(reply);
+        }
+        let _ = send_replies(&mut wr, &mut out, &mut pending).await;
+        let _ = wr.shutdown().await;
         result
+    }
+
+    /// Decodes, validates and (for writes) reads the payload of the next buffered request.
+    async fn take_request(
+        &self,
+        conn: &mut Reader,
+        export: usize,
+        limits: &Limits,
+        shutting: bool,
+    ) -> Result<Taken, String> {
+        let h = match decode_request(&conn.buf) {
+            Ok(Some(h)) => h,
+            Ok(None) => unreachable!("the caller checked a whole header is buffered"),
+            Err(e) => return Err(e.to_string()),
+        };
+        conn.buf.advance(REQUEST_HEADER_LEN);
+        let cmd = if shutting && h.kind != CMD_DISC {
+            Err(Refusal { error: NbdError::Shutdown, reason: "server is shutting down" })
+        } else {
+            validate(&h, limits)
+        };
+        let cmd = match cmd {
+            Ok(c) => c,
+            Err(r) => {
+                if h.kind == CMD_WRITE {
+                    if h.len > MAX_DISCARD {
+                        return Err(format!("write payload of {} bytes is abusive", h.len));
+                    }
+                    conn.discard(h.len as usize).await?;
+                }
+                self.exports[export].stats.request_errors.fetch_add(1, Relaxed);
+                return Ok(Taken::Reply(Reply::error(&h, limits.structured, r)));
+            }
+        };
+        let payload = match cmd {
+            Command::Disconnect => return Ok(Taken::Disconnect),
+            Command::Write { len, .. } => Some(conn.payload(len as usize).await?),
+            _ => None,
+        };
+        let units = 1 + match cmd {
+            Command::Read { len, .. } | Command::Write { len, .. } => len.div_ceil(4096),
+            _ => 0,
+        };
+        Ok(Taken::Start(h, cmd, payload, units))
     }
 
     async fn execute(
@@ -477,6 +508,16 @@ impl Reader {
     }
 }
 
+/// What [`Server::take_request`] made of a request.
+enum Taken {
+    /// Answer at once (a refusal).
+    Reply(Reply),
+    /// Start it: header, command, write payload, budget units it holds.
+    Start(RequestHeader, Command, Option<IoBuf>, u32),
+    /// The client asked to disconnect.
+    Disconnect,
+}
+
 /// A reply ready to send: header bytes and optional READ data.
 struct Reply {
     head: BytesMut,
@@ -519,34 +560,32 @@ impl Reply {
     }
 }
 
-/// Writes replies as they complete, coalescing small ones into one syscall.
-async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>) {
-    const COALESCE: usize = 256 * 1024;
-    let mut out = BytesMut::with_capacity(COALESCE);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(r) = next.take() {
-            out.extend_from_slice(&r.head);
-            if let Some(d) = r.data {
-                if d.len() <= 64 * 1024 {
-                    out.extend_from_slice(&d);
-                } else {
-                    if wr.write_all(&out).await.is_err() || wr.write_all(&d).await.is_err() {
-                        return;
-                    }
-                    out.clear();
-                }
-            }
-            if out.len() < COALESCE {
-                next = rx.try_recv().ok();
+/// Writes `pending` replies: small ones coalesced into one write, large READ data written
+/// straight from its buffer.
+async fn send_replies(
+    wr: &mut OwnedWriteHalf,
+    out: &mut BytesMut,
+    pending: &mut Vec<Reply>,
+) -> std::io::Result<()> {
+    for r in pending.drain(..) {
+        out.extend_from_slice(&r.head);
+        if let Some(d) = r.data {
+            if d.len() <= 64 * 1024 {
+                out.extend_from_slice(&d);
+            } else {
+                wr.write_all(out).await?;
+                out.clear();
+                wr.write_all(&d).await?;
             }
         }
-        if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
-                return;
-            }
+        if out.len() >= COALESCE {
+            wr.write_all(out).await?;
             out.clear();
         }
     }
-    let _ = wr.shutdown().await;
+    if !out.is_empty() {
+        wr.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
 }

@@ -143,8 +143,18 @@ fn open_refusals() {
     assert!(e.contains("multiple of 4096"), "{e}");
 }
 
-#[test]
-fn auto_picks_uring_here() {
+#[tokio::test]
+async fn auto_picks_uring_here() {
     let (_d, store) = open(EngineKind::Auto, 1 << 20, false);
     assert_eq!(store.engine_name(), "uring", "io_uring works on this kernel and is the default");
+}
+
+#[test]
+fn uring_outside_a_runtime_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.img");
+    File::create(&path).unwrap().set_len(4096).unwrap();
+    let opts = StoreOptions { engine: EngineKind::Uring, direct: false, read_only: false };
+    let e = Store::open(&path, opts).unwrap_err().to_string();
+    assert!(e.contains("needs a tokio runtime"), "{e}");
 }
