@@ -38,6 +38,9 @@ struct Args {
     /// Only these servers (duet, nbdkit, qemu-nbd); default all.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
+    /// duet's io_engine (auto, uring, threads).
+    #[arg(long, default_value = "auto")]
+    duet_engine: String,
     /// Only these workloads (by name); default all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
@@ -106,8 +109,9 @@ fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Ru
                 &cfg,
                 format!(
                     "[cluster]\nname = \"bench\"\nconfigured_master = \"bench\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"\"\n\
-                     [node.bench]\n[[resource]]\nname = \"vol0\"\nnbd_listen = \"127.0.0.1:{port}\"\n[resource.on.bench]\ndisk = \"{}\"\n",
+                     [node.bench]\n[[resource]]\nname = \"vol0\"\nio_engine = \"{}\"\nnbd_listen = \"127.0.0.1:{port}\"\n[resource.on.bench]\ndisk = \"{}\"\n",
                     args.dir.join("duet.sock").display(),
+                    args.duet_engine,
                     file.display()
                 ),
             )?;

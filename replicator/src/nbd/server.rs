@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -277,16 +277,21 @@ impl Server {
         let mut shutting_since: Option<tokio::time::Instant> = None;
         let mut batch = 0;
         let result = loop {
-            // Whatever completed meanwhile joins this round's replies.
-            while let Some(Some((reply, u))) = inflight.next().now_or_never() {
-                units -= u;
-                pending.push(reply);
+            // Whatever completed meanwhile joins this round's replies; requests taken since the
+            // last round are started here, under one plug, so they reach the kernel together.
+            {
+                let _plug = self.exports[export].store.plug();
+                while let Some(Some((reply, u))) = inflight.next().now_or_never() {
+                    units -= u;
+                    pending.push(reply);
+                }
             }
             let room = units < INFLIGHT_UNITS;
             // Take every request already buffered (up to a batch) before writing replies.
             if room && batch < MAX_BATCH && conn.buf.len() >= REQUEST_HEADER_LEN {
                 batch += 1;
-                match self.take_request(&mut conn, export, &limits, shutting_since.is_some()).await {
+                match self.take_request(&mut conn, export, &limits, shutting_since.is_some()).await
+                {
                     Ok(Taken::Reply(r)) => pending.push(r),
                     Ok(Taken::Start(h, cmd, payload, u)) => {
                         units += u;

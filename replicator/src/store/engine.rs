@@ -34,6 +34,11 @@ pub trait IoEngine: Send + Sync + Debug {
     fn name(&self) -> &'static str;
     /// Starts `op`; `done` receives the outcome. Never blocks on the I/O itself.
     fn submit(&self, op: IoOp, done: oneshot::Sender<IoDone>);
+    /// While plugged, an engine may hold submissions back to hand them to the kernel together
+    /// at [`IoEngine::unplug`]. Every plug is matched by an unplug (see `Store::plug`).
+    fn plug(&self) {}
+    /// Ends a plug; submits what was held back once no plug remains.
+    fn unplug(&self) {}
 }
 
 /// Which engine to use.

@@ -100,11 +100,15 @@ impl Store {
             return Err(StoreError::Unaligned { path: path.to_owned(), size });
         }
         let file = Arc::new(file);
-        let engine = Self::start_engine(&file, opts.engine)?;
+        let engine = Self::start_engine(&file, opts.engine, opts.direct)?;
         Ok(Self { file, engine, size, path: path.to_owned(), direct: opts.direct, block_device })
     }
 
-    fn start_engine(file: &Arc<File>, kind: EngineKind) -> Result<Box<dyn IoEngine>, StoreError> {
+    fn start_engine(
+        file: &Arc<File>,
+        kind: EngineKind,
+        direct: bool,
+    ) -> Result<Box<dyn IoEngine>, StoreError> {
         let threads = || -> Result<Box<dyn IoEngine>, StoreError> {
             ThreadsEngine::new(Arc::clone(file), THREADS)
                 .map(|e| Box::new(e) as Box<dyn IoEngine>)
@@ -112,10 +116,10 @@ impl Store {
         };
         match kind {
             EngineKind::Threads => threads(),
-            EngineKind::Uring => UringEngine::new(Arc::clone(file))
+            EngineKind::Uring => UringEngine::new(Arc::clone(file), direct)
                 .map(|e| Box::new(e) as Box<dyn IoEngine>)
                 .map_err(|source| StoreError::Engine { engine: "uring", source }),
-            EngineKind::Auto => match UringEngine::new(Arc::clone(file)) {
+            EngineKind::Auto => match UringEngine::new(Arc::clone(file), direct) {
                 Ok(e) => Ok(Box::new(e)),
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring unavailable, using the thread-pool engine");
@@ -154,6 +158,12 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.engine.submit(op, tx);
         rx.await.unwrap_or(IoDone { result: Err(libc::ESHUTDOWN), buf: None })
+    }
+
+    /// Holds submissions back until the guard drops, so a batch of requests costs one syscall.
+    pub fn plug(&self) -> PlugGuard<'_> {
+        self.engine.plug();
+        PlugGuard { engine: self.engine.as_ref() }
     }
 
     /// Reads `len` bytes at `offset`.
@@ -256,6 +266,18 @@ impl Store {
     /// fdatasync outside the engine (used at shutdown).
     pub fn sync_now(&self) -> Result<(), i32> {
         self.file.sync_data().map_err(|e| errno(&e))
+    }
+}
+
+/// Ends a plug when dropped.
+#[derive(Debug)]
+pub struct PlugGuard<'a> {
+    engine: &'a dyn IoEngine,
+}
+
+impl Drop for PlugGuard<'_> {
+    fn drop(&mut self) {
+        self.engine.unplug();
     }
 }
 
