@@ -227,12 +227,16 @@ impl Server {
         let mut out = BytesMut::with_capacity(1024);
         encode_greeting(&mut out);
         wr.write_all(&out).await.map_err(|e| e.to_string())?;
-        conn.fill_timeout(4).await?;
+        if !conn.fill_timeout(4).await? {
+            return Ok(None);
+        }
         let flags = decode_client_flags(&conn.buf).map_err(|e| e.to_string())?.expect("4 bytes");
         conn.buf.advance(4);
         let mut neg = Negotiation::new(&self.infos, flags);
         loop {
-            conn.fill_timeout(OPTION_HEADER_LEN).await?;
+            if !conn.fill_timeout(OPTION_HEADER_LEN).await? {
+                return Ok(None);
+            }
             let h = decode_option_header(&conn.buf).map_err(|e| e.to_string())?.expect("16 bytes");
             if h.len > MAX_OPTION_LEN {
                 let e =
@@ -240,7 +244,9 @@ impl Server {
                 return Err(e.to_string());
             }
             let len = h.len as usize;
-            conn.fill_timeout(OPTION_HEADER_LEN + len).await?;
+            if !conn.fill_timeout(OPTION_HEADER_LEN + len).await? {
+                return Err("client closed in the middle of an option".into());
+            }
             conn.buf.advance(OPTION_HEADER_LEN);
             let data = conn.buf.split_to(len);
             let stopping = *sd.borrow();
@@ -463,7 +469,17 @@ impl Reader {
     async fn fill(&mut self, n: usize) -> Result<bool, String> {
         while self.buf.len() < n {
             self.buf.reserve(n.max(64 * 1024));
-            let got = self.rd.read_buf(&mut self.buf).await.map_err(|e| e.to_string())?;
+            let got = match self.rd.read_buf(&mut self.buf).await {
+                Ok(n) => n,
+                // A reset between messages is a hang-up (a client that closed with our data
+                // unread, or was killed), not a protocol violation.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionReset && self.buf.is_empty() =>
+                {
+                    0
+                }
+                Err(e) => return Err(e.to_string()),
+            };
             if got == 0 {
                 return if self.buf.is_empty() {
                     Ok(false)
@@ -475,11 +491,11 @@ impl Reader {
         Ok(true)
     }
 
-    async fn fill_timeout(&mut self, n: usize) -> Result<(), String> {
+    /// Like `fill` with the handshake timeout. `Ok(false)`: the client hung up cleanly between
+    /// messages (a TCP health check, a client that changed its mind): not an error.
+    async fn fill_timeout(&mut self, n: usize) -> Result<bool, String> {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.fill(n)).await {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err("client closed during negotiation".into()),
-            Ok(Err(e)) => Err(e),
+            Ok(r) => r,
             Err(_) => Err("negotiation timed out".into()),
         }
     }
