@@ -26,7 +26,30 @@ use tokio::sync::watch;
 
 use crate::config::{self, Config};
 use crate::control::{self, Command, Response};
-use crate::status::{Counters, NodeStatus, ResourceStatus};
+use crate::status::{NodeStatus, ResourceStatus};
+
+/// Prometheus metrics: name, help, type, and how to read the value from a resource's status.
+type Metric = (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> u64);
+const METRICS: [Metric; 9] = [
+    ("size_bytes", "Size of the volume.", "gauge", |r| r.size_bytes),
+    ("nbd_clients", "NBD clients connected.", "gauge", |r| r.stats.clients_connected),
+    ("nbd_reads_total", "NBD reads served.", "counter", |r| r.stats.reads),
+    ("nbd_writes_total", "NBD writes served.", "counter", |r| r.stats.writes),
+    ("nbd_read_bytes_total", "Bytes read by NBD clients.", "counter", |r| r.stats.bytes_read),
+    ("nbd_written_bytes_total", "Bytes written by NBD clients.", "counter", |r| {
+        r.stats.bytes_written
+    }),
+    ("nbd_flushes_total", "NBD flushes.", "counter", |r| r.stats.flushes),
+    ("nbd_request_errors_total", "NBD requests answered with an error.", "counter", |r| {
+        r.stats.request_errors
+    }),
+    (
+        "nbd_protocol_errors_total",
+        "NBD connections closed for protocol violations.",
+        "counter",
+        |r| r.stats.protocol_errors,
+    ),
+];
 
 /// Everything the control socket and metrics need to describe this node.
 struct State {
@@ -46,7 +69,6 @@ impl State {
                 srv.exports().iter().find(|e| e.info.name == r.name).map(|e| (e, *addr))
             });
             let Some((e, addr)) = found else { continue };
-            let s = e.stats.snapshot();
             resources.push(ResourceStatus {
                 name: r.name.clone(),
                 role: "Primary".into(),
@@ -59,19 +81,7 @@ impl State {
                 direct_io: e.store.direct(),
                 nbd_listen: Some(addr.to_string()),
                 exporting: !self.shutting_down.load(Ordering::Relaxed),
-                stats: Counters {
-                    clients_connected: s.connections_active,
-                    clients_total: s.connections_total,
-                    reads: s.reads,
-                    writes: s.writes,
-                    bytes_read: s.bytes_read,
-                    bytes_written: s.bytes_written,
-                    flushes: s.flushes,
-                    trims: s.trims,
-                    zeroes: s.zeroes,
-                    request_errors: s.request_errors,
-                    protocol_errors: s.protocol_errors,
-                },
+                stats: e.stats.snapshot(),
             });
         }
         NodeStatus {
@@ -89,52 +99,16 @@ impl State {
     fn metrics(&self) -> String {
         let st = self.status();
         let mut o = String::new();
-        let mut metric = |name: &str, help: &str, kind: &str, vals: Vec<(String, u64)>| {
+        for (name, help, kind, value) in METRICS {
             o.push_str(&format!("# HELP duet_{name} {help}\n# TYPE duet_{name} {kind}\n"));
-            for (res, v) in vals {
+            for r in &st.resources {
+                let v = value(r);
                 o.push_str(&format!(
-                    "duet_{name}{{node=\"{}\",resource=\"{res}\"}} {v}\n",
-                    st.node
+                    "duet_{name}{{node=\"{}\",resource=\"{}\"}} {v}\n",
+                    st.node, r.name
                 ));
             }
-        };
-        let per = |f: &dyn Fn(&ResourceStatus) -> u64| -> Vec<(String, u64)> {
-            st.resources.iter().map(|r| (r.name.clone(), f(r))).collect()
-        };
-        metric("size_bytes", "Size of the volume.", "gauge", per(&|r| r.size_bytes));
-        metric(
-            "nbd_clients",
-            "NBD clients connected.",
-            "gauge",
-            per(&|r| r.stats.clients_connected),
-        );
-        metric("nbd_reads_total", "NBD reads served.", "counter", per(&|r| r.stats.reads));
-        metric("nbd_writes_total", "NBD writes served.", "counter", per(&|r| r.stats.writes));
-        metric(
-            "nbd_read_bytes_total",
-            "Bytes read by NBD clients.",
-            "counter",
-            per(&|r| r.stats.bytes_read),
-        );
-        metric(
-            "nbd_written_bytes_total",
-            "Bytes written by NBD clients.",
-            "counter",
-            per(&|r| r.stats.bytes_written),
-        );
-        metric("nbd_flushes_total", "NBD flushes.", "counter", per(&|r| r.stats.flushes));
-        metric(
-            "nbd_request_errors_total",
-            "NBD requests answered with an error.",
-            "counter",
-            per(&|r| r.stats.request_errors),
-        );
-        metric(
-            "nbd_protocol_errors_total",
-            "NBD connections closed for protocol violations.",
-            "counter",
-            per(&|r| r.stats.protocol_errors),
-        );
+        }
         o
     }
 }

@@ -1,6 +1,7 @@
 //! What `duet status` shows: the daemon builds a [`NodeStatus`], sends it as JSON, and the CLI
 //! prints it as JSON (`--json`) or as text ([`render`]).
 
+use replicator::nbd::server::Snapshot;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
@@ -43,23 +44,7 @@ pub struct ResourceStatus {
     /// Address the NBD export is served on, when exporting.
     pub nbd_listen: Option<String>,
     pub exporting: bool,
-    pub stats: Counters,
-}
-
-/// NBD counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub clients_connected: u64,
-    pub clients_total: u64,
-    pub reads: u64,
-    pub writes: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub flushes: u64,
-    pub trims: u64,
-    pub zeroes: u64,
-    pub request_errors: u64,
-    pub protocol_errors: u64,
+    pub stats: Snapshot,
 }
 
 /// Human-readable size.
@@ -165,7 +150,7 @@ mod tests {
                 direct_io: false,
                 nbd_listen: Some("127.0.0.1:10809".into()),
                 exporting: true,
-                stats: Counters { writes: 7, ..Counters::default() },
+                stats: Snapshot { writes: 7, ..Snapshot::default() },
             }],
         };
         let t = render(&s);

@@ -301,6 +301,19 @@ impl Drop for Node {
     }
 }
 
+/// Runs `qemu-io` with each of `cmds` against `uri`, asserting it succeeded and that no pattern
+/// check failed; returns its output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run_ok(&mut c, Duration::from_secs(120));
+    assert!(!out.contains("verification failed"), "{out}");
+    out
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use integration::{Node, NodeOpts, have, is_root, random_bytes, run, run_ok};
+use integration::{Node, NodeOpts, have, is_root, qemu_io, random_bytes, run, run_ok};
 
 const MIN: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(300);
@@ -78,13 +78,7 @@ fn qemu_io_patterns(engine: &'static str) {
         "flush",
         "read -P 0x5a 1M 64k",
     ];
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", &n.uri()]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run_ok(&mut c, MIN);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let out = qemu_io(&n.uri(), &cmds);
     assert!(!out.to_lowercase().contains("error"), "{out}");
     assert_eq!(out.matches("read ").count(), 7, "{out}");
     // The data really is in the backing file.
@@ -249,22 +243,14 @@ fn direct_io_serves_real_clients() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["exports"][0]["block_size_minimum"], 4096);
     // qemu honours the minimum block size: its unaligned write becomes read-modify-write.
-    let out = run_ok(
-        Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            &n.uri(),
-            "-c",
+    qemu_io(
+        &n.uri(),
+        &[
             "write -P 0x7 4096 8192",
-            "-c",
             "write -P 0x9 100 50",
-            "-c",
             "read -P 0x9 100 50",
-            "-c",
             "read -P 0x7 4096 8192",
-        ]),
-        MIN,
+        ],
     );
-    assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(n.status()["resources"][0]["direct_io"], true);
 }

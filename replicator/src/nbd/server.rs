@@ -52,8 +52,8 @@ const MAX_EXTENTS: usize = 1024;
 /// Counters of one server, read by `duet status` and metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub connections_active: AtomicU64,
-    pub connections_total: AtomicU64,
+    pub clients_connected: AtomicU64,
+    pub clients_total: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub bytes_read: AtomicU64,
@@ -65,11 +65,11 @@ pub struct Stats {
     pub protocol_errors: AtomicU64,
 }
 
-/// Counter values at one moment: a plain copy of [`Stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counter values at one moment: a plain copy of [`Stats`] (what `duet status` shows).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
-    pub connections_active: u64,
-    pub connections_total: u64,
+    pub clients_connected: u64,
+    pub clients_total: u64,
     pub reads: u64,
     pub writes: u64,
     pub bytes_read: u64,
@@ -85,8 +85,8 @@ impl Stats {
     /// Reads every counter.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            connections_active: self.connections_active.load(Relaxed),
-            connections_total: self.connections_total.load(Relaxed),
+            clients_connected: self.clients_connected.load(Relaxed),
+            clients_total: self.clients_total.load(Relaxed),
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),
             bytes_read: self.bytes_read.load(Relaxed),
@@ -207,15 +207,15 @@ impl Server {
             }
         };
         let export = &self.exports[session.export];
-        export.stats.connections_active.fetch_add(1, Relaxed);
-        export.stats.connections_total.fetch_add(1, Relaxed);
+        export.stats.clients_connected.fetch_add(1, Relaxed);
+        export.stats.clients_total.fetch_add(1, Relaxed);
         tracing::debug!(%peer, export = %export.info.name, structured = session.structured, "NBD client connected");
         let limits = Limits::new(&export.info, &session);
         if let Err(e) = self.transmit(conn, wr, session.export, limits, sd).await {
             export.stats.protocol_errors.fetch_add(1, Relaxed);
             self.log_client(peer, &e);
         }
-        export.stats.connections_active.fetch_sub(1, Relaxed);
+        export.stats.clients_connected.fetch_sub(1, Relaxed);
     }
 
     async fn negotiate(

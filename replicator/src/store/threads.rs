@@ -82,14 +82,16 @@ fn errno_of(r: std::io::Result<()>) -> Result<(), i32> {
     r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-fn pread_all(fd: i32, buf: &mut [u8], mut offset: u64) -> Result<(), i32> {
+/// Repeats `op(done, offset)` (a pread/pwrite of the rest) until `len` bytes are transferred.
+fn transfer_all(
+    len: usize,
+    mut offset: u64,
+    mut op: impl FnMut(usize, i64) -> isize,
+) -> Result<(), i32> {
     let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
+    while done < len {
         let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
-        // SAFETY: `rest` is a valid writable region of rest.len() bytes.
-        let n = unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), off) };
-        match n {
+        match op(done, off) {
             0 => return Err(libc::EIO), // unexpected end of file: the store shrank
             n if n < 0 => match last_errno() {
                 libc::EINTR => continue,
@@ -105,28 +107,21 @@ fn pread_all(fd: i32, buf: &mut [u8], mut offset: u64) -> Result<(), i32> {
     Ok(())
 }
 
-fn pwrite_all(fd: i32, buf: &[u8], mut offset: u64, flags: i32) -> Result<(), i32> {
-    let mut done = 0;
-    while done < buf.len() {
+fn pread_all(fd: i32, buf: &mut [u8], offset: u64) -> Result<(), i32> {
+    transfer_all(buf.len(), offset, |done, off| {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is a valid writable region of rest.len() bytes.
+        unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), off) }
+    })
+}
+
+fn pwrite_all(fd: i32, buf: &[u8], offset: u64, flags: i32) -> Result<(), i32> {
+    transfer_all(buf.len(), offset, |done, off| {
         let rest = &buf[done..];
         let iov = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
-        let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
         // SAFETY: one iovec describing a valid readable region; the kernel only reads it.
-        let n = unsafe { libc::pwritev2(fd, &iov, 1, off, flags) };
-        match n {
-            0 => return Err(libc::EIO),
-            n if n < 0 => match last_errno() {
-                libc::EINTR => continue,
-                e => return Err(e),
-            },
-            n => {
-                let n = n.unsigned_abs();
-                done += n;
-                offset += n as u64;
-            }
-        }
-    }
-    Ok(())
+        unsafe { libc::pwritev2(fd, &iov, 1, off, flags) }
+    })
 }
 
 impl IoEngine for ThreadsEngine {
