@@ -12,6 +12,7 @@
 //! resync and verify. They arrive with the replication issue; the pure/driver split above is the
 //! shape they follow.
 
+pub mod generation;
 pub mod nbd;
 pub mod ratelimit;
 pub mod store;
