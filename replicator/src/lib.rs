@@ -14,5 +14,6 @@
 
 pub mod generation;
 pub mod nbd;
+pub mod ratectl;
 pub mod ratelimit;
 pub mod store;
