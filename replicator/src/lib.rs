@@ -8,7 +8,12 @@
 //!   an io_uring engine and a portable thread-pool engine;
 //! - [`ratelimit`]: rate limiting for log lines that clients can trigger.
 //!
-//! What is not here yet: the peer protocol, metadata (generation UUIDs, bitmap, activity log),
+//! Pure groundwork for replication, tested but not wired into the daemon yet:
+//! - [`generation`]: generation UUIDs and DRBD's connect-time rule table (`compare`);
+//! - [`ratectl`]: the resync rate controller (fixed, or dynamic with plan-ahead);
+//! - [`superblock`]: the metadata superblock codec (two alternating checksummed copies).
+//!
+//! What is not here yet: the peer protocol, metadata placement, the bitmap and activity log,
 //! resync and verify. They arrive with the replication issue; the pure/driver split above is the
 //! shape they follow.
 
@@ -17,3 +22,4 @@ pub mod nbd;
 pub mod ratectl;
 pub mod ratelimit;
 pub mod store;
+pub mod superblock;
