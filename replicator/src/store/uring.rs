@@ -26,7 +26,7 @@ use super::engine::{IoDone, IoEngine, IoOp};
 use super::threads::ThreadsEngine;
 
 /// Threads that take buffered writes when several are in flight.
-const WRITE_POOL: usize = 2;
+const WRITE_POOL: usize = 8;
 
 /// Ops in flight in the kernel at most; the completion queue is twice as large.
 const DEPTH: u32 = 256;
