@@ -106,6 +106,7 @@ fn fio_verify(n: &Node, rw: &str, bs: &str, iodepth: u32, jobs: u32) {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ]),
         LONG,
