@@ -56,7 +56,7 @@ struct State {
     cfg: Config,
     node: String,
     started: Instant,
-    /// (server, resource index → export index within it, listen address)
+    /// Each NBD listener: its server (one or more exports) and the address it is bound to.
     servers: Vec<(Arc<Server>, SocketAddr)>,
     shutting_down: AtomicBool,
 }

@@ -398,7 +398,6 @@ impl Server {
     ) -> Reply {
         let ex = &self.exports[export];
         let (store, st) = (&ex.store, &ex.stats);
-        let ok = Reply::ok(h.cookie);
         let r = match cmd {
             Command::Read { offset, len } => match store.read(offset, len as usize).await {
                 Ok(buf) => {
@@ -440,7 +439,7 @@ impl Server {
             Command::Disconnect => unreachable!("handled by the reader"),
         };
         match r {
-            Ok(()) => ok,
+            Ok(()) => Reply::ok(h.cookie),
             Err(errno) => {
                 st.request_errors.fetch_add(1, Relaxed);
                 let error = NbdError::from_errno(errno);

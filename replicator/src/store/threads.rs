@@ -50,7 +50,7 @@ fn worker(file: &File, rx: &Mutex<Receiver<Job>>) {
 }
 
 /// Executes one op synchronously.
-pub(crate) fn run(file: &File, op: IoOp) -> IoDone {
+fn run(file: &File, op: IoOp) -> IoDone {
     let fd = file.as_raw_fd();
     match op {
         IoOp::Read { offset, mut buf } => {
