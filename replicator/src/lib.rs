@@ -21,5 +21,6 @@ pub mod generation;
 pub mod nbd;
 pub mod ratectl;
 pub mod ratelimit;
+pub mod repl;
 pub mod store;
 pub mod superblock;

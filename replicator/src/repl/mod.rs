@@ -1,0 +1,16 @@
+//! Replication between the two nodes of a pair.
+//!
+//! Pure parts (no sockets, no clock, no files): [`wire`] (frame codec), [`handshake`] (messages,
+//! authentication, compatibility checks), [`bitmap`], [`actlog`] (activity log),
+//! [`completion`] (protocol A/B/C completion rules), [`policy`] (connect-time plan: generations,
+//! disk states, split-brain policies). Drivers: [`meta`] (metadata on disk), [`volume`] (the
+//! replicated volume: write path, roles, resync and verify bookkeeping) and [`link`] (the TCP
+//! peer connection).
+
+pub mod actlog;
+pub mod bitmap;
+pub mod completion;
+pub mod handshake;
+pub mod meta;
+pub mod policy;
+pub mod wire;
