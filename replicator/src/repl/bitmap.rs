@@ -159,7 +159,7 @@ impl Bitmap {
     pub fn encode_runs(&self, from: u64, max_runs: usize, out: &mut BytesMut) -> Option<u64> {
         let mut b = from;
         for _ in 0..max_runs {
-            let Some(s) = self.next_set(b) else { return None };
+            let s = self.next_set(b)?;
             let e = self.run_end(s, u64::MAX);
             out.put_u64(s);
             out.put_u64(e - s);
@@ -170,7 +170,7 @@ impl Bitmap {
 
     /// ORs a payload of runs in; runs outside the map are refused.
     pub fn apply_runs(&mut self, payload: &[u8]) -> Result<u64, WireError> {
-        if payload.len() % 16 != 0 {
+        if !payload.len().is_multiple_of(16) {
             return Err(WireError::Payload(Kind::Bitmap, "not a whole number of runs"));
         }
         let mut c = Cursor::new(Kind::Bitmap, payload);

@@ -197,8 +197,8 @@ impl Meta {
             .map_err(|(size, need)| MetaError::TooSmall { path: disk.to_owned(), size, need })?;
         let (file, path) = Self::open_file(disk, placement, true)?;
         let me = Self { file, path, layout };
-        if !force {
-            if let Ok(sb) = me.read_sb() {
+        if !force && let Ok(sb) = me.read_sb() {
+            {
                 return Err(MetaError::Exists {
                     path: me.path,
                     node: sb.node_id,
@@ -329,7 +329,7 @@ impl Meta {
 
     /// Writes the superblock to the slot its sequence selects, durably.
     pub fn write_sb(&self, sb: &Superblock) -> Result<(), MetaError> {
-        let slot = usize::from(sb.sequence % 2 == 0);
+        let slot = usize::from(sb.sequence.is_multiple_of(2));
         self.file.write_all_at(&sb.encode(), self.layout.sb[slot]).map_err(io(&self.path))?;
         self.file.sync_data().map_err(io(&self.path))
     }

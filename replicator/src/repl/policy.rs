@@ -244,8 +244,11 @@ pub fn plan(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> (Plan, V
         )),
     };
     // A Primary with good data never becomes a sync target (DRBD's rr-conflict = disconnect).
-    if let Plan::Target { .. } = p {
-        if me.side.primary && !me.inconsistent {
+    if let Plan::Target { .. } = p
+        && me.side.primary
+        && !me.inconsistent
+    {
+        {
             return (
                 Plan::Refuse(format!(
                     "this node is Primary but the peer's data would overwrite it (rule {}); demote this node with `duet secondary` first",

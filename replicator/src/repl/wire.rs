@@ -212,7 +212,7 @@ pub enum Digest {
 
 impl Digest {
     /// Bytes the digest takes in front of the data.
-    pub fn len(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             Self::Off => 0,
             Self::Crc32 => 4,
@@ -246,7 +246,7 @@ impl Digest {
     }
     /// Splits `payload` into digest and data and checks them.
     pub fn check<'a>(self, offset: u64, payload: &'a [u8]) -> Result<&'a [u8], WireError> {
-        let n = self.len();
+        let n = self.size();
         if payload.len() < n {
             return Err(WireError::Payload(Kind::Data, "shorter than its digest"));
         }
