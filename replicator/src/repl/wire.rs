@@ -245,7 +245,7 @@ impl Digest {
         }
     }
     /// Splits `payload` into digest and data and checks them.
-    pub fn check<'a>(self, offset: u64, payload: &'a [u8]) -> Result<&'a [u8], WireError> {
+    pub fn check(self, offset: u64, payload: &[u8]) -> Result<&[u8], WireError> {
         let n = self.size();
         if payload.len() < n {
             return Err(WireError::Payload(Kind::Data, "shorter than its digest"));
