@@ -26,6 +26,57 @@ pub struct Request {
 pub enum Command {
     /// Report roles, states, and counters.
     Status,
+    /// Become Primary (`force`: even without UpToDate data).
+    Primary {
+        #[serde(default)]
+        resource: Option<String>,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Close the export and become Secondary.
+    Secondary {
+        #[serde(default)]
+        resource: Option<String>,
+    },
+    /// Connect to the peer (`discard_my_data`: be the split-brain victim).
+    Connect {
+        #[serde(default)]
+        resource: Option<String>,
+        #[serde(default)]
+        discard_my_data: bool,
+    },
+    /// Drop the peer link and stay StandAlone.
+    Disconnect {
+        #[serde(default)]
+        resource: Option<String>,
+    },
+    /// Mark every block out of sync; full resync from the peer.
+    Invalidate {
+        #[serde(default)]
+        resource: Option<String>,
+    },
+    /// Online verify.
+    Verify {
+        #[serde(default)]
+        resource: Option<String>,
+        #[serde(default)]
+        repair: bool,
+    },
+}
+
+impl Command {
+    /// The resource a command names (None: all).
+    pub fn resource(&self) -> Option<&str> {
+        match self {
+            Self::Status => None,
+            Self::Primary { resource, .. }
+            | Self::Secondary { resource }
+            | Self::Connect { resource, .. }
+            | Self::Disconnect { resource }
+            | Self::Invalidate { resource }
+            | Self::Verify { resource, .. } => resource.as_deref(),
+        }
+    }
 }
 
 /// A response from the daemon.

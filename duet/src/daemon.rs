@@ -19,6 +19,14 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use replicator::nbd::negotiate::ExportInfo;
 use replicator::nbd::server::{Export, MAX_PAYLOAD, Server, stopped};
+use replicator::ratectl;
+use replicator::repl::completion::Protocol;
+use replicator::repl::handshake;
+use replicator::repl::link;
+use replicator::repl::meta::{Geometry, Meta, Placement};
+use replicator::repl::policy::Policies;
+use replicator::repl::volume::{Role, Volume, VolumeConfig};
+use replicator::repl::wire::Digest;
 use replicator::store::{EngineKind, Store, StoreOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -29,59 +37,149 @@ use crate::control::{self, Command, Response};
 use crate::status::{NodeStatus, ResourceStatus};
 
 /// Prometheus metrics: name, help, type, and how to read the value from a resource's status.
-type Metric = (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> u64);
-const METRICS: [Metric; 9] = [
-    ("size_bytes", "Size of the volume.", "gauge", |r| r.size_bytes),
-    ("nbd_clients", "NBD clients connected.", "gauge", |r| r.stats.clients_connected),
-    ("nbd_reads_total", "NBD reads served.", "counter", |r| r.stats.reads),
-    ("nbd_writes_total", "NBD writes served.", "counter", |r| r.stats.writes),
-    ("nbd_read_bytes_total", "Bytes read by NBD clients.", "counter", |r| r.stats.bytes_read),
+type Metric = (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> Option<u64>);
+const METRICS: [Metric; 15] = [
+    ("size_bytes", "Size of the volume.", "gauge", |r| Some(r.size_bytes)),
+    ("nbd_clients", "NBD clients connected.", "gauge", |r| Some(r.stats.clients_connected)),
+    ("nbd_reads_total", "NBD reads served.", "counter", |r| Some(r.stats.reads)),
+    ("nbd_writes_total", "NBD writes served.", "counter", |r| Some(r.stats.writes)),
+    ("nbd_read_bytes_total", "Bytes read by NBD clients.", "counter", |r| Some(r.stats.bytes_read)),
     ("nbd_written_bytes_total", "Bytes written by NBD clients.", "counter", |r| {
-        r.stats.bytes_written
+        Some(r.stats.bytes_written)
     }),
-    ("nbd_flushes_total", "NBD flushes.", "counter", |r| r.stats.flushes),
+    ("nbd_flushes_total", "NBD flushes.", "counter", |r| Some(r.stats.flushes)),
     ("nbd_request_errors_total", "NBD requests answered with an error.", "counter", |r| {
-        r.stats.request_errors
+        Some(r.stats.request_errors)
     }),
     (
         "nbd_protocol_errors_total",
         "NBD connections closed for protocol violations.",
         "counter",
-        |r| r.stats.protocol_errors,
+        |r| Some(r.stats.protocol_errors),
     ),
+    ("out_of_sync_bytes", "Bytes marked out of sync with the peer.", "gauge", |r| {
+        r.replication.as_ref().map(|x| x.out_of_sync_bytes)
+    }),
+    ("replicated_bytes_total", "Bytes of writes sent to the peer.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.sent_data_bytes)
+    }),
+    ("resync_sent_bytes_total", "Resync bytes sent.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.resync_sent_bytes)
+    }),
+    ("resync_received_bytes_total", "Resync bytes received.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.resync_received_bytes)
+    }),
+    ("peer_connected", "1 when the peer link is up.", "gauge", |r| {
+        r.replication.as_ref().map(|x| {
+            u64::from(!matches!(
+                x.connection,
+                replicator::repl::volume::ConnState::StandAlone
+                    | replicator::repl::volume::ConnState::Connecting
+            ))
+        })
+    }),
+    ("peer_errors_total", "Peer connections dropped for errors or refusals.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.peer_errors)
+    }),
 ];
+
+/// One NBD listener and the resources it exports. It is open while every one of them is
+/// Primary (a single node's resources always are; in a pair each resource has its own listener).
+struct Group {
+    addr: SocketAddr,
+    server: Arc<Server>,
+    serving:
+        tokio::sync::Mutex<Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>, SocketAddr)>>,
+}
+
+impl Group {
+    fn all_primary(&self) -> bool {
+        self.server.exports().iter().all(|e| e.vol.role() == Role::Primary)
+    }
+
+    /// Opens the export (binds and serves) if it is not open.
+    async fn open(&self) -> anyhow::Result<()> {
+        let mut s = self.serving.lock().await;
+        if s.is_some() {
+            return Ok(());
+        }
+        let names: Vec<String> =
+            self.server.exports().iter().map(|e| e.info.name.clone()).collect();
+        let addr = self.addr;
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen for NBD on {addr} (nbd_listen of {}): is another server using it?",
+                names.join(", ")
+            )
+        })?;
+        let bound = listener.local_addr().context("local address of the NBD listener")?;
+        tracing::info!(%bound, exports = ?names, "serving NBD");
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(Arc::clone(&self.server).serve(listener, rx));
+        *s = Some((tx, task, bound));
+        Ok(())
+    }
+
+    /// Closes the export: new requests are refused, in-flight ones finish, clients are gone.
+    async fn close(&self) {
+        let taken = self.serving.lock().await.take();
+        if let Some((tx, task, bound)) = taken {
+            let _ = tx.send(true);
+            let _ = task.await;
+            tracing::info!(%bound, "NBD export closed");
+        }
+    }
+
+    async fn bound(&self) -> Option<SocketAddr> {
+        self.serving.lock().await.as_ref().map(|s| s.2)
+    }
+}
 
 /// Everything the control socket and metrics need to describe this node.
 struct State {
     cfg: Config,
     node: String,
     started: Instant,
-    /// Each NBD listener: its server (one or more exports) and the address it is bound to.
-    servers: Vec<(Arc<Server>, SocketAddr)>,
+    groups: Vec<Group>,
     shutting_down: AtomicBool,
+    sd: watch::Receiver<bool>,
 }
 
 impl State {
-    fn status(&self) -> NodeStatus {
+    fn find(&self, name: &str) -> Option<(&Group, &Export)> {
+        self.groups
+            .iter()
+            .find_map(|g| g.server.exports().iter().find(|e| e.info.name == name).map(|e| (g, e)))
+    }
+
+    async fn status(&self) -> NodeStatus {
         let mut resources = Vec::new();
         for r in &self.cfg.resource {
-            let found = self.servers.iter().find_map(|(srv, addr)| {
-                srv.exports().iter().find(|e| e.info.name == r.name).map(|e| (e, *addr))
-            });
-            let Some((e, addr)) = found else { continue };
+            let Some((g, e)) = self.find(&r.name) else { continue };
+            let bound = g.bound().await;
+            let repl = e.vol.config().map(|_| e.vol.status());
+            let (role, disk, conn) = match &repl {
+                Some(s) => (
+                    format!("{:?}", s.role),
+                    format!("{:?}", s.disk),
+                    format!("{:?}", s.connection),
+                ),
+                None => ("Primary".into(), "UpToDate".into(), "StandAlone".into()),
+            };
             resources.push(ResourceStatus {
                 name: r.name.clone(),
-                role: "Primary".into(),
-                disk_state: "UpToDate".into(),
-                connection: "StandAlone".into(),
+                role,
+                disk_state: disk,
+                connection: conn,
                 protocol: format!("{:?}", r.protocol),
-                disk: e.store.path().display().to_string(),
-                size_bytes: e.store.size(),
-                io_engine: e.store.engine_name().into(),
-                direct_io: e.store.direct(),
-                nbd_listen: Some(addr.to_string()),
-                exporting: !self.shutting_down.load(Ordering::Relaxed),
+                disk: e.vol.store().path().display().to_string(),
+                size_bytes: e.vol.size(),
+                io_engine: e.vol.store().engine_name().into(),
+                direct_io: e.vol.store().direct(),
+                nbd_listen: bound.map(|a| a.to_string()),
+                exporting: bound.is_some() && !self.shutting_down.load(Ordering::Relaxed),
                 stats: e.stats.snapshot(),
+                replication: repl,
             });
         }
         NodeStatus {
@@ -96,13 +194,13 @@ impl State {
         }
     }
 
-    fn metrics(&self) -> String {
-        let st = self.status();
+    async fn metrics(&self) -> String {
+        let st = self.status().await;
         let mut o = String::new();
         for (name, help, kind, value) in METRICS {
             o.push_str(&format!("# HELP duet_{name} {help}\n# TYPE duet_{name} {kind}\n"));
             for r in &st.resources {
-                let v = value(r);
+                let Some(v) = value(r) else { continue };
                 o.push_str(&format!(
                     "duet_{name}{{node=\"{}\",resource=\"{}\"}} {v}\n",
                     st.node, r.name
@@ -111,18 +209,198 @@ impl State {
         }
         o
     }
+
+    /// Runs a role or connection command on the named resource (or all of them).
+    async fn act(
+        &self,
+        resource: Option<&str>,
+        cmd: &Command,
+    ) -> Result<serde_json::Value, String> {
+        let targets: Vec<&Export> = match resource {
+            Some(n) => vec![
+                self.find(n)
+                    .ok_or_else(|| format!("no resource named {n:?} in the configuration"))?
+                    .1,
+            ],
+            None => self.groups.iter().flat_map(|g| g.server.exports()).collect(),
+        };
+        let mut out = serde_json::Map::new();
+        for e in targets {
+            let name = e.info.name.clone();
+            if e.vol.config().is_none() {
+                return Err(format!(
+                    "resource {name} has no peer: it is always Primary and replicates nowhere"
+                ));
+            }
+            let group = self.find(&name).map(|(g, _)| g).expect("found above");
+            let r = match cmd {
+                Command::Status => unreachable!("handled by the caller"),
+                Command::Primary { force, .. } => match e.vol.promote(*force).await {
+                    Ok(msg) => {
+                        if group.all_primary() {
+                            if let Err(err) = group.open().await {
+                                let _ = e.vol.demote().await;
+                                Err(format!("{err:#}; demoted again"))
+                            } else {
+                                Ok(msg)
+                            }
+                        } else {
+                            Ok(msg)
+                        }
+                    }
+                    Err(r) => Err(r.0),
+                },
+                Command::Secondary { .. } => {
+                    group.close().await;
+                    e.vol.demote().await.map_err(|r| r.0)
+                }
+                Command::Connect { discard_my_data, .. } => {
+                    e.vol.connect(*discard_my_data).map_err(|r| r.0)
+                }
+                Command::Disconnect { .. } => e.vol.disconnect().map_err(|r| r.0),
+                Command::Invalidate { .. } => e.vol.invalidate().await.map_err(|r| r.0),
+                Command::Verify { repair, .. } => link::verify(&e.vol, *repair).map_err(|r| r.0),
+            };
+            match r {
+                Ok(msg) => {
+                    out.insert(name, serde_json::Value::String(msg));
+                }
+                Err(why) => return Err(format!("{name}: {why}")),
+            }
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+}
+
+/// Reads the cluster secret; refuses an empty or unreadable one.
+fn read_secret(cfg: &Config) -> anyhow::Result<Vec<u8>> {
+    let path =
+        cfg.cluster.secret_file.as_ref().context("cluster.secret_file is required for a pair")?;
+    let s = std::fs::read(path).with_context(|| {
+        format!("cannot read cluster.secret_file {}: create it with the same content on both nodes (e.g. head -c 32 /dev/urandom | base64 > {})", path.display(), path.display())
+    })?;
+    let s = s.trim_ascii().to_vec();
+    if s.len() < 8 {
+        bail!(
+            "cluster.secret_file {} holds {} bytes: use a secret of at least 8 bytes (e.g. 32 random bytes, base64)",
+            path.display(),
+            s.len()
+        );
+    }
+    Ok(s)
+}
+
+/// Geometry and placement of a resource's metadata on `node`.
+pub fn meta_of(r: &config::Resource, node: &str) -> (Placement, Geometry) {
+    let on = &r.on[node];
+    let placement = if on.meta == "internal" {
+        Placement::Internal
+    } else {
+        Placement::External(on.meta.clone().into())
+    };
+    let g = Geometry {
+        granularity: r.bitmap_granularity_kib * 1024,
+        al_extent_size: r.activity_log_extent_kib * 1024,
+        al_extents: r.activity_log_extents,
+    };
+    (placement, g)
+}
+
+/// Node id stored in metadata: the node's index in name order.
+pub fn node_id(cfg: &Config, node: &str) -> u32 {
+    cfg.node_names().iter().position(|n| *n == node).map_or(0, |i| u32::try_from(i).unwrap_or(0))
+}
+
+fn volume_config(
+    cfg: &Config,
+    r: &config::Resource,
+    node: &str,
+    peer: &str,
+    secret: &[u8],
+) -> anyhow::Result<VolumeConfig> {
+    let policies = Policies::parse(
+        &r.split_brain.after_sb_0pri,
+        &r.split_brain.after_sb_1pri,
+        &r.split_brain.after_sb_2pri,
+    )
+    .map_err(|e| anyhow::anyhow!("resource {}: {e}", r.name))?;
+    let addr = |n: &str| -> anyhow::Result<SocketAddr> {
+        let a = r.on[n].replication_address.as_deref().unwrap_or_default();
+        a.parse()
+            .with_context(|| format!("resource[{}].on.{n}.replication_address = {a:?}", r.name))
+    };
+    let protocol = match r.protocol {
+        config::Protocol::A => Protocol::A,
+        config::Protocol::B => Protocol::B,
+        config::Protocol::C => Protocol::C,
+    };
+    let digest = match r.data_integrity {
+        config::DataIntegrity::Off => Digest::Off,
+        config::DataIntegrity::Crc32 => Digest::Crc32,
+        config::DataIntegrity::Sha256 => Digest::Sha256,
+    };
+    let s = &r.resync;
+    let ms = std::time::Duration::from_millis;
+    Ok(VolumeConfig {
+        resource: r.name.clone(),
+        node: node.into(),
+        peer: peer.into(),
+        cluster: cfg.cluster.name.clone(),
+        protocol,
+        digest,
+        fingerprint: handshake::fingerprint(&[
+            &r.name,
+            &format!("{:?}", r.protocol),
+            &r.bitmap_granularity_kib.to_string(),
+            &format!("{:?}", r.data_integrity),
+        ]),
+        policies,
+        resync: ratectl::Settings {
+            mode: if s.mode == config::ResyncMode::Fixed {
+                ratectl::Mode::Fixed
+            } else {
+                ratectl::Mode::Dynamic
+            },
+            rate_kib: s.rate_kib,
+            plan_ahead: ms(s.plan_ahead_ms),
+            fill_target_kib: s.fill_target_kib,
+            delay_target: ms(s.delay_target_ms),
+            max_rate_kib: s.max_rate_kib,
+            min_rate_kib: s.min_rate_kib,
+        },
+        checksum_resync: s.checksum,
+        secret: secret.to_vec(),
+        ping_interval: ms(r.peer.ping_interval_ms),
+        ping_timeout: ms(r.peer.ping_timeout_ms),
+        timeout: ms(r.peer.timeout_ms),
+        connect_retry: ms(r.peer.connect_retry_ms),
+        listen: addr(node)?,
+        peer_addr: addr(peer)?,
+    })
 }
 
 /// Runs the daemon for `node` until SIGTERM/SIGINT. Errors before serving are configuration or
 /// environment problems and carry their reason.
 pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
-    if let Some(peer) = cfg.peer_of(&node) {
-        bail!(
-            "this configuration defines a pair ({node} and {peer}), but this duet release runs a single node only: \
-             replication arrives in the next release. Remove [node.{peer}] (and its [resource.on.{peer}]) to run {node} standalone"
-        );
+    let peer = cfg.peer_of(&node).map(str::to_string);
+    let secret = match &peer {
+        Some(_) => read_secret(&cfg)?,
+        None => Vec::new(),
+    };
+    if peer.is_some() {
+        let mut seen = std::collections::HashSet::new();
+        for r in &cfg.resource {
+            if !seen.insert(&r.nbd_listen) {
+                bail!(
+                    "in a pair every resource needs its own nbd_listen ({} is used twice): an export opens and closes with its resource's role",
+                    r.nbd_listen
+                );
+            }
+        }
     }
+    let (sd_tx, sd_rx) = watch::channel(false);
     let mut by_addr: Vec<(SocketAddr, Vec<Export>)> = Vec::new();
+    let mut links = Vec::new();
     for (i, r) in cfg.resource.iter().enumerate() {
         let on = &r.on[&node];
         let engine = match r.io_engine {
@@ -131,48 +409,66 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
             config::IoEngine::Threads => EngineKind::Threads,
         };
         let opts = StoreOptions { engine, direct: r.direct_io, read_only: false };
-        let store = Store::open(&on.disk, opts)
-            .with_context(|| format!("resource[{i}] ({}): resource[{i}].on.{node}.disk", r.name))?;
+        let store = Arc::new(Store::open(&on.disk, opts).with_context(|| {
+            format!("resource[{i}] ({}): resource[{i}].on.{node}.disk", r.name)
+        })?);
         tracing::info!(resource = %r.name, disk = %on.disk.display(), size = store.size(), engine = store.engine_name(), "store opened");
+        let vol = match &peer {
+            None => Volume::standalone(store),
+            Some(p) => {
+                let (placement, g) = meta_of(r, &node);
+                let (meta, loaded) = Meta::open(&on.disk, &placement, g, node_id(&cfg, &node))
+                    .with_context(|| format!("resource {} on {node}: cannot attach the metadata (a new disk needs `duet create-md`)", r.name))?;
+                let vc = volume_config(&cfg, r, &node, p, &secret)?;
+                let listener = if node > *p {
+                    Some(TcpListener::bind(vc.listen).await.with_context(|| {
+                        format!("cannot listen for the peer on {} (resource[{i}].on.{node}.replication_address)", vc.listen)
+                    })?)
+                } else {
+                    None
+                };
+                let vol = Volume::replicated(vc, store, meta, loaded)
+                    .with_context(|| format!("resource {}", r.name))?;
+                links.push(tokio::spawn(link::run(Arc::clone(&vol), listener, sd_rx.clone())));
+                vol
+            }
+        };
         let info = ExportInfo {
             name: r.name.clone(),
             description: format!("duet resource {} on {node}", r.name),
-            size: store.size(),
+            size: vol.size(),
             read_only: false,
-            min_block: store.min_block(),
+            min_block: vol.store().min_block(),
             preferred_block: 4096,
             max_payload: MAX_PAYLOAD,
         };
-        let export = Export { info, store: Arc::new(store), stats: Default::default() };
+        let export = Export { info, vol, stats: Default::default() };
         let addr: SocketAddr = r.nbd_listen.parse().expect("validated by Config::validate");
         match by_addr.iter_mut().find(|(a, _)| *a == addr) {
             Some((_, v)) => v.push(export),
             None => by_addr.push((addr, vec![export])),
         }
     }
-    let (sd_tx, sd_rx) = watch::channel(false);
-    let mut servers = Vec::new();
-    let mut tasks = Vec::new();
-    for (addr, exports) in by_addr {
-        let names: Vec<String> = exports.iter().map(|e| e.info.name.clone()).collect();
-        let listener = TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "cannot listen for NBD on {addr} (nbd_listen of {}): is another server using it?",
-                names.join(", ")
-            )
-        })?;
-        let bound = listener.local_addr().context("local address of the NBD listener")?;
-        tracing::info!(%bound, exports = ?names, "serving NBD");
-        let srv = Server::new(exports);
-        servers.push((Arc::clone(&srv), bound));
-        tasks.push(tokio::spawn(srv.serve(listener, sd_rx.clone())));
+    let groups: Vec<Group> = by_addr
+        .into_iter()
+        .map(|(addr, exports)| Group {
+            addr,
+            server: Server::new(exports),
+            serving: tokio::sync::Mutex::new(None),
+        })
+        .collect();
+    for g in &groups {
+        if g.all_primary() {
+            g.open().await?;
+        }
     }
     let state = Arc::new(State {
         cfg: cfg.clone(),
         node: node.clone(),
         started: Instant::now(),
-        servers,
+        groups,
         shutting_down: AtomicBool::new(false),
+        sd: sd_rx.clone(),
     });
     let sock_path = cfg.control_socket(&node);
     let control = bind_control(&sock_path).await?;
@@ -192,14 +488,22 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down: finishing in-flight requests");
     state.shutting_down.store(true, Ordering::Relaxed);
+    for g in &state.groups {
+        let _ = g.serving.lock().await.as_ref().map(|s| s.0.send(true));
+    }
+    for g in &state.groups {
+        g.close().await;
+    }
+    // The peer links say goodbye after the exports are drained (nothing left to replicate).
     let _ = sd_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
+    for l in links {
+        let _ = l.await;
     }
     let mut failed = false;
-    for (srv, _) in &state.servers {
-        for e in srv.exports() {
-            if let Err(errno) = e.store.sync_now() {
+    for g in &state.groups {
+        for e in g.server.exports() {
+            e.vol.close().await;
+            if let Err(errno) = e.vol.store().sync_now() {
                 tracing::error!(resource = %e.info.name, errno, "final fdatasync failed");
                 failed = true;
             }
@@ -276,10 +580,18 @@ async fn handle_control(s: UnixStream, state: &State) -> std::io::Result<()> {
         Ok(Err(e)) => return Err(e),
         Ok(Ok(_)) => match control::decode_request(line.trim_ascii()) {
             Err(e) => Response::err(e),
-            Ok(req) => match req.cmd {
+            Ok(req) => match &req.cmd {
                 Command::Status => {
-                    Response::ok(serde_json::to_value(state.status()).unwrap_or_default())
+                    Response::ok(serde_json::to_value(state.status().await).unwrap_or_default())
                 }
+                cmd if *state.sd.borrow() => {
+                    let _ = cmd;
+                    Response::err("the daemon is shutting down")
+                }
+                cmd => match state.act(cmd.resource(), cmd).await {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(e),
+                },
             },
         },
     };
@@ -293,8 +605,9 @@ async fn serve_metrics(l: TcpListener, state: Arc<State>, mut sd: watch::Receive
         tokio::select! {
             r = l.accept() => {
                 let Ok((mut s, _)) = r else { continue };
-                let body = state.metrics();
+                let st = Arc::clone(&state);
                 tokio::spawn(async move {
+                    let body = st.metrics().await;
                     // Read (and ignore) the request head, then answer with the text format.
                     let mut buf = [0u8; 2048];
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf)).await;

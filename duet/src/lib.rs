@@ -10,5 +10,6 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod md;
 pub mod plan;
 pub mod status;

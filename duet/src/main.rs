@@ -4,7 +4,7 @@
 //! Exit codes: 0 success; 1 runtime failure; 2 usage or configuration error; 3 the daemon is not
 //! reachable.
 
-use duet::{config, control, daemon, plan, status};
+use duet::{config, control, daemon, md, plan, status};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +37,60 @@ enum Cmd {
     },
     /// Validate the configuration and print what each node will do.
     CheckConfig,
+    /// Initialise the replication metadata of this node's disks (the daemon must be stopped).
+    CreateMd {
+        /// Only this resource.
+        #[arg(long)]
+        resource: Option<String>,
+        /// Overwrite existing metadata (the next connect does a full resync).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the replication metadata of this node's disks.
+    DumpMd {
+        /// Only this resource.
+        #[arg(long)]
+        resource: Option<String>,
+    },
+    /// Become Primary for a resource (or all): open the NBD export.
+    Primary {
+        #[arg(long)]
+        resource: Option<String>,
+        /// Promote even without UpToDate data (this node's data becomes the source of truth).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Close the NBD export (in-flight requests drain) and become Secondary.
+    Secondary {
+        #[arg(long)]
+        resource: Option<String>,
+    },
+    /// Connect to the peer.
+    Connect {
+        #[arg(long)]
+        resource: Option<String>,
+        /// Split-brain recovery: this node is the victim; the peer's data wins.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Drop the peer link and stay StandAlone.
+    Disconnect {
+        #[arg(long)]
+        resource: Option<String>,
+    },
+    /// Throw away this node's data: full resync from the peer.
+    Invalidate {
+        #[arg(long)]
+        resource: Option<String>,
+    },
+    /// Online verify: compare every block with the peer's.
+    Verify {
+        #[arg(long)]
+        resource: Option<String>,
+        /// Resync the blocks found different (the Primary's data wins).
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -74,53 +128,89 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match cli.cmd {
+    let call = match cli.cmd {
         Cmd::CheckConfig => unreachable!("handled above"),
-        Cmd::Daemon => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("DUET_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
-            match rt.block_on(daemon::run(cfg, node)) {
-                Ok(()) => ExitCode::SUCCESS,
+        Cmd::CreateMd { resource, force } => {
+            return md::create(&rt, &cfg, &node, resource.as_deref(), force);
+        }
+        Cmd::DumpMd { resource } => return md::dump(&cfg, &node, resource.as_deref()),
+        Cmd::Daemon => return run_daemon(&rt, cfg, node),
+        Cmd::Status { json } => return show_status(&rt, &cfg, &node, json),
+        Cmd::Primary { resource, force } => control::Command::Primary { resource, force },
+        Cmd::Secondary { resource } => control::Command::Secondary { resource },
+        Cmd::Connect { resource, discard_my_data } => {
+            control::Command::Connect { resource, discard_my_data }
+        }
+        Cmd::Disconnect { resource } => control::Command::Disconnect { resource },
+        Cmd::Invalidate { resource } => control::Command::Invalidate { resource },
+        Cmd::Verify { resource, repair } => control::Command::Verify { resource, repair },
+    };
+    let sock = cfg.control_socket(&node);
+    match rt.block_on(daemon::call(&sock, call)) {
+        Ok(v) => {
+            if let Some(m) = v.as_object() {
+                for (res, msg) in m {
+                    println!("{res}: {}", msg.as_str().unwrap_or_default());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => call_failed(&e),
+    }
+}
+
+fn call_failed(e: &daemon::CallError) -> ExitCode {
+    eprintln!("duet: {e}");
+    match e {
+        daemon::CallError::Unreachable(..) => ExitCode::from(EXIT_UNREACHABLE),
+        daemon::CallError::Protocol(_) | daemon::CallError::Refused(_) => {
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn run_daemon(rt: &tokio::runtime::Runtime, cfg: config::Config, node: String) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DUET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match rt.block_on(daemon::run(cfg, node)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("duet: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn show_status(
+    rt: &tokio::runtime::Runtime,
+    cfg: &config::Config,
+    node: &str,
+    json: bool,
+) -> ExitCode {
+    let sock = cfg.control_socket(node);
+    match rt.block_on(daemon::call(&sock, control::Command::Status)) {
+        Ok(v) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return ExitCode::SUCCESS;
+            }
+            match serde_json::from_value::<status::NodeStatus>(v) {
+                Ok(s) => {
+                    print!("{}", status::render(&s));
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
-                    eprintln!("duet: {e:#}");
+                    eprintln!("duet: unexpected status from the daemon: {e}");
                     ExitCode::from(EXIT_RUNTIME)
                 }
             }
         }
-        Cmd::Status { json } => {
-            let sock = cfg.control_socket(&node);
-            match rt.block_on(daemon::call(&sock, control::Command::Status)) {
-                Ok(v) => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                        return ExitCode::SUCCESS;
-                    }
-                    match serde_json::from_value::<status::NodeStatus>(v) {
-                        Ok(s) => {
-                            print!("{}", status::render(&s));
-                            ExitCode::SUCCESS
-                        }
-                        Err(e) => {
-                            eprintln!("duet: unexpected status from the daemon: {e}");
-                            ExitCode::from(EXIT_RUNTIME)
-                        }
-                    }
-                }
-                Err(e @ daemon::CallError::Unreachable(..)) => {
-                    eprintln!("duet: {e}");
-                    ExitCode::from(EXIT_UNREACHABLE)
-                }
-                Err(e) => {
-                    eprintln!("duet: {e}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
-        }
+        Err(e) => call_failed(&e),
     }
 }

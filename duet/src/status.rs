@@ -2,6 +2,7 @@
 //! prints it as JSON (`--json`) or as text ([`render`]).
 
 use replicator::nbd::server::Snapshot;
+use replicator::repl::volume::ReplStatus;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
@@ -45,6 +46,9 @@ pub struct ResourceStatus {
     pub nbd_listen: Option<String>,
     pub exporting: bool,
     pub stats: Snapshot,
+    /// Replication state (pairs only).
+    #[serde(default)]
+    pub replication: Option<ReplStatus>,
 }
 
 /// Human-readable size.
@@ -111,6 +115,63 @@ pub fn render(s: &NodeStatus) -> String {
             c.request_errors,
             c.protocol_errors
         );
+        if let Some(x) = &r.replication {
+            let _ = writeln!(
+                o,
+                "  peer: role {}, disk {}; out of sync {}; generation {} (bitmap {}, history {} {})",
+                x.peer_role.map_or("unknown".into(), |r| format!("{r:?}")),
+                x.peer_disk.map_or("DUnknown".into(), |d| format!("{d:?}")),
+                bytes(x.out_of_sync_bytes),
+                x.current_generation,
+                x.bitmap_generation,
+                x.history[0],
+                x.history[1]
+            );
+            if let Some(p) = &x.resync {
+                let _ = writeln!(
+                    o,
+                    "  resync: {} of {} done, {}/s, ETA {}",
+                    bytes(p.done_bytes),
+                    bytes(p.total_bytes),
+                    bytes(p.rate_bytes_per_s),
+                    p.eta_s.map_or("unknown".into(), |s| format!("{s}s"))
+                );
+            }
+            if let Some(p) = &x.verify {
+                let _ = writeln!(
+                    o,
+                    "  verify: {} of {} compared",
+                    bytes(p.done_bytes),
+                    bytes(p.total_bytes)
+                );
+            }
+            if !x.verify_mismatches.is_empty() {
+                let _ = writeln!(
+                    o,
+                    "  verify found {} out-of-sync ranges: {:?}",
+                    x.verify_mismatches.len(),
+                    &x.verify_mismatches[..x.verify_mismatches.len().min(10)]
+                );
+            }
+            if let Some(sb) = &x.split_brain {
+                let _ = writeln!(o, "  SPLIT BRAIN: {sb}");
+            }
+            if let Some(r) = &x.last_refusal {
+                let _ = writeln!(o, "  last refusal: {r}");
+            }
+            let _ = writeln!(
+                o,
+                "  replicated {}, received {}; resync sent {}, received {}, skipped by checksum {}; {} connects, {} peer errors, {} activity-log transactions",
+                bytes(x.sent_data_bytes),
+                bytes(x.received_data_bytes),
+                bytes(x.resync_sent_bytes),
+                bytes(x.resync_received_bytes),
+                bytes(x.resync_same_bytes),
+                x.connects,
+                x.peer_errors,
+                x.al_transactions
+            );
+        }
     }
     o
 }
@@ -151,6 +212,7 @@ mod tests {
                 nbd_listen: Some("127.0.0.1:10809".into()),
                 exporting: true,
                 stats: Snapshot { writes: 7, ..Snapshot::default() },
+                replication: None,
             }],
         };
         let t = render(&s);

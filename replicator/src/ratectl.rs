@@ -79,6 +79,12 @@ impl RateController {
         self.in_flight.max(0).unsigned_abs()
     }
 
+    /// Gives back budget that was granted but not requested (nothing left to resync this tick).
+    pub fn unused(&mut self, kib: u64) {
+        let k = i64::try_from(kib).unwrap_or(i64::MAX).min(self.in_flight);
+        self.in_flight -= k.max(0);
+    }
+
     /// One controller step: `acked_kib` came back since the last call; returns the KiB of resync
     /// requests to send now.
     pub fn tick(&mut self, now: Instant, acked_kib: u64, app_busy: bool) -> u64 {

@@ -25,7 +25,8 @@ use super::negotiate::{BASE_ALLOCATION_ID, ExportInfo, Negotiation, Step};
 use super::proto::*;
 use super::request::{Command, Limits, Refusal, validate};
 use crate::ratelimit::RateLimit;
-use crate::store::{IoBuf, Store};
+use crate::repl::volume::Volume;
+use crate::store::IoBuf;
 
 /// Largest option payload accepted during negotiation.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
@@ -110,8 +111,8 @@ pub async fn stopped(sd: &mut watch::Receiver<bool>) {
 pub struct Export {
     /// Negotiation-time description.
     pub info: ExportInfo,
-    /// The backing store.
-    pub store: Arc<Store>,
+    /// The volume behind it (local store, and replication when paired).
+    pub vol: Arc<Volume>,
     /// Counters.
     pub stats: Stats,
 }
@@ -286,7 +287,7 @@ impl Server {
             // Whatever completed meanwhile joins this round's replies; requests taken since the
             // last round are started here, under one plug, so they reach the kernel together.
             {
-                let _plug = self.exports[export].store.plug();
+                let _plug = self.exports[export].vol.store().plug();
                 while let Some(Some((reply, u))) = inflight.next().now_or_never() {
                     units -= u;
                     pending.push(reply);
@@ -397,7 +398,7 @@ impl Server {
         limits: Limits,
     ) -> Reply {
         let ex = &self.exports[export];
-        let (store, st) = (&ex.store, &ex.stats);
+        let (store, st) = (&ex.vol, &ex.stats);
         let r = match cmd {
             Command::Read { offset, len } => match store.read(offset, len as usize).await {
                 Ok(buf) => {
@@ -426,7 +427,7 @@ impl Server {
             }
             Command::WriteZeroes { offset, len, fua, may_trim, fast_only } => {
                 st.zeroes.fetch_add(1, Relaxed);
-                store.write_zeroes(offset, u64::from(len), fua, may_trim, fast_only).await
+                store.zero(offset, u64::from(len), fua, may_trim, fast_only).await
             }
             Command::Cache { offset, len } => store.cache(offset, u64::from(len)),
             Command::BlockStatus { offset, len, req_one } => {

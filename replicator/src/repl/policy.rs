@@ -115,6 +115,8 @@ pub enum Plan {
     SplitBrain(String),
     /// Refuse to connect for another reason (unrelated data, role conflict…).
     Refuse(String),
+    /// Not now, but keep trying (both sides Inconsistent: waiting for `primary --force`).
+    Retry(String),
 }
 
 /// Who loses under an automatic policy: `Some(true)` we are the target.
@@ -209,7 +211,7 @@ pub fn plan(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> (Plan, V
     match (me.inconsistent, peer.inconsistent) {
         (true, true) => {
             return (
-                Plan::Refuse("both disks are Inconsistent: neither holds good data; run `duet primary --force` on the node whose data is the source".into()),
+                Plan::Retry("both disks are Inconsistent: neither holds good data; run `duet primary --force` on the node whose data is the source".into()),
                 v,
             );
         }
@@ -303,7 +305,9 @@ mod tests {
             p => p.clone(),
         };
         match (&mirrored, &theirs) {
-            (Plan::SplitBrain(_), Plan::SplitBrain(_)) | (Plan::Refuse(_), Plan::Refuse(_)) => {}
+            (Plan::SplitBrain(_), Plan::SplitBrain(_))
+            | (Plan::Refuse(_), Plan::Refuse(_))
+            | (Plan::Retry(_), Plan::Retry(_)) => {}
             // A Primary refuses where the Secondary would have synced; both end disconnected.
             (Plan::Refuse(_), _) | (_, Plan::Refuse(_)) => {}
             _ => assert_eq!(mirrored, theirs, "verdict {v:?}"),
@@ -462,7 +466,7 @@ mod tests {
         assert_eq!(run(&Policies::default(), &me, &peer, false), Plan::Target { full: true });
         let mut peer2 = peer.clone();
         peer2.inconsistent = true;
-        assert!(matches!(run(&Policies::default(), &me, &peer2, false), Plan::Refuse(_)));
+        assert!(matches!(run(&Policies::default(), &me, &peer2, false), Plan::Retry(_)));
         // A Primary is never made a target: rule 50 against a Primary.
         let me = facts("alpha", C, 0, true, 0);
         let peer = facts("beta", A, C, false, 3);

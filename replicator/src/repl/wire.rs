@@ -22,7 +22,7 @@ pub const VERSION: u32 = 1;
 /// Header length.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted (a block of data plus a digest, or a bitmap chunk).
-pub const MAX_PAYLOAD: u32 = (4 << 20) + 64;
+pub const MAX_PAYLOAD: u32 = (32 << 20) + 64;
 
 /// Frame flag: the write must be durable before it is acknowledged.
 pub const F_FUA: u16 = 1;

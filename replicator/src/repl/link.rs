@@ -1,0 +1,1046 @@
+//! The peer connection driver: connect or accept, authenticate, agree on a plan, exchange
+//! bitmaps, then run the session (replicated writes, acknowledgements, resync, verify, pings)
+//! until it breaks; then tear down (unacknowledged writes marked out of sync) and retry.
+//!
+//! The node whose name sorts first connects; the other accepts. Everything a peer sends is
+//! checked before it is believed: header checksums, lengths, ranges, digests, states.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{RwLock, mpsc, oneshot, watch};
+
+use super::handshake::{
+    self, Hello, P_CRASHED_PRIMARY, P_DISCARD_MY_DATA, P_INCONSISTENT, P_PRIMARY, Params, Refusal,
+};
+use super::policy::{Facts, Plan, plan};
+use super::volume::{
+    ConnState, DiskState, Frame, Peer, Role, Volume, block_frame, random_bytes, random_u64,
+    small_frame,
+};
+use super::wire::{self, Cursor, F_HOLE, F_LAST, Header, Kind, WireError};
+use crate::generation::{Fixup, Generations, Side};
+use crate::nbd::server::stopped;
+use crate::ratectl::{RateController, TICK};
+use crate::ratelimit::RateLimit;
+use crate::store::IoBuf;
+
+/// Largest frame accepted before authentication.
+const HANDSHAKE_MAX: u32 = 64 * 1024;
+/// Largest resync / verify request.
+const RS_CHUNK_BITS: u64 = 64;
+/// Resync requests in flight at most.
+const RS_MAX_INFLIGHT: u64 = 64;
+/// Verify chunk.
+const VERIFY_CHUNK: u64 = 1 << 20;
+
+type Res<T> = Result<T, String>;
+
+/// Reads frames through a buffer, cancel-safe.
+struct FrameReader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    limit: u32,
+}
+
+impl FrameReader {
+    async fn fill(&mut self, n: usize) -> Res<()> {
+        while self.buf.len() < n {
+            self.buf.reserve(n.max(256 * 1024));
+            let got = self.rd.read_buf(&mut self.buf).await.map_err(|e| format!("read: {e}"))?;
+            if got == 0 {
+                return Err(if self.buf.is_empty() {
+                    "peer closed the connection".into()
+                } else {
+                    format!("peer closed mid-frame ({} bytes of {n})", self.buf.len())
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The next whole frame: header and payload.
+    async fn next(&mut self) -> Res<(Header, BytesMut)> {
+        self.fill(wire::HEADER_LEN).await?;
+        let h =
+            wire::decode_header(&self.buf).map_err(|e| e.to_string())?.expect("header buffered");
+        if h.len > self.limit {
+            return Err(WireError::TooLong(h.len).to_string());
+        }
+        self.fill(wire::HEADER_LEN + h.len as usize).await?;
+        self.buf.advance(wire::HEADER_LEN);
+        let payload = self.buf.split_to(h.len as usize);
+        Ok((h, payload))
+    }
+
+    async fn expect(&mut self, kind: Kind, timeout: Duration) -> Res<BytesMut> {
+        let (h, p) = tokio::time::timeout(timeout, self.next())
+            .await
+            .map_err(|_| format!("peer did not send {kind:?} in time"))??;
+        if h.kind == Kind::Refuse {
+            return Err(format!("peer refused: {}", String::from_utf8_lossy(&p)));
+        }
+        if h.kind != kind {
+            return Err(format!("expected {kind:?}, peer sent {:?}", h.kind));
+        }
+        Ok(p)
+    }
+}
+
+async fn send_now(wr: &mut OwnedWriteHalf, kind: Kind, flags: u16, payload: &[u8]) -> Res<()> {
+    let mut b = BytesMut::new();
+    wire::encode(&mut b, kind, flags, 0, 0, payload);
+    wr.write_all(&b).await.map_err(|e| format!("write: {e}"))
+}
+
+/// The link task of one volume: runs until `shutdown`.
+pub async fn run(
+    vol: Arc<Volume>,
+    listener: Option<TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = vol.config().expect("a replicated volume").clone();
+    let connector = cfg.node < cfg.peer;
+    let mut changed = vol.watch();
+    let log = Mutex::new(RateLimit::new(5, Duration::from_secs(30)));
+    let warn = |what: &str| {
+        if let Some(suppressed) = log.lock().ok().and_then(|mut l| l.allow(Instant::now())) {
+            tracing::warn!(resource = %cfg.resource, peer = %cfg.peer, suppressed, "{what}");
+        }
+    };
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let want = vol.with_core(|c| {
+            if !c.want_connect {
+                c.conn = ConnState::StandAlone;
+            } else if c.conn == ConnState::StandAlone || c.conn == ConnState::Disconnecting {
+                c.conn = ConnState::Connecting;
+            }
+            c.want_connect
+        });
+        let sock = if !want {
+            // Accept and drop, so the peer sees a refusal rather than a hang.
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = changed.changed() => continue,
+                Some(Ok((s, _))) = accept(listener.as_ref()) => { drop(s); continue; }
+            }
+        } else if connector {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                r = tokio::time::timeout(cfg.timeout, TcpStream::connect(cfg.peer_addr)) => match r {
+                    Ok(Ok(s)) => Some(s),
+                    _ => None,
+                },
+            }
+        } else {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = changed.changed() => continue,
+                Some(r) = accept(listener.as_ref()) => match r {
+                    Ok((s, from)) => {
+                        if from.ip() != cfg.peer_addr.ip() {
+                            warn(&format!("refusing a replication connection from {from}: not the peer's address"));
+                            None
+                        } else { Some(s) }
+                    }
+                    Err(_) => None,
+                },
+            }
+        };
+        if let Some(sock) = sock {
+            let _ = sock.set_nodelay(true);
+            match session(&vol, sock, &mut shutdown).await {
+                Ok(why) => vol.event(format!("connection closed: {why}")),
+                Err(e) => {
+                    vol.stats.peer_errors.fetch_add(1, Relaxed);
+                    warn(&format!("replication link: {e}"));
+                    vol.with_core(|c| c.last_refusal = Some(e.clone()));
+                }
+            }
+            teardown(&vol).await;
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(cfg.connect_retry) => {}
+        }
+    }
+}
+
+async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+    match l {
+        Some(l) => Some(l.accept().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// After a session: writes the peer had not acknowledged are out of sync; state back to
+/// Connecting (or StandAlone).
+async fn teardown(vol: &Arc<Volume>) {
+    let peer = vol.with_core(|c| {
+        let p = c.peer.take();
+        c.peer_role = None;
+        c.peer_disk = None;
+        c.resync = None;
+        c.verify = None;
+        c.conn = if c.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
+        p
+    });
+    if let Some(p) = peer {
+        let waiters: Vec<_> = p.pending.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
+        vol.with_core(|c| {
+            for (_, w) in &waiters {
+                if w.len > 0 {
+                    c.bitmap.set_range(w.offset, w.len);
+                }
+            }
+        });
+        drop(waiters); // waiters see the peer as lost
+        if let Ok(mut v) = p.verify.lock() {
+            v.clear();
+        }
+    }
+    let _ = vol.persist_bitmap().await;
+    vol.notify();
+}
+
+/// One connection from handshake to end. `Ok(reason)` for an orderly end.
+async fn session(
+    vol: &Arc<Volume>,
+    sock: TcpStream,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Res<String> {
+    let cfg = vol.config().expect("replicated").clone();
+    let (rd, mut wr) = sock.into_split();
+    let mut r = FrameReader { rd, buf: BytesMut::with_capacity(256 * 1024), limit: HANDSHAKE_MAX };
+    let t = cfg.timeout;
+
+    // 1. Hello both ways.
+    let challenge = random_bytes::<32>();
+    let hello = Hello {
+        version: wire::VERSION,
+        features: handshake::FEATURES,
+        cluster: cfg.cluster.clone(),
+        node: cfg.node.clone(),
+        resource: cfg.resource.clone(),
+        challenge,
+    };
+    let mut b = BytesMut::new();
+    hello.encode(&mut b);
+    send_now(&mut wr, Kind::Hello, 0, &b).await?;
+    let theirs = Hello::decode(&r.expect(Kind::Hello, t).await?).map_err(|e| e.to_string())?;
+    let refuse = |e: Refusal| e.to_string();
+    if let Err(e) = handshake::check_hello(&theirs, &cfg.cluster, &cfg.peer, &cfg.resource) {
+        let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
+        return Err(refuse(e));
+    }
+    // 2. Mutual authentication.
+    let tag =
+        handshake::auth_tag(&cfg.secret, &cfg.cluster, &theirs.challenge, &challenge, &cfg.node);
+    send_now(&mut wr, Kind::Auth, 0, &tag).await?;
+    let their_tag = r.expect(Kind::Auth, t).await?;
+    if let Err(e) = handshake::verify_tag(
+        &cfg.secret,
+        &cfg.cluster,
+        &challenge,
+        &theirs.challenge,
+        &cfg.peer,
+        &their_tag,
+    ) {
+        let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
+        return Err(refuse(e));
+    }
+    // 3. Parameters and the plan.
+    let mine = vol.params();
+    let mut b = BytesMut::new();
+    mine.encode(&mut b);
+    send_now(&mut wr, Kind::Params, 0, &b).await?;
+    let peer = Params::decode(&r.expect(Kind::Params, t).await?).map_err(|e| e.to_string())?;
+    if let Err(e) = handshake::check_params(&mine, &peer) {
+        let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
+        return Err(refuse(e));
+    }
+    let facts = |name: &str, p: &Params| Facts {
+        name: name.into(),
+        side: Side {
+            uuids: p.uuids,
+            crashed_primary: p.has(P_CRASHED_PRIMARY),
+            primary: p.has(P_PRIMARY),
+        },
+        inconsistent: p.has(P_INCONSISTENT),
+        discard_my_data: p.has(P_DISCARD_MY_DATA),
+        weight: p.bitmap_weight,
+    };
+    let resolve = cfg.node > cfg.peer;
+    let (me_f, peer_f) = (facts(&cfg.node, &mine), facts(&cfg.peer, &peer));
+    let (mut the_plan, verdict) = plan(&cfg.policies, &me_f, &peer_f, resolve);
+    vol.event(format!(
+        "connected to {}: generations compared, rule {} → {:?}; plan {:?}",
+        cfg.peer, verdict.rule, verdict.decision, the_plan
+    ));
+    match &the_plan {
+        Plan::SplitBrain(why) => {
+            tracing::error!(resource = %cfg.resource, peer = %cfg.peer, "SPLIT BRAIN: {why}");
+            vol.with_core(|c| {
+                c.split_brain = Some(why.clone());
+                c.want_connect = false;
+            });
+            vol.event(format!("SPLIT BRAIN: {why}"));
+            return Ok("split brain; StandAlone until the operator resolves it".into());
+        }
+        Plan::Refuse(why) => {
+            tracing::error!(resource = %cfg.resource, peer = %cfg.peer, "refusing to connect: {why}");
+            vol.with_core(|c| {
+                c.last_refusal = Some(why.clone());
+                c.want_connect = false;
+            });
+            return Ok(format!("refused: {why}; StandAlone"));
+        }
+        Plan::Retry(why) => return Err(why.clone()),
+        Plan::NoSync | Plan::Source { .. } | Plan::Target { .. } => {}
+    }
+    if verdict.fixup == Fixup::ClearOwnBitmap {
+        vol.with_core(|c| c.sb.uuids.clear_bitmap());
+    }
+    if verdict.fixup == Fixup::UndoOwnSyncUuid {
+        vol.with_core(|c| {
+            let h = c.sb.uuids.history;
+            c.sb.uuids.bitmap = h[0];
+            c.sb.uuids.history = [h[1], 0];
+        });
+    }
+    // 4. Bitmaps both ways, OR-ed.
+    r.limit = wire::MAX_PAYLOAD;
+    let full = matches!(the_plan, Plan::Source { full: true } | Plan::Target { full: true });
+    let mut from = Some(0);
+    while let Some(f) = from {
+        let mut b = BytesMut::new();
+        from = vol.with_core(|c| c.bitmap.encode_runs(f, 4096, &mut b));
+        send_now(&mut wr, Kind::Bitmap, if from.is_none() { F_LAST } else { 0 }, &b).await?;
+    }
+    loop {
+        let (h, p) = tokio::time::timeout(t, r.next())
+            .await
+            .map_err(|_| "peer did not send its bitmap in time".to_string())??;
+        if h.kind != Kind::Bitmap {
+            return Err(format!("expected Bitmap, peer sent {:?}", h.kind));
+        }
+        vol.with_core(|c| c.bitmap.apply_runs(&p)).map_err(|e| e.to_string())?;
+        if h.flags & F_LAST != 0 {
+            break;
+        }
+    }
+    let weight = vol.with_core(|c| {
+        if full {
+            c.bitmap.set_all();
+        }
+        c.bitmap.weight()
+    });
+    if the_plan == Plan::NoSync && weight > 0 {
+        // Same generation but blocks marked (a crashed Primary's hot extents): resync them from
+        // the Primary, or by the tie-break.
+        let source = mine.has(P_PRIMARY) || (!peer.has(P_PRIMARY) && !resolve);
+        the_plan = if source { Plan::Source { full: false } } else { Plan::Target { full: false } };
+    }
+    // 5. Go live.
+    let (tx, rx) = mpsc::channel::<Frame>(1024);
+    let peer_h = Peer::new(tx);
+    let writer = tokio::spawn(writer_task(wr, rx));
+    let peer_role = if peer.has(P_PRIMARY) { Role::Primary } else { Role::Secondary };
+    let peer_disk =
+        if peer.has(P_INCONSISTENT) { DiskState::Inconsistent } else { DiskState::Consistent };
+    let bytes = weight * vol.with_core(|c| c.bitmap.granularity());
+    vol.with_core(|c| {
+        c.peer = Some(Arc::clone(&peer_h));
+        c.peer_role = Some(peer_role);
+        c.peer_disk = Some(peer_disk);
+        c.discard_my_data = false;
+        c.split_brain = None;
+        c.last_refusal = None;
+        c.bumped = false;
+        if c.role != Role::Primary {
+            c.sb.flags &= !crate::superblock::FLAG_CRASHED_PRIMARY;
+        }
+        match the_plan {
+            Plan::NoSync => {
+                c.conn = ConnState::Connected;
+                if c.disk >= DiskState::Outdated {
+                    c.disk = DiskState::UpToDate;
+                }
+                c.peer_disk = Some(DiskState::UpToDate);
+            }
+            Plan::Source { .. } => {
+                c.conn = ConnState::SyncSource;
+                c.peer_disk = Some(DiskState::Inconsistent);
+                c.resync = Some((Instant::now(), bytes, 0));
+            }
+            Plan::Target { .. } => {
+                c.conn = ConnState::SyncTarget;
+                c.disk = DiskState::Inconsistent;
+                c.resync = Some((Instant::now(), bytes, 0));
+            }
+            Plan::SplitBrain(_) | Plan::Refuse(_) | Plan::Retry(_) => {
+                unreachable!("returned above")
+            }
+        }
+    });
+    vol.stats.connects.fetch_add(1, Relaxed);
+    // Durable before any resync data moves: the target is Inconsistent on disk, the bitmaps hold
+    // the union.
+    if vol.persist_bitmap().await.is_err() || vol.persist_sb().await.is_err() {
+        writer.abort();
+        return Err("cannot write metadata".into());
+    }
+    if matches!(the_plan, Plan::Source { .. }) {
+        let g = vol.with_core(|c| {
+            c.sb.uuids.start_sync_source(random_u64());
+            c.sb.uuids
+        });
+        let _ = vol.persist_sb().await;
+        peer_h.send(small_frame(Kind::SyncUuid, 0, 0, 0, &encode_gens(&g))).await;
+        vol.event(format!("resync as source: {bytes} bytes to send to {}", cfg.peer));
+    }
+    vol.send_state().await;
+    vol.notify();
+    let mut s = Session {
+        vol: Arc::clone(vol),
+        peer: peer_h,
+        barrier: Arc::new(RwLock::new(())),
+        inflight_rs: Arc::new(AtomicU64::new(0)),
+        resync: None,
+    };
+    let end = s.run(&mut r, shutdown, writer).await;
+    if let Some(h) = s.resync.take() {
+        h.abort();
+    }
+    end
+}
+
+fn encode_gens(g: &Generations) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u64(g.current);
+    b.put_u64(g.bitmap);
+    b.put_u64(g.history[0]);
+    b.put_u64(g.history[1]);
+    b.to_vec()
+}
+
+fn decode_gens(p: &[u8]) -> Result<Generations, WireError> {
+    let mut c = Cursor::new(Kind::SyncUuid, p);
+    let g = Generations { current: c.u64()?, bitmap: c.u64()?, history: [c.u64()?, c.u64()?] };
+    c.end()?;
+    Ok(g)
+}
+
+async fn writer_task(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
+    let mut out = BytesMut::with_capacity(512 * 1024);
+    while let Some(f) = rx.recv().await {
+        let mut next = Some(f);
+        while let Some(f) = next.take() {
+            out.extend_from_slice(&f.head);
+            if let Some(d) = f.data {
+                if d.len() <= 64 * 1024 {
+                    out.extend_from_slice(&d);
+                } else {
+                    if wr.write_all(&out).await.is_err() || wr.write_all(&d).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            }
+            if out.len() < 256 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+struct Session {
+    vol: Arc<Volume>,
+    peer: Arc<Peer>,
+    /// Replicated writes hold it shared; a peer FLUSH takes it exclusively (waits for them).
+    barrier: Arc<RwLock<()>>,
+    inflight_rs: Arc<AtomicU64>,
+    resync: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn range_of(vol: &Volume, offset: u64, len: u64) -> Res<()> {
+    if len == 0 || offset.checked_add(len).is_none_or(|e| e > vol.size()) {
+        return Err(format!("peer sent a range outside the volume ({offset}+{len})"));
+    }
+    Ok(())
+}
+
+fn u32_payload(kind: Kind, p: &[u8]) -> Res<u64> {
+    let mut c = Cursor::new(kind, p);
+    let v = c.u32().map_err(|e| e.to_string())?;
+    Ok(u64::from(v))
+}
+
+impl Session {
+    async fn run(
+        &mut self,
+        r: &mut FrameReader,
+        shutdown: &mut watch::Receiver<bool>,
+        mut writer: tokio::task::JoinHandle<()>,
+    ) -> Res<String> {
+        let cfg = self.vol.config().expect("replicated").clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut last_ping = Instant::now();
+        let mut ping_out: Option<Instant> = None;
+        let mut changed = self.vol.watch();
+        loop {
+            tokio::select! {
+                f = r.next() => {
+                    let (h, p) = f?;
+                    ping_out = None;
+                    if let Some(end) = self.handle(h, p).await? {
+                        return Ok(end);
+                    }
+                }
+                _ = tick.tick() => {
+                    if ping_out.is_some_and(|t| t.elapsed() > cfg.ping_timeout) {
+                        return Err(format!("peer did not answer a ping within {:?}", cfg.ping_timeout));
+                    }
+                    if ping_out.is_none() && last_ping.elapsed() >= cfg.ping_interval {
+                        last_ping = Instant::now();
+                        ping_out = Some(last_ping);
+                        self.peer.send(small_frame(Kind::Ping, 0, 0, 0, &[])).await;
+                    }
+                }
+                _ = changed.changed() => {
+                    if self.vol.with_core(|c| c.conn == ConnState::Disconnecting) {
+                        self.peer.send(small_frame(Kind::Disconnect, 0, 0, 0, &[])).await;
+                        return Ok("disconnected by the operator".into());
+                    }
+                }
+                _ = stopped(shutdown) => {
+                    self.peer.send(small_frame(Kind::Disconnect, 0, 0, 0, &[])).await;
+                    return Ok("shutting down".into());
+                }
+                _ = &mut writer => return Err("connection lost (send failed)".into()),
+            }
+        }
+    }
+
+    fn send_bg(&self, f: Frame) {
+        let p = Arc::clone(&self.peer);
+        tokio::spawn(async move { p.send(f).await });
+    }
+
+    /// Handles one frame; `Ok(Some(reason))` ends the session in order.
+    async fn handle(&mut self, h: Header, p: BytesMut) -> Res<Option<String>> {
+        let vol = Arc::clone(&self.vol);
+        let digest = vol.config().expect("replicated").digest;
+        match h.kind {
+            Kind::Ping => self.send_bg(small_frame(Kind::PingAck, 0, 0, 0, &[])),
+            Kind::PingAck => {}
+            Kind::Data | Kind::Zero => {
+                if vol.role() == Role::Primary {
+                    return Err("peer sent a replicated write to a Primary".into());
+                }
+                let (data, len) = self.block_payload(&h, &p, digest)?;
+                range_of(&vol, h.offset, len)?;
+                let lock = vol.lock_range(h.offset, len).await;
+                let bar = Arc::clone(&self.barrier).read_owned().await;
+                if cfg_protocol(&vol) == super::completion::Protocol::B {
+                    self.send_bg(small_frame(Kind::RecvAck, 0, h.id, 0, &[]));
+                }
+                vol.app_writes.fetch_add(1, Relaxed);
+                let peer = Arc::clone(&self.peer);
+                tokio::spawn(async move {
+                    let r = vol.apply_write(h.offset, data, len, h.flags).await;
+                    drop(lock);
+                    drop(bar);
+                    if r.is_err() {
+                        vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+                    }
+                    let errno = r.err().unwrap_or(0);
+                    peer.send(small_frame(
+                        Kind::WriteAck,
+                        0,
+                        h.id,
+                        errno.unsigned_abs().into(),
+                        &[],
+                    ))
+                    .await;
+                });
+            }
+            Kind::Flush => {
+                let bar = Arc::clone(&self.barrier).write_owned().await;
+                let peer = Arc::clone(&self.peer);
+                tokio::spawn(async move {
+                    let r = vol.store().flush().await;
+                    drop(bar);
+                    let errno = r.err().unwrap_or(0);
+                    peer.send(small_frame(
+                        Kind::FlushAck,
+                        0,
+                        h.id,
+                        errno.unsigned_abs().into(),
+                        &[],
+                    ))
+                    .await;
+                });
+            }
+            Kind::RecvAck => {
+                let w = self
+                    .peer
+                    .pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut m| m.get_mut(&h.id).and_then(|w| w.recv.take()));
+                if let Some(tx) = w {
+                    let _ = tx.send(());
+                }
+            }
+            Kind::WriteAck | Kind::FlushAck => {
+                let w = self.peer.pending.lock().ok().and_then(|mut m| m.remove(&h.id));
+                let Some(mut w) = w else {
+                    return Err(format!("peer acknowledged unknown request {}", h.id));
+                };
+                let r = if h.offset == 0 {
+                    Ok(())
+                } else {
+                    Err(i32::try_from(h.offset).unwrap_or(libc::EIO))
+                };
+                if r.is_err() && w.len > 0 {
+                    vol.with_core(|c| c.bitmap.set_range(w.offset, w.len));
+                }
+                if let Some(tx) = w.recv.take() {
+                    let _ = tx.send(());
+                }
+                if let Some(tx) = w.done.take() {
+                    let _ = tx.send(r);
+                }
+            }
+            Kind::State => {
+                let mut c = Cursor::new(Kind::State, &p);
+                let (role, disk) =
+                    (c.u8().map_err(|e| e.to_string())?, c.u8().map_err(|e| e.to_string())?);
+                let disk = match disk {
+                    0 => DiskState::Inconsistent,
+                    1 => DiskState::Outdated,
+                    2 => DiskState::Consistent,
+                    3 => DiskState::UpToDate,
+                    _ => return Err("peer sent an unknown disk state".into()),
+                };
+                let role = if role == 1 { Role::Primary } else { Role::Secondary };
+                if role == Role::Primary && vol.role() == Role::Primary {
+                    return Err(
+                        "both nodes are Primary: disconnecting (dual-primary is not supported)"
+                            .into(),
+                    );
+                }
+                vol.with_core(|c| {
+                    c.peer_role = Some(role);
+                    c.peer_disk = Some(disk);
+                });
+                vol.notify();
+            }
+            Kind::SyncUuid => {
+                let g = decode_gens(&p).map_err(|e| e.to_string())?;
+                if vol.with_core(|c| c.conn) != ConnState::SyncTarget {
+                    return Err(
+                        "peer sent a sync generation while we are not its resync target".into()
+                    );
+                }
+                vol.with_core(|c| {
+                    c.sb.uuids.receive_sync_uuid(g.bitmap);
+                    c.sync_source_gens = Some(g);
+                });
+                let _ = vol.persist_sb().await;
+                let v = Arc::clone(&vol);
+                let peer = Arc::clone(&self.peer);
+                let inflight = Arc::clone(&self.inflight_rs);
+                self.resync = Some(tokio::spawn(resync_target(v, peer, inflight)));
+            }
+            Kind::RsRequest => {
+                let len = u32_payload(Kind::RsRequest, &p)?;
+                range_of(&vol, h.offset, len)?;
+                if len > RS_CHUNK_BITS * vol.with_core(|c| c.bitmap.granularity()) * 16 {
+                    return Err("peer asked for an oversized resync block".into());
+                }
+                let their = if p.len() == 4 + 32 { Some(p[4..].to_vec()) } else { None };
+                let lock = vol.lock_range(h.offset, len).await;
+                let peer = Arc::clone(&self.peer);
+                tokio::spawn(async move {
+                    let n = usize::try_from(len).expect("bounded");
+                    let Ok(buf) = vol.read(h.offset, n).await else {
+                        tracing::error!("resync read failed at {}", h.offset);
+                        return;
+                    };
+                    let f = if their.as_deref() == Some(&wire::hash(&buf)[..]) {
+                        vol.stats.resync_same_bytes.fetch_add(len, Relaxed);
+                        small_frame(
+                            Kind::RsSame,
+                            0,
+                            h.id,
+                            h.offset,
+                            &u32::try_from(len).expect("bounded").to_be_bytes(),
+                        )
+                    } else {
+                        vol.stats.resync_sent_bytes.fetch_add(len, Relaxed);
+                        block_frame(Kind::RsData, 0, h.id, h.offset, buf, digest)
+                    };
+                    peer.send(f).await;
+                    drop(lock);
+                    vol.with_core(|c| {
+                        c.bitmap.clear_range(h.offset, len);
+                        if let Some(r) = c.resync.as_mut() {
+                            r.2 += len;
+                        }
+                    });
+                });
+            }
+            Kind::RsData | Kind::RsSame => {
+                let (data, len) = if h.kind == Kind::RsSame {
+                    (None, u32_payload(Kind::RsSame, &p)?)
+                } else {
+                    self.block_payload(&h, &p, digest)?
+                };
+                range_of(&vol, h.offset, len)?;
+                let same = h.kind == Kind::RsSame;
+                let lock = vol.lock_range(h.offset, len).await;
+                let inflight = Arc::clone(&self.inflight_rs);
+                tokio::spawn(async move {
+                    let r = if same {
+                        Ok(())
+                    } else {
+                        vol.apply_write(h.offset, data, len, h.flags & F_HOLE).await
+                    };
+                    drop(lock);
+                    if r.is_ok() {
+                        vol.with_core(|c| {
+                            c.bitmap.clear_range(h.offset, len);
+                            if let Some(r) = c.resync.as_mut() {
+                                r.2 += len;
+                            }
+                        });
+                        if same {
+                            vol.stats.resync_same_bytes.fetch_add(len, Relaxed);
+                        } else {
+                            vol.stats.resync_received_bytes.fetch_add(len, Relaxed);
+                        }
+                    }
+                    vol.resync_acked.fetch_add(len, Relaxed);
+                    let _ = inflight.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
+                });
+            }
+            Kind::RsDone => {
+                if vol.with_core(|c| c.conn) != ConnState::SyncSource {
+                    return Err("peer reported a finished resync we did not run".into());
+                }
+                vol.with_core(|c| {
+                    c.bitmap.clear_all();
+                    c.sb.uuids.clear_bitmap();
+                    c.conn = ConnState::Connected;
+                    c.peer_disk = Some(DiskState::UpToDate);
+                    c.resync = None;
+                });
+                let _ = vol.persist_bitmap().await;
+                let _ = vol.persist_sb().await;
+                vol.event("resync finished (source): the peer is UpToDate".into());
+                vol.notify();
+            }
+            Kind::OutOfSync => {
+                let mut c = Cursor::new(Kind::OutOfSync, &p);
+                let len = c.u64().map_err(|e| e.to_string())?;
+                range_of(&vol, h.offset, len)?;
+                vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+            }
+            Kind::VerifyRequest => {
+                let len = u32_payload(Kind::VerifyRequest, &p)?;
+                range_of(&vol, h.offset, len)?;
+                if len > VERIFY_CHUNK {
+                    return Err("peer asked to verify an oversized range".into());
+                }
+                vol.with_core(|c| {
+                    if c.conn == ConnState::Connected {
+                        c.conn = ConnState::VerifyTarget;
+                    }
+                });
+                let lock = vol.lock_range(h.offset, len).await;
+                let peer = Arc::clone(&self.peer);
+                tokio::spawn(async move {
+                    let g = vol.with_core(|c| c.bitmap.granularity());
+                    let n = usize::try_from(len).expect("bounded");
+                    let out = match vol.read(h.offset, n).await {
+                        Ok(buf) => hashes(&buf, g),
+                        Err(_) => Vec::new(),
+                    };
+                    drop(lock);
+                    peer.send(small_frame(Kind::VerifyReply, 0, h.id, h.offset, &out)).await;
+                });
+            }
+            Kind::VerifyReply => {
+                let tx = self.peer.verify.lock().ok().and_then(|mut m| m.remove(&h.id));
+                let Some(tx) = tx else {
+                    return Err(format!("peer answered unknown verify request {}", h.id));
+                };
+                let _ = tx.send(p.to_vec());
+            }
+            Kind::VerifyDone => {
+                vol.with_core(|c| {
+                    if c.conn == ConnState::VerifyTarget {
+                        c.conn = ConnState::Connected;
+                    }
+                });
+                vol.notify();
+            }
+            Kind::Refuse => return Err(format!("peer refused: {}", String::from_utf8_lossy(&p))),
+            Kind::Disconnect => return Ok(Some("the peer disconnected".into())),
+            Kind::Hello | Kind::Auth | Kind::Params | Kind::Bitmap => {
+                return Err(format!("peer sent a handshake frame ({:?}) mid-session", h.kind));
+            }
+        }
+        // A finished resync as target: all blocks in, nothing in flight.
+        Ok(None)
+    }
+
+    fn block_payload(
+        &self,
+        h: &Header,
+        p: &[u8],
+        digest: wire::Digest,
+    ) -> Res<(Option<IoBuf>, u64)> {
+        if h.flags & F_HOLE != 0 {
+            return Ok((None, u32_payload(h.kind, p)?));
+        }
+        match digest.check(h.offset, p) {
+            Ok(data) => Ok((Some(IoBuf::from_slice(data)), data.len() as u64)),
+            Err(e) => {
+                // Corrupted in flight: the block is out of sync; drop the link (resync follows).
+                self.vol.with_core(|c| {
+                    c.bitmap.set_range(h.offset, (p.len().saturating_sub(digest.size())) as u64)
+                });
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+fn cfg_protocol(vol: &Volume) -> super::completion::Protocol {
+    vol.config().map_or(super::completion::Protocol::C, |c| c.protocol)
+}
+
+fn hashes(buf: &[u8], g: u64) -> Vec<u8> {
+    let g = usize::try_from(g).expect("granularity fits");
+    buf.chunks(g).flat_map(|c| wire::hash(c)).collect()
+}
+
+/// The resync as target: request out-of-sync blocks at the controller's rate until none are left.
+async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU64>) {
+    let cfg = vol.config().expect("replicated").clone();
+    let mut ctl = RateController::new(cfg.resync);
+    let g = vol.with_core(|c| c.bitmap.granularity());
+    let mut cursor = 0u64;
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if vol.with_core(|c| c.conn) != ConnState::SyncTarget {
+            return;
+        }
+        let acked = vol.resync_acked.swap(0, Relaxed) / 1024;
+        let busy = vol.app_writes.swap(0, Relaxed) > 0;
+        let mut budget = ctl.tick(Instant::now(), acked, busy);
+        loop {
+            if inflight.load(Relaxed) >= RS_MAX_INFLIGHT {
+                break;
+            }
+            let next = vol.with_core(|c| {
+                c.bitmap.next_set(cursor).map(|s| (s, c.bitmap.run_end(s, RS_CHUNK_BITS)))
+            });
+            let Some((s, e)) = next else {
+                ctl.unused(budget); // nothing left to ask for this round
+                break;
+            };
+            let (off, len) = (s * g, ((e - s) * g).min(vol.size() - s * g));
+            let kib = len.div_ceil(1024);
+            if kib > budget {
+                break;
+            }
+            budget -= kib;
+            cursor = e;
+            let mut payload = BytesMut::new();
+            payload.put_u32(u32::try_from(len).expect("bounded"));
+            if cfg.checksum_resync {
+                if let Ok(buf) = vol.read(off, usize::try_from(len).expect("bounded")).await {
+                    payload.put_slice(&wire::hash(&buf));
+                }
+            }
+            inflight.fetch_add(1, Relaxed);
+            if !peer.send(small_frame(Kind::RsRequest, 0, 0, off, &payload)).await {
+                return;
+            }
+        }
+        let done = vol.with_core(|c| c.bitmap.next_set(cursor).is_none());
+        if done && inflight.load(Relaxed) == 0 {
+            if vol.with_core(|c| c.bitmap.weight()) > 0 {
+                cursor = 0; // blocks marked again meanwhile (failed writes): another pass
+                continue;
+            }
+            finish_target(&vol, &peer).await;
+            return;
+        }
+    }
+}
+
+async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
+    vol.with_core(|c| {
+        c.conn = ConnState::Connected;
+        c.disk = DiskState::UpToDate;
+        c.peer_disk = Some(DiskState::UpToDate);
+        c.resync = None;
+        // The target adopts the generations the source sent with SyncUuid.
+        if let Some(g) = c.sync_source_gens.take() {
+            c.sb.uuids.finish_sync_target(&g);
+        }
+    });
+    let _ = vol.persist_bitmap().await;
+    let _ = vol.persist_sb().await;
+    peer.send(small_frame(Kind::RsDone, 0, 0, 0, &[])).await;
+    vol.event("resync finished (target): this node is UpToDate".into());
+    vol.send_state().await;
+    vol.notify();
+}
+
+/// `duet verify [--repair]`: compares every block's hash with the peer's. Runs in the
+/// background; progress and findings show in `duet status`.
+pub fn verify(vol: &Arc<Volume>, repair: bool) -> Result<String, super::volume::Refused> {
+    let peer = vol.with_core(|c| {
+        if c.conn != ConnState::Connected {
+            return Err(super::volume::Refused(format!(
+                "verify needs a Connected, in-sync peer; the connection is {:?}",
+                c.conn
+            )));
+        }
+        c.conn = ConnState::VerifySource;
+        c.verify = Some((Instant::now(), vol.size(), 0));
+        c.verify_found.clear();
+        Ok(c.peer.clone())
+    })?;
+    let Some(peer) = peer else { return Err(super::volume::Refused("not connected".into())) };
+    vol.event(format!("online verify started{}", if repair { " (with repair)" } else { "" }));
+    vol.notify();
+    let v = Arc::clone(vol);
+    tokio::spawn(async move { run_verify(v, peer, repair).await });
+    Ok("verify started; watch `duet status`".into())
+}
+
+async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
+    let g = vol.with_core(|c| c.bitmap.granularity());
+    let digest = vol.config().expect("replicated").digest;
+    let mut off = 0u64;
+    let mut found: Vec<(u64, u64)> = Vec::new();
+    let size = vol.size();
+    while off < size {
+        if vol.with_core(|c| c.conn) != ConnState::VerifySource {
+            vol.event("verify stopped: the connection changed".into());
+            return;
+        }
+        let len = VERIFY_CHUNK.min(size - off);
+        let n = usize::try_from(len).expect("bounded");
+        let (tx, rx) = oneshot::channel();
+        let id = peer.next_id.fetch_add(1, Relaxed);
+        if let Ok(mut m) = peer.verify.lock() {
+            m.insert(id, tx);
+        }
+        let lock = vol.lock_range(off, len).await;
+        let local = vol.read(off, n).await;
+        let sent = peer
+            .send(small_frame(
+                Kind::VerifyRequest,
+                0,
+                id,
+                off,
+                &u32::try_from(len).expect("bounded").to_be_bytes(),
+            ))
+            .await;
+        drop(lock);
+        let (Ok(local), true) = (local, sent) else { break };
+        let Ok(theirs) = rx.await else { break };
+        let mine = hashes(&local, g);
+        if theirs.len() != mine.len() {
+            tracing::error!("verify reply of the wrong length at {off}");
+            break;
+        }
+        for (i, (a, b)) in mine.chunks(32).zip(theirs.chunks(32)).enumerate() {
+            if a != b {
+                let bo = off + i as u64 * g;
+                let bl = g.min(size - bo);
+                match found.last_mut() {
+                    Some((o, l)) if *o + *l == bo => *l += bl,
+                    _ => found.push((bo, bl)),
+                }
+                vol.stats.verify_mismatch_bytes.fetch_add(bl, Relaxed);
+                vol.with_core(|c| c.bitmap.set_range(bo, bl));
+                let mut p = BytesMut::new();
+                p.put_u64(bl);
+                peer.send(small_frame(Kind::OutOfSync, 0, 0, bo, &p)).await;
+            }
+        }
+        off += len;
+        vol.with_core(|c| {
+            if let Some(v) = c.verify.as_mut() {
+                v.2 = off;
+            }
+            c.verify_found = found.clone();
+        });
+    }
+    peer.send(small_frame(Kind::VerifyDone, 0, 0, 0, &[])).await;
+    let total: u64 = found.iter().map(|r| r.1).sum();
+    vol.event(format!("online verify finished: {} out-of-sync ranges, {total} bytes", found.len()));
+    if repair && !found.is_empty() {
+        // The Primary's data wins; with no Primary, the node that ran verify.
+        let peer_primary = vol.with_core(|c| c.peer_role == Some(Role::Primary));
+        let chunk = RS_CHUNK_BITS * g;
+        let pieces = found.iter().flat_map(|&(o, l)| {
+            (0..l.div_ceil(chunk)).map(move |i| (o + i * chunk, chunk.min(l - i * chunk)))
+        });
+        for (o, l) in pieces {
+            if peer_primary {
+                let mut p = BytesMut::new();
+                p.put_u32(u32::try_from(l).expect("one chunk"));
+                peer.send(small_frame(Kind::RsRequest, 0, 0, o, &p)).await;
+            } else {
+                let lock = vol.lock_range(o, l).await;
+                if let Ok(buf) = vol.read(o, usize::try_from(l).expect("bounded")).await {
+                    peer.send(block_frame(Kind::RsData, 0, 0, o, buf, digest)).await;
+                    vol.stats.resync_sent_bytes.fetch_add(l, Relaxed);
+                    vol.with_core(|c| c.bitmap.clear_range(o, l));
+                }
+                drop(lock);
+            }
+        }
+        vol.event(format!(
+            "verify repair: {total} bytes resynced ({})",
+            if peer_primary { "from the Primary peer" } else { "from this node" }
+        ));
+    }
+    vol.with_core(|c| {
+        if c.conn == ConnState::VerifySource {
+            c.conn = ConnState::Connected;
+        }
+        c.verify = None;
+    });
+    vol.notify();
+}

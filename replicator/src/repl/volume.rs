@@ -1,0 +1,1072 @@
+//! The replicated volume: what the NBD server writes to. It owns the local store, the metadata,
+//! the bitmap and activity log, the role and disk state, and (through [`Peer`]) the live peer
+//! connection. The decisions are the pure modules' (completion rules, activity log, policies);
+//! this file executes them and keeps the order that makes them safe:
+//!
+//! - an activity-log transaction is durable before a write to a cold extent starts;
+//! - a write is sent to the peer while its range is locked, so both nodes apply overlapping
+//!   writes in one order;
+//! - when the peer is absent or lost, the range is marked out of sync and a new current
+//!   generation is durable before the write is acknowledged.
+//!
+//! A volume without a peer (a single-node configuration) has no metadata and is always Primary.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::actlog::{ActivityLog, Begin};
+use super::bitmap::Bitmap;
+use super::completion::{Completion, Protocol};
+use super::handshake::{
+    P_CRASHED_PRIMARY, P_DISCARD_MY_DATA, P_INCONSISTENT, P_OUTDATED, P_PRIMARY, Params,
+};
+use super::locks::{RangeGuard, RangeLocks};
+use super::meta::{Loaded, Meta, MetaError};
+use super::wire::{self, Digest, F_FUA, F_HOLE, F_MAY_TRIM, Kind};
+use crate::nbd::proto::Extent;
+use crate::store::{IoBuf, Store};
+use crate::superblock::{FLAG_CONSISTENT, FLAG_CRASHED_PRIMARY, FLAG_WAS_PRIMARY, Superblock};
+
+/// Role of this node for the resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Role {
+    /// Serves NBD; its writes are mirrored.
+    Primary,
+    /// Receives the Primary's writes; exports nothing.
+    Secondary,
+}
+
+/// Local disk state.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum DiskState {
+    /// Being written by a resync, or never synced: not usable.
+    Inconsistent,
+    /// Consistent but known to be older than the peer's.
+    Outdated,
+    /// Consistent; whether it is the newest is not known (not connected since start).
+    Consistent,
+    /// The newest data.
+    UpToDate,
+}
+
+/// Connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ConnState {
+    /// Not trying to connect (operator said disconnect, or split brain / refusal).
+    StandAlone,
+    /// Trying to reach the peer.
+    Connecting,
+    /// Connected and in sync.
+    Connected,
+    /// Connected; we send the resync.
+    SyncSource,
+    /// Connected; we receive the resync.
+    SyncTarget,
+    /// Connected; we run an online verify.
+    VerifySource,
+    /// Connected; the peer runs an online verify.
+    VerifyTarget,
+    /// Tearing the connection down.
+    Disconnecting,
+}
+
+/// Static settings of a replicated volume.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub resource: String,
+    pub node: String,
+    pub peer: String,
+    pub cluster: String,
+    pub protocol: Protocol,
+    pub digest: Digest,
+    pub fingerprint: u64,
+    pub policies: super::policy::Policies,
+    pub resync: crate::ratectl::Settings,
+    pub checksum_resync: bool,
+    pub secret: Vec<u8>,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub timeout: Duration,
+    pub connect_retry: Duration,
+    pub listen: std::net::SocketAddr,
+    pub peer_addr: std::net::SocketAddr,
+}
+
+/// Counters (status and metrics).
+#[derive(Debug, Default)]
+pub struct ReplStats {
+    pub sent_data_bytes: AtomicU64,
+    pub received_data_bytes: AtomicU64,
+    pub resync_sent_bytes: AtomicU64,
+    pub resync_received_bytes: AtomicU64,
+    pub resync_same_bytes: AtomicU64,
+    pub al_transactions: AtomicU64,
+    pub peer_errors: AtomicU64,
+    pub connects: AtomicU64,
+    pub verify_mismatch_bytes: AtomicU64,
+}
+
+/// Progress of a resync or verify.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Bytes to do at the start.
+    pub total_bytes: u64,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+    /// Bytes per second over the run so far.
+    pub rate_bytes_per_s: u64,
+    /// Seconds left at that rate (None when unknown).
+    pub eta_s: Option<u64>,
+}
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Event {
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub what: String,
+}
+
+/// State under the volume's mutex.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub role: Role,
+    pub disk: DiskState,
+    pub conn: ConnState,
+    pub peer_role: Option<Role>,
+    pub peer_disk: Option<DiskState>,
+    pub sb: Superblock,
+    pub bitmap: Bitmap,
+    /// A new current generation was made since the peer was last connected.
+    pub bumped: bool,
+    pub want_connect: bool,
+    pub discard_my_data: bool,
+    pub split_brain: Option<String>,
+    pub last_refusal: Option<String>,
+    pub peer: Option<Arc<Peer>>,
+    pub resync: Option<(Instant, u64, u64)>,
+    pub verify: Option<(Instant, u64, u64)>,
+    pub verify_found: Vec<(u64, u64)>,
+    /// The resync source's generations (from SyncUuid), adopted when the resync finishes.
+    pub sync_source_gens: Option<crate::generation::Generations>,
+    pub events: VecDeque<Event>,
+}
+
+/// The volume.
+#[derive(Debug)]
+pub struct Volume {
+    pub(crate) cfg: Option<VolumeConfig>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) meta: Option<Meta>,
+    size: u64,
+    pub(crate) core: Mutex<Core>,
+    al: Mutex<ActivityLog>,
+    /// Serialises activity-log transactions and superblock writes.
+    meta_io: tokio::sync::Mutex<()>,
+    pub(crate) locks: Arc<RangeLocks>,
+    pub stats: ReplStats,
+    /// Bumped on every role / connection change (the daemon opens and closes NBD on it).
+    changed: watch::Sender<u64>,
+    /// Bytes resync-acknowledged since the controller last asked.
+    pub(crate) resync_acked: AtomicU64,
+    /// Application writes since the resync controller last asked.
+    pub(crate) app_writes: AtomicU64,
+}
+
+/// Why a role or connection command was refused. The message says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+fn refuse<T>(s: impl Into<String>) -> Result<T, Refused> {
+    Err(Refused(s.into()))
+}
+
+/// Fresh randomness for generations and challenges.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        if f.read_exact(&mut b).is_ok() {
+            return b;
+        }
+    }
+    // /dev/urandom is always there on Linux; if not, fall back to time and address entropy.
+    let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let seed = (t as u64) ^ (std::process::id() as u64).rotate_left(32) ^ (&b as *const _ as u64);
+    let mut x = seed | 1;
+    for v in &mut b {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *v = (x >> 24) as u8;
+    }
+    b
+}
+
+/// A random generation identifier.
+pub fn random_u64() -> u64 {
+    u64::from_le_bytes(random_bytes::<8>())
+}
+
+/// A frame queued for the peer: header (and small payload) plus optional block data.
+#[derive(Debug)]
+pub struct Frame {
+    pub head: BytesMut,
+    pub data: Option<IoBuf>,
+}
+
+/// Acknowledgements a write waits for.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    pub offset: u64,
+    pub len: u64,
+    pub recv: Option<oneshot::Sender<()>>,
+    pub done: Option<oneshot::Sender<Result<(), i32>>>,
+}
+
+/// The live connection, as the write path sees it.
+#[derive(Debug)]
+pub struct Peer {
+    pub(crate) tx: mpsc::Sender<Frame>,
+    pub(crate) pending: Mutex<HashMap<u64, Waiter>>,
+    pub(crate) next_id: AtomicU64,
+    /// Verify requests waiting for the peer's hashes.
+    pub(crate) verify: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
+}
+
+impl Peer {
+    pub(crate) fn new(tx: mpsc::Sender<Frame>) -> Arc<Self> {
+        Arc::new(Self {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            verify: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Queues a frame; `false` when the connection is gone.
+    pub(crate) async fn send(&self, f: Frame) -> bool {
+        self.tx.send(f).await.is_ok()
+    }
+
+    fn register(
+        &self,
+        offset: u64,
+        len: u64,
+        recv: bool,
+    ) -> (u64, Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>) {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let (rtx, rrx) = if recv {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        let (dtx, drx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending table poisoned")
+            .insert(id, Waiter { offset, len, recv: rtx, done: Some(dtx) });
+        (id, rrx, drx)
+    }
+}
+
+/// Builds a block frame (Data or RsData): zero blocks become holes, the digest goes first.
+pub(crate) fn block_frame(
+    kind: Kind,
+    flags: u16,
+    id: u64,
+    offset: u64,
+    buf: IoBuf,
+    digest: Digest,
+) -> Frame {
+    let mut head = BytesMut::with_capacity(wire::HEADER_LEN + 36);
+    if wire::is_zero(&buf) {
+        let len = u32::try_from(buf.len()).expect("blocks are bounded");
+        wire::encode(&mut head, kind, flags | F_HOLE, id, offset, &len.to_be_bytes());
+        return Frame { head, data: None };
+    }
+    let dl = digest.size();
+    let len = u32::try_from(dl + buf.len()).expect("blocks are bounded");
+    wire::encode_header(&mut head, kind, flags, id, offset, len);
+    digest.put(&mut head, &buf);
+    Frame { head, data: Some(buf) }
+}
+
+/// Builds a frame with a small payload.
+pub(crate) fn small_frame(kind: Kind, flags: u16, id: u64, offset: u64, payload: &[u8]) -> Frame {
+    let mut head = BytesMut::with_capacity(wire::HEADER_LEN + payload.len());
+    wire::encode(&mut head, kind, flags, id, offset, payload);
+    Frame { head, data: None }
+}
+
+fn now_s() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Ends an activity-log reference when the write is done.
+struct AlRef<'a> {
+    v: &'a Volume,
+    offset: u64,
+    len: u64,
+}
+
+impl Drop for AlRef<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut al) = self.v.al.lock() {
+            al.end(self.offset, self.len);
+        }
+    }
+}
+
+impl Volume {
+    /// A single-node volume: no metadata, always Primary and UpToDate.
+    pub fn standalone(store: Arc<Store>) -> Arc<Self> {
+        let size = store.size();
+        let sb = Superblock {
+            sequence: 0,
+            volume_size: size,
+            node_id: 0,
+            flags: FLAG_CONSISTENT,
+            bitmap_granularity: 4096,
+            al_extent_size: 4 << 20,
+            al_extents: 1,
+            uuids: crate::generation::Generations::just_created(),
+        };
+        Self::build(
+            None,
+            store,
+            None,
+            size,
+            sb,
+            Bitmap::new(1, 4096),
+            ActivityLog::new(4 << 20, 1),
+            Role::Primary,
+            DiskState::UpToDate,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        cfg: Option<VolumeConfig>,
+        store: Arc<Store>,
+        meta: Option<Meta>,
+        size: u64,
+        sb: Superblock,
+        bitmap: Bitmap,
+        al: ActivityLog,
+        role: Role,
+        disk: DiskState,
+    ) -> Arc<Self> {
+        let want = cfg.is_some();
+        Arc::new(Self {
+            cfg,
+            store,
+            meta,
+            size,
+            core: Mutex::new(Core {
+                role,
+                disk,
+                conn: ConnState::StandAlone,
+                peer_role: None,
+                peer_disk: None,
+                sb,
+                bitmap,
+                bumped: false,
+                want_connect: want,
+                discard_my_data: false,
+                split_brain: None,
+                last_refusal: None,
+                peer: None,
+                resync: None,
+                verify: None,
+                verify_found: Vec::new(),
+                sync_source_gens: None,
+                events: VecDeque::new(),
+            }),
+            al: Mutex::new(al),
+            meta_io: tokio::sync::Mutex::new(()),
+            locks: Arc::new(RangeLocks::default()),
+            stats: ReplStats::default(),
+            changed: watch::channel(0).0,
+            resync_acked: AtomicU64::new(0),
+            app_writes: AtomicU64::new(0),
+        })
+    }
+
+    /// A replicated volume from opened metadata. Starts Secondary. After a crash while Primary,
+    /// the hot activity-log extents are marked out of sync (they may differ from the peer).
+    pub fn replicated(
+        cfg: VolumeConfig,
+        store: Arc<Store>,
+        meta: Meta,
+        loaded: Loaded,
+    ) -> Result<Arc<Self>, MetaError> {
+        let Loaded { sb, mut bitmap, al_hot, al_seq } = loaded;
+        let mut al = ActivityLog::new(u64::from(sb.al_extent_size), sb.al_extents as usize);
+        al.set_seq(al_seq);
+        if sb.flags & FLAG_CRASHED_PRIMARY != 0 {
+            for &e in &al_hot {
+                let (o, l) = al.extent_range(e);
+                bitmap.set_range(o, l.min(meta.layout.data_size.saturating_sub(o)));
+            }
+            let pages: Vec<_> =
+                bitmap.take_dirty().into_iter().map(|i| (i, bitmap.page(i))).collect();
+            meta.write_bitmap(&pages)?;
+            tracing::warn!(resource = %cfg.resource, extents = al_hot.len(), "this node crashed while Primary: its hot activity-log extents are marked out of sync");
+        }
+        let disk = if sb.flags & FLAG_CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else {
+            DiskState::Consistent
+        };
+        let size = meta.layout.data_size;
+        let v =
+            Self::build(Some(cfg), store, Some(meta), size, sb, bitmap, al, Role::Secondary, disk);
+        if !al_hot.is_empty() && sb.flags & FLAG_CRASHED_PRIMARY != 0 {
+            v.event(format!(
+                "attached after a crash as Primary: {} hot extents marked out of sync",
+                al_hot.len()
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Replicated size (what clients see).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// The local store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+    /// Settings (None for a single-node volume).
+    pub fn config(&self) -> Option<&VolumeConfig> {
+        self.cfg.as_ref()
+    }
+    /// Subscribe to role and connection changes.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+    pub(crate) fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+    /// Current role.
+    pub fn role(&self) -> Role {
+        self.core.lock().expect("volume state poisoned").role
+    }
+    fn protocol(&self) -> Protocol {
+        self.cfg.as_ref().map_or(Protocol::C, |c| c.protocol)
+    }
+
+    /// Appends to the event log (and logs it).
+    pub fn event(&self, what: String) {
+        let name = self.cfg.as_ref().map_or("", |c| c.resource.as_str());
+        tracing::info!(resource = %name, "{what}");
+        if let Ok(mut c) = self.core.lock() {
+            c.events.push_back(Event { at: now_s(), what });
+            while c.events.len() > 200 {
+                c.events.pop_front();
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ metadata
+
+    /// Writes the superblock from the in-memory state (flags follow role and disk state).
+    pub(crate) async fn persist_sb(&self) -> Result<(), i32> {
+        let Some(meta) = &self.meta else { return Ok(()) };
+        let _g = self.meta_io.lock().await;
+        let sb = {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            c.sb.sequence += 1;
+            let mut f = c.sb.flags & !(FLAG_CONSISTENT);
+            if c.disk >= DiskState::Consistent {
+                f |= FLAG_CONSISTENT;
+            }
+            c.sb.flags = f;
+            c.sb
+        };
+        write_meta(move || meta.write_sb(&sb)).await
+    }
+
+    /// Writes the dirty bitmap pages.
+    pub(crate) async fn persist_bitmap(&self) -> Result<(), i32> {
+        let Some(meta) = &self.meta else { return Ok(()) };
+        let _g = self.meta_io.lock().await;
+        let pages: Vec<_> = {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            let bm = &mut c.bitmap;
+            bm.take_dirty().into_iter().map(|i| (i, bm.page(i))).collect()
+        };
+        write_meta(move || meta.write_bitmap(&pages)).await
+    }
+
+    /// Makes `[offset, offset+len)` hot in the activity log (durably) and takes a reference.
+    async fn al_begin(&self, offset: u64, len: u64) -> Result<AlRef<'_>, i32> {
+        if self.meta.is_none() {
+            return Ok(AlRef { v: self, offset, len: 0 });
+        }
+        loop {
+            let b = self.al.lock().expect("activity log poisoned").begin(offset, len);
+            match b {
+                Begin::Hot => return Ok(AlRef { v: self, offset, len }),
+                Begin::Busy => tokio::time::sleep(Duration::from_millis(1)).await,
+                Begin::Need { .. } => {
+                    let _g = self.meta_io.lock().await;
+                    // Recheck under the transaction lock: another write may have done it.
+                    let b = self.al.lock().expect("activity log poisoned").begin(offset, len);
+                    let Begin::Need { add, evict } = b else {
+                        if b == Begin::Hot {
+                            return Ok(AlRef { v: self, offset, len });
+                        }
+                        continue;
+                    };
+                    let meta = self.meta.as_ref().expect("checked above");
+                    // Bits set in evicted extents must be on disk before the extent leaves the
+                    // log: after a crash only the log's extents are assumed dirty.
+                    let pages: Vec<_> = if evict.is_empty() {
+                        Vec::new()
+                    } else {
+                        let mut c = self.core.lock().expect("volume state poisoned");
+                        let bm = &mut c.bitmap;
+                        bm.take_dirty().into_iter().map(|i| (i, bm.page(i))).collect()
+                    };
+                    let (seq, rec) = {
+                        let al = self.al.lock().expect("activity log poisoned");
+                        (al.seq() + 1, al.record(&add, &evict))
+                    };
+                    write_meta(move || {
+                        meta.write_bitmap(&pages)?;
+                        meta.write_al(seq, &rec)
+                    })
+                    .await?;
+                    self.stats.al_transactions.fetch_add(1, Relaxed);
+                    self.al
+                        .lock()
+                        .expect("activity log poisoned")
+                        .commit(offset, len, &add, &evict);
+                    return Ok(AlRef { v: self, offset, len });
+                }
+            }
+        }
+    }
+
+    /// Before acknowledging a write the peer does not have: a new current generation, durable.
+    async fn ensure_new_generation(&self) -> Result<(), i32> {
+        if self.meta.is_none() {
+            return Ok(());
+        }
+        let Some(meta) = &self.meta else { return Ok(()) };
+        let _g = self.meta_io.lock().await;
+        let sb = {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            if c.bumped {
+                return Ok(());
+            }
+            let primary = c.role == Role::Primary;
+            c.sb.uuids.new_current(random_u64(), primary);
+            c.sb.sequence += 1;
+            c.bumped = true;
+            c.sb
+        };
+        write_meta(move || meta.write_sb(&sb)).await?;
+        self.event(format!(
+            "new current generation {:#018x} (writing without the peer)",
+            sb.uuids.current
+        ));
+        Ok(())
+    }
+
+    fn mark_out_of_sync(&self, offset: u64, len: u64) {
+        if self.meta.is_some() {
+            self.core.lock().expect("volume state poisoned").bitmap.set_range(offset, len);
+        }
+    }
+
+    /// The connection writes go to, if any.
+    fn peer(&self) -> Option<Arc<Peer>> {
+        let c = self.core.lock().expect("volume state poisoned");
+        match c.conn {
+            ConnState::Connected
+            | ConnState::SyncSource
+            | ConnState::SyncTarget
+            | ConnState::VerifySource
+            | ConnState::VerifyTarget => c.peer.clone(),
+            ConnState::StandAlone | ConnState::Connecting | ConnState::Disconnecting => None,
+        }
+    }
+
+    fn writable(&self) -> Result<(), i32> {
+        let c = self.core.lock().expect("volume state poisoned");
+        if c.role != Role::Primary {
+            return Err(libc::EROFS);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ the NBD-facing I/O
+
+    /// Reads locally.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, i32> {
+        self.store.read(offset, len).await
+    }
+
+    /// A replicated write, answered under the protocol's completion rule.
+    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
+        self.writable()?;
+        let len = buf.len() as u64;
+        let _al = self.al_begin(offset, len).await?;
+        let _range = self.locks.lock(offset, len).await;
+        self.app_writes.fetch_add(1, Relaxed);
+        let peer = self.peer();
+        let mut comp = Completion::new(self.protocol(), fua, peer.is_some());
+        let mut acks = None;
+        if let Some(p) = &peer {
+            let (id, recv, done) = p.register(offset, len, self.protocol() == Protocol::B);
+            let digest = self.cfg.as_ref().map_or(Digest::Off, |c| c.digest);
+            let flags = if fua { F_FUA } else { 0 };
+            // Copy for the peer: the local write consumes `buf`.
+            let f = block_frame(Kind::Data, flags, id, offset, IoBuf::from_slice(&buf), digest);
+            if p.send(f).await {
+                comp.queued();
+                self.stats.sent_data_bytes.fetch_add(len, Relaxed);
+                acks = Some((recv, done));
+            } else {
+                comp.peer_lost();
+            }
+        }
+        comp.local_done(self.store.write(offset, buf, fua).await);
+        self.complete(comp, acks, offset, len).await
+    }
+
+    async fn complete(
+        &self,
+        mut comp: Completion,
+        acks: Option<(Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>)>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), i32> {
+        let mut acks = acks;
+        loop {
+            if let Some(out) = comp.ready() {
+                if out.out_of_sync {
+                    if len > 0 {
+                        self.mark_out_of_sync(offset, len);
+                    }
+                    self.ensure_new_generation().await?;
+                }
+                return out.result;
+            }
+            let Some((recv, done)) = acks.as_mut() else {
+                comp.peer_lost();
+                continue;
+            };
+            if let Some(r) = recv.as_mut() {
+                match r.await {
+                    Ok(()) => comp.received(),
+                    Err(_) => comp.peer_lost(),
+                }
+                *recv = None;
+                continue;
+            }
+            match done.await {
+                Ok(r) => comp.written(r),
+                Err(_) => comp.peer_lost(),
+            }
+        }
+    }
+
+    /// FLUSH: durable locally, and on the peer for B and C (and for A once queued).
+    pub async fn flush(&self) -> Result<(), i32> {
+        let peer = self.peer();
+        let mut comp = Completion::new(self.protocol(), true, peer.is_some());
+        let mut acks = None;
+        if let Some(p) = &peer {
+            let (id, _, done) = p.register(0, 0, false);
+            if p.send(small_frame(Kind::Flush, 0, id, 0, &[])).await {
+                comp.queued();
+                acks = Some((None, done));
+            } else {
+                comp.peer_lost();
+            }
+        }
+        comp.local_done(self.store.flush().await);
+        self.complete(comp, acks, 0, 0).await
+    }
+
+    /// TRIM and WRITE_ZEROES: both become "zero this range" on both nodes (so the replicas stay
+    /// byte-identical even where one side cannot discard).
+    pub async fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> Result<(), i32> {
+        self.writable()?;
+        let _al = self.al_begin(offset, len).await?;
+        let _range = self.locks.lock(offset, len).await;
+        let peer = self.peer();
+        let mut comp = Completion::new(self.protocol(), fua, peer.is_some());
+        let mut acks = None;
+        let local = self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await;
+        if local == Err(libc::EOPNOTSUPP) {
+            return local; // nothing happened (fast_only); nothing to replicate
+        }
+        if let Some(p) = &peer {
+            let (id, recv, done) = p.register(offset, len, self.protocol() == Protocol::B);
+            let mut flags = if fua { F_FUA } else { 0 };
+            if may_trim {
+                flags |= F_MAY_TRIM;
+            }
+            let l = u32::try_from(len).unwrap_or(u32::MAX);
+            if p.send(small_frame(Kind::Zero, flags, id, offset, &l.to_be_bytes())).await {
+                comp.queued();
+                acks = Some((recv, done));
+            } else {
+                comp.peer_lost();
+            }
+        }
+        comp.local_done(local);
+        self.complete(comp, acks, offset, len).await
+    }
+
+    /// TRIM (see [`Volume::zero`]); a single-node volume just punches a hole.
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), i32> {
+        if self.meta.is_none() {
+            return self.store.trim(offset, len, fua).await;
+        }
+        self.zero(offset, len, fua, true, false).await
+    }
+
+    /// Readahead hint.
+    pub fn cache(&self, offset: u64, len: u64) -> Result<(), i32> {
+        self.store.cache(offset, len)
+    }
+
+    /// Allocation status.
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+        max: usize,
+    ) -> Result<Vec<Extent>, i32> {
+        self.store.block_status(offset, len, max).await
+    }
+
+    // ------------------------------------------------------------------ roles
+
+    /// `duet primary [--force]`.
+    pub async fn promote(&self, force: bool) -> Result<String, Refused> {
+        let fresh = {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            if c.role == Role::Primary {
+                return Ok("already Primary".into());
+            }
+            if c.peer_role == Some(Role::Primary) && c.peer.is_some() {
+                return refuse(
+                    "the peer is Primary; run `duet secondary` there first (dual-primary is not supported)",
+                );
+            }
+            if matches!(c.conn, ConnState::SyncTarget) {
+                return refuse(
+                    "this node is receiving a resync (SyncTarget); wait until it finishes (see `duet status`)",
+                );
+            }
+            let fresh = c.disk == DiskState::Inconsistent && force;
+            match (c.disk, force) {
+                (DiskState::UpToDate, _) => {}
+                (DiskState::Consistent | DiskState::Outdated | DiskState::Inconsistent, true) => {}
+                (d, false) => {
+                    return refuse(format!(
+                        "the local disk is {d:?}, not UpToDate: promoting could serve stale data; connect to the peer first, or pass --force if you are sure this node's data is the one to keep"
+                    ));
+                }
+            }
+            c.role = Role::Primary;
+            c.disk = DiskState::UpToDate;
+            c.sb.flags |= FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY;
+            if fresh {
+                // Forced from nothing: a new data history with no bitmap base (the peer gets a
+                // full sync; two nodes forced this way are unrelated, not split).
+                c.sb.uuids = crate::generation::Generations {
+                    current: random_u64() & !1 | 1,
+                    bitmap: 0,
+                    history: [0, 0],
+                };
+                c.bumped = true;
+            }
+            fresh
+        };
+        if self.persist_sb().await.is_err() {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            c.role = Role::Secondary;
+            return refuse("cannot write the metadata (I/O error); not promoted");
+        }
+        self.send_state().await;
+        self.event(format!("promoted to Primary{}", if force { " (forced)" } else { "" }));
+        self.notify();
+        Ok(if fresh {
+            "Primary (forced: this node's data is now the source of truth)".into()
+        } else {
+            "Primary".into()
+        })
+    }
+
+    /// `duet secondary`, after the daemon closed the NBD export (nothing in flight).
+    pub async fn demote(&self) -> Result<String, Refused> {
+        {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            if c.role == Role::Secondary {
+                return Ok("already Secondary".into());
+            }
+            c.role = Role::Secondary;
+            c.sb.flags &= !FLAG_CRASHED_PRIMARY;
+        }
+        if self.store.flush().await.is_err() {
+            tracing::error!("flush at demotion failed");
+        }
+        let _ = self.persist_bitmap().await;
+        let _ = self.persist_sb().await;
+        self.send_state().await;
+        self.event("demoted to Secondary".into());
+        self.notify();
+        Ok("Secondary".into())
+    }
+
+    pub(crate) async fn send_state(&self) {
+        let (peer, role, disk) = {
+            let c = self.core.lock().expect("volume state poisoned");
+            (c.peer.clone(), c.role, c.disk)
+        };
+        if let Some(p) = peer {
+            let payload = [u8::from(role == Role::Primary), disk as u8];
+            p.send(small_frame(Kind::State, 0, 0, 0, &payload)).await;
+        }
+    }
+
+    /// The Params this node sends at connect.
+    pub(crate) fn params(&self) -> Params {
+        let c = self.core.lock().expect("volume state poisoned");
+        let mut flags = 0;
+        if c.role == Role::Primary {
+            flags |= P_PRIMARY;
+        }
+        if c.sb.flags & FLAG_CRASHED_PRIMARY != 0 {
+            flags |= P_CRASHED_PRIMARY;
+        }
+        if c.discard_my_data {
+            flags |= P_DISCARD_MY_DATA;
+        }
+        match c.disk {
+            DiskState::Inconsistent => flags |= P_INCONSISTENT,
+            DiskState::Outdated => flags |= P_OUTDATED,
+            DiskState::Consistent | DiskState::UpToDate => {}
+        }
+        Params {
+            size: self.size,
+            fingerprint: self.cfg.as_ref().map_or(0, |c| c.fingerprint),
+            uuids: c.sb.uuids,
+            flags,
+            bitmap_weight: c.bitmap.weight(),
+        }
+    }
+
+    /// `duet connect [--discard-my-data]`.
+    pub fn connect(&self, discard_my_data: bool) -> Result<String, Refused> {
+        if self.cfg.is_none() {
+            return refuse("this resource has no peer in the configuration");
+        }
+        let mut c = self.core.lock().expect("volume state poisoned");
+        if discard_my_data && c.role == Role::Primary {
+            return refuse("this node is Primary: run `duet secondary` before discarding its data");
+        }
+        c.discard_my_data = discard_my_data;
+        c.split_brain = None;
+        if c.peer.is_some() {
+            return Ok("already connected".into());
+        }
+        c.want_connect = true;
+        drop(c);
+        self.notify();
+        Ok(if discard_my_data {
+            "connecting; this node's changes will be discarded".into()
+        } else {
+            "connecting".into()
+        })
+    }
+
+    /// `duet disconnect`.
+    pub fn disconnect(&self) -> Result<String, Refused> {
+        let mut c = self.core.lock().expect("volume state poisoned");
+        c.want_connect = false;
+        c.conn = if c.peer.is_some() { ConnState::Disconnecting } else { ConnState::StandAlone };
+        drop(c);
+        self.notify();
+        Ok("disconnecting".into())
+    }
+
+    /// `duet invalidate`: every block out of sync, disk Inconsistent; the next connect resyncs
+    /// everything from the peer.
+    pub async fn invalidate(&self) -> Result<String, Refused> {
+        {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            if self.cfg.is_none() {
+                return refuse("this resource has no peer to resync from");
+            }
+            if c.role == Role::Primary {
+                return refuse(
+                    "this node is Primary: run `duet secondary` first (a Primary's data cannot be thrown away under its clients)",
+                );
+            }
+            c.disk = DiskState::Inconsistent;
+            c.bitmap.set_all();
+            // Reconnect so the handshake plans the full resync.
+            if c.peer.is_some() {
+                c.conn = ConnState::Disconnecting;
+            }
+        }
+        let _ = self.persist_bitmap().await;
+        let _ = self.persist_sb().await;
+        self.event("invalidated: every block out of sync, full resync from the peer".into());
+        self.notify();
+        Ok("invalidated; a full resync from the peer follows".into())
+    }
+
+    /// At shutdown: flush, write the bitmap, and clear "crashed primary" (this is a clean stop).
+    pub async fn close(&self) {
+        let _ = self.store.flush().await;
+        if self.meta.is_some() {
+            let _ = self.persist_bitmap().await;
+            {
+                let mut c = self.core.lock().expect("volume state poisoned");
+                c.sb.flags &= !FLAG_CRASHED_PRIMARY;
+            }
+            let _ = self.persist_sb().await;
+        }
+    }
+
+    // ------------------------------------------------------------------ peer-side apply
+
+    /// Applies a replicated write received from the peer (under its range lock).
+    pub(crate) async fn apply_write(
+        &self,
+        offset: u64,
+        data: Option<IoBuf>,
+        len: u64,
+        flags: u16,
+    ) -> Result<(), i32> {
+        self.stats.received_data_bytes.fetch_add(len, Relaxed);
+        let fua = flags & F_FUA != 0;
+        match data {
+            Some(buf) => self.store.write(offset, buf, fua).await,
+            None => self.store.write_zeroes(offset, len, fua, flags & F_MAY_TRIM != 0, false).await,
+        }
+    }
+
+    /// Takes a range lock.
+    pub(crate) async fn lock_range(&self, offset: u64, len: u64) -> RangeGuard {
+        self.locks.lock(offset, len).await
+    }
+
+    /// Runs `f` under the state lock.
+    pub(crate) fn with_core<T>(&self, f: impl FnOnce(&mut Core) -> T) -> T {
+        f(&mut self.core.lock().expect("volume state poisoned"))
+    }
+}
+
+async fn write_meta(f: impl FnOnce() -> Result<(), MetaError> + Send) -> Result<(), i32> {
+    // Metadata writes are few (AL transactions, role changes); doing them on this thread keeps
+    // the ordering obvious. block_in_place lets the runtime move other tasks off this worker.
+    tokio::task::block_in_place(f).map_err(|e| {
+        tracing::error!(error = %e, "metadata write failed");
+        libc::EIO
+    })
+}
+
+/// Status snapshot of a replicated volume.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReplStatus {
+    pub role: Role,
+    pub disk: DiskState,
+    pub connection: ConnState,
+    pub peer_role: Option<Role>,
+    pub peer_disk: Option<DiskState>,
+    pub out_of_sync_bytes: u64,
+    pub current_generation: String,
+    pub bitmap_generation: String,
+    pub history: [String; 2],
+    pub resync: Option<Progress>,
+    pub verify: Option<Progress>,
+    pub verify_mismatches: Vec<(u64, u64)>,
+    pub split_brain: Option<String>,
+    pub last_refusal: Option<String>,
+    pub sent_data_bytes: u64,
+    pub received_data_bytes: u64,
+    pub resync_sent_bytes: u64,
+    pub resync_received_bytes: u64,
+    pub resync_same_bytes: u64,
+    pub al_transactions: u64,
+    pub connects: u64,
+    pub peer_errors: u64,
+    pub events: Vec<Event>,
+}
+
+fn progress(p: Option<(Instant, u64, u64)>, left: u64) -> Option<Progress> {
+    let (start, total, done) = p?;
+    let el = start.elapsed().as_secs_f64().max(1e-3);
+    let rate = (done as f64 / el) as u64;
+    Some(Progress {
+        total_bytes: total,
+        done_bytes: done,
+        elapsed_s: el,
+        rate_bytes_per_s: rate,
+        eta_s: (rate > 0).then(|| left / rate),
+    })
+}
+
+impl Volume {
+    /// What `duet status` shows.
+    pub fn status(&self) -> ReplStatus {
+        let c = self.core.lock().expect("volume state poisoned");
+        let oos = if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 };
+        let g = |x: u64| format!("{x:016x}");
+        ReplStatus {
+            role: c.role,
+            disk: c.disk,
+            connection: c.conn,
+            peer_role: c.peer_role,
+            peer_disk: c.peer_disk,
+            out_of_sync_bytes: oos,
+            current_generation: g(c.sb.uuids.current),
+            bitmap_generation: g(c.sb.uuids.bitmap),
+            history: [g(c.sb.uuids.history[0]), g(c.sb.uuids.history[1])],
+            resync: progress(c.resync, oos),
+            verify: progress(c.verify, c.verify.map_or(0, |(_, t, d)| t.saturating_sub(d))),
+            verify_mismatches: c.verify_found.iter().take(100).copied().collect(),
+            split_brain: c.split_brain.clone(),
+            last_refusal: c.last_refusal.clone(),
+            sent_data_bytes: self.stats.sent_data_bytes.load(Relaxed),
+            received_data_bytes: self.stats.received_data_bytes.load(Relaxed),
+            resync_sent_bytes: self.stats.resync_sent_bytes.load(Relaxed),
+            resync_received_bytes: self.stats.resync_received_bytes.load(Relaxed),
+            resync_same_bytes: self.stats.resync_same_bytes.load(Relaxed),
+            al_transactions: self.stats.al_transactions.load(Relaxed),
+            connects: self.stats.connects.load(Relaxed),
+            peer_errors: self.stats.peer_errors.load(Relaxed),
+            events: c.events.iter().rev().take(20).rev().cloned().collect(),
+        }
+    }
+}
