@@ -7,4 +7,5 @@
 mod cli;
 mod clients;
 mod hostile;
+mod replication;
 mod shutdown;

@@ -565,6 +565,7 @@ impl Session {
                     self.send_bg(small_frame(Kind::RecvAck, 0, h.id, 0, &[]));
                 }
                 vol.app_writes.fetch_add(1, Relaxed);
+                vol.stats.received_data_bytes.fetch_add(len, Relaxed);
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
                     let r = vol.apply_write(h.offset, data, len, h.flags).await;
@@ -869,10 +870,7 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
             let next = vol.with_core(|c| {
                 c.bitmap.next_set(cursor).map(|s| (s, c.bitmap.run_end(s, RS_CHUNK_BITS)))
             });
-            let Some((s, e)) = next else {
-                ctl.unused(budget); // nothing left to ask for this round
-                break;
-            };
+            let Some((s, e)) = next else { break };
             let (off, len) = (s * g, ((e - s) * g).min(vol.size() - s * g));
             let kib = len.div_ceil(1024);
             if kib > budget {
@@ -892,6 +890,8 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
                 return;
             }
         }
+        // Whatever was granted and not asked for is not in flight.
+        ctl.unused(budget);
         let done = vol.with_core(|c| c.bitmap.next_set(cursor).is_none());
         if done && inflight.load(Relaxed) == 0 {
             if vol.with_core(|c| c.bitmap.weight()) > 0 {

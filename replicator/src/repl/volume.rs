@@ -968,7 +968,6 @@ impl Volume {
         len: u64,
         flags: u16,
     ) -> Result<(), i32> {
-        self.stats.received_data_bytes.fetch_add(len, Relaxed);
         let fua = flags & F_FUA != 0;
         match data {
             Some(buf) => self.store.write(offset, buf, fua).await,

@@ -1,0 +1,330 @@
+//! A replicating pair on loopback: two real daemons ("alpha" and "beta") with file-backed disks,
+//! one shared config, the cluster secret, their own control sockets, NBD and replication ports.
+//! Processes are killed at drop, even when a test fails.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{duet_bin, free_port, run, run_ok, wait_until};
+
+/// Settings of a pair.
+#[derive(Debug, Clone)]
+pub struct PairOpts {
+    pub size: u64,
+    pub protocol: &'static str,
+    /// Extra lines for the `[[resource]]` table (before its sub-tables).
+    pub resource_extra: String,
+    /// `[resource.split_brain]` lines.
+    pub split_brain: String,
+    /// `[resource.resync]` lines.
+    pub resync: String,
+}
+
+impl Default for PairOpts {
+    fn default() -> Self {
+        Self {
+            size: 128 << 20,
+            protocol: "C",
+            resource_extra: String::new(),
+            split_brain: String::new(),
+            resync: "rate_kib = 512000\nmin_rate_kib = 20480".into(),
+        }
+    }
+}
+
+/// One node of the pair.
+#[derive(Debug)]
+pub struct PairNode {
+    pub name: &'static str,
+    pub disk: PathBuf,
+    pub socket: PathBuf,
+    pub nbd_port: u16,
+    pub repl_port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// The pair.
+#[derive(Debug)]
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub secret: PathBuf,
+    pub n: [PairNode; 2],
+}
+
+fn kill(c: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = c.wait();
+}
+
+impl Pair {
+    /// Writes the config and disks and runs `create-md` on both nodes (nothing started).
+    pub fn configure(o: &PairOpts) -> Self {
+        std::fs::create_dir_all("/var/tmp/duet-tests").expect("create /var/tmp/duet-tests");
+        let dir = tempfile::Builder::new()
+            .prefix("pair-")
+            .tempdir_in("/var/tmp/duet-tests")
+            .expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "correct horse battery staple\n").expect("secret");
+        let node = |name: &'static str| {
+            let disk = dir.path().join(format!("{name}.img"));
+            std::fs::File::create(&disk).and_then(|f| f.set_len(o.size)).expect("disk");
+            PairNode {
+                name,
+                disk,
+                socket: dir.path().join(format!("{name}.sock")),
+                nbd_port: free_port(),
+                repl_port: free_port(),
+                log: dir.path().join(format!("{name}.log")),
+                child: None,
+            }
+        };
+        let n = [node("alpha"), node("beta")];
+        let config = dir.path().join("duet.toml");
+        let text = format!(
+            r#"[cluster]
+name = "itest-pair"
+secret_file = "{secret}"
+configured_master = "alpha"
+control_socket = "{s0}"
+metrics_listen = ""
+
+[node.alpha]
+[node.beta]
+control_socket = "{s1}"
+
+[[resource]]
+name = "vol0"
+protocol = "{protocol}"
+nbd_listen = "127.0.0.1:{nbd}"
+{extra}
+
+[resource.on.alpha]
+disk = "{d0}"
+meta = "internal"
+replication_address = "127.0.0.1:{r0}"
+
+[resource.on.beta]
+disk = "{d1}"
+meta = "internal"
+replication_address = "127.0.0.1:{r1}"
+
+[resource.resync]
+{resync}
+
+[resource.split_brain]
+{sb}
+
+[resource.peer]
+ping_interval_ms = 500
+ping_timeout_ms = 2000
+connect_retry_ms = 200
+"#,
+            secret = secret.display(),
+            s0 = n[0].socket.display(),
+            s1 = n[1].socket.display(),
+            protocol = o.protocol,
+            nbd = n[0].nbd_port,
+            extra = o.resource_extra,
+            d0 = n[0].disk.display(),
+            d1 = n[1].disk.display(),
+            r0 = n[0].repl_port,
+            r1 = n[1].repl_port,
+            resync = o.resync,
+            sb = o.split_brain,
+        );
+        // Both nodes share one nbd_listen port number in the file; the node that is Primary
+        // binds it. On one host only one can be Primary at a time, which the tests respect
+        // (and split-brain tests demote before promoting the other, or use separate ports).
+        std::fs::write(&config, text).expect("config");
+        let p = Self { dir, config, secret, n };
+        for i in 0..2 {
+            run_ok(p.cli(i).args(["create-md"]), Duration::from_secs(30));
+        }
+        p
+    }
+
+    /// Configures, starts both nodes, makes alpha the source with `primary --force`, and waits
+    /// until the initial full sync is done.
+    pub fn up(o: &PairOpts) -> Self {
+        let mut p = Self::configure(o);
+        p.start(0);
+        p.start(1);
+        p.ok(0, &["primary", "--force"]);
+        let t = std::time::Instant::now();
+        assert!(
+            p.wait_synced(Duration::from_secs(120)),
+            "initial sync did not finish after {:?}: {} / {}",
+            t.elapsed(),
+            p.repl(0),
+            p.repl(1)
+        );
+        p
+    }
+
+    /// A `duet` CLI command for node `i`.
+    pub fn cli(&self, i: usize) -> Command {
+        let mut c = Command::new(duet_bin());
+        c.arg("--config").arg(&self.config).args(["--node", self.n[i].name]);
+        c
+    }
+
+    /// Runs a CLI command on node `i` that must succeed; returns stdout.
+    pub fn ok(&self, i: usize, args: &[&str]) -> String {
+        run_ok(self.cli(i).args(args), Duration::from_secs(60))
+    }
+
+    /// Runs a CLI command on node `i` that must fail; returns stderr.
+    pub fn fails(&self, i: usize, args: &[&str]) -> String {
+        let o = run(self.cli(i).args(args), Duration::from_secs(60));
+        assert!(
+            !o.status.success(),
+            "{args:?} on {} succeeded: {}",
+            self.n[i].name,
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// Starts node `i`'s daemon and waits for its control socket.
+    pub fn start(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.n[i].log)
+            .expect("log");
+        let child = Command::new(duet_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--node", self.n[i].name, "daemon"])
+            .env("DUET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn daemon");
+        self.n[i].child = Some(child);
+        let sock = self.n[i].socket.clone();
+        let up = wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        assert!(up, "{} did not come up:\n{}", self.n[i].name, self.log_text(i));
+    }
+
+    /// SIGKILL node `i` (a crash).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.n[i].child.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// SIGTERM node `i` and wait for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.n[i].child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let mut done = false;
+            let exited = wait_until(Duration::from_secs(30), || {
+                done = c.try_wait().ok().flatten().is_some();
+                done
+            });
+            if !exited {
+                kill(&mut c);
+                panic!("{} ignored SIGTERM:\n{}", self.n[i].name, self.log_text(i));
+            }
+        }
+    }
+
+    /// The daemon log of node `i`.
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.n[i].log).unwrap_or_default()
+    }
+
+    /// `duet status --json` of node `i`, resource vol0.
+    pub fn res(&self, i: usize) -> serde_json::Value {
+        let out = run_ok(self.cli(i).args(["status", "--json"]), Duration::from_secs(10));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        v["resources"][0].clone()
+    }
+
+    /// The replication part of node `i`'s status.
+    pub fn repl(&self, i: usize) -> serde_json::Value {
+        self.res(i)["replication"].clone()
+    }
+
+    /// A replication counter or field as u64.
+    pub fn num(&self, i: usize, field: &str) -> u64 {
+        self.repl(i)[field].as_u64().unwrap_or_else(|| panic!("{field} missing"))
+    }
+
+    /// Both Connected, both UpToDate, nothing out of sync.
+    pub fn synced(&self) -> bool {
+        (0..2).all(|i| {
+            let r = self.repl(i);
+            r["connection"] == "Connected" && r["disk"] == "UpToDate" && r["out_of_sync_bytes"] == 0
+        })
+    }
+
+    /// Polls [`Pair::synced`].
+    pub fn wait_synced(&self, limit: Duration) -> bool {
+        wait_until(limit, || self.synced())
+    }
+
+    /// Polls until node `i`'s replication status satisfies `f`.
+    pub fn wait_for(
+        &self,
+        i: usize,
+        limit: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> bool {
+        wait_until(limit, || f(&self.repl(i)))
+    }
+
+    /// NBD URI (valid on whichever node is Primary).
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/vol0", self.n[0].nbd_port)
+    }
+
+    /// Replicated size.
+    pub fn data_size(&self) -> u64 {
+        let out = self.ok(0, &["dump-md"]);
+        let line = out.lines().find(|l| l.contains("volume size")).expect("volume size line");
+        line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).expect("a number")
+    }
+
+    /// SHA-256 of node `i`'s data area.
+    pub fn digest(&self, i: usize, size: u64) -> String {
+        let out = run_ok(
+            Command::new("sh")
+                .args(["-c", &format!("head -c {size} {} | sha256sum", self.n[i].disk.display())]),
+            Duration::from_secs(60),
+        );
+        out.split_whitespace().next().unwrap_or_default().to_string()
+    }
+
+    /// The data areas of both disks are byte-identical.
+    pub fn identical(&self) -> bool {
+        let size = self.data_size();
+        self.digest(0, size) == self.digest(1, size)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for i in 0..2 {
+            if let Some(mut c) = self.n[i].child.take() {
+                kill(&mut c);
+            }
+        }
+        if std::thread::panicking() {
+            for i in 0..2 {
+                eprintln!("--- {} log ---\n{}", self.n[i].name, self.log_text(i));
+            }
+        }
+    }
+}

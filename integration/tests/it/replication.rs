@@ -1,0 +1,424 @@
+//! Replication between two real daemons on loopback: protocols, crashes, resync, split brain,
+//! verify. Every check reads the real backing files or the real daemons' status.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration::pair::{Pair, PairOpts};
+use integration::rawnbd::Raw;
+use integration::{have, random_bytes, run, run_ok, wait_until};
+use replicator::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
+
+fn fio_randwrite(uri: &str, size: &str, secs: u32) -> String {
+    run_ok(
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            &format!("--size={size}"),
+            &format!("--runtime={secs}"),
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--end_fsync=1",
+            "--output-format=json",
+        ]),
+        Duration::from_secs(300),
+    )
+}
+
+fn fio_ok(json: &str) -> u64 {
+    let start = json.find('{').expect("fio JSON");
+    let v: serde_json::Value = serde_json::from_str(&json[start..]).expect("fio JSON");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "fio error: {json}");
+    job["write"]["io_bytes"].as_u64().expect("io_bytes")
+}
+
+fn protocol_round(protocol: &'static str) {
+    if !have("fio") {
+        return;
+    }
+    let p = Pair::up(&PairOpts { protocol, ..PairOpts::default() });
+    let written = fio_ok(&fio_randwrite(&p.uri(), "48M", 30));
+    assert!(written >= 48 << 20, "fio wrote {written}");
+    // fio ended with a flush. B and C: the peer has every byte now. A: the flush is local plus
+    // queued, so the peer catches up within moments.
+    if protocol == "A" {
+        assert!(wait_until(Duration::from_secs(20), || p.identical()), "replicas differ");
+    } else {
+        assert!(p.identical(), "replicas differ right after the flush");
+    }
+    assert!(p.synced());
+    let sent = p.num(0, "sent_data_bytes");
+    assert!(sent >= written, "replicated {sent} < written {written}");
+    assert_eq!(p.num(1, "received_data_bytes"), sent);
+}
+
+#[test]
+fn protocol_c_fio_verify_both_replicas_identical() {
+    protocol_round("C");
+}
+
+#[test]
+fn protocol_b_identical_after_flush() {
+    protocol_round("B");
+}
+
+#[test]
+fn protocol_a_identical_after_flush() {
+    protocol_round("A");
+}
+
+/// Writes `count` blocks of 64 KiB (block i at i × 64 KiB, seeded by `seed`) through one
+/// connection, pipelined; returns the indices the server acknowledged. Stops at the first error
+/// or when the connection dies.
+fn write_log(
+    port: u16,
+    seed: u64,
+    count: u64,
+    stop_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
+) -> Vec<u64> {
+    let mut r = Raw::transmission(port);
+    let mut acked = Vec::new();
+    let mut stop = stop_after;
+    let window = 16;
+    let mut sent = 0u64;
+    while sent < count.min(window) {
+        let data = random_bytes(seed + sent, 65536);
+        if r.request(CMD_WRITE, 0, sent, sent * 65536, 65536, &data).is_err() {
+            return acked;
+        }
+        sent += 1;
+    }
+    loop {
+        let Ok(rep) = r.reply() else { return acked };
+        if rep.error != 0 {
+            return acked;
+        }
+        acked.push(rep.cookie);
+        if let Some((n, _)) = &stop {
+            if acked.len() as u64 == *n {
+                let (_, f) = stop.take().unwrap();
+                f();
+            }
+        }
+        if sent < count {
+            let data = random_bytes(seed + sent, 65536);
+            if r.request(CMD_WRITE, 0, sent, sent * 65536, 65536, &data).is_err() {
+                return acked;
+            }
+            sent += 1;
+        } else if acked.len() as u64 == count {
+            return acked;
+        }
+    }
+}
+
+/// Reads block `i` through NBD.
+fn read_block(port: u16, i: u64) -> Vec<u8> {
+    let mut r = Raw::transmission(port);
+    r.request(CMD_READ, 0, 1, i * 65536, 65536, &[]).unwrap();
+    let rep = r.reply().unwrap();
+    assert_eq!(rep.error, 0);
+    r.read_data(65536)
+}
+
+#[test]
+fn secondary_crash_resends_only_the_dirty_blocks() {
+    let mut p = Pair::up(&PairOpts { size: 256 << 20, ..PairOpts::default() });
+    let port = p.n[0].nbd_port;
+    let before = p.num(0, "resync_sent_bytes");
+    // 100 blocks replicated, then beta dies (SIGKILL); alpha keeps serving 200 more.
+    let acked = write_log(port, 7, 100, None);
+    assert_eq!(acked.len(), 100);
+    p.kill(1);
+    assert!(p.wait_for(0, Duration::from_secs(20), |r| r["connection"] != "Connected"));
+    let mut r = Raw::transmission(port);
+    for i in 100..300u64 {
+        let data = random_bytes(7 + i, 65536);
+        r.request(CMD_WRITE, 0, i, i * 65536, 65536, &data).unwrap();
+        assert_eq!(r.reply().unwrap().error, 0);
+    }
+    let dirty = p.num(0, "out_of_sync_bytes");
+    assert_eq!(dirty, 200 * 65536, "exactly the blocks written without the peer are out of sync");
+    assert_ne!(p.repl(0)["bitmap_generation"], "0000000000000000", "a new generation was started");
+    // Beta returns: a bitmap resync of the dirty blocks only.
+    p.start(1);
+    assert!(p.wait_synced(Duration::from_secs(60)), "resync did not finish");
+    let resent = p.num(0, "resync_sent_bytes") - before;
+    assert!(resent <= dirty + (1 << 20), "resent {resent} bytes for {dirty} dirty bytes");
+    assert!(resent >= dirty / 2, "resent {resent} bytes, expected about {dirty}");
+    assert!(resent < p.data_size() / 4, "resent {resent}: that is a full sync, not a bitmap one");
+    assert!(p.identical(), "replicas differ after the resync");
+}
+
+#[test]
+fn primary_crash_promoted_secondary_has_every_acknowledged_write() {
+    let mut p = Pair::up(&PairOpts::default());
+    let port = p.n[0].nbd_port;
+    // Stream writes; SIGKILL alpha after 150 acknowledgements, with more in flight.
+    let pid = {
+        let out = p.ok(0, &["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["pid"].as_i64().unwrap()
+    };
+    let killer: Box<dyn FnOnce() + Send> = Box::new(move || {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let acked = write_log(port, 1000, 1000, Some((150, killer)));
+    assert!(acked.len() >= 150 && acked.len() < 1000, "acked {}", acked.len());
+    p.kill(0);
+    // Beta: still UpToDate; promote it without --force.
+    assert!(p.wait_for(1, Duration::from_secs(20), |r| r["connection"] != "Connected"));
+    assert_eq!(p.repl(1)["disk"], "UpToDate");
+    p.ok(1, &["primary"]);
+    assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    for &i in &acked {
+        assert_eq!(
+            read_block(port, i),
+            random_bytes(1000 + i, 65536),
+            "acknowledged block {i} lost"
+        );
+    }
+    // A write on beta starts a new generation; alpha returns and becomes sync target from its
+    // activity log (rule 50), ending identical.
+    let mut r = Raw::transmission(port);
+    r.request(CMD_WRITE, 0, 1, 0, 65536, &random_bytes(5, 65536)).unwrap();
+    assert_eq!(r.reply().unwrap().error, 0);
+    r.request(CMD_FLUSH, 0, 2, 0, 0, &[]).unwrap();
+    assert_eq!(r.reply().unwrap().error, 0);
+    drop(r);
+    p.start(0);
+    assert!(p.wait_synced(Duration::from_secs(60)), "old primary did not resync");
+    let log = p.log_text(0);
+    assert!(log.contains("crashed while Primary"), "alpha did not apply its activity log:\n{log}");
+    assert!(log.contains("rule 50"), "{log}");
+    let got = p.num(0, "resync_received_bytes");
+    assert!(got > 0 && got <= 64 << 20, "alpha received {got} resync bytes");
+    assert!(p.identical());
+}
+
+#[test]
+fn primary_crash_with_ext4_mounted_promoted_node_fsck_clean() {
+    if !(integration::is_root("loop devices and mounts") && have("nbdfuse") && have("mkfs.ext4")) {
+        return;
+    }
+    let mut p = Pair::up(&PairOpts::default());
+    let d = p.dir.path().to_path_buf();
+    let fuse = d.join("fuse");
+    let mnt = d.join("mnt");
+    std::fs::create_dir_all(&fuse).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let attach = |uri: String| -> (std::process::Child, String) {
+        let child = Command::new("nbdfuse").arg(&fuse).arg("--uri").arg(&uri).spawn().unwrap();
+        let img = fuse.join("nbd");
+        assert!(wait_until(Duration::from_secs(20), || img.exists()));
+        let lo = run_ok(
+            Command::new("losetup").args(["-f", "--show"]).arg(&img),
+            Duration::from_secs(20),
+        );
+        (child, lo.trim().to_string())
+    };
+    let detach = |mut child: std::process::Child, lo: &str| {
+        let _ = run(Command::new("umount").arg("-l").arg(&mnt), Duration::from_secs(20));
+        let _ = run(Command::new("losetup").args(["-d", lo]), Duration::from_secs(20));
+        let _ =
+            run(Command::new("fusermount3").args(["-u", "-z"]).arg(&fuse), Duration::from_secs(20));
+        let _ = child.kill();
+        let _ = child.wait();
+    };
+    let (child, lo) = attach(p.uri());
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &lo]), Duration::from_secs(120));
+    run_ok(Command::new("mount").arg(&lo).arg(&mnt), Duration::from_secs(30));
+    for i in 0..8 {
+        std::fs::write(mnt.join(format!("f{i}")), random_bytes(i, 256 * 1024)).unwrap();
+    }
+    run_ok(Command::new("sync").arg("-f").arg(mnt.join("f0")), Duration::from_secs(60));
+    // More writes in flight, then the crash while mounted.
+    for i in 8..12 {
+        let _ = std::fs::write(mnt.join(format!("f{i}")), random_bytes(i, 256 * 1024));
+    }
+    p.kill(0);
+    detach(child, &lo);
+    p.ok(1, &["primary"]);
+    let (child, lo) = attach(p.uri());
+    run_ok(Command::new("mount").arg(&lo).arg(&mnt), Duration::from_secs(30)); // replays the journal
+    for i in 0..8 {
+        assert_eq!(
+            std::fs::read(mnt.join(format!("f{i}"))).unwrap(),
+            random_bytes(i, 256 * 1024),
+            "file {i}"
+        );
+    }
+    run_ok(Command::new("umount").arg(&mnt), Duration::from_secs(30));
+    let fsck = run(Command::new("e2fsck").args(["-fn", &lo]), Duration::from_secs(120));
+    let out =
+        String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    detach(child, &lo);
+    assert!(fsck.status.success(), "e2fsck -fn on the promoted node: {out}");
+}
+
+/// Writes one 64 KiB block through NBD and flushes.
+fn write_block(port: u16, i: u64, seed: u64) {
+    let mut r = Raw::transmission(port);
+    r.request(CMD_WRITE, 0, 1, i * 65536, 65536, &random_bytes(seed, 65536)).unwrap();
+    assert_eq!(r.reply().unwrap().error, 0);
+    r.request(CMD_FLUSH, 0, 2, 0, 0, &[]).unwrap();
+    assert_eq!(r.reply().unwrap().error, 0);
+}
+
+/// Both nodes write while disconnected: alpha `a_blocks` blocks as Primary, then beta (after
+/// alpha demoted) `b_blocks` as Primary; `demote_beta` leaves no Primary at reconnect.
+fn split(p: &Pair, a_blocks: u64, b_blocks: u64, demote_beta: bool) {
+    let port = p.n[0].nbd_port;
+    p.ok(0, &["disconnect"]);
+    p.ok(1, &["disconnect"]);
+    for i in 0..a_blocks {
+        write_block(port, i, 100 + i);
+    }
+    p.ok(0, &["secondary"]);
+    p.ok(1, &["primary"]);
+    assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    for i in 0..b_blocks {
+        write_block(port, 10 + i, 900 + i);
+    }
+    if demote_beta {
+        p.ok(1, &["secondary"]);
+    }
+}
+
+#[test]
+fn split_brain_detected_by_default_then_recovered_with_discard_my_data() {
+    let p = Pair::up(&PairOpts::default());
+    split(&p, 3, 5, false);
+    let size = p.data_size();
+    let (da, db) = (p.digest(0, size), p.digest(1, size));
+    assert_ne!(da, db);
+    p.ok(0, &["connect"]);
+    p.ok(1, &["connect"]);
+    for i in 0..2 {
+        assert!(
+            p.wait_for(i, Duration::from_secs(20), |r| r["split_brain"].is_string()
+                && r["connection"] == "StandAlone"),
+            "node {i} did not report split brain: {}",
+            p.repl(i)
+        );
+    }
+    // Loud: the log says so, and nothing moved.
+    assert!(p.log_text(0).contains("SPLIT BRAIN"));
+    assert_eq!((p.digest(0, size), p.digest(1, size)), (da.clone(), db.clone()));
+    let text = p.ok(0, &["status"]);
+    assert!(text.contains("SPLIT BRAIN"), "{text}");
+    // Manual recovery: alpha is the victim (beta's data wins).
+    p.ok(0, &["connect", "--discard-my-data"]);
+    p.ok(1, &["connect"]);
+    assert!(p.wait_synced(Duration::from_secs(60)), "no resync after --discard-my-data");
+    assert_eq!(p.digest(0, size), db, "the survivor's data did not win");
+    assert!(p.identical());
+}
+
+#[test]
+fn split_brain_automatic_policies_resolve_as_drbd() {
+    // discard-least-changes: alpha changed 2 blocks, beta 6 → alpha's changes are discarded.
+    let p = Pair::up(&PairOpts {
+        split_brain: "after_sb_0pri = \"discard-least-changes\"".into(),
+        ..PairOpts::default()
+    });
+    split(&p, 2, 6, true);
+    let size = p.data_size();
+    let db = p.digest(1, size);
+    p.ok(0, &["connect"]);
+    p.ok(1, &["connect"]);
+    assert!(p.wait_synced(Duration::from_secs(60)), "least-changes did not resolve: {}", p.repl(0));
+    assert_eq!(p.digest(0, size), db);
+    drop(p);
+    // discard-node-beta: beta's changes go whatever their count.
+    let p = Pair::up(&PairOpts {
+        split_brain: "after_sb_0pri = \"discard-node-beta\"".into(),
+        ..PairOpts::default()
+    });
+    split(&p, 2, 6, true);
+    let da = p.digest(0, size);
+    p.ok(0, &["connect"]);
+    p.ok(1, &["connect"]);
+    assert!(p.wait_synced(Duration::from_secs(60)), "discard-node did not resolve: {}", p.repl(1));
+    assert_eq!(p.digest(1, size), da);
+    drop(p);
+    // discard-zero-changes with changes on both sides: not resolvable → split brain.
+    let p = Pair::up(&PairOpts {
+        split_brain: "after_sb_0pri = \"discard-zero-changes\"".into(),
+        ..PairOpts::default()
+    });
+    split(&p, 2, 6, true);
+    p.ok(0, &["connect"]);
+    p.ok(1, &["connect"]);
+    assert!(p.wait_for(0, Duration::from_secs(20), |r| r["split_brain"].is_string()));
+}
+
+#[test]
+fn unrelated_data_is_refused() {
+    let mut p = Pair::configure(&PairOpts::default());
+    // Each node forced Primary on its own, never connected: no common generation.
+    for i in 0..2 {
+        p.start(i);
+        p.ok(i, &["disconnect"]);
+        p.ok(i, &["primary", "--force"]);
+        p.ok(i, &["secondary"]);
+        p.stop(i);
+    }
+    p.start(0);
+    p.start(1);
+    for i in 0..2 {
+        assert!(
+            p.wait_for(i, Duration::from_secs(20), |r| r["last_refusal"]
+                .as_str()
+                .is_some_and(|s| s.contains("unrelated"))
+                && r["connection"] == "StandAlone"),
+            "node {i}: {}",
+            p.repl(i)
+        );
+    }
+}
+
+#[test]
+fn verify_finds_a_corrupted_block_and_repair_fixes_it() {
+    let p = Pair::up(&PairOpts::default());
+    for i in 0..32 {
+        write_block(p.n[0].nbd_port, i, 40 + i);
+    }
+    assert!(p.identical());
+    // Corrupt 4 KiB of beta's backing file behind duet's back.
+    let off = 17 * 65536 + 8192;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&p.n[1].disk).unwrap();
+        f.write_all_at(&[0xEE; 4096], off).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert!(!p.identical());
+    p.ok(0, &["verify"]);
+    assert!(p.wait_for(0, Duration::from_secs(60), |r| r["verify"].is_null()
+        && r["connection"] == "Connected"));
+    let r = p.repl(0);
+    assert_eq!(r["verify_mismatches"], serde_json::json!([[off, 4096]]), "{r}");
+    assert_eq!(r["out_of_sync_bytes"], 4096);
+    assert!(!p.identical(), "verify without --repair changes nothing");
+    p.ok(0, &["verify", "--repair"]);
+    assert!(wait_until(Duration::from_secs(60), || p.identical()), "repair did not fix the block");
+    assert!(p.wait_for(0, Duration::from_secs(30), |r| r["verify"].is_null()));
+}
