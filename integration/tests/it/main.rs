@@ -7,5 +7,6 @@
 mod cli;
 mod clients;
 mod hostile;
+mod peer_hostile;
 mod replication;
 mod shutdown;

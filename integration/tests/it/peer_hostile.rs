@@ -1,0 +1,176 @@
+//! A hostile peer on the replication port: garbage, another cluster, the wrong secret, bad and
+//! truncated frames, oversized frames, a smaller volume. Each is refused and logged; nothing is
+//! written; the daemon keeps running and later pairs with the real peer.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use integration::pair::{Pair, PairOpts};
+use integration::wait_until;
+use replicator::generation::Generations;
+use replicator::repl::handshake::{self, Hello, Params};
+use replicator::repl::wire::{self, Kind};
+
+struct Conn {
+    s: TcpStream,
+}
+
+impl Conn {
+    fn open(port: u16) -> Self {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Self { s }
+    }
+    fn send(&mut self, kind: Kind, payload: &[u8]) {
+        let mut b = BytesMut::new();
+        wire::encode(&mut b, kind, 0, 0, 0, payload);
+        let _ = self.s.write_all(&b);
+    }
+    /// The next frame, or None when the daemon closed the connection.
+    fn frame(&mut self) -> Option<(Kind, Vec<u8>)> {
+        let mut h = [0u8; wire::HEADER_LEN];
+        self.s.read_exact(&mut h).ok()?;
+        let hd = wire::decode_header(&h).unwrap().unwrap();
+        let mut p = vec![0u8; hd.len as usize];
+        self.s.read_exact(&mut p).ok()?;
+        Some((hd.kind, p))
+    }
+    /// Reads until the daemon closes; returns any Refuse text seen.
+    fn refusal(&mut self) -> String {
+        let mut why = String::new();
+        while let Some((k, p)) = self.frame() {
+            if k == Kind::Refuse {
+                why = String::from_utf8_lossy(&p).into_owned();
+            }
+        }
+        why
+    }
+    /// Reads the daemon's Hello.
+    fn their_hello(&mut self) -> Hello {
+        let (k, p) = self.frame().expect("daemon Hello");
+        assert_eq!(k, Kind::Hello);
+        Hello::decode(&p).unwrap()
+    }
+}
+
+fn hello(cluster: &str) -> Hello {
+    Hello {
+        version: wire::VERSION,
+        features: handshake::FEATURES,
+        cluster: cluster.into(),
+        node: "alpha".into(),
+        resource: "vol0".into(),
+        challenge: [9; 32],
+    }
+}
+
+/// Hello and Auth with `secret`; returns the connection ready for Params.
+fn authenticated(port: u16, secret: &[u8]) -> Conn {
+    let mut c = Conn::open(port);
+    let theirs = c.their_hello();
+    let mine = hello("itest-pair");
+    let mut b = BytesMut::new();
+    mine.encode(&mut b);
+    c.send(Kind::Hello, &b);
+    let tag =
+        handshake::auth_tag(secret, "itest-pair", &theirs.challenge, &mine.challenge, "alpha");
+    c.send(Kind::Auth, &tag);
+    c
+}
+
+#[test]
+fn hostile_peers_are_refused_and_nothing_is_written() {
+    let mut p = Pair::configure(&PairOpts::default());
+    p.start(1); // beta accepts replication connections; alpha stays down
+    let port = p.n[1].repl_port;
+    let size = p.data_size();
+    let before = p.digest(1, size);
+    let secret = b"correct horse battery staple";
+
+    // Garbage instead of a Hello.
+    let mut c = Conn::open(port);
+    let _ = c.their_hello();
+    c.s.write_all(&[0x5a; 200]).unwrap();
+    assert_eq!(c.refusal(), "");
+
+    // Another cluster.
+    let mut c = Conn::open(port);
+    let _ = c.their_hello();
+    let mut b = BytesMut::new();
+    hello("someone-else").encode(&mut b);
+    c.send(Kind::Hello, &b);
+    assert!(c.refusal().contains("cluster"));
+
+    // The wrong secret.
+    let mut c = authenticated(port, b"not the secret");
+    let why = c.refusal();
+    assert!(why.contains("authentication"), "{why}");
+
+    // Right secret, then a frame whose header checksum is broken.
+    let mut c = authenticated(port, secret);
+    let (k, _) = c.frame().unwrap();
+    assert_eq!(k, Kind::Auth);
+    let mut f = BytesMut::new();
+    wire::encode(&mut f, Kind::Params, 0, 0, 0, &[0; 60]);
+    f[10] ^= 0xff;
+    c.s.write_all(&f).unwrap();
+    assert_eq!(c.refusal(), "");
+
+    // Truncated frame: a header promising 1000 bytes, 10 sent, then hang up.
+    let mut c = Conn::open(port);
+    let _ = c.their_hello();
+    let mut f = BytesMut::new();
+    wire::encode_header(&mut f, Kind::Hello, 0, 0, 0, 1000);
+    c.s.write_all(&f).unwrap();
+    c.s.write_all(&[1; 10]).unwrap();
+    drop(c);
+
+    // Oversized frame before authentication.
+    let mut c = Conn::open(port);
+    let _ = c.their_hello();
+    let mut f = BytesMut::new();
+    wire::encode_header(&mut f, Kind::Hello, 0, 0, 0, 1 << 20);
+    c.s.write_all(&f).unwrap();
+    assert_eq!(c.refusal(), "");
+
+    // Authenticated, claiming to be Primary of a volume larger than ours.
+    let mut c = authenticated(port, secret);
+    let _ = c.frame().unwrap(); // their Auth
+    let (k, theirs) = c.frame().unwrap();
+    assert_eq!(k, Kind::Params);
+    let theirs = Params::decode(&theirs).unwrap();
+    let small = Params {
+        size: theirs.size * 2,
+        fingerprint: theirs.fingerprint,
+        uuids: Generations { current: 0x1234_5679, bitmap: 0, history: [0, 0] },
+        flags: handshake::P_PRIMARY,
+        bitmap_weight: 0,
+    };
+    let mut b = BytesMut::new();
+    small.encode(&mut b);
+    c.send(Kind::Params, &b);
+    let why = c.refusal();
+    assert!(why.contains("volume"), "{why}");
+
+    // A data frame right after authentication (skipping Params): refused.
+    let mut c = authenticated(port, secret);
+    let _ = c.frame().unwrap();
+    c.send(Kind::Data, &[0xAB; 4096]);
+    let _ = c.refusal();
+
+    // The daemon is fine, counted every attempt, logged them (rate-limited), wrote nothing.
+    assert!(wait_until(Duration::from_secs(10), || p.num(1, "peer_errors") >= 7), "{}", p.repl(1));
+    assert_eq!(p.digest(1, size), before, "a hostile peer changed the disk");
+    let log = p.log_text(1);
+    assert!(log.contains("replication link"), "{log}");
+    let lines = log.lines().filter(|l| l.contains("replication link")).count();
+    assert!(lines <= 6, "{lines} log lines for 8 attempts: not rate-limited\n{log}");
+    assert_eq!(p.repl(1)["connection"], "Connecting");
+
+    // And the real peer still pairs with it.
+    p.start(0);
+    p.ok(0, &["primary", "--force"]);
+    assert!(p.wait_synced(Duration::from_secs(120)));
+}
