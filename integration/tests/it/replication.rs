@@ -45,6 +45,8 @@ fn protocol_round(protocol: &'static str) {
     let p = Pair::up(&PairOpts { protocol, ..PairOpts::default() });
     let written = fio_ok(&fio_randwrite(&p.uri(), "48M", 30));
     assert!(written >= 48 << 20, "fio wrote {written}");
+    // Zeroing and discard replicate too (as zeroes on both sides), then the final flush.
+    integration::qemu_io(&p.uri(), &["write -z 1M 1M", "discard 3M 2M", "write -z -u 8M 512k", "write -P 0x33 20M 64k", "flush"]);
     // fio ended with a flush. B and C: the peer has every byte now. A: the flush is local plus
     // queued, so the peer catches up within moments.
     if protocol == "A" {

@@ -557,7 +557,11 @@ impl Session {
                 if vol.role() == Role::Primary {
                     return Err("peer sent a replicated write to a Primary".into());
                 }
-                let (data, len) = self.block_payload(&h, &p, digest)?;
+                let (data, len) = if h.kind == Kind::Zero {
+                    (None, u32_payload(Kind::Zero, &p)?)
+                } else {
+                    self.block_payload(&h, &p, digest)?
+                };
                 range_of(&vol, h.offset, len)?;
                 let lock = vol.lock_range(h.offset, len).await;
                 let bar = Arc::clone(&self.barrier).read_owned().await;
