@@ -569,7 +569,9 @@ impl Session {
                     self.send_bg(small_frame(Kind::RecvAck, 0, h.id, 0, &[]));
                 }
                 vol.app_writes.fetch_add(1, Relaxed);
-                vol.stats.received_data_bytes.fetch_add(len, Relaxed);
+                if h.kind == Kind::Data {
+                    vol.stats.received_data_bytes.fetch_add(len, Relaxed);
+                }
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
                     let r = vol.apply_write(h.offset, data, len, h.flags).await;
