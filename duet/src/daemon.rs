@@ -83,13 +83,15 @@ const METRICS: [Metric; 15] = [
     }),
 ];
 
+/// An open export: its stop signal, its task, and the address it is bound to.
+type Serving = (watch::Sender<bool>, tokio::task::JoinHandle<()>, SocketAddr);
+
 /// One NBD listener and the resources it exports. It is open while every one of them is
 /// Primary (a single node's resources always are; in a pair each resource has its own listener).
 struct Group {
     addr: SocketAddr,
     server: Arc<Server>,
-    serving:
-        tokio::sync::Mutex<Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>, SocketAddr)>>,
+    serving: tokio::sync::Mutex<Option<Serving>>,
 }
 
 impl Group {

@@ -46,7 +46,16 @@ fn protocol_round(protocol: &'static str) {
     let written = fio_ok(&fio_randwrite(&p.uri(), "48M", 30));
     assert!(written >= 48 << 20, "fio wrote {written}");
     // Zeroing and discard replicate too (as zeroes on both sides), then the final flush.
-    integration::qemu_io(&p.uri(), &["write -z 1M 1M", "discard 3M 2M", "write -z -u 8M 512k", "write -P 0x33 20M 64k", "flush"]);
+    integration::qemu_io(
+        &p.uri(),
+        &[
+            "write -z 1M 1M",
+            "discard 3M 2M",
+            "write -z -u 8M 512k",
+            "write -P 0x33 20M 64k",
+            "flush",
+        ],
+    );
     // fio ended with a flush. B and C: the peer has every byte now. A: the flush is local plus
     // queued, so the peer catches up within moments.
     if protocol == "A" {
@@ -102,11 +111,11 @@ fn write_log(
             return acked;
         }
         acked.push(rep.cookie);
-        if let Some((n, _)) = &stop {
-            if acked.len() as u64 == *n {
-                let (_, f) = stop.take().unwrap();
-                f();
-            }
+        if let Some((n, _)) = &stop
+            && acked.len() as u64 == *n
+        {
+            let (_, f) = stop.take().unwrap();
+            f();
         }
         if sent < count {
             let data = random_bytes(seed + sent, 65536);

@@ -851,7 +851,7 @@ fn cfg_protocol(vol: &Volume) -> super::completion::Protocol {
 
 fn hashes(buf: &[u8], g: u64) -> Vec<u8> {
     let g = usize::try_from(g).expect("granularity fits");
-    buf.chunks(g).flat_map(|c| wire::hash(c)).collect()
+    buf.chunks(g).flat_map(wire::hash).collect()
 }
 
 /// The resync as target: request out-of-sync blocks at the controller's rate until none are left.
@@ -886,10 +886,10 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
             cursor = e;
             let mut payload = BytesMut::new();
             payload.put_u32(u32::try_from(len).expect("bounded"));
-            if cfg.checksum_resync {
-                if let Ok(buf) = vol.read(off, usize::try_from(len).expect("bounded")).await {
-                    payload.put_slice(&wire::hash(&buf));
-                }
+            if cfg.checksum_resync
+                && let Ok(buf) = vol.read(off, usize::try_from(len).expect("bounded")).await
+            {
+                payload.put_slice(&wire::hash(&buf));
             }
             inflight.fetch_add(1, Relaxed);
             if !peer.send(small_frame(Kind::RsRequest, 0, 0, off, &payload)).await {

@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// What a replicated write waits for: receipt (protocol B) and the peer's write.
+type Acks = Option<(Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>)>;
+
 use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -192,24 +195,13 @@ fn refuse<T>(s: impl Into<String>) -> Result<T, Refused> {
     Err(Refused(s.into()))
 }
 
-/// Fresh randomness for generations and challenges.
+/// Fresh randomness for generations and challenges. Without /dev/urandom there is no safe
+/// way to make generation identifiers or challenges, so that is fatal.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        if f.read_exact(&mut b).is_ok() {
-            return b;
-        }
-    }
-    // /dev/urandom is always there on Linux; if not, fall back to time and address entropy.
-    let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let seed = (t as u64) ^ (std::process::id() as u64).rotate_left(32) ^ (&b as *const _ as u64);
-    let mut x = seed | 1;
-    for v in &mut b {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *v = (x >> 24) as u8;
-    }
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("/dev/urandom must be readable to make generation identifiers");
     b
 }
 
@@ -653,7 +645,7 @@ impl Volume {
     async fn complete(
         &self,
         mut comp: Completion,
-        acks: Option<(Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>)>,
+        acks: Acks,
         offset: u64,
         len: u64,
     ) -> Result<(), i32> {
@@ -1026,7 +1018,8 @@ pub struct ReplStatus {
 fn progress(p: Option<(Instant, u64, u64)>, left: u64) -> Option<Progress> {
     let (start, total, done) = p?;
     let el = start.elapsed().as_secs_f64().max(1e-3);
-    let rate = (done as f64 / el) as u64;
+    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+    let rate = done.saturating_mul(1000) / ms;
     Some(Progress {
         total_bytes: total,
         done_bytes: done,
