@@ -433,3 +433,33 @@ fn verify_finds_a_corrupted_block_and_repair_fixes_it() {
     assert!(wait_until(Duration::from_secs(60), || p.identical()), "repair did not fix the block");
     assert!(p.wait_for(0, Duration::from_secs(30), |r| r["verify"].is_null()));
 }
+
+#[test]
+fn invalidate_with_checksum_resync_ships_only_differing_blocks() {
+    let p = Pair::up(&PairOpts {
+        resource_extra: "data_integrity = \"sha256\"".into(),
+        resync: "checksum = true\nrate_kib = 512000".into(),
+        ..PairOpts::default()
+    });
+    for i in 0..16 {
+        write_block(p.n[0].nbd_port, i, 70 + i);
+    }
+    assert!(p.identical());
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&p.n[1].disk).unwrap();
+        f.write_all_at(&[0x11; 4096], 5 * 65536).unwrap();
+    }
+    let (sent0, same0) = (p.num(0, "resync_sent_bytes"), p.num(0, "resync_same_bytes"));
+    p.ok(1, &["invalidate"]);
+    assert!(p.wait_for(1, Duration::from_secs(20), |r| r["connection"] != "Connected" || r["disk"] != "UpToDate"));
+    assert!(p.wait_synced(Duration::from_secs(120)), "no full resync after invalidate");
+    let sent = p.num(0, "resync_sent_bytes") - sent0;
+    let same = p.num(0, "resync_same_bytes") - same0;
+    let size = p.data_size();
+    assert!(same >= size - (1 << 20), "only {same} of {size} bytes matched by checksum");
+    assert!(sent > 0 && sent <= 1 << 20, "{sent} bytes shipped for one differing block");
+    assert!(p.identical());
+    // A Primary refuses to be invalidated.
+    assert!(p.fails(0, &["invalidate"]).contains("Primary"));
+}
