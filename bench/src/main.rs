@@ -1,6 +1,9 @@
-//! `duet-bench nbd`: fio's `nbd` engine against duet, `nbdkit file` and `qemu-nbd`, on the same
-//! kind of backing file, in one run, interleaved, several repetitions. Prints a table with the
-//! median of each figure and the ratio duet/peer, and writes every sample as JSON.
+//! `duet-bench`: fio's `nbd` engine against duet (standalone, and replicating pairs under
+//! protocols A, B and C), `nbdkit file`, `qemu-nbd`, and `qemu-storage-daemon` exporting a volume
+//! with a synchronous `blockdev-mirror` (copy-mode=write-blocking) to a second NBD server, on the
+//! same kind of backing file, in one run, interleaved, several repetitions. Prints a table with the
+//! median of each figure and the ratio duet/peer, and writes every sample as JSON. Pairs also
+//! report how fast their initial full sync ran (`--resync-rate-kib` caps it; 0 = unlimited).
 //!
 //! The machines this runs on are shared and noisy, so only ratios within one run mean anything;
 //! the order of servers rotates every repetition so that none always runs first.
@@ -44,6 +47,9 @@ struct Args {
     /// Only these workloads (by name); default all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Resync rate for the pairs' initial full sync, KiB/s (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    resync_rate_kib: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +69,8 @@ const WORKLOADS: [Workload; 4] = [
     Workload { name: "write-4k-qd1", rw: "randwrite", bs: "4k", qd: 1, latency: true },
 ];
 
-const SERVERS: [&str; 3] = ["duet", "nbdkit", "qemu-nbd"];
+const SERVERS: [&str; 7] =
+    ["duet", "duet-A", "duet-B", "duet-C", "nbdkit", "qemu-nbd", "qsd-mirror"];
 
 #[derive(Debug, Clone, Serialize)]
 struct Sample {
@@ -76,16 +83,195 @@ struct Sample {
     lat_p99_us: f64,
 }
 
-/// A running server, killed (with its process group) on drop.
+/// Running server processes, killed on drop.
 struct Running {
-    child: Child,
+    children: Vec<Child>,
     uri: String,
+    /// For pairs: seconds and bytes of the initial full sync.
+    sync: Option<(f64, u64)>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A duet pair on loopback: `file` is alpha's disk, a copy of it beta's. Returns when the
+/// initial full sync is done (timed).
+fn start_pair(protocol: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
+    let d = &args.dir;
+    let beta = d.join("beta.img");
+    std::fs::copy(file, &beta).context("copying the image for beta")?;
+    std::fs::write(d.join("secret"), "bench-secret-0123456789")?;
+    let rate = if args.resync_rate_kib == 0 {
+        "mode = \"fixed\"\nrate_kib = 100000000".to_string()
+    } else {
+        format!("mode = \"fixed\"\nrate_kib = {}", args.resync_rate_kib)
+    };
+    let cfg = d.join("pair.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[cluster]\nname = \"bench\"\nsecret_file = \"{secret}\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nmetrics_listen = \"\"\n\
+             [node.alpha]\n[node.beta]\ncontrol_socket = \"{d}/beta.sock\"\n\
+             [[resource]]\nname = \"vol0\"\nprotocol = \"{protocol}\"\nio_engine = \"{engine}\"\nnbd_listen = \"127.0.0.1:{port}\"\n\
+             [resource.on.alpha]\ndisk = \"{a}\"\nreplication_address = \"127.0.0.1:{r0}\"\n\
+             [resource.on.beta]\ndisk = \"{b}\"\nreplication_address = \"127.0.0.1:{r1}\"\n\
+             [resource.resync]\n{rate}\n",
+            secret = d.join("secret").display(),
+            d = d.display(),
+            engine = args.duet_engine,
+            a = file.display(),
+            b = beta.display(),
+            r0 = port + 100,
+            r1 = port + 101,
+        ),
+    )?;
+    let duet = |node: &str| {
+        let mut c = Command::new(&args.duet);
+        c.arg("--config").arg(&cfg).args(["--node", node]);
+        c
+    };
+    for n in ["alpha", "beta"] {
+        let st = duet(n).args(["create-md", "--force"]).stdout(Stdio::null()).status()?;
+        if !st.success() {
+            bail!("create-md on {n} failed");
+        }
+    }
+    let mut children = Vec::new();
+    for n in ["alpha", "beta"] {
+        children.push(duet(n).arg("daemon").env("DUET_LOG", "warn").stdout(Stdio::null()).spawn()?);
+    }
+    let mut r = Running { children, uri: format!("nbd://127.0.0.1:{port}/vol0"), sync: None };
+    let status = |n: &str| -> Option<serde_json::Value> {
+        let o = duet(n).args(["status", "--json"]).stderr(Stdio::null()).output().ok()?;
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .ok()
+            .map(|v| v["resources"][0]["replication"].clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status("alpha").is_none() || status("beta").is_none() {
+        if Instant::now() > deadline {
+            bail!("pair did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !duet("alpha").args(["primary", "--force"]).stdout(Stdio::null()).status()?.success() {
+        bail!("primary --force failed");
+    }
+    // Timed from the moment beta is SyncTarget (after the reconnect) to UpToDate.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut t0 = None;
+    loop {
+        let b = status("beta").unwrap_or_default();
+        if t0.is_none() && b["connection"] == "SyncTarget" {
+            t0 = Some(Instant::now());
+        }
+        if b["connection"] == "Connected" && b["disk"] == "UpToDate" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("initial sync did not finish: {b}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bytes = status("alpha").map_or(0, |a| a["resync_sent_bytes"].as_u64().unwrap_or(0));
+    r.sync = Some((t0.map_or(0.0, |t| t.elapsed().as_secs_f64()), bytes));
+    wait_port(port)?;
+    Ok(r)
+}
+
+/// qemu-storage-daemon exporting `file` over NBD with an active (write-blocking) mirror to an
+/// `nbdkit file` target: every write completes on both before it is acknowledged.
+fn start_qsd_mirror(file: &Path, args: &Args, port: u16) -> anyhow::Result<Running> {
+    let target = args.dir.join("mirror-target.img");
+    std::fs::copy(file, &target)?;
+    let tport = port + 200;
+    let nbdkit = Command::new("nbdkit")
+        .args(["-f", "-p", &tport.to_string(), "-i", "127.0.0.1", "file"])
+        .arg(format!("file={}", target.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting nbdkit (mirror target)")?;
+    let mut r =
+        Running { children: vec![nbdkit], uri: format!("nbd://127.0.0.1:{port}/vol0"), sync: None };
+    wait_port(tport)?;
+    let qmp = args.dir.join("qsd.qmp");
+    let _ = std::fs::remove_file(&qmp);
+    let qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,filename={},node-name=src-file,cache.direct=off", file.display()))
+        .args(["--blockdev", "driver=raw,file=src-file,node-name=src"])
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={tport},node-name=dst"
+        ))
+        .arg("--nbd-server")
+        .arg(format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"))
+        .args(["--export", "type=nbd,id=exp0,node-name=src,name=vol0,writable=on"])
+        .arg("--chardev")
+        .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
+        .args(["--monitor", "chardev=qmp0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting qemu-storage-daemon (apt-get install qemu-utils)")?;
+    r.children.push(qsd);
+    wait_port(port)?;
+    let t0 = Instant::now();
+    qmp_mirror(&qmp)?;
+    r.sync = Some((t0.elapsed().as_secs_f64(), 0));
+    Ok(r)
+}
+
+/// Starts the mirror job over QMP and waits until it is ready (background copy done).
+fn qmp_mirror(path: &Path) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => bail!("QMP socket: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut rd = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    let mut line = String::new();
+    rd.read_line(&mut line)?; // greeting
+    let mut call = |cmd: serde_json::Value| -> anyhow::Result<serde_json::Value> {
+        writeln!(w, "{cmd}")?;
+        loop {
+            line.clear();
+            if rd.read_line(&mut line)? == 0 {
+                bail!("QMP closed");
+            }
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if v.get("return").is_some() {
+                return Ok(v["return"].clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP error: {e}");
+            }
+        }
+    };
+    call(serde_json::json!({"execute": "qmp_capabilities"}))?;
+    call(serde_json::json!({"execute": "blockdev-mirror", "arguments": {
+        "job-id": "m0", "device": "src", "target": "dst", "sync": "full", "copy-mode": "write-blocking"}}))?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let jobs = call(serde_json::json!({"execute": "query-block-jobs"}))?;
+        if jobs[0]["ready"] == true {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("mirror did not become ready: {jobs}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -103,6 +289,8 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
 fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
     let null = || Stdio::null();
     let (child, uri) = match server {
+        "duet-A" | "duet-B" | "duet-C" => return start_pair(&server[5..], args, file, port),
+        "qsd-mirror" => return start_qsd_mirror(file, args, port),
         "duet" => {
             let cfg = args.dir.join("duet.toml");
             std::fs::write(
@@ -156,7 +344,7 @@ fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Ru
         }
         other => bail!("unknown server {other}"),
     };
-    let r = Running { child, uri };
+    let r = Running { children: vec![child], uri, sync: None };
     wait_port(port)?;
     Ok(r)
 }
@@ -232,6 +420,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let mut samples = Vec::new();
+    let mut syncs = Vec::new();
     for rep in 0..args.reps {
         for w in &workloads {
             // Rotate the server order every repetition.
@@ -240,8 +429,16 @@ fn main() -> anyhow::Result<()> {
                 let server = servers[(k + rep) % n];
                 let file = args.dir.join(format!("{server}.img"));
                 std::fs::copy(&seed, &file).context("copying the seed image")?;
-                let port = 20809 + u16::try_from(k).unwrap_or(0);
+                let port = 20809 + 10 * u16::try_from(k).unwrap_or(0);
                 let r = start(server, &args, &file, port)?;
+                if let Some((secs, bytes)) = r.sync {
+                    eprintln!(
+                        "rep {rep} {server}: initial sync of {} MiB took {secs:.2} s ({:.0} MiB/s)",
+                        bytes >> 20,
+                        bytes as f64 / 1048576.0 / secs
+                    );
+                    syncs.push(serde_json::json!({"server": server, "rep": rep, "seconds": secs, "bytes": bytes}));
+                }
                 let (iops, mib_s, p50, p99) = fio(&r.uri, w, &args)?;
                 drop(r);
                 eprintln!(
@@ -304,12 +501,15 @@ fn main() -> anyhow::Result<()> {
     }
     let doc = serde_json::json!({
         "reps": args.reps, "runtime_s": args.runtime, "size_mib": args.size_mib,
-        "medians": summary, "samples": samples,
+        "medians": summary, "samples": samples, "initial_syncs": syncs,
     });
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
     println!("\nall samples written to {}", args.out.display());
     for s in &servers {
         let _ = std::fs::remove_file(args.dir.join(format!("{s}.img")));
+    }
+    for f in ["beta.img", "mirror-target.img"] {
+        let _ = std::fs::remove_file(args.dir.join(f));
     }
     Ok(())
 }

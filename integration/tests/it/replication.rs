@@ -452,7 +452,8 @@ fn invalidate_with_checksum_resync_ships_only_differing_blocks() {
     }
     let (sent0, same0) = (p.num(0, "resync_sent_bytes"), p.num(0, "resync_same_bytes"));
     p.ok(1, &["invalidate"]);
-    assert!(p.wait_for(1, Duration::from_secs(20), |r| r["connection"] != "Connected" || r["disk"] != "UpToDate"));
+    assert!(p.wait_for(1, Duration::from_secs(20), |r| r["connection"] != "Connected"
+        || r["disk"] != "UpToDate"));
     assert!(p.wait_synced(Duration::from_secs(120)), "no full resync after invalidate");
     let sent = p.num(0, "resync_sent_bytes") - sent0;
     let same = p.num(0, "resync_same_bytes") - same0;

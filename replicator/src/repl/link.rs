@@ -34,7 +34,7 @@ use crate::store::IoBuf;
 /// Largest frame accepted before authentication.
 const HANDSHAKE_MAX: u32 = 64 * 1024;
 /// Largest resync / verify request.
-const RS_CHUNK_BITS: u64 = 64;
+const RS_CHUNK_BITS: u64 = 256;
 /// Resync requests in flight at most.
 const RS_MAX_INFLIGHT: u64 = 64;
 /// Verify chunk.
@@ -750,6 +750,7 @@ impl Session {
                     }
                     vol.resync_acked.fetch_add(len, Relaxed);
                     let _ = inflight.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
+                    vol.resync_wake.notify_one();
                 });
             }
             Kind::RsDone => {
@@ -861,14 +862,26 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
     let g = vol.with_core(|c| c.bitmap.granularity());
     let mut cursor = 0u64;
     let mut tick = tokio::time::interval(TICK);
+    let mut budget = 0u64;
     loop {
-        tick.tick().await;
-        if vol.with_core(|c| c.conn) != ConnState::SyncTarget {
-            return;
+        // Each tick grants a budget; completions wake us to spend what is left of it, so the
+        // in-flight window refills at once instead of once per tick.
+        tokio::select! {
+            _ = tick.tick() => {
+                if vol.with_core(|c| c.conn) != ConnState::SyncTarget {
+                    return;
+                }
+                // Up to one request's worth carries over (so a budget just short of a whole
+                // request is not lost every tick); the rest was granted, not asked for, and is
+                // not in flight.
+                let carry = budget.min(RS_CHUNK_BITS * g / 1024);
+                ctl.unused(budget - carry);
+                let acked = vol.resync_acked.swap(0, Relaxed) / 1024;
+                let busy = vol.app_writes.swap(0, Relaxed) > 0;
+                budget = carry + ctl.tick(Instant::now(), acked, busy);
+            }
+            _ = vol.resync_wake.notified() => {}
         }
-        let acked = vol.resync_acked.swap(0, Relaxed) / 1024;
-        let busy = vol.app_writes.swap(0, Relaxed) > 0;
-        let mut budget = ctl.tick(Instant::now(), acked, busy);
         loop {
             if inflight.load(Relaxed) >= RS_MAX_INFLIGHT {
                 break;
@@ -896,8 +909,6 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
                 return;
             }
         }
-        // Whatever was granted and not asked for is not in flight.
-        ctl.unused(budget);
         let done = vol.with_core(|c| c.bitmap.next_set(cursor).is_none());
         if done && inflight.load(Relaxed) == 0 {
             if vol.with_core(|c| c.bitmap.weight()) > 0 {

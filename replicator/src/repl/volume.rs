@@ -184,6 +184,8 @@ pub struct Volume {
     pub(crate) resync_acked: AtomicU64,
     /// Application writes since the resync controller last asked.
     pub(crate) app_writes: AtomicU64,
+    /// Wakes the resync requester when a block arrived (room in the window).
+    pub(crate) resync_wake: tokio::sync::Notify,
 }
 
 /// Why a role or connection command was refused. The message says what to do.
@@ -393,6 +395,7 @@ impl Volume {
             changed: watch::channel(0).0,
             resync_acked: AtomicU64::new(0),
             app_writes: AtomicU64::new(0),
+            resync_wake: tokio::sync::Notify::new(),
         })
     }
 
