@@ -50,6 +50,50 @@ struct Args {
     /// Resync rate for the pairs' initial full sync, KiB/s (0: unlimited).
     #[arg(long, default_value_t = 0)]
     resync_rate_kib: u64,
+    /// Instead of fio runs: start a pair on two sparse files of this many TiB, let the full sync
+    /// run for a few seconds, and report each daemon's resident memory (VmRSS).
+    #[arg(long)]
+    rss_tib: Option<u64>,
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn rss_check(args: &Args, tib: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let file = args.dir.join("rss-alpha.img");
+    let _ = std::fs::remove_file(&file);
+    std::fs::File::create(&file)?.set_len(tib << 40)?;
+    let mut args2 = Args::parse_from(["duet-bench"]);
+    args2.duet = args.duet.clone();
+    args2.dir = args.dir.clone();
+    args2.duet_engine = args.duet_engine.clone();
+    // start_pair copies alpha's file for beta; a sparse copy (cp --sparse) keeps it cheap.
+    let beta = args.dir.join("beta.img");
+    let _ = std::fs::remove_file(&beta);
+    std::fs::File::create(&beta)?.set_len(tib << 40)?;
+    let r = start_pair_nowait("C", &args2, &file, 20999)?;
+    std::thread::sleep(Duration::from_secs(8));
+    for (i, c) in r.children.iter().enumerate() {
+        let kib = vm_rss_kib(c.id());
+        println!(
+            "{} daemon, {tib} TiB volume, full sync running: VmRSS {} MiB",
+            ["alpha", "beta"][i],
+            kib / 1024
+        );
+    }
+    drop(r);
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&beta);
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,9 +147,29 @@ impl Drop for Running {
 /// A duet pair on loopback: `file` is alpha's disk, a copy of it beta's. Returns when the
 /// initial full sync is done (timed).
 fn start_pair(protocol: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
+    std::fs::copy(file, args.dir.join("beta.img")).context("copying the image for beta")?;
+    start_pair_inner(protocol, args, file, port, true)
+}
+
+/// A pair whose beta disk already exists, promoted but not waited for.
+fn start_pair_nowait(
+    protocol: &str,
+    args: &Args,
+    file: &Path,
+    port: u16,
+) -> anyhow::Result<Running> {
+    start_pair_inner(protocol, args, file, port, false)
+}
+
+fn start_pair_inner(
+    protocol: &str,
+    args: &Args,
+    file: &Path,
+    port: u16,
+    wait: bool,
+) -> anyhow::Result<Running> {
     let d = &args.dir;
     let beta = d.join("beta.img");
-    std::fs::copy(file, &beta).context("copying the image for beta")?;
     std::fs::write(d.join("secret"), "bench-secret-0123456789")?;
     let rate = if args.resync_rate_kib == 0 {
         "mode = \"fixed\"\nrate_kib = 100000000".to_string()
@@ -162,6 +226,9 @@ fn start_pair(protocol: &str, args: &Args, file: &Path, port: u16) -> anyhow::Re
     }
     if !duet("alpha").args(["primary", "--force"]).stdout(Stdio::null()).status()?.success() {
         bail!("primary --force failed");
+    }
+    if !wait {
+        return Ok(r);
     }
     // Timed from the moment beta is SyncTarget (after the reconnect) to UpToDate.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -393,6 +460,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(tib) = args.rss_tib {
+        return rss_check(&args, tib);
+    }
     let servers: Vec<&str> = SERVERS
         .iter()
         .copied()
