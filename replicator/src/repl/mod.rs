@@ -15,5 +15,8 @@ pub mod link;
 pub mod locks;
 pub mod meta;
 pub mod policy;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod sim;
 pub mod volume;
 pub mod wire;
