@@ -109,6 +109,7 @@ pub async fn run(
     let connector = cfg.node < cfg.peer;
     let mut changed = vol.watch();
     let log = Mutex::new(RateLimit::new(5, Duration::from_secs(30)));
+    let mut failures: u32 = 0;
     let warn = |what: &str| {
         if let Some(suppressed) = log.lock().ok().and_then(|mut l| l.allow(Instant::now())) {
             tracing::warn!(resource = %cfg.resource, peer = %cfg.peer, suppressed, "{what}");
@@ -156,10 +157,14 @@ pub async fn run(
                 },
             }
         };
+        failures = failures.saturating_add(1);
         if let Some(sock) = sock {
             let _ = sock.set_nodelay(true);
             match session(&vol, sock, &mut shutdown).await {
-                Ok(why) => vol.event(format!("connection closed: {why}")),
+                Ok(why) => {
+                    failures = 0;
+                    vol.event(format!("connection closed: {why}"));
+                }
                 Err(e) => {
                     vol.stats.peer_errors.fetch_add(1, Relaxed);
                     warn(&format!("replication link: {e}"));
@@ -171,9 +176,14 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
+        // Back off (connect_retry × 1, 2, 4, 8) while attempts keep failing; a local change
+        // (promotion, connect, invalidate) retries at once.
+        let delay = cfg.connect_retry * (1u32 << failures.saturating_sub(1).min(3));
+        changed.borrow_and_update(); // our own teardown's notification is not a reason to hurry
         tokio::select! {
             _ = stopped(&mut shutdown) => return,
-            _ = tokio::time::sleep(cfg.connect_retry) => {}
+            _ = tokio::time::sleep(delay) => {}
+            _ = changed.changed() => {}
         }
     }
 }
