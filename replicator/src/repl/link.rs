@@ -576,7 +576,7 @@ impl Session {
                 let lock = vol.lock_range(h.offset, len).await;
                 let bar = Arc::clone(&self.barrier).read_owned().await;
                 if cfg_protocol(&vol) == super::completion::Protocol::B {
-                    self.send_bg(small_frame(Kind::RecvAck, 0, h.id, 0, &[]));
+                    self.peer.send(small_frame(Kind::RecvAck, 0, h.id, 0, &[])).await;
                 }
                 vol.app_writes.fetch_add(1, Relaxed);
                 if h.kind == Kind::Data {
