@@ -254,14 +254,8 @@ impl Meta {
         g: Geometry,
         node_id: u32,
     ) -> Result<(Self, Loaded), MetaError> {
-        let size = Self::device_size(disk)?;
-        let layout = Layout::compute(size, placement, g)
-            .map_err(|(size, need)| MetaError::TooSmall { path: disk.to_owned(), size, need })?;
-        let (file, path) = Self::open_file(disk, placement, false)?;
-        let me = Self { file, path, layout };
-        let sb = me
-            .read_sb()
-            .map_err(|source| MetaError::Superblock { path: me.path.clone(), source })?;
+        let (me, sb) = Self::attach(disk, placement, g)?;
+        let layout = me.layout;
         if sb.node_id != node_id {
             return Err(MetaError::Foreign { path: me.path, found: sb.node_id, want: node_id });
         }
@@ -311,6 +305,15 @@ impl Meta {
         placement: &Placement,
         g: Geometry,
     ) -> Result<(Layout, Superblock), MetaError> {
+        Self::attach(disk, placement, g).map(|(me, sb)| (me.layout, sb))
+    }
+
+    /// Opens existing metadata and reads its superblock (no checks against the configuration).
+    fn attach(
+        disk: &Path,
+        placement: &Placement,
+        g: Geometry,
+    ) -> Result<(Self, Superblock), MetaError> {
         let size = Self::device_size(disk)?;
         let layout = Layout::compute(size, placement, g)
             .map_err(|(size, need)| MetaError::TooSmall { path: disk.to_owned(), size, need })?;
@@ -319,7 +322,7 @@ impl Meta {
         let sb = me
             .read_sb()
             .map_err(|source| MetaError::Superblock { path: me.path.clone(), source })?;
-        Ok((layout, sb))
+        Ok((me, sb))
     }
 
     /// Path of the metadata (the device for internal metadata).
