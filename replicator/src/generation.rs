@@ -5,8 +5,8 @@
 //! `drbd_uuid_compare()` (see `shared/reference/drbd.md` §1) so log lines and tests can name them;
 //! the "new current UUID on the first write after losing the peer" timing is DRBD 9's.
 //!
-//! Not wired into the daemon yet: the replication issue builds metadata, the peer handshake and
-//! the split-brain policies on top of [`compare`].
+//! [`crate::repl::policy`] builds the connect plan on [`compare`]; [`crate::repl::volume`] and
+//! [`crate::repl::link`] apply the transitions and persist them.
 
 /// The "was primary" marker in bit 0 of a UUID. Masked in every comparison.
 pub const UUID_PRIMARY: u64 = 1;
@@ -144,7 +144,7 @@ pub enum Fixup {
     ClearOwnBitmap,
     /// Rule 35: the peer missed it; our copy of its UUIDs gets the same correction.
     ClearPeerBitmap,
-    /// Rule 71: our sync UUID was lost: bitmap ← history[0], history shifts back.
+    /// Rule 71: our sync UUID was lost: bitmap ← `history[0]`, history shifts back.
     UndoOwnSyncUuid,
     /// Rule 51: the peer's sync UUID was lost: the same on our copy of its UUIDs.
     UndoPeerSyncUuid,

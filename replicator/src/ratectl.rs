@@ -6,7 +6,7 @@
 //!
 //! Pure: the caller calls [`RateController::tick`] every [`TICK`] with `now`, the resync data the
 //! peer acknowledged since the last tick, and whether application I/O is busy; it answers how much
-//! resync data to request now. Not wired into the daemon yet (replication issue).
+//! resync data to request now. The resync target in [`crate::repl::link`] drives it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
