@@ -174,3 +174,59 @@ fn hostile_peers_are_refused_and_nothing_is_written() {
     p.ok(0, &["primary", "--force"]);
     assert!(p.wait_synced(Duration::from_secs(120)));
 }
+
+/// A peer that authenticates and answers pings but never acknowledges a write (a hung disk):
+/// the Primary drops it after `timeout_ms` and completes the write alone, out of sync.
+#[test]
+fn a_peer_that_never_acknowledges_is_dropped_after_the_timeout() {
+    use integration::rawnbd::Raw;
+    use replicator::nbd::proto::CMD_WRITE;
+    let mut p = Pair::configure(&PairOpts::default());
+    p.start(1);
+    p.ok(1, &["disconnect"]);
+    p.ok(1, &["primary", "--force"]);
+    p.ok(1, &["connect"]);
+    let secret = b"correct horse battery staple";
+    let mut c = authenticated(p.n[1].repl_port, secret);
+    let (k, _) = c.frame().unwrap();
+    assert_eq!(k, Kind::Auth);
+    let (k, theirs) = c.frame().unwrap();
+    assert_eq!(k, Kind::Params);
+    let theirs = Params::decode(&theirs).unwrap();
+    // Same generations, not Primary: the plan is "in sync".
+    let mine = Params { flags: 0, bitmap_weight: 0, ..theirs };
+    let mut b = BytesMut::new();
+    mine.encode(&mut b);
+    c.send(Kind::Params, &b);
+    let mut f = BytesMut::new();
+    wire::encode(&mut f, Kind::Bitmap, wire::F_LAST, 0, 0, &[]);
+    c.s.write_all(&f).unwrap();
+    // Answer pings from a thread; swallow everything else.
+    let mut reader = c.s.try_clone().unwrap();
+    reader.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let pinger = std::thread::spawn(move || {
+        let mut conn = Conn { s: reader };
+        let mut data = 0;
+        while let Some((k, _)) = conn.frame() {
+            match k {
+                Kind::Ping => conn.send(Kind::PingAck, &[]),
+                Kind::Data => data += 1,
+                _ => {}
+            }
+        }
+        data
+    });
+    // Beta crashed-primary flag makes this a (empty) bitmap resync as source: live either way.
+    let live =
+        |r: &serde_json::Value| r["connection"] == "Connected" || r["connection"] == "SyncSource";
+    assert!(wait_until(Duration::from_secs(10), || live(&p.repl(1))), "{}", p.repl(1));
+    let mut r = Raw::transmission(p.n[0].nbd_port);
+    r.request(CMD_WRITE, 0, 1, 0, 4096, &[7; 4096]).unwrap();
+    assert_eq!(r.reply().unwrap().error, 0, "the write completes without the peer");
+    let st = p.repl(1);
+    assert!(!live(&st), "{st}");
+    assert_eq!(st["out_of_sync_bytes"], 4096, "{st}");
+    assert!(st["last_refusal"].as_str().unwrap_or_default().contains("unanswered"), "{st}");
+    drop(c);
+    assert_eq!(pinger.join().unwrap(), 1, "the peer saw the write");
+}

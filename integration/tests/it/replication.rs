@@ -464,3 +464,24 @@ fn invalidate_with_checksum_resync_ships_only_differing_blocks() {
     // A Primary refuses to be invalidated.
     assert!(p.fails(0, &["invalidate"]).contains("Primary"));
 }
+
+#[test]
+fn frozen_secondary_does_not_stall_the_primary() {
+    let mut p = Pair::up(&PairOpts::default());
+    let port = p.n[0].nbd_port;
+    let out = p.ok(1, &["status", "--json"]);
+    let pid =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["pid"].as_i64().unwrap() as i32;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Under protocol C this write waits for beta; beta is frozen, so after the ping timeout the
+    // link drops and the write completes on alpha alone.
+    write_block(port, 3, 333);
+    let r = p.repl(0);
+    assert_ne!(r["connection"], "Connected", "{r}");
+    assert!(r["out_of_sync_bytes"].as_u64().unwrap() >= 65536, "{r}");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(p.wait_synced(Duration::from_secs(60)), "no resync after the thaw: {}", p.repl(0));
+    assert!(p.identical());
+    p.stop(1);
+}

@@ -530,6 +530,15 @@ impl Session {
                     if ping_out.is_some_and(|t| t.elapsed() > cfg.ping_timeout) {
                         return Err(format!("peer did not answer a ping within {:?}", cfg.ping_timeout));
                     }
+                    // A peer that answers pings but not writes (a hung disk) must not stall the
+                    // Primary: after `timeout` the link is dropped and the writes go on without it.
+                    let oldest = self.peer.pending.lock().ok().and_then(|m| m.values().map(|w| w.sent).min());
+                    if oldest.is_some_and(|t| t.elapsed() > cfg.timeout) {
+                        return Err(format!(
+                            "peer left a request unanswered for more than {:?} (timeout_ms); dropping the link, its writes are marked out of sync",
+                            cfg.timeout
+                        ));
+                    }
                     if ping_out.is_none() && last_ping.elapsed() >= cfg.ping_interval {
                         last_ping = Instant::now();
                         ping_out = Some(last_ping);

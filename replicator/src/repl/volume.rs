@@ -224,6 +224,8 @@ pub struct Frame {
 pub(crate) struct Waiter {
     pub offset: u64,
     pub len: u64,
+    /// When it was sent (a peer that leaves a request unanswered for `timeout` is dropped).
+    pub sent: Instant,
     pub recv: Option<oneshot::Sender<()>>,
     pub done: Option<oneshot::Sender<Result<(), i32>>>,
 }
@@ -270,7 +272,7 @@ impl Peer {
         self.pending
             .lock()
             .expect("pending table poisoned")
-            .insert(id, Waiter { offset, len, recv: rtx, done: Some(dtx) });
+            .insert(id, Waiter { offset, len, sent: Instant::now(), recv: rtx, done: Some(dtx) });
         (id, rrx, drx)
     }
 }
