@@ -202,7 +202,7 @@ fn a_peer_that_never_acknowledges_is_dropped_after_the_timeout() {
     wire::encode(&mut f, Kind::Bitmap, wire::F_LAST, 0, 0, &[]);
     c.s.write_all(&f).unwrap();
     // Answer pings from a thread; swallow everything else.
-    let mut reader = c.s.try_clone().unwrap();
+    let reader = c.s.try_clone().unwrap();
     reader.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let pinger = std::thread::spawn(move || {
         let mut conn = Conn { s: reader };
