@@ -371,6 +371,7 @@ fn volume_config(
             min_rate_kib: s.min_rate_kib,
         },
         checksum_resync: s.checksum,
+        replication_rate_limit_kib: s.replication_rate_limit_kib,
         secret: secret.to_vec(),
         ping_interval: ms(r.peer.ping_interval_ms),
         ping_timeout: ms(r.peer.ping_timeout_ms),

@@ -20,6 +20,7 @@ use super::handshake::{
     self, Hello, P_CRASHED_PRIMARY, P_DISCARD_MY_DATA, P_INCONSISTENT, P_PRIMARY, Params, Refusal,
 };
 use super::policy::{Facts, Plan, plan};
+use super::throttle::Throttle;
 use super::volume::{
     ConnState, DiskState, Frame, Peer, Role, Volume, block_frame, random_bytes, random_u64,
     small_frame,
@@ -366,7 +367,7 @@ async fn session(
     // 5. Go live.
     let (tx, rx) = mpsc::channel::<Frame>(1024);
     let peer_h = Peer::new(tx);
-    let writer = tokio::spawn(writer_task(wr, rx));
+    let writer = tokio::spawn(writer_task(wr, rx, Throttle::new(cfg.replication_rate_limit_kib)));
     let peer_role = if peer.has(P_PRIMARY) { Role::Primary } else { Role::Secondary };
     let peer_disk =
         if peer.has(P_INCONSISTENT) { DiskState::Inconsistent } else { DiskState::Consistent };
@@ -453,7 +454,11 @@ fn decode_gens(p: &[u8]) -> Result<Generations, WireError> {
     Ok(g)
 }
 
-async fn writer_task(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
+async fn writer_task(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Frame>,
+    mut cap: Option<Throttle>,
+) {
     let mut out = BytesMut::with_capacity(512 * 1024);
     while let Some(f) = rx.recv().await {
         let mut next = Some(f);
@@ -463,6 +468,7 @@ async fn writer_task(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
                 if d.len() <= 64 * 1024 {
                     out.extend_from_slice(&d);
                 } else {
+                    pace(&mut cap, (out.len() + d.len()) as u64).await;
                     if wr.write_all(&out).await.is_err() || wr.write_all(&d).await.is_err() {
                         return;
                     }
@@ -474,6 +480,7 @@ async fn writer_task(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
             }
         }
         if !out.is_empty() {
+            pace(&mut cap, out.len() as u64).await;
             if wr.write_all(&out).await.is_err() {
                 return;
             }
@@ -481,6 +488,16 @@ async fn writer_task(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Waits for the replication cap, if any.
+async fn pace(cap: &mut Option<Throttle>, bytes: u64) {
+    if let Some(t) = cap.as_mut() {
+        let d = t.delay(Instant::now(), bytes);
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+    }
 }
 
 struct Session {

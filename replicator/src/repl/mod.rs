@@ -18,5 +18,6 @@ pub mod policy;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod sim;
+pub mod throttle;
 pub mod volume;
 pub mod wire;

@@ -94,6 +94,8 @@ pub struct VolumeConfig {
     pub policies: super::policy::Policies,
     pub resync: crate::ratectl::Settings,
     pub checksum_resync: bool,
+    /// Cap on everything sent to the peer, KiB/s (0: none).
+    pub replication_rate_limit_kib: u64,
     pub secret: Vec<u8>,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
