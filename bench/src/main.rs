@@ -72,15 +72,11 @@ fn rss_check(args: &Args, tib: u64) -> anyhow::Result<()> {
     let file = args.dir.join("rss-alpha.img");
     let _ = std::fs::remove_file(&file);
     std::fs::File::create(&file)?.set_len(tib << 40)?;
-    let mut args2 = Args::parse_from(["duet-bench"]);
-    args2.duet = args.duet.clone();
-    args2.dir = args.dir.clone();
-    args2.duet_engine = args.duet_engine.clone();
-    // start_pair copies alpha's file for beta; a sparse copy (cp --sparse) keeps it cheap.
+    // Beta gets its own sparse file (start_pair would copy alpha's, 1 TiB of holes).
     let beta = args.dir.join("beta.img");
     let _ = std::fs::remove_file(&beta);
     std::fs::File::create(&beta)?.set_len(tib << 40)?;
-    let r = start_pair_nowait("C", &args2, &file, 20999)?;
+    let r = start_pair_nowait("C", args, &file, 20999)?;
     std::thread::sleep(Duration::from_secs(8));
     for (i, c) in r.children.iter().enumerate() {
         let kib = vm_rss_kib(c.id());

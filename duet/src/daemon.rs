@@ -218,23 +218,25 @@ impl State {
         resource: Option<&str>,
         cmd: &Command,
     ) -> Result<serde_json::Value, String> {
-        let targets: Vec<&Export> = match resource {
+        let targets: Vec<(&Group, &Export)> = match resource {
             Some(n) => vec![
                 self.find(n)
-                    .ok_or_else(|| format!("no resource named {n:?} in the configuration"))?
-                    .1,
+                    .ok_or_else(|| format!("no resource named {n:?} in the configuration"))?,
             ],
-            None => self.groups.iter().flat_map(|g| g.server.exports()).collect(),
+            None => self
+                .groups
+                .iter()
+                .flat_map(|g| g.server.exports().iter().map(move |e| (g, e)))
+                .collect(),
         };
         let mut out = serde_json::Map::new();
-        for e in targets {
+        for (group, e) in targets {
             let name = e.info.name.clone();
             if e.vol.config().is_none() {
                 return Err(format!(
                     "resource {name} has no peer: it is always Primary and replicates nowhere"
                 ));
             }
-            let group = self.find(&name).map(|(g, _)| g).expect("found above");
             let r = match cmd {
                 Command::Status => unreachable!("handled by the caller"),
                 Command::Primary { force, .. } => match e.vol.promote(*force).await {

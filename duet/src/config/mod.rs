@@ -2,6 +2,7 @@
 //! keys, documented defaults, and a `validate()` whose errors name the key, the bad value and the
 //! fix.
 
+use replicator::repl::policy::{SB0_NAMES as SB0, SB1_NAMES as SB1, SB2_NAMES as SB2};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -527,16 +528,6 @@ pub fn parse_prefix(v: &str) -> Option<(IpAddr, u8)> {
 
 const BAUDS: [u32; 12] =
     [1200, 2400, 4800, 9600, 19200, 38400, 57600, 115_200, 230_400, 460_800, 500_000, 921_600];
-const SB0: [&str; 5] = [
-    "disconnect",
-    "discard-younger-primary",
-    "discard-older-primary",
-    "discard-zero-changes",
-    "discard-least-changes",
-];
-const SB1: [&str; 5] =
-    ["disconnect", "consensus", "violently-as0p", "discard-secondary", "call-pri-lost-after-sb"];
-const SB2: [&str; 3] = ["disconnect", "violently-as0p", "call-pri-lost-after-sb"];
 
 impl Config {
     /// Reads, parses and validates a file.

@@ -138,6 +138,18 @@ pub fn check_hello(
     Ok(())
 }
 
+/// Appends generations (current, bitmap, history) in wire order.
+pub fn put_generations(out: &mut BytesMut, g: &Generations) {
+    for v in [g.current, g.bitmap, g.history[0], g.history[1]] {
+        out.put_u64(v);
+    }
+}
+
+/// Reads generations written by [`put_generations`].
+pub fn get_generations(c: &mut Cursor<'_>) -> Result<Generations, WireError> {
+    Ok(Generations { current: c.u64()?, bitmap: c.u64()?, history: [c.u64()?, c.u64()?] })
+}
+
 /// Params flag: the sender is Primary.
 pub const P_PRIMARY: u32 = 1;
 /// Params flag: the sender crashed while Primary.
@@ -167,10 +179,7 @@ impl Params {
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u64(self.size);
         out.put_u64(self.fingerprint);
-        out.put_u64(self.uuids.current);
-        out.put_u64(self.uuids.bitmap);
-        out.put_u64(self.uuids.history[0]);
-        out.put_u64(self.uuids.history[1]);
+        put_generations(out, &self.uuids);
         out.put_u32(self.flags);
         out.put_u64(self.bitmap_weight);
     }
@@ -178,8 +187,7 @@ impl Params {
         let mut c = Cursor::new(Kind::Params, b);
         let size = c.u64()?;
         let fingerprint = c.u64()?;
-        let uuids =
-            Generations { current: c.u64()?, bitmap: c.u64()?, history: [c.u64()?, c.u64()?] };
+        let uuids = get_generations(&mut c)?;
         let flags = c.u32()?;
         let bitmap_weight = c.u64()?;
         c.end()?;

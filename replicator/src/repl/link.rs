@@ -440,16 +440,13 @@ async fn session(
 
 fn encode_gens(g: &Generations) -> Vec<u8> {
     let mut b = BytesMut::new();
-    b.put_u64(g.current);
-    b.put_u64(g.bitmap);
-    b.put_u64(g.history[0]);
-    b.put_u64(g.history[1]);
+    handshake::put_generations(&mut b, g);
     b.to_vec()
 }
 
 fn decode_gens(p: &[u8]) -> Result<Generations, WireError> {
     let mut c = Cursor::new(Kind::SyncUuid, p);
-    let g = Generations { current: c.u64()?, bitmap: c.u64()?, history: [c.u64()?, c.u64()?] };
+    let g = handshake::get_generations(&mut c)?;
     c.end()?;
     Ok(g)
 }

@@ -5,6 +5,20 @@
 
 use crate::generation::{Decision, Side, Verdict, compare};
 
+/// The `after_sb_0pri` names (plus `discard-node-NAME`).
+pub const SB0_NAMES: [&str; 5] = [
+    "disconnect",
+    "discard-younger-primary",
+    "discard-older-primary",
+    "discard-zero-changes",
+    "discard-least-changes",
+];
+/// The `after_sb_1pri` names.
+pub const SB1_NAMES: [&str; 5] =
+    ["disconnect", "consensus", "violently-as0p", "discard-secondary", "call-pri-lost-after-sb"];
+/// The `after_sb_2pri` names.
+pub const SB2_NAMES: [&str; 3] = ["disconnect", "violently-as0p", "call-pri-lost-after-sb"];
+
 /// `after_sb_0pri` (no Primary at connect).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sb0 {

@@ -563,9 +563,6 @@ impl Volume {
 
     /// Before acknowledging a write the peer does not have: a new current generation, durable.
     async fn ensure_new_generation(&self) -> Result<(), i32> {
-        if self.meta.is_none() {
-            return Ok(());
-        }
         let Some(meta) = &self.meta else { return Ok(()) };
         let _g = self.meta_io.lock().await;
         let sb = {
@@ -630,23 +627,41 @@ impl Volume {
         self.app_writes.fetch_add(1, Relaxed);
         let peer = self.peer();
         let mut comp = Completion::new(self.protocol(), fua, peer.is_some());
-        let mut acks = None;
-        if let Some(p) = &peer {
-            let (id, recv, done) = p.register(offset, len, self.protocol() == Protocol::B);
-            let digest = self.cfg.as_ref().map_or(Digest::Off, |c| c.digest);
-            let flags = if fua { F_FUA } else { 0 };
-            // Copy for the peer: the local write consumes `buf`.
-            let f = block_frame(Kind::Data, flags, id, offset, IoBuf::from_slice(&buf), digest);
-            if p.send(f).await {
-                comp.queued();
-                self.stats.sent_data_bytes.fetch_add(len, Relaxed);
-                acks = Some((recv, done));
-            } else {
-                comp.peer_lost();
-            }
+        let digest = self.cfg.as_ref().map_or(Digest::Off, |c| c.digest);
+        let flags = if fua { F_FUA } else { 0 };
+        // A copy for the peer: the local write consumes `buf`.
+        let acks = self
+            .send_to_peer(peer.as_ref(), &mut comp, offset, len, |id| {
+                block_frame(Kind::Data, flags, id, offset, IoBuf::from_slice(&buf), digest)
+            })
+            .await;
+        if acks.is_some() {
+            self.stats.sent_data_bytes.fetch_add(len, Relaxed);
         }
         comp.local_done(self.store.write(offset, buf, fua).await);
         self.complete(comp, acks, offset, len).await
+    }
+
+    /// Registers a request with the peer (if connected) and queues its frame, built with the
+    /// request id; records "queued" or "lost" in `comp`. The acknowledgements to wait for come
+    /// back (a receipt too under protocol B).
+    async fn send_to_peer(
+        &self,
+        peer: Option<&Arc<Peer>>,
+        comp: &mut Completion,
+        offset: u64,
+        len: u64,
+        frame: impl FnOnce(u64) -> Frame,
+    ) -> Acks {
+        let p = peer?;
+        let (id, recv, done) = p.register(offset, len, self.protocol() == Protocol::B);
+        if p.send(frame(id)).await {
+            comp.queued();
+            Some((recv, done))
+        } else {
+            comp.peer_lost();
+            None
+        }
     }
 
     async fn complete(
@@ -690,16 +705,11 @@ impl Volume {
     pub async fn flush(&self) -> Result<(), i32> {
         let peer = self.peer();
         let mut comp = Completion::new(self.protocol(), true, peer.is_some());
-        let mut acks = None;
-        if let Some(p) = &peer {
-            let (id, _, done) = p.register(0, 0, false);
-            if p.send(small_frame(Kind::Flush, 0, id, 0, &[])).await {
-                comp.queued();
-                acks = Some((None, done));
-            } else {
-                comp.peer_lost();
-            }
-        }
+        let acks = self
+            .send_to_peer(peer.as_ref(), &mut comp, 0, 0, |id| {
+                small_frame(Kind::Flush, 0, id, 0, &[])
+            })
+            .await;
         comp.local_done(self.store.flush().await);
         self.complete(comp, acks, 0, 0).await
     }
@@ -719,25 +729,20 @@ impl Volume {
         let _range = self.locks.lock(offset, len).await;
         let peer = self.peer();
         let mut comp = Completion::new(self.protocol(), fua, peer.is_some());
-        let mut acks = None;
         let local = self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await;
         if local == Err(libc::EOPNOTSUPP) {
             return local; // nothing happened (fast_only); nothing to replicate
         }
-        if let Some(p) = &peer {
-            let (id, recv, done) = p.register(offset, len, self.protocol() == Protocol::B);
-            let mut flags = if fua { F_FUA } else { 0 };
-            if may_trim {
-                flags |= F_MAY_TRIM;
-            }
-            let l = u32::try_from(len).unwrap_or(u32::MAX);
-            if p.send(small_frame(Kind::Zero, flags, id, offset, &l.to_be_bytes())).await {
-                comp.queued();
-                acks = Some((recv, done));
-            } else {
-                comp.peer_lost();
-            }
+        let mut flags = if fua { F_FUA } else { 0 };
+        if may_trim {
+            flags |= F_MAY_TRIM;
         }
+        let l = u32::try_from(len).unwrap_or(u32::MAX);
+        let acks = self
+            .send_to_peer(peer.as_ref(), &mut comp, offset, len, |id| {
+                small_frame(Kind::Zero, flags, id, offset, &l.to_be_bytes())
+            })
+            .await;
         comp.local_done(local);
         self.complete(comp, acks, offset, len).await
     }
