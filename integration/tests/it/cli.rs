@@ -186,3 +186,72 @@ fn refusals_for_unreachable_daemon_second_daemon_and_busy_port() {
     let e = stderr_of(&o);
     assert!(e.contains("nbd_listen") && e.contains(&n.port.to_string()), "{e}");
 }
+
+/// The replication commands refuse bad arguments and wrong situations with a reason and an exit
+/// code, and leave the daemon and the metadata as they were.
+#[test]
+fn replication_commands_refuse_clearly() {
+    use integration::pair::{Pair, PairOpts};
+    let code = |o: &std::process::Output| o.status.code().unwrap_or(-1);
+    let mut p = Pair::configure(&PairOpts::default());
+    let md_before = p.ok(0, &["dump-md"]);
+    // Unknown resource: usage error, for the offline and the online commands.
+    let o = run(p.cli(0).args(["create-md", "--resource", "nope"]), MIN);
+    assert_eq!(code(&o), 2);
+    assert!(stderr_of(&o).contains("no resource named \"nope\""), "{}", stderr_of(&o));
+    // Existing metadata is not overwritten without --force.
+    let o = run(p.cli(0).args(["create-md"]), MIN);
+    assert_eq!(code(&o), 1);
+    assert!(stderr_of(&o).contains("--force"), "{}", stderr_of(&o));
+    // A disk without duet metadata: dump-md says so and suggests create-md.
+    std::fs::write(&p.n[1].disk, vec![0x42u8; 1 << 20]).unwrap();
+    std::fs::File::options().write(true).open(&p.n[1].disk).unwrap().set_len(128 << 20).unwrap();
+    let o = run(p.cli(1).args(["dump-md"]), MIN);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr_of(&o).contains("create-md") || stderr_of(&o).contains("unusable"),
+        "{}",
+        stderr_of(&o)
+    );
+    // ...and the daemon refuses to start on it, naming create-md.
+    let o = run(p.cli(1).arg("daemon"), MIN);
+    assert_eq!(code(&o), 1);
+    assert!(stderr_of(&o).contains("create-md"), "{}", stderr_of(&o));
+    p.ok(1, &["create-md", "--force"]);
+
+    p.start(0);
+    // create-md while the daemon runs: refused, metadata untouched.
+    let o = run(p.cli(0).args(["create-md", "--force"]), MIN);
+    assert_eq!(code(&o), 1);
+    assert!(stderr_of(&o).contains("stop it"), "{}", stderr_of(&o));
+    assert_eq!(p.ok(0, &["dump-md"]).lines().nth(1), md_before.lines().nth(1));
+    for (args, want) in [
+        (&["secondary", "--resource", "nope"][..], "no resource named"),
+        (&["primary"][..], "not UpToDate"),
+        (&["verify"][..], "Connected"),
+        (&["invalidate"][..], ""),
+    ] {
+        let o = run(p.cli(0).args(args), MIN);
+        if want.is_empty() {
+            assert!(o.status.success(), "{args:?}: {}", stderr_of(&o));
+        } else {
+            assert_eq!(code(&o), 1, "{args:?}");
+            assert!(stderr_of(&o).contains(want), "{args:?}: {}", stderr_of(&o));
+        }
+    }
+    p.ok(0, &["primary", "--force"]);
+    let o = run(p.cli(0).args(["connect", "--discard-my-data"]), MIN);
+    assert_eq!(code(&o), 1);
+    assert!(stderr_of(&o).contains("secondary"), "{}", stderr_of(&o));
+    // Still up and serving.
+    assert_eq!(p.res(0)["exporting"], true);
+
+    // A single-node configuration has no replication metadata or roles.
+    let n = Node::start(&NodeOpts::default());
+    let o = run(n.cli().arg("create-md"), MIN);
+    assert_eq!(code(&o), 2);
+    assert!(stderr_of(&o).contains("single node"), "{}", stderr_of(&o));
+    let o = run(n.cli().arg("primary"), MIN);
+    assert_eq!(code(&o), 1);
+    assert!(stderr_of(&o).contains("no peer"), "{}", stderr_of(&o));
+}
