@@ -1,0 +1,464 @@
+//! The heartbeat frame: who sends it (cluster, node, boot generation, sequence), the sender's
+//! state (health and, per resource, role, disk, connection and current generation), at most one
+//! control message, and an HMAC-SHA256 over everything before it.
+//!
+//! Layout (big-endian):
+//!
+//! ```text
+//!  0  magic "DUHB"      4      28  sequence           8
+//!  4  version           1      36  health 0..=100     1
+//!  5  key id            1      37  resource count     1
+//!  6  node id           1      38  control length     2
+//!  7  reserved, 0       1      40  resources, 12 each: role, disk, conn, 0, generation (8)
+//!  8  cluster id        8      ..  control body (see `Control`)
+//! 16  boot generation   8      ..  HMAC-SHA256 (32) of every byte before it
+//! 24  frame length      4
+//! ```
+//!
+//! Decoding is pure and tells "not a whole frame yet" apart from "invalid".
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// "DUHB".
+pub const MAGIC: [u8; 4] = *b"DUHB";
+/// The version this build speaks.
+pub const VERSION: u8 = 1;
+/// Fixed part before the resources.
+pub const HEADER_LEN: usize = 40;
+/// Bytes per resource entry.
+pub const RESOURCE_LEN: usize = 12;
+/// Most resources one frame describes.
+pub const MAX_RESOURCES: usize = 32;
+/// Longest control body.
+pub const MAX_CONTROL: usize = 512;
+/// HMAC-SHA256 length.
+pub const MAC_LEN: usize = 32;
+/// Longest frame.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_RESOURCES * RESOURCE_LEN + MAX_CONTROL + MAC_LEN;
+/// Longest reason text in a control reply.
+pub const MAX_REASON: usize = 400;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// One resource's state as the sender sees it (numbers as the replicator's enums order them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResourceState {
+    /// 0 Secondary, 1 Primary.
+    pub role: u8,
+    /// 0 Inconsistent, 1 Outdated, 2 Consistent, 3 UpToDate.
+    pub disk: u8,
+    /// 0 StandAlone/Connecting (not connected), 1 Connected, 2 SyncSource, 3 SyncTarget,
+    /// 4 Verify (either side).
+    pub conn: u8,
+    /// Current generation UUID.
+    pub generation: u64,
+}
+
+/// A control message riding in a frame. Requests carry an id; replies echo it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// From a Primary whose replication link broke: mark the resources in `mask` Outdated.
+    Outdate { id: u64, mask: u32 },
+    /// The resources in `mask` are now Outdated on disk.
+    Outdated { id: u64, mask: u32 },
+    /// "I am taking over": close your exports, stop your services, demote.
+    Release { id: u64 },
+    /// Reply to `Release`.
+    Released { id: u64, ok: bool, reason: String },
+    /// "Take over from me" (make-slave, or a health handover).
+    TakeOver { id: u64, force: bool },
+    /// Reply to `TakeOver`.
+    TookOver { id: u64, ok: bool, reason: String },
+}
+
+impl Control {
+    /// The request id this message carries or answers.
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Outdate { id, .. }
+            | Self::Outdated { id, .. }
+            | Self::Release { id }
+            | Self::Released { id, .. }
+            | Self::TakeOver { id, .. }
+            | Self::TookOver { id, .. } => *id,
+        }
+    }
+}
+
+/// A decoded heartbeat frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub key_id: u8,
+    pub node_id: u8,
+    pub cluster: u64,
+    pub boot: u64,
+    pub seq: u64,
+    pub health: u8,
+    pub resources: Vec<ResourceState>,
+    pub control: Option<Control>,
+}
+
+/// Why bytes are not a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// More bytes are needed (a stream transport keeps reading).
+    #[error("incomplete frame")]
+    Incomplete,
+    /// Not a duet heartbeat frame.
+    #[error("bad magic")]
+    Magic,
+    /// Another protocol version.
+    #[error("unsupported heartbeat version {0} (this build speaks {VERSION})")]
+    Version(u8),
+    /// A length field out of bounds.
+    #[error("bad length: {0}")]
+    Length(&'static str),
+    /// A field with a value this version does not know.
+    #[error("bad field: {0}")]
+    Field(&'static str),
+    /// The MAC does not match (wrong secret, or tampered).
+    #[error("authentication failed (wrong secret or tampered frame)")]
+    Mac,
+}
+
+/// The cluster id carried in frames: a 64-bit FNV-1a hash of the cluster name.
+pub fn cluster_id(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn control_kind(c: &Control) -> u8 {
+    match c {
+        Control::Outdate { .. } => 1,
+        Control::Outdated { .. } => 2,
+        Control::Release { .. } => 3,
+        Control::Released { .. } => 4,
+        Control::TakeOver { .. } => 5,
+        Control::TookOver { .. } => 6,
+    }
+}
+
+fn encode_control(c: &Control, o: &mut Vec<u8>) {
+    o.push(control_kind(c));
+    o.extend_from_slice(&c.id().to_be_bytes());
+    match c {
+        Control::Outdate { mask, .. } | Control::Outdated { mask, .. } => {
+            o.extend_from_slice(&mask.to_be_bytes());
+        }
+        Control::Release { .. } => {}
+        Control::TakeOver { force, .. } => o.push(u8::from(*force)),
+        Control::Released { ok, reason, .. } | Control::TookOver { ok, reason, .. } => {
+            o.push(u8::from(*ok));
+            let r = truncate(reason, MAX_REASON);
+            o.extend_from_slice(&u16::try_from(r.len()).unwrap_or(0).to_be_bytes());
+            o.extend_from_slice(r.as_bytes());
+        }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn decode_control(b: &[u8]) -> Result<Control, FrameError> {
+    let bad = FrameError::Field("control body");
+    if b.len() < 9 {
+        return Err(bad);
+    }
+    let kind = b[0];
+    let id = u64::from_be_bytes(b[1..9].try_into().expect("8 bytes"));
+    let rest = &b[9..];
+    let c = match kind {
+        1 | 2 => {
+            let mask = u32::from_be_bytes(rest.try_into().map_err(|_| bad.clone())?);
+            if kind == 1 { Control::Outdate { id, mask } } else { Control::Outdated { id, mask } }
+        }
+        3 if rest.is_empty() => Control::Release { id },
+        5 if rest.len() == 1 && rest[0] <= 1 => Control::TakeOver { id, force: rest[0] == 1 },
+        4 | 6 => {
+            if rest.len() < 3 || rest[0] > 1 {
+                return Err(bad);
+            }
+            let ok = rest[0] == 1;
+            let n = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
+            if n > MAX_REASON || rest.len() != 3 + n {
+                return Err(bad);
+            }
+            let reason = std::str::from_utf8(&rest[3..]).map_err(|_| bad.clone())?.to_string();
+            if kind == 4 {
+                Control::Released { id, ok, reason }
+            } else {
+                Control::TookOver { id, ok, reason }
+            }
+        }
+        _ => return Err(bad),
+    };
+    Ok(c)
+}
+
+fn mac(key: &[u8], bytes: &[u8]) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    m.update(bytes);
+    m
+}
+
+impl Frame {
+    /// Encodes and signs the frame. Resources past `MAX_RESOURCES` are not sent (the config
+    /// refuses more); a control body is always short enough by construction.
+    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+        let res = &self.resources[..self.resources.len().min(MAX_RESOURCES)];
+        let mut body = Vec::new();
+        if let Some(c) = &self.control {
+            encode_control(c, &mut body);
+        }
+        let total = HEADER_LEN + res.len() * RESOURCE_LEN + body.len() + MAC_LEN;
+        let mut o = Vec::with_capacity(total);
+        o.extend_from_slice(&MAGIC);
+        o.push(VERSION);
+        o.push(self.key_id);
+        o.push(self.node_id);
+        o.push(0);
+        o.extend_from_slice(&self.cluster.to_be_bytes());
+        o.extend_from_slice(&self.boot.to_be_bytes());
+        o.extend_from_slice(&u32::try_from(total).expect("frames are small").to_be_bytes());
+        o.extend_from_slice(&self.seq.to_be_bytes());
+        o.push(self.health.min(100));
+        o.push(u8::try_from(res.len()).expect("at most MAX_RESOURCES"));
+        o.extend_from_slice(&u16::try_from(body.len()).expect("short body").to_be_bytes());
+        for r in res {
+            o.extend_from_slice(&[r.role, r.disk, r.conn, 0]);
+            o.extend_from_slice(&r.generation.to_be_bytes());
+        }
+        o.extend_from_slice(&body);
+        let tag = mac(key, &o).finalize().into_bytes();
+        o.extend_from_slice(&tag);
+        o
+    }
+
+    /// The frame length announced by a buffer's first bytes, once `HEADER_LEN` bytes are there.
+    pub fn announced_len(b: &[u8]) -> Result<usize, FrameError> {
+        if b.len() < HEADER_LEN {
+            return Err(FrameError::Incomplete);
+        }
+        if b[0..4] != MAGIC {
+            return Err(FrameError::Magic);
+        }
+        if b[4] != VERSION {
+            return Err(FrameError::Version(b[4]));
+        }
+        let total = u32::from_be_bytes(b[24..28].try_into().expect("4 bytes")) as usize;
+        if !(HEADER_LEN + MAC_LEN..=MAX_FRAME).contains(&total) {
+            return Err(FrameError::Length("frame length"));
+        }
+        Ok(total)
+    }
+
+    /// Decodes and authenticates exactly one frame (`b` must be the whole frame). The MAC is
+    /// checked before any field is trusted beyond the lengths needed to find it.
+    pub fn decode(b: &[u8], key: &[u8]) -> Result<Frame, FrameError> {
+        let total = Self::announced_len(b)?;
+        if b.len() < total {
+            return Err(FrameError::Incomplete);
+        }
+        if b.len() > total {
+            return Err(FrameError::Length("trailing bytes after the frame"));
+        }
+        let nres = usize::from(b[37]);
+        let nctl = usize::from(u16::from_be_bytes([b[38], b[39]]));
+        if nres > MAX_RESOURCES {
+            return Err(FrameError::Length("resource count"));
+        }
+        if nctl > MAX_CONTROL {
+            return Err(FrameError::Length("control length"));
+        }
+        if HEADER_LEN + nres * RESOURCE_LEN + nctl + MAC_LEN != total {
+            return Err(FrameError::Length("parts do not add up to the frame length"));
+        }
+        let (signed, tag) = b.split_at(total - MAC_LEN);
+        mac(key, signed).verify_slice(tag).map_err(|_| FrameError::Mac)?;
+        if b[7] != 0 {
+            return Err(FrameError::Field("reserved"));
+        }
+        let u64_at = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let health = b[36];
+        if health > 100 {
+            return Err(FrameError::Field("health"));
+        }
+        let mut resources = Vec::with_capacity(nres);
+        for i in 0..nres {
+            let o = HEADER_LEN + i * RESOURCE_LEN;
+            let r = ResourceState {
+                role: b[o],
+                disk: b[o + 1],
+                conn: b[o + 2],
+                generation: u64_at(o + 4),
+            };
+            if r.role > 1 || r.disk > 3 || r.conn > 4 || b[o + 3] != 0 {
+                return Err(FrameError::Field("resource state"));
+            }
+            resources.push(r);
+        }
+        let c0 = HEADER_LEN + nres * RESOURCE_LEN;
+        let control = if nctl == 0 { None } else { Some(decode_control(&b[c0..c0 + nctl])?) };
+        Ok(Frame {
+            key_id: b[5],
+            node_id: b[6],
+            cluster: u64_at(8),
+            boot: u64_at(16),
+            seq: u64_at(28),
+            health,
+            resources,
+            control,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY: &[u8] = b"a shared secret";
+
+    pub(crate) fn sample() -> Frame {
+        Frame {
+            key_id: 1,
+            node_id: 0,
+            cluster: cluster_id("nas-pair"),
+            boot: 1_700_000_000_000_000,
+            seq: 42,
+            health: 100,
+            resources: vec![ResourceState { role: 1, disk: 3, conn: 1, generation: 0xdead_beef }],
+            control: Some(Control::Released { id: 7, ok: false, reason: "busy ✓".into() }),
+        }
+    }
+
+    fn control() -> impl Strategy<Value = Control> {
+        let reason = "\\PC{0,40}";
+        prop_oneof![
+            (any::<u64>(), any::<u32>()).prop_map(|(id, mask)| Control::Outdate { id, mask }),
+            (any::<u64>(), any::<u32>()).prop_map(|(id, mask)| Control::Outdated { id, mask }),
+            any::<u64>().prop_map(|id| Control::Release { id }),
+            (any::<u64>(), any::<bool>(), reason).prop_map(|(id, ok, reason)| Control::Released {
+                id,
+                ok,
+                reason
+            }),
+            (any::<u64>(), any::<bool>()).prop_map(|(id, force)| Control::TakeOver { id, force }),
+            (any::<u64>(), any::<bool>(), reason).prop_map(|(id, ok, reason)| Control::TookOver {
+                id,
+                ok,
+                reason
+            }),
+        ]
+    }
+
+    fn resource() -> impl Strategy<Value = ResourceState> {
+        (0u8..2, 0u8..4, 0u8..5, any::<u64>()).prop_map(|(role, disk, conn, generation)| {
+            ResourceState { role, disk, conn, generation }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(key_id: u8, node_id: u8, cluster: u64, boot: u64, seq: u64, health in 0u8..=100,
+                      resources in proptest::collection::vec(resource(), 0..=MAX_RESOURCES),
+                      control in proptest::option::of(control())) {
+            let f = Frame { key_id, node_id, cluster, boot, seq, health, resources, control };
+            let b = f.encode(KEY);
+            prop_assert!(b.len() <= MAX_FRAME);
+            prop_assert_eq!(Frame::announced_len(&b), Ok(b.len()));
+            prop_assert_eq!(Frame::decode(&b, KEY), Ok(f));
+            // Every proper prefix is incomplete, never invalid or accepted.
+            for cut in [0, 1, HEADER_LEN - 1, HEADER_LEN, b.len() - 1] {
+                prop_assert_eq!(Frame::decode(&b[..cut], KEY), Err(FrameError::Incomplete));
+            }
+        }
+
+        #[test]
+        fn any_flipped_bit_is_refused(bit in 0usize..(HEADER_LEN + RESOURCE_LEN + 40) * 8) {
+            let b = sample().encode(KEY);
+            let bit = bit % (b.len() * 8);
+            let mut t = b.clone();
+            t[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(Frame::decode(&t, KEY).is_err(), "bit {bit} flipped and accepted");
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let _ = Frame::decode(&b, KEY);
+            let _ = Frame::announced_len(&b);
+        }
+    }
+
+    #[test]
+    fn wrong_key_is_refused() {
+        let b = sample().encode(KEY);
+        assert_eq!(Frame::decode(&b, b"another secret"), Err(FrameError::Mac));
+    }
+
+    #[test]
+    fn tampered_fields_are_refused_by_the_mac() {
+        let good = sample().encode(KEY);
+        // Role byte of the first resource: Primary → Secondary.
+        let mut t = good.clone();
+        t[HEADER_LEN] = 0;
+        assert_eq!(Frame::decode(&t, KEY), Err(FrameError::Mac));
+        // Sequence bumped to dodge the replay window.
+        let mut t = good.clone();
+        t[35] ^= 0x80;
+        assert_eq!(Frame::decode(&t, KEY), Err(FrameError::Mac));
+    }
+
+    #[test]
+    fn lengths_are_checked_before_the_mac() {
+        let mut b = sample().encode(KEY);
+        b[24..28].copy_from_slice(&(u32::MAX).to_be_bytes());
+        assert_eq!(Frame::decode(&b, KEY), Err(FrameError::Length("frame length")));
+        let mut b = sample().encode(KEY);
+        b[37] = 200;
+        assert_eq!(Frame::decode(&b, KEY), Err(FrameError::Length("resource count")));
+        let mut b = sample().encode(KEY);
+        b.push(0);
+        assert_eq!(
+            Frame::decode(&b, KEY),
+            Err(FrameError::Length("trailing bytes after the frame"))
+        );
+        let mut b = sample().encode(KEY);
+        b[0] = b'X';
+        assert_eq!(Frame::decode(&b, KEY), Err(FrameError::Magic));
+        let mut b = sample().encode(KEY);
+        b[4] = 9;
+        assert_eq!(Frame::decode(&b, KEY), Err(FrameError::Version(9)));
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_character_boundary() {
+        let f = Frame {
+            control: Some(Control::TookOver { id: 1, ok: false, reason: "é".repeat(300) }),
+            ..sample()
+        };
+        let d = Frame::decode(&f.encode(KEY), KEY).expect("decodes");
+        let Some(Control::TookOver { reason, .. }) = d.control else { panic!("control lost") };
+        assert_eq!(reason.len(), MAX_REASON);
+    }
+
+    #[test]
+    fn cluster_ids_differ() {
+        assert_ne!(cluster_id("nas-pair"), cluster_id("nas-pair2"));
+        assert_eq!(cluster_id(""), 0xcbf2_9ce4_8422_2325);
+    }
+}
