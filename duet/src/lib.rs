@@ -7,6 +7,7 @@
 //! - [`status`]: the `duet status` model and its text form;
 //! - [`plan`]: `duet check-config`'s description of what each node will do.
 
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

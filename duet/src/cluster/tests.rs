@@ -1,0 +1,172 @@
+//! Rules of the manager one at a time (the scenarios are in `sim.rs`).
+
+use super::*;
+
+fn s(master: bool) -> Settings {
+    Settings {
+        configured_master: master,
+        failback_auto: false,
+        fencing: Fencing::ResourceOnly,
+        fence_command: false,
+        fence_delay: Duration::from_millis(0),
+        switchover_timeout: Duration::from_secs(10),
+        resend: Duration::from_millis(500),
+        retry: Duration::from_secs(5),
+        resources: 2,
+    }
+}
+
+fn master_view() -> LocalView {
+    LocalView {
+        primary: true,
+        any_primary: true,
+        uptodate: true,
+        in_sync: true,
+        resyncing: false,
+        disconnected: 0,
+        worst_disk: "UpToDate",
+    }
+}
+
+fn slave_view() -> LocalView {
+    LocalView { primary: false, any_primary: false, ..master_view() }
+}
+
+fn peer(primary: bool) -> PeerView {
+    PeerView { primary, any_primary: primary, uptodate: true, healthy: true }
+}
+
+fn alive(m: &mut Manager, t: Instant, local: LocalView, pv: PeerView) {
+    m.handle(t, Input::Local(local));
+    m.handle(t, Input::PeerView(pv));
+    m.handle(t, Input::Peer(PeerState::Alive));
+}
+
+fn sends(a: &[Action]) -> Vec<&Control> {
+    a.iter().filter_map(|x| if let Action::Send(c) = x { Some(c) } else { None }).collect()
+}
+
+#[test]
+fn a_master_refuses_to_release_to_a_peer_that_is_not_in_sync() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, LocalView { in_sync: false, ..master_view() }, peer(false));
+    let a = m.handle(t, Input::Control(Control::Release { id: 5 }));
+    let c = sends(&a);
+    assert!(
+        matches!(c[..], [Control::Released { id: 5, ok: false, reason }] if reason.contains("not in sync")),
+        "{a:?}"
+    );
+    assert!(!a.iter().any(|x| matches!(x, Action::Run(_))), "nothing may run: {a:?}");
+}
+
+#[test]
+fn a_resent_request_gets_the_same_answer_and_runs_once() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    let a = m.handle(t, Input::Control(Control::Release { id: 9 }));
+    assert_eq!(a.iter().filter(|x| matches!(x, Action::Run(Step::ExportClose))).count(), 1);
+    for st in [Step::ExportClose, Step::ServicesSlave, Step::VipDown] {
+        let a = m.handle(t, Input::Done(Outcome::Ok));
+        assert!(!a.is_empty(), "after {st:?}");
+    }
+    m.handle(t, Input::Local(slave_view()));
+    let a = m.handle(t, Input::Done(Outcome::Ok));
+    assert!(
+        sends(&a).iter().any(|c| matches!(c, Control::Released { id: 9, ok: true, .. })),
+        "{a:?}"
+    );
+    let again = m.handle(t, Input::Control(Control::Release { id: 9 }));
+    assert!(matches!(sends(&again)[..], [Control::Released { id: 9, ok: true, .. }]), "{again:?}");
+    assert!(!again.iter().any(|x| matches!(x, Action::Run(_))));
+}
+
+#[test]
+fn a_master_does_not_outdate_itself_for_the_peer() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    let a = m.handle(t, Input::Control(Control::Outdate { id: 3, mask: 1 }));
+    assert!(!a.iter().any(|x| matches!(x, Action::Outdate { .. })), "{a:?}");
+}
+
+#[test]
+fn a_slave_outdates_only_configured_resources_and_confirms() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, slave_view(), peer(true));
+    let a = m.handle(t, Input::Control(Control::Outdate { id: 3, mask: 0xff }));
+    assert!(a.contains(&Action::Outdate { id: 3, mask: 0b11 }), "{a:?}");
+    let a = m.handle(t, Input::OutdateDone { id: 3, mask: 0b11, ok: true });
+    assert!(sends(&a).contains(&&Control::Outdated { id: 3, mask: 0b11 }), "{a:?}");
+}
+
+#[test]
+fn the_master_outdates_a_peer_that_answers_only_on_the_heartbeat_and_stops_when_confirmed() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    let a = m.handle(t, Input::Local(LocalView { disconnected: 0b10, ..master_view() }));
+    let id = match sends(&a)[..] {
+        [Control::Outdate { id, mask: 0b10 }] => *id,
+        _ => panic!("no outdate request: {a:?}"),
+    };
+    // Resent while unanswered.
+    let a = m.handle(t + Duration::from_millis(600), Input::Tick);
+    assert!(matches!(sends(&a)[..], [Control::Outdate { mask: 0b10, .. }]), "{a:?}");
+    let a = m.handle(
+        t + Duration::from_millis(700),
+        Input::Control(Control::Outdated { id, mask: 0b10 }),
+    );
+    assert!(a.contains(&Action::PeerOutdated { mask: 0b10 }), "{a:?}");
+    let a = m.handle(t + Duration::from_millis(2000), Input::Tick);
+    assert!(sends(&a).is_empty(), "no more requests once confirmed: {a:?}");
+}
+
+#[test]
+fn takeover_steps_run_in_order_and_a_failed_promotion_stops_them() {
+    let t = Instant::now();
+    let mut m = Manager::new(Settings { fence_command: true, ..s(false) }, t);
+    m.handle(t, Input::Local(slave_view()));
+    let a = m.handle(t, Input::Peer(PeerState::Dead));
+    assert!(a.contains(&Action::Run(Step::Fence { delay: Duration::ZERO })), "{a:?}");
+    let a = m.handle(t, Input::Done(Outcome::Fence(Some(5))));
+    assert!(a.contains(&Action::Run(Step::Promote { force: false })), "{a:?}");
+    let a = m.handle(t, Input::Done(Outcome::Failed("disk gone".into())));
+    assert!(!a.iter().any(|x| matches!(x, Action::Run(_))), "{a:?}");
+    assert!(a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("disk gone"))), "{a:?}");
+}
+
+#[test]
+fn a_failed_vip_is_reported_but_the_takeover_completes() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(false), t);
+    m.handle(t, Input::Local(slave_view()));
+    m.handle(t, Input::Peer(PeerState::Dead));
+    let a = m.handle(t, Input::Done(Outcome::Ok));
+    assert!(a.contains(&Action::Run(Step::VipUp)), "{a:?}");
+    let a = m.handle(t, Input::Done(Outcome::Failed("no such interface".into())));
+    assert!(a.contains(&Action::Run(Step::ServicesMaster)), "{a:?}");
+    m.handle(t, Input::Done(Outcome::Ok));
+    let a = m.handle(t, Input::Done(Outcome::Ok));
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("running master"))),
+        "{a:?}"
+    );
+    assert!(!m.busy());
+}
+
+#[test]
+fn operator_commands_while_busy_are_refused() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(false), t);
+    m.handle(t, Input::Local(slave_view()));
+    m.handle(t, Input::Peer(PeerState::Dead));
+    assert!(m.busy());
+    let a = m.handle(t, Input::MakeMaster { token: 1, force: true });
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Reply { token: 1, result: Err(e) } if e.contains("already running"))),
+        "{a:?}"
+    );
+}
