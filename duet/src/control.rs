@@ -62,13 +62,25 @@ pub enum Command {
         #[serde(default)]
         repair: bool,
     },
+    /// Coordinated switchover: make this node the running master.
+    MakeMaster {
+        #[serde(default)]
+        force: bool,
+    },
+    /// Coordinated switchover: hand the master role to the peer.
+    MakeSlave,
+    /// The event log after a time (milliseconds since the Unix epoch).
+    Events {
+        #[serde(default)]
+        since_ms: u64,
+    },
 }
 
 impl Command {
     /// The resource a command names (None: all).
     pub fn resource(&self) -> Option<&str> {
         match self {
-            Self::Status => None,
+            Self::Status | Self::MakeMaster { .. } | Self::MakeSlave | Self::Events { .. } => None,
             Self::Primary { resource, .. }
             | Self::Secondary { resource }
             | Self::Connect { resource, .. }

@@ -145,6 +145,38 @@ struct State {
     groups: Vec<Group>,
     shutting_down: AtomicBool,
     sd: watch::Receiver<bool>,
+    /// The cluster manager, when heartbeat links are configured.
+    ha: std::sync::OnceLock<crate::ha::Ha>,
+}
+
+impl crate::ha::Host for State {
+    fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.cfg
+            .resource
+            .iter()
+            .filter_map(|r| self.find(&r.name).map(|(_, e)| Arc::clone(&e.vol)))
+            .filter(|v| v.config().is_some())
+            .collect()
+    }
+
+    fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            for g in &self.groups {
+                if g.all_primary() && !self.shutting_down.load(Ordering::Relaxed) {
+                    g.open().await.map_err(|e| format!("{e:#}"))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn close_exports(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for g in &self.groups {
+                g.close().await;
+            }
+        })
+    }
 }
 
 impl State {
@@ -193,6 +225,54 @@ impl State {
             peer: self.cfg.peer_of(&self.node).map(str::to_string),
             shutting_down: self.shutting_down.load(Ordering::Relaxed),
             resources,
+            ha: self.ha.get().map(|h| h.status.lock().expect("status poisoned").clone()),
+        }
+    }
+
+    /// The merged event log: the cluster manager's and every resource's, oldest first.
+    fn events(&self, since_ms: u64) -> Vec<crate::ha::LogEntry> {
+        let since = since_ms as f64 / 1000.0;
+        let mut all = self.ha.get().map(|h| h.events.since(since)).unwrap_or_default();
+        for r in &self.cfg.resource {
+            let Some((_, e)) = self.find(&r.name) else { continue };
+            if e.vol.config().is_none() {
+                continue;
+            }
+            for ev in e.vol.status().events {
+                if ev.at > since {
+                    all.push(crate::ha::LogEntry {
+                        at: ev.at,
+                        what: format!("{}: {}", r.name, ev.what),
+                    });
+                }
+            }
+        }
+        all.sort_by(|a, b| a.at.total_cmp(&b.at));
+        all
+    }
+
+    /// make-master / make-slave through the cluster manager.
+    async fn switchover(&self, master: bool, force: bool) -> Result<serde_json::Value, String> {
+        let ha = self.ha.get().ok_or(
+            "the cluster manager is not running (no [[heartbeat.link]] configured): use `duet primary` / `duet secondary`",
+        )?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = if master {
+            crate::ha::Request::MakeMaster { force, reply: tx }
+        } else {
+            crate::ha::Request::MakeSlave { reply: tx }
+        };
+        ha.requests.send(req).await.map_err(|_| "the cluster manager stopped".to_string())?;
+        match tokio::time::timeout(
+            crate::ha::SWITCHOVER_TIMEOUT + std::time::Duration::from_secs(15),
+            rx,
+        )
+        .await
+        {
+            Ok(Ok(Ok(m))) => Ok(serde_json::json!({ "cluster": m })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err("the cluster manager dropped the request".into()),
+            Err(_) => Err("the switchover did not finish in time; see `duet events`".into()),
         }
     }
 
@@ -238,7 +318,10 @@ impl State {
                 ));
             }
             let r = match cmd {
-                Command::Status => unreachable!("handled by the caller"),
+                Command::Status
+                | Command::MakeMaster { .. }
+                | Command::MakeSlave
+                | Command::Events { .. } => unreachable!("handled by the caller"),
                 Command::Primary { force, .. } => match e.vol.promote(*force).await {
                     Ok(msg) => {
                         if group.all_primary() {
@@ -474,7 +557,13 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
         groups,
         shutting_down: AtomicBool::new(false),
         sd: sd_rx.clone(),
+        ha: std::sync::OnceLock::new(),
     });
+    if peer.is_some() && crate::ha::enabled(&cfg) {
+        let host: Arc<dyn crate::ha::Host> = Arc::clone(&state) as Arc<dyn crate::ha::Host>;
+        let ha = crate::ha::start(&cfg, &node, &secret, host, sd_rx.clone()).await?;
+        let _ = state.ha.set(ha);
+    }
     let sock_path = cfg.control_socket(&node);
     let control = bind_control(&sock_path).await?;
     let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), sd_rx.clone()));
@@ -593,6 +682,17 @@ async fn handle_control(s: UnixStream, state: &State) -> std::io::Result<()> {
                     let _ = cmd;
                     Response::err("the daemon is shutting down")
                 }
+                Command::Events { since_ms } => {
+                    Response::ok(serde_json::to_value(state.events(*since_ms)).unwrap_or_default())
+                }
+                Command::MakeMaster { force } => match state.switchover(true, *force).await {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(e),
+                },
+                Command::MakeSlave => match state.switchover(false, false).await {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(e),
+                },
                 cmd => match state.act(cmd.resource(), cmd).await {
                     Ok(v) => Response::ok(v),
                     Err(e) => Response::err(e),

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod ha;
 pub mod md;
 pub mod plan;
 pub mod status;

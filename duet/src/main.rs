@@ -83,6 +83,20 @@ enum Cmd {
         #[arg(long)]
         resource: Option<String>,
     },
+    /// Planned switchover: make this node the running master (the peer releases first).
+    MakeMaster {
+        /// Take the role even with the peer unreachable or the local data not UpToDate.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Planned switchover: hand the master role to the peer.
+    MakeSlave,
+    /// The failover, heartbeat and sync log.
+    Events {
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Online verify: compare every block with the peer's.
     Verify {
         #[arg(long)]
@@ -144,6 +158,9 @@ fn main() -> ExitCode {
         Cmd::Disconnect { resource } => control::Command::Disconnect { resource },
         Cmd::Invalidate { resource } => control::Command::Invalidate { resource },
         Cmd::Verify { resource, repair } => control::Command::Verify { resource, repair },
+        Cmd::MakeMaster { force } => control::Command::MakeMaster { force },
+        Cmd::MakeSlave => control::Command::MakeSlave,
+        Cmd::Events { follow } => return show_events(&rt, &cfg, &node, follow),
     };
     let sock = cfg.control_socket(&node);
     match rt.block_on(daemon::call(&sock, call)) {
@@ -212,5 +229,35 @@ fn show_status(
             }
         }
         Err(e) => call_failed(&e),
+    }
+}
+
+// Event times are positive and far below 2^53 ms: the float-to-int conversion is exact enough.
+#[allow(clippy::cast_possible_truncation)]
+fn show_events(
+    rt: &tokio::runtime::Runtime,
+    cfg: &config::Config,
+    node: &str,
+    follow: bool,
+) -> ExitCode {
+    let sock = cfg.control_socket(node);
+    let mut since_ms = 0u64;
+    loop {
+        match rt.block_on(daemon::call(&sock, control::Command::Events { since_ms })) {
+            Ok(v) => {
+                let list: Vec<duet::ha::LogEntry> = serde_json::from_value(v).unwrap_or_default();
+                for e in &list {
+                    println!("{}  {}", status::timestamp(e.at), e.what);
+                    // Millisecond cursor: events in the same millisecond as the last printed
+                    // one are not printed twice.
+                    since_ms = since_ms.max((e.at * 1000.0) as u64);
+                }
+            }
+            Err(e) => return call_failed(&e),
+        }
+        if !follow {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }

@@ -25,6 +25,9 @@ pub struct NodeStatus {
     pub shutting_down: bool,
     /// Every resource.
     pub resources: Vec<ResourceStatus>,
+    /// The cluster manager (when heartbeat links are configured).
+    #[serde(default)]
+    pub ha: Option<crate::ha::ClusterStatus>,
 }
 
 /// One resource's state.
@@ -63,6 +66,32 @@ pub fn bytes(n: u64) -> String {
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
+/// `2026-11-22 06:41:07.123 UTC` from seconds since the Unix epoch.
+// Event times are positive and far below 2^53 ms: the float-to-int conversion is exact enough.
+#[allow(clippy::cast_possible_truncation)]
+pub fn timestamp(at: f64) -> String {
+    let ms = (at * 1000.0) as i64;
+    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{milli:03} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// The text form of `duet status`.
 pub fn render(s: &NodeStatus) -> String {
     let mut o = String::new();
@@ -77,6 +106,54 @@ pub fn render(s: &NodeStatus) -> String {
         s.uptime_s,
         if s.shutting_down { ", SHUTTING DOWN" } else { "" }
     );
+    if let Some(c) = &s.ha {
+        let _ = writeln!(
+            o,
+            "cluster: this node is {} (configured master {}), peer {}{}{}; health {}; failback {}, fencing {}",
+            c.running_role,
+            c.configured_master,
+            c.peer,
+            c.peer_role.as_deref().map_or(String::new(), |r| format!(" ({r})")),
+            match c.peer_healthy {
+                Some(false) => ", peer unhealthy",
+                _ => "",
+            },
+            if c.healthy { "ok" } else { "FAILING" },
+            c.failback,
+            c.fencing
+        );
+        if let Some(a) = &c.activity {
+            let _ = writeln!(o, "  now: {a}");
+        }
+        for l in &c.links {
+            let heard = l
+                .last_heard_ms
+                .map_or("never heard".to_string(), |m| format!("last heard {m} ms ago"));
+            let _ = writeln!(
+                o,
+                "  link {}: {} ({heard}; {} in, {} out, {} dropped, {} send errors{})",
+                l.name,
+                l.state,
+                l.frames_in,
+                l.frames_out,
+                l.dropped,
+                l.send_errors,
+                if l.garbage_bytes > 0 {
+                    format!(", {} bytes of line noise", l.garbage_bytes)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let d = &c.drops;
+        if d.malformed + d.auth + d.foreign_cluster + d.wrong_node + d.replay > 0 {
+            let _ = writeln!(
+                o,
+                "  dropped frames: {} malformed, {} bad MAC, {} foreign cluster, {} wrong node, {} replayed",
+                d.malformed, d.auth, d.foreign_cluster, d.wrong_node, d.replay
+            );
+        }
+    }
     for r in &s.resources {
         let _ = writeln!(
             o,
@@ -199,6 +276,7 @@ mod tests {
             uptime_s: 3,
             peer: None,
             shutting_down: false,
+            ha: None,
             resources: vec![ResourceStatus {
                 name: "vol0".into(),
                 role: "Primary".into(),
@@ -229,5 +307,15 @@ mod tests {
         ] {
             assert!(t.contains(want), "{want} missing in {t}");
         }
+    }
+}
+
+#[cfg(test)]
+mod timestamp_tests {
+    #[test]
+    fn timestamps_are_civil_utc() {
+        assert_eq!(super::timestamp(0.0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(super::timestamp(1_795_329_667.123), "2026-11-22 06:41:07.123 UTC");
+        assert_eq!(super::timestamp(951_782_400.5), "2000-02-29 00:00:00.500 UTC");
     }
 }

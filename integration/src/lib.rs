@@ -3,6 +3,7 @@
 //! of sleeping, and speak raw NBD for the hostile-input tests.
 
 pub mod pair;
+pub mod pty;
 pub mod rawnbd;
 
 use std::io::Read;

@@ -20,6 +20,40 @@ pub struct PairOpts {
     pub split_brain: String,
     /// `[resource.resync]` lines.
     pub resync: String,
+    /// Heartbeat links and the cluster manager (None: manual roles only).
+    pub ha: Option<HaOpts>,
+}
+
+/// The cluster manager's part of the config.
+#[derive(Debug, Clone)]
+pub struct HaOpts {
+    pub keepalive_ms: u64,
+    pub warntime_ms: u64,
+    pub deadtime_ms: u64,
+    pub initdead_ms: u64,
+    /// A UDP link on loopback.
+    pub udp: bool,
+    /// A serial link over a pty cable.
+    pub serial: bool,
+    /// `failback = ...` value.
+    pub failback: &'static str,
+    /// Extra top-level TOML (`[fencing]`, `[[service]]`, `[[health.check]]`).
+    pub extra: String,
+}
+
+impl Default for HaOpts {
+    fn default() -> Self {
+        Self {
+            keepalive_ms: 100,
+            warntime_ms: 300,
+            deadtime_ms: 500,
+            initdead_ms: 3000,
+            udp: true,
+            serial: true,
+            failback: "off",
+            extra: String::new(),
+        }
+    }
 }
 
 impl Default for PairOpts {
@@ -30,6 +64,7 @@ impl Default for PairOpts {
             resource_extra: String::new(),
             split_brain: String::new(),
             resync: "rate_kib = 512000\nmin_rate_kib = 20480".into(),
+            ha: None,
         }
     }
 }
@@ -53,6 +88,8 @@ pub struct Pair {
     pub config: PathBuf,
     pub secret: PathBuf,
     pub n: [PairNode; 2],
+    /// The serial cable, when the pair has a serial heartbeat link.
+    pub cable: Option<crate::pty::PtyCable>,
 }
 
 fn kill(c: &mut Child) {
@@ -86,11 +123,38 @@ impl Pair {
         };
         let n = [node("alpha"), node("beta")];
         let config = dir.path().join("duet.toml");
+        let cable = o.ha.as_ref().filter(|h| h.serial).map(|_| crate::pty::PtyCable::new());
+        let ha_text = match &o.ha {
+            None => String::new(),
+            Some(h) => {
+                let mut t = format!(
+                    "\n[heartbeat]\nkeepalive_ms = {}\nwarntime_ms = {}\ndeadtime_ms = {}\ninitdead_ms = {}\n",
+                    h.keepalive_ms, h.warntime_ms, h.deadtime_ms, h.initdead_ms
+                );
+                if h.udp {
+                    let (u0, u1) = (free_port(), free_port());
+                    t.push_str(&format!(
+                        "\n[[heartbeat.link]]\nkind = \"udp\"\n[heartbeat.link.on.alpha]\nbind = \"127.0.0.1:{u0}\"\npeer = \"127.0.0.1:{u1}\"\n[heartbeat.link.on.beta]\nbind = \"127.0.0.1:{u1}\"\npeer = \"127.0.0.1:{u0}\"\n"
+                    ));
+                }
+                if let Some(c) = &cable {
+                    t.push_str(&format!(
+                        "\n[[heartbeat.link]]\nkind = \"serial\"\nbaud = 115200\n[heartbeat.link.on.alpha]\ndevice = \"{}\"\n[heartbeat.link.on.beta]\ndevice = \"{}\"\n",
+                        c.ends[0].display(),
+                        c.ends[1].display()
+                    ));
+                }
+                t.push('\n');
+                t.push_str(&h.extra);
+                t
+            }
+        };
         let text = format!(
             r#"[cluster]
 name = "itest-pair"
 secret_file = "{secret}"
 configured_master = "alpha"
+failback = "{failback}"
 control_socket = "{s0}"
 metrics_listen = ""
 
@@ -124,6 +188,7 @@ replication_address = "127.0.0.1:{r1}"
 ping_interval_ms = 500
 ping_timeout_ms = 2000
 connect_retry_ms = 200
+{ha}
 "#,
             secret = secret.display(),
             s0 = n[0].socket.display(),
@@ -137,12 +202,14 @@ connect_retry_ms = 200
             r1 = n[1].repl_port,
             resync = o.resync,
             sb = o.split_brain,
+            failback = o.ha.as_ref().map_or("off", |h| h.failback),
+            ha = ha_text,
         );
         // Both nodes share one nbd_listen port number in the file; the node that is Primary
         // binds it. On one host only one can be Primary at a time, which the tests respect
         // (and split-brain tests demote before promoting the other, or use separate ports).
         std::fs::write(&config, text).expect("config");
-        let p = Self { dir, config, secret, n };
+        let p = Self { dir, config, secret, n, cable };
         for i in 0..2 {
             run_ok(p.cli(i).args(["create-md"]), Duration::from_secs(30));
         }
@@ -326,5 +393,29 @@ impl Drop for Pair {
                 eprintln!("--- {} log ---\n{}", self.n[i].name, self.log_text(i));
             }
         }
+    }
+}
+
+impl Pair {
+    /// The cluster part of node `i`'s status.
+    pub fn cluster(&self, i: usize) -> serde_json::Value {
+        let out = run_ok(self.cli(i).args(["status", "--json"]), Duration::from_secs(10));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        v["ha"].clone()
+    }
+
+    /// Node `i` is the running master (every resource Primary and exporting).
+    pub fn is_master(&self, i: usize) -> bool {
+        let r = run(self.cli(i).args(["status", "--json"]), Duration::from_secs(10));
+        if !r.status.success() {
+            return false;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap_or_default();
+        v["ha"]["running_role"] == "master" && v["resources"][0]["exporting"] == true
+    }
+
+    /// `duet events` of node `i`.
+    pub fn events(&self, i: usize) -> String {
+        run_ok(self.cli(i).args(["events"]), Duration::from_secs(10))
     }
 }

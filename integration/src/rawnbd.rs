@@ -145,3 +145,40 @@ impl Raw {
         }
     }
 }
+
+impl Raw {
+    /// [`Raw::transmission`] that reports failure (server down or going away) instead of
+    /// panicking; for clients that reconnect across a failover.
+    pub fn try_transmission(port: u16) -> Option<Self> {
+        let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+        let mut r = Self { s };
+        let mut g = [0u8; 18];
+        r.s.read_exact(&mut g).ok()?;
+        if g[..8] != NBD_MAGIC.to_be_bytes() {
+            return None;
+        }
+        r.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).ok()?;
+        let mut d = BytesMut::new();
+        d.put_u32(4);
+        d.put_slice(b"vol0");
+        d.put_u16(0);
+        let mut b = BytesMut::new();
+        b.put_u64(IHAVEOPT);
+        b.put_u32(OPT_GO);
+        b.put_u32(u32::try_from(d.len()).ok()?);
+        b.put_slice(&d);
+        r.send(&b).ok()?;
+        loop {
+            let mut h = [0u8; 20];
+            r.s.read_exact(&mut h).ok()?;
+            let kind = u32::from_be_bytes(h[12..16].try_into().ok()?);
+            let len = u32::from_be_bytes(h[16..20].try_into().ok()?) as usize;
+            let mut data = vec![0u8; len];
+            r.s.read_exact(&mut data).ok()?;
+            if kind != REP_INFO {
+                return (kind == REP_ACK).then_some(r);
+            }
+        }
+    }
+}

@@ -22,8 +22,11 @@ pub const FLAG_WAS_PRIMARY: u32 = 1 << 1;
 pub const FLAG_CRASHED_PRIMARY: u32 = 1 << 2;
 /// Flag: the peer is known to be Outdated.
 pub const FLAG_PEER_OUTDATED: u32 = 1 << 3;
+/// Flag: this node's data is known to be older than the peer's (it was outdated over the
+/// heartbeat while the replication link was down); it must not be promoted without --force.
+pub const FLAG_OUTDATED: u32 = 1 << 4;
 const KNOWN_FLAGS: u32 =
-    FLAG_CONSISTENT | FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY | FLAG_PEER_OUTDATED;
+    FLAG_CONSISTENT | FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY | FLAG_PEER_OUTDATED | FLAG_OUTDATED;
 
 /// What the superblock records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +196,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(seq: u64, size in 1u64.., node: u32, flags in 0u32..16, cur: u64, bm: u64, h0: u64, h1: u64) {
+        fn round_trip(seq: u64, size in 1u64.., node: u32, flags in 0u32..32, cur: u64, bm: u64, h0: u64, h1: u64) {
             let s = Superblock { sequence: seq, volume_size: size, node_id: node, flags, uuids: Generations { current: cur, bitmap: bm, history: [h0, h1] }, ..sb(0) };
             prop_assert_eq!(Superblock::decode(&s.encode()), Ok(s));
         }

@@ -6,6 +6,7 @@
 
 mod cli;
 mod clients;
+mod failover;
 mod hostile;
 mod peer_hostile;
 mod replication;

@@ -380,6 +380,7 @@ async fn session(
         c.split_brain = None;
         c.last_refusal = None;
         c.bumped = false;
+        c.sb.flags &= !crate::superblock::FLAG_PEER_OUTDATED;
         if c.role != Role::Primary {
             c.sb.flags &= !crate::superblock::FLAG_CRASHED_PRIMARY;
         }

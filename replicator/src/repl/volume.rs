@@ -34,7 +34,10 @@ use super::meta::{Loaded, Meta, MetaError};
 use super::wire::{self, Digest, F_FUA, F_HOLE, F_MAY_TRIM, Kind};
 use crate::nbd::proto::Extent;
 use crate::store::{IoBuf, Store};
-use crate::superblock::{FLAG_CONSISTENT, FLAG_CRASHED_PRIMARY, FLAG_WAS_PRIMARY, Superblock};
+use crate::superblock::{
+    FLAG_CONSISTENT, FLAG_CRASHED_PRIMARY, FLAG_OUTDATED, FLAG_PEER_OUTDATED, FLAG_WAS_PRIMARY,
+    Superblock,
+};
 
 /// Role of this node for the resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -188,6 +191,9 @@ pub struct Volume {
     pub(crate) app_writes: AtomicU64,
     /// Wakes the resync requester when a block arrived (room in the window).
     pub(crate) resync_wake: tokio::sync::Notify,
+    /// I/O frozen (fencing in progress): writes that reached only this node wait before their
+    /// reply.
+    frozen: watch::Sender<bool>,
 }
 
 /// Why a role or connection command was refused. The message says what to do.
@@ -400,6 +406,7 @@ impl Volume {
             resync_acked: AtomicU64::new(0),
             app_writes: AtomicU64::new(0),
             resync_wake: tokio::sync::Notify::new(),
+            frozen: watch::channel(false).0,
         })
     }
 
@@ -426,6 +433,11 @@ impl Volume {
         }
         let disk = if sb.flags & FLAG_CONSISTENT == 0 {
             DiskState::Inconsistent
+        } else if sb.flags & FLAG_OUTDATED != 0 {
+            DiskState::Outdated
+        } else if sb.flags & FLAG_PEER_OUTDATED != 0 {
+            // The peer was outdated while we were Primary: nothing newer exists anywhere.
+            DiskState::UpToDate
         } else {
             DiskState::Consistent
         };
@@ -489,9 +501,12 @@ impl Volume {
         let sb = {
             let mut c = self.core.lock().expect("volume state poisoned");
             c.sb.sequence += 1;
-            let mut f = c.sb.flags & !(FLAG_CONSISTENT);
-            if c.disk >= DiskState::Consistent {
+            let mut f = c.sb.flags & !(FLAG_CONSISTENT | FLAG_OUTDATED);
+            if c.disk >= DiskState::Outdated {
                 f |= FLAG_CONSISTENT;
+            }
+            if c.disk == DiskState::Outdated {
+                f |= FLAG_OUTDATED;
             }
             c.sb.flags = f;
             c.sb
@@ -679,6 +694,9 @@ impl Volume {
                         self.mark_out_of_sync(offset, len);
                     }
                     self.ensure_new_generation().await?;
+                    // Reached only this node: while fencing runs, the client must not learn
+                    // of it (the peer may be taking over).
+                    self.thawed().await;
                 }
                 return out.result;
             }
@@ -827,6 +845,60 @@ impl Volume {
         } else {
             "Primary".into()
         })
+    }
+
+    /// Freezes (or thaws) I/O: while frozen, writes that could not reach the peer are not
+    /// answered (resource-and-stonith fencing).
+    pub fn set_frozen(&self, on: bool) {
+        if self.frozen.send_replace(on) != on {
+            self.event(if on {
+                "I/O frozen while the peer is fenced".into()
+            } else {
+                "I/O resumed".into()
+            });
+        }
+    }
+
+    /// Whether I/O is frozen.
+    pub fn frozen(&self) -> bool {
+        *self.frozen.borrow()
+    }
+
+    async fn thawed(&self) {
+        let mut rx = self.frozen.subscribe();
+        let _ = rx.wait_for(|f| !*f).await;
+    }
+
+    /// Marks this node's data Outdated (on disk) at the peer's request: its replication link
+    /// is down while it still writes, so our data is behind and must not be promoted.
+    pub async fn outdate(&self) -> Result<String, Refused> {
+        {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            if self.cfg.is_none() {
+                return refuse("this resource has no peer");
+            }
+            if c.role == Role::Primary {
+                return refuse("this node is Primary: its data cannot be outdated");
+            }
+            if c.disk == DiskState::Inconsistent {
+                return Ok("Inconsistent (already unusable)".into());
+            }
+            c.disk = DiskState::Outdated;
+        }
+        self.persist_sb().await.map_err(|_| Refused("cannot write the metadata".into()))?;
+        self.event("outdated at the peer's request: this data must not be promoted".into());
+        self.notify();
+        Ok("Outdated".into())
+    }
+
+    /// Records on disk that the peer's data is Outdated (so after a restart alone this node
+    /// knows its data is the newest).
+    pub async fn set_peer_outdated(&self) -> Result<(), Refused> {
+        self.with_core(|c| {
+            c.sb.flags |= FLAG_PEER_OUTDATED;
+            c.peer_disk = Some(DiskState::Outdated);
+        });
+        self.persist_sb().await.map_err(|_| Refused("cannot write the metadata".into()))
     }
 
     /// `duet secondary`, after the daemon closed the NBD export (nothing in flight).
@@ -1016,6 +1088,8 @@ pub struct ReplStatus {
     pub verify_mismatches: Vec<(u64, u64)>,
     pub split_brain: Option<String>,
     pub last_refusal: Option<String>,
+    #[serde(default)]
+    pub frozen: bool,
     pub sent_data_bytes: u64,
     pub received_data_bytes: u64,
     pub resync_sent_bytes: u64,
@@ -1041,7 +1115,31 @@ fn progress(p: Option<(Instant, u64, u64)>, left: u64) -> Option<Progress> {
     })
 }
 
+/// A cheap summary of a replicated volume's state (the cluster manager reads it often).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub role: Role,
+    pub disk: DiskState,
+    pub connection: ConnState,
+    pub peer_disk: Option<DiskState>,
+    pub out_of_sync_bytes: u64,
+    pub generation: u64,
+}
+
 impl Volume {
+    /// Role, disk, connection, peer disk, out-of-sync bytes and current generation.
+    pub fn summary(&self) -> Summary {
+        let c = self.core.lock().expect("volume state poisoned");
+        Summary {
+            role: c.role,
+            disk: c.disk,
+            connection: c.conn,
+            peer_disk: c.peer_disk,
+            out_of_sync_bytes: if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 },
+            generation: c.sb.uuids.current,
+        }
+    }
+
     /// What `duet status` shows.
     pub fn status(&self) -> ReplStatus {
         let c = self.core.lock().expect("volume state poisoned");
@@ -1062,6 +1160,7 @@ impl Volume {
             verify_mismatches: c.verify_found.iter().take(100).copied().collect(),
             split_brain: c.split_brain.clone(),
             last_refusal: c.last_refusal.clone(),
+            frozen: *self.frozen.borrow(),
             sent_data_bytes: self.stats.sent_data_bytes.load(Relaxed),
             received_data_bytes: self.stats.received_data_bytes.load(Relaxed),
             resync_sent_bytes: self.stats.resync_sent_bytes.load(Relaxed),
