@@ -489,10 +489,11 @@ impl Loop {
                         self.send(None);
                         next_send = now + self.timing.keepalive;
                     }
-                    self.publish();
                 }
                 _ = stopped(&mut sd) => return,
             }
+            // After every input, so `duet status` never lags a finished step.
+            self.publish();
         }
     }
 
@@ -567,6 +568,7 @@ impl Loop {
             uptodate: !vols.is_empty(),
             in_sync: !vols.is_empty(),
             resyncing: false,
+            peer_primary: false,
             disconnected: 0,
             worst_disk: "UpToDate",
         };
@@ -582,6 +584,7 @@ impl Loop {
                 && s.peer_disk == Some(DiskState::UpToDate)
                 && s.out_of_sync_bytes == 0;
             v.resyncing |= matches!(s.connection, ConnState::SyncSource | ConnState::SyncTarget);
+            v.peer_primary |= s.peer_role == Some(Role::Primary);
             if matches!(
                 s.connection,
                 ConnState::StandAlone | ConnState::Connecting | ConnState::Disconnecting

@@ -86,6 +86,8 @@ pub struct LocalView {
     pub in_sync: bool,
     /// A resync runs on some resource.
     pub resyncing: bool,
+    /// The replication link reports the peer Primary on some resource.
+    pub peer_primary: bool,
     /// Resources whose replication link is down (bit i = resource i).
     pub disconnected: u32,
     /// The worst local disk state, for messages ("Outdated", "Inconsistent", ...).
@@ -837,7 +839,11 @@ impl Manager {
             }
             Some(Pending::Sync { origin, deadline }) => {
                 let l = self.local;
-                if l.uptodate && l.in_sync && !self.peer_view.is_some_and(|v| v.any_primary) {
+                if l.uptodate
+                    && l.in_sync
+                    && !l.peer_primary
+                    && !self.peer_view.is_some_and(|v| v.any_primary)
+                {
                     self.pending = None;
                     let after = self.after(origin);
                     self.takeover(

@@ -212,6 +212,7 @@ impl World {
             uptodate: me.disk == Disk::UpToDate,
             in_sync: self.in_sync() && other.disk == Disk::UpToDate && me.disk == Disk::UpToDate,
             resyncing: self.connected && self.resync_until.is_some(),
+            peer_primary: self.connected && other.up && other.primary,
             disconnected: u32::from(!self.connected),
             worst_disk: match me.disk {
                 Disk::Inconsistent => "Inconsistent",

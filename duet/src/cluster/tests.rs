@@ -23,6 +23,7 @@ fn master_view() -> LocalView {
         uptodate: true,
         in_sync: true,
         resyncing: false,
+        peer_primary: false,
         disconnected: 0,
         worst_disk: "UpToDate",
     }

@@ -248,7 +248,13 @@ fn make_master_on_the_slave_and_back_with_writes_and_fio_running() {
     assert!(w.wait_more(100, Duration::from_secs(30)));
     let out = p.ok(1, &["make-master"]);
     assert!(out.contains("running master"), "{out}");
-    assert!(p.is_master(1) && !p.is_master(0));
+    assert!(
+        p.is_master(1) && !p.is_master(0),
+        "{out}\n{}\n{}\n{}",
+        p.ok(1, &["status"]),
+        p.events(1),
+        p.events(0)
+    );
     assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through beta");
     // And back, from the other side: make-slave on the master.
     let out = p.ok(1, &["make-slave"]);

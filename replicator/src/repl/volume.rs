@@ -1122,6 +1122,8 @@ pub struct Summary {
     pub disk: DiskState,
     pub connection: ConnState,
     pub peer_disk: Option<DiskState>,
+    /// The peer's role as the replication link last reported it.
+    pub peer_role: Option<Role>,
     pub out_of_sync_bytes: u64,
     pub generation: u64,
 }
@@ -1135,6 +1137,7 @@ impl Volume {
             disk: c.disk,
             connection: c.conn,
             peer_disk: c.peer_disk,
+            peer_role: if c.peer.is_some() { c.peer_role } else { None },
             out_of_sync_bytes: if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 },
             generation: c.sb.uuids.current,
         }
