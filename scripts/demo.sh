@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # duet's local demo on loopback, with a file-backed volume (glue only; all logic is in duet).
-# Part 1: one standalone node. Part 2: a replicating pair (two daemons on loopback).
-# It grows into a failover as duet does.
+# Part 1: one standalone node. Part 2: a replicating pair (two daemons on loopback) with a UDP
+# and a serial (pty) heartbeat. Part 3: the master is killed and the slave takes over by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
@@ -17,8 +17,9 @@ WORK="$(mktemp -d /var/tmp/duet-demo.XXXXXX)"
 DAEMON=""
 ALPHA=""
 BETA=""
+SOCAT=""
 cleanup() {
-  for p in "$DAEMON" "$ALPHA" "$BETA"; do
+  for p in "$DAEMON" "$ALPHA" "$BETA" "$SOCAT"; do
     if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then kill -KILL "$p" 2>/dev/null || true; fi
   done
   rm -rf "$WORK"
@@ -97,9 +98,16 @@ P="$WORK/pair"
 mkdir -p "$P"
 RA="${DEMO_REPL_PORT:-7788}"
 RB=$((RA + 1))
+HA="${DEMO_HB_PORT:-7694}"
+HB=$((HA + 1))
 step "part 2: a replicating pair, alpha and beta, on loopback (two daemons, two 128 MiB files)"
 truncate -s 128M "$P/alpha.img" "$P/beta.img"
 head -c 32 /dev/urandom | base64 >"$P/secret"
+# The serial heartbeat: a null-modem cable between two pseudo-terminals.
+socat "pty,raw,echo=0,link=$P/ttyA" "pty,raw,echo=0,link=$P/ttyB" &
+SOCAT=$!
+disown "$SOCAT"
+for _ in $(seq 50); do [ -e "$P/ttyA" ] && [ -e "$P/ttyB" ] && break; sleep 0.1; done
 cat >"$P/duet.toml" <<TOML
 [cluster]
 name = "demo-pair"
@@ -126,13 +134,35 @@ replication_address = "127.0.0.1:$RA"
 disk = "$P/beta.img"
 meta = "internal"
 replication_address = "127.0.0.1:$RB"
+
+[heartbeat]
+keepalive_ms = 200
+deadtime_ms = 1000
+initdead_ms = 5000
+
+[[heartbeat.link]]
+kind = "udp"
+[heartbeat.link.on.alpha]
+bind = "127.0.0.1:$HA"
+peer = "127.0.0.1:$HB"
+[heartbeat.link.on.beta]
+bind = "127.0.0.1:$HB"
+peer = "127.0.0.1:$HA"
+
+[[heartbeat.link]]
+kind = "serial"
+baud = 115200
+[heartbeat.link.on.alpha]
+device = "$P/ttyA"
+[heartbeat.link.on.beta]
+device = "$P/ttyB"
 TOML
 A=("$DUET" --config "$P/duet.toml" --node alpha)
 B=("$DUET" --config "$P/duet.toml" --node beta)
 "${A[@]}" create-md
 "${B[@]}" create-md
 
-step "starting both daemons; 'duet primary --force' on alpha makes its data the source"
+step "starting both daemons; 'duet make-master --force' on alpha makes its data the source"
 DUET_LOG=warn "${A[@]}" daemon 2>"$P/alpha.log" &
 ALPHA=$!
 DUET_LOG=warn "${B[@]}" daemon 2>"$P/beta.log" &
@@ -141,11 +171,12 @@ for _ in $(seq 100); do
   "${A[@]}" status >/dev/null 2>&1 && "${B[@]}" status >/dev/null 2>&1 && break
   sleep 0.1
 done
-"${A[@]}" primary --force
+for _ in $(seq 100); do "${A[@]}" status | grep -q 'peer alive' && break; sleep 0.1; done
+"${A[@]}" make-master --force
 synced() {
-  "${A[@]}" status | grep -q 'disk UpToDate, connection Connected' &&
-    "${B[@]}" status | grep -q 'disk UpToDate, connection Connected' &&
-    "${B[@]}" status | grep -q 'out of sync 0 B'
+  "${A[@]}" status 2>/dev/null | grep -q 'disk UpToDate, connection Connected' &&
+    "${B[@]}" status 2>/dev/null | grep -q 'disk UpToDate, connection Connected' &&
+    "${B[@]}" status 2>/dev/null | grep -q 'out of sync 0 B'
 }
 for _ in $(seq 600); do synced && break; sleep 0.1; done
 synced || { cat "$P/alpha.log" "$P/beta.log" >&2; echo "initial sync did not finish" >&2; exit 1; }
@@ -170,6 +201,40 @@ echo "    alpha $sa  beta $sb  ($SIZE bytes each)"
 cmp -n $((32 << 20)) "$P/data.bin" "$P/beta.img"
 ok "both replicas are identical, and beta holds the data written through alpha"
 
+# ---------------------------------------------------------------------------- part 3: failover
+step "part 3: SIGKILL the master (alpha); beta must take over by itself"
+kill -KILL "$ALPHA"
+wait "$ALPHA" 2>/dev/null || true
+ALPHA=""
+T0=$(date +%s%N)
+for _ in $(seq 300); do
+  "${B[@]}" status | grep -q 'this node is master' && "${B[@]}" status | grep -q 'NBD export vol0 on' && break
+  sleep 0.05
+done
+"${B[@]}" status | grep -q 'this node is master' || { cat "$P/beta.log" >&2; echo "beta did not take over" >&2; exit 1; }
+ok "beta is the running master $(( ($(date +%s%N) - T0) / 1000000 )) ms after the kill (deadtime 1000 ms)"
+"${B[@]}" events | tail -n 6 | sed 's/^/    /'
+
+step "reading the data back through the new master (nbdcopy from beta's export)"
+truncate -s 0 "$P/back.img"
+truncate -s 128M "$P/back.img"
+nbdcopy "nbd://127.0.0.1:$PORT/vol0" "$P/back.img"
+cmp -n $((32 << 20)) "$P/data.bin" "$P/back.img"
+qemu-io -f raw "nbd://127.0.0.1:$PORT/vol0" -c "read -P 0x5a 40M 4M" -c "write -P 0x77 60M 1M" -c "flush" >"$P/qemu-io.out"
+grep -q "verification failed" "$P/qemu-io.out" && { cat "$P/qemu-io.out" >&2; exit 1; }
+ok "every byte written through alpha is served by beta, and beta takes new writes"
+
+step "alpha comes back: it rejoins as the slave and resyncs what it missed"
+DUET_LOG=warn "${A[@]}" daemon 2>>"$P/alpha.log" &
+ALPHA=$!
+for _ in $(seq 600); do synced && break; sleep 0.1; done
+synced || { cat "$P/alpha.log" "$P/beta.log" >&2; echo "alpha did not resync" >&2; exit 1; }
+"${A[@]}" status | head -n 4
+sa=$(head -c "$SIZE" "$P/alpha.img" | sha256sum | cut -c1-16)
+sb=$(head -c "$SIZE" "$P/beta.img" | sha256sum | cut -c1-16)
+[ "$sa" = "$sb" ] || { echo "REPLICAS DIFFER after the resync" >&2; exit 1; }
+ok "alpha is a slave again, in sync; replicas identical ($sa...)"
+
 step "stopping both daemons"
 kill -TERM "$ALPHA" "$BETA"
 wait "$ALPHA" "$BETA"
@@ -177,4 +242,4 @@ ALPHA=""
 BETA=""
 ok "both exited cleanly"
 
-printf '\nDemo complete: a single node, then a replicating pair, served a volume over NBD; every check passed.\n'
+printf '\nDemo complete: a single node, a replicating pair, and a failover served a volume over NBD; every check passed.\n'

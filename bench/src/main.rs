@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod takeover;
+
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Serialize;
@@ -54,6 +56,10 @@ struct Args {
     /// run for a few seconds, and report each daemon's resident memory (VmRSS).
     #[arg(long)]
     rss_tib: Option<u64>,
+    /// Instead of fio runs: time this many takeovers (SIGKILL of the master to the first write
+    /// completed through the new master) at the default and at the aggressive heartbeat timing.
+    #[arg(long)]
+    takeover_runs: Option<usize>,
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -458,6 +464,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(tib) = args.rss_tib {
         return rss_check(&args, tib);
+    }
+    if let Some(runs) = args.takeover_runs {
+        let out = args.out.with_file_name("takeover.json");
+        return takeover::run(&args.duet, &args.dir, runs.max(1), &out);
     }
     let servers: Vec<&str> = SERVERS
         .iter()
