@@ -252,7 +252,7 @@ pub async fn start(
         failback_auto: cfg.cluster.failback == config::Failback::Auto,
         fencing,
         fence_command: !cfg.fencing.fence_command.trim().is_empty(),
-        fence_delay: ms(cfg.fencing.delay_ms),
+        fence_delay: ms(cfg.fence_delay_ms(node)),
         switchover_timeout: SWITCHOVER_TIMEOUT,
         resend: timing.keepalive * 2,
         retry: Duration::from_secs(5).max(timing.deadtime * 2),
@@ -276,7 +276,7 @@ pub async fn start(
     let events = Arc::new(EventLog::default());
     let (back_tx, back_rx) = mpsc::channel(64);
     for (i, c) in cfg.health.check.iter().enumerate() {
-        tokio::spawn(health_check(i, c.clone(), back_tx.clone(), sd.clone()));
+        tokio::spawn(health_check(i, c.clone(), node.to_string(), back_tx.clone(), sd.clone()));
     }
     let lp = Loop {
         node: node.to_string(),
@@ -822,12 +822,12 @@ async fn run_step(
             };
             let mut errors = Vec::new();
             for s in cfg.service.iter().rev().filter(|s| s.placement == stop) {
-                if let Err(e) = service(s, &s.stop, "stop").await {
+                if let Err(e) = service(s, &s.stop, "stop", node).await {
                     errors.push(e);
                 }
             }
             for s in cfg.service.iter().filter(|s| s.placement == start) {
-                if let Err(e) = service(s, &s.start, "start").await {
+                if let Err(e) = service(s, &s.start, "start", node).await {
                     errors.push(e);
                 }
             }
@@ -839,10 +839,9 @@ async fn run_step(
     }
 }
 
-async fn service(s: &config::Service, cmd: &str, what: &str) -> Result<(), String> {
-    match shell(cmd, &[("DUET_SERVICE", s.name.as_str())], Duration::from_millis(s.timeout_ms))
-        .await
-    {
+async fn service(s: &config::Service, cmd: &str, what: &str, node: &str) -> Result<(), String> {
+    let env = [("DUET_SERVICE", s.name.as_str()), ("DUET_NODE", node)];
+    match shell(cmd, &env, Duration::from_millis(s.timeout_ms)).await {
         Ok(Some(0)) => Ok(()),
         Ok(code) => Err(format!("service {}: {what} command exited with {code:?}", s.name)),
         Err(e) => Err(format!("service {}: {what} command: {e}", s.name)),
@@ -875,6 +874,7 @@ pub async fn shell(
 async fn health_check(
     i: usize,
     c: config::HealthCheck,
+    node: String,
     back: mpsc::Sender<Back>,
     mut sd: watch::Receiver<bool>,
 ) {
@@ -886,15 +886,13 @@ async fn health_check(
                 std::fs::read_to_string(format!("/sys/class/net/{}/carrier", c.target))
                     .is_ok_and(|s| s.trim() == "1")
             }
-            config::CheckKind::Script => matches!(
-                shell(
-                    &c.target,
-                    &[("DUET_CHECK", c.name.as_str())],
-                    every.max(Duration::from_secs(1))
+            config::CheckKind::Script => {
+                let env = [("DUET_CHECK", c.name.as_str()), ("DUET_NODE", node.as_str())];
+                matches!(
+                    shell(&c.target, &env, every.max(Duration::from_secs(1))).await,
+                    Ok(Some(0))
                 )
-                .await,
-                Ok(Some(0))
-            ),
+            }
             config::CheckKind::Ping => {
                 let secs = every.as_secs().max(1).to_string();
                 let cmd = format!("ping -n -q -c 1 -W {secs} {}", c.target);

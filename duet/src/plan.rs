@@ -88,10 +88,52 @@ pub fn describe(cfg: &Config) -> String {
         }
     }
     if nodes.len() == 2 {
-        let _ = writeln!(
-            o,
-            "\nnote: this duet release runs single-node configurations only; `duet daemon` refuses a pair until replication lands."
-        );
+        if cfg.heartbeat.link.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nno [[heartbeat.link]]: no automatic failover; roles change only by `duet primary` / `duet secondary`."
+            );
+        } else {
+            let h = &cfg.heartbeat;
+            let _ = writeln!(
+                o,
+                "\nfailover: a node whose peer is silent on every heartbeat link for {} ms (keepalive {} ms; {} ms at start) and whose data is UpToDate takes over: {}promote, VIPs up, services up, NBD export open.",
+                h.deadtime_ms,
+                h.keepalive_ms,
+                h.initdead_ms,
+                match (cfg.fencing.policy, cfg.fencing.fence_command.trim().is_empty()) {
+                    (crate::config::FencingPolicy::DontCare, _)
+                    | (crate::config::FencingPolicy::ResourceOnly, true) => String::new(),
+                    _ => format!(
+                        "fence command {:?} (exit 3, 4, 5 or 7 to proceed), ",
+                        cfg.fencing.fence_command
+                    ),
+                }
+            );
+            for n in &nodes {
+                let d = cfg.fence_delay_ms(n);
+                if d > 0 {
+                    let _ = writeln!(o, "  {n} waits {d} ms before fencing");
+                }
+            }
+            let _ = writeln!(
+                o,
+                "fencing {:?}: a master whose replication link breaks while the peer answers on a heartbeat link outdates the peer's data{}.",
+                cfg.fencing.policy,
+                if cfg.fencing.policy == crate::config::FencingPolicy::ResourceAndStonith {
+                    "; a master that loses its peer freezes I/O until the fence command confirms"
+                } else {
+                    ""
+                }
+            );
+            let _ = writeln!(
+                o,
+                "failback {:?}; {} health check(s); {} service(s).",
+                cfg.cluster.failback,
+                cfg.health.check.len(),
+                cfg.service.len()
+            );
+        }
     }
     o
 }

@@ -114,6 +114,9 @@ pub struct NodeOverrides {
     pub control_socket: Option<PathBuf>,
     /// Overrides `cluster.metrics_listen`.
     pub metrics_listen: Option<String>,
+    /// Overrides `fencing.delay_ms` for this node (give the nodes different delays so both
+    /// never fence each other at once).
+    pub fence_delay_ms: Option<u64>,
 }
 
 /// Replication protocol.
@@ -526,9 +529,6 @@ pub fn parse_prefix(v: &str) -> Option<(IpAddr, u8)> {
     (p <= max).then_some((ip, p))
 }
 
-const BAUDS: [u32; 12] =
-    [1200, 2400, 4800, 9600, 19200, 38400, 57600, 115_200, 230_400, 460_800, 500_000, 921_600];
-
 impl Config {
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -574,6 +574,11 @@ impl Config {
             .get(node)
             .and_then(|n| n.control_socket.clone())
             .unwrap_or_else(|| self.cluster.control_socket.clone())
+    }
+
+    /// Fence delay of `node`.
+    pub fn fence_delay_ms(&self, node: &str) -> u64 {
+        self.node.get(node).and_then(|n| n.fence_delay_ms).unwrap_or(self.fencing.delay_ms)
     }
 
     /// Metrics address of `node` ("" disables).
@@ -1055,7 +1060,7 @@ impl Config {
                 }
                 LinkKind::Serial => {
                     if let Some(b) = l.baud
-                        && !BAUDS.contains(&b)
+                        && !heartbeat::serial::valid_baud(b)
                     {
                         return Err(invalid(
                             k("baud"),

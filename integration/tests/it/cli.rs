@@ -94,7 +94,7 @@ fn check_config_describes_each_node() {
         out.contains("standalone primary") && out.contains(&format!("127.0.0.1:{}", n.port)),
         "{out}"
     );
-    // The shipped example (a pair) validates too, and says a pair cannot run yet.
+    // The shipped example (a pair) validates too, and says how it fails over.
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../duet.example.toml");
     let out =
         run_ok(Command::new(duet_bin()).arg("--config").arg(&example).arg("check-config"), MIN);
@@ -104,7 +104,7 @@ fn check_config_describes_each_node() {
             && out.contains("serial /dev/ttyS0"),
         "{out}"
     );
-    assert!(out.contains("single-node configurations only"), "{out}");
+    assert!(out.contains("failover: a node whose peer is silent on every heartbeat link"), "{out}");
 }
 
 #[test]
@@ -254,4 +254,38 @@ fn replication_commands_refuse_clearly() {
     let o = run(n.cli().arg("primary"), MIN);
     assert_eq!(code(&o), 1);
     assert!(stderr_of(&o).contains("no peer"), "{}", stderr_of(&o));
+}
+
+#[test]
+fn cluster_commands_refuse_clearly() {
+    use integration::pair::{Pair, PairOpts};
+    let code = |o: &std::process::Output| o.status.code().unwrap_or(-1);
+    let mut p = Pair::configure(&PairOpts::default());
+    // No daemon: exit 3, naming the socket.
+    for args in [&["make-master"][..], &["make-slave"][..], &["events"][..]] {
+        let o = run(p.cli(0).args(args), MIN);
+        assert_eq!(code(&o), 3, "{args:?}: {}", stderr_of(&o));
+        assert!(stderr_of(&o).contains("cannot reach the duet daemon"), "{}", stderr_of(&o));
+    }
+    // Usage errors: exit 2.
+    for args in
+        [&["make-master", "--forse"][..], &["make-slave", "--force"][..], &["events", "-x"][..]]
+    {
+        let o = run(p.cli(0).args(args), MIN);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr_of(&o));
+    }
+    // A pair without heartbeat links has no cluster manager: the switchover commands say so and
+    // point at the low-level commands; nothing changes.
+    p.start(0);
+    p.start(1);
+    for args in [&["make-master"][..], &["make-master", "--force"][..], &["make-slave"][..]] {
+        let o = run(p.cli(0).args(args), MIN);
+        assert_eq!(code(&o), 1, "{args:?}");
+        assert!(stderr_of(&o).contains("duet primary"), "{}", stderr_of(&o));
+    }
+    assert_eq!(p.repl(0)["role"], "Secondary");
+    // The event log still answers (replication events only).
+    let got =
+        integration::wait_until(Duration::from_secs(10), || p.ok(0, &["events"]).contains("UTC"));
+    assert!(got, "no events: {}", p.ok(0, &["events"]));
 }

@@ -124,7 +124,11 @@ fn verify_errors(o: &std::process::Output) -> bool {
 
 /// A pair with the cluster manager, the initial sync done and alpha the running master.
 fn ha_pair(ha: HaOpts) -> Pair {
-    let mut p = Pair::configure(&PairOpts { ha: Some(ha), ..PairOpts::default() });
+    ha_pair_with(ha, PairOpts::default())
+}
+
+fn ha_pair_with(ha: HaOpts, o: PairOpts) -> Pair {
+    let mut p = Pair::configure(&PairOpts { ha: Some(ha), ..o });
     p.start(0);
     p.start(1);
     // Fresh metadata is Inconsistent on both nodes: nobody takes over by itself; the operator
@@ -411,4 +415,66 @@ fn hostile_heartbeat_frames_are_dropped_and_counted() {
     assert!(!ev.contains("releasing"), "{ev}");
     // Rate-limited: 100 bad UDP frames do not make 100 lines.
     assert!(ev.matches("heartbeat frame dropped").count() < 20, "{ev}");
+}
+
+#[test]
+fn fence_command_services_and_health_checks_run_for_real() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    std::fs::write(dir.path().join("fence.exit"), "1").unwrap();
+    let extra = format!(
+        r#"
+[fencing]
+policy = "resource-only"
+fence_command = "echo $DUET_NODE fences $DUET_PEER >> {d}/fence.log; exit $(cat {d}/fence.exit)"
+
+[[service]]
+name = "marker"
+start = "touch {d}/master-$DUET_NODE"
+stop = "rm -f {d}/master-$DUET_NODE"
+placement = "master"
+
+[[health.check]]
+name = "sick-file"
+kind = "script"
+target = "test ! -e {d}/sick-$DUET_NODE"
+interval_ms = 100
+fall = 2
+rise = 2
+"#
+    );
+    let mut p = ha_pair(HaOpts { extra, ..HaOpts::default() });
+    let marker = |n: &str| dir.path().join(format!("master-{n}")).exists();
+    assert!(marker("alpha") && !marker("beta"), "the master's service runs on the master only");
+    // alpha's health check fails: it hands over to the healthy, in-sync beta.
+    std::fs::write(dir.path().join("sick-alpha"), "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || p.is_master(1) && !p.is_master(0)),
+        "no health handover: {}\n{}",
+        p.events(0),
+        p.events(1)
+    );
+    assert!(wait_until(Duration::from_secs(5), || marker("beta") && !marker("alpha")));
+    assert_eq!(p.cluster(0)["healthy"], false);
+    std::fs::remove_file(dir.path().join("sick-alpha")).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || p.cluster(0)["healthy"] == true));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(p.is_master(1), "failback is off: beta keeps the role");
+    // beta dies; alpha's fence command fails (exit 1): no takeover.
+    p.kill(1);
+    assert!(
+        wait_until(Duration::from_secs(10), || p
+            .events(0)
+            .contains("fence command failed (exit 1)")),
+        "{}",
+        p.events(0)
+    );
+    assert!(!p.is_master(0), "took over although the fence command failed");
+    let log = std::fs::read_to_string(dir.path().join("fence.log")).unwrap();
+    assert!(log.contains("alpha fences beta"), "{log}");
+    // The fence command now confirms (exit 7, peer fenced): the retry takes over.
+    std::fs::write(dir.path().join("fence.exit"), "7").unwrap();
+    assert!(wait_until(Duration::from_secs(20), || p.is_master(0)), "{}", p.events(0));
+    assert!(marker("alpha"));
+    assert!(p.events(0).contains("fence command: peer was fenced (exit 7)"), "{}", p.events(0));
 }
