@@ -246,8 +246,12 @@ pub struct Manager {
     outdating: Option<(u64, u32, Instant)>,
     /// Peer resources known Outdated.
     peer_outdated: u32,
-    /// Stonith done for this peer-death episode.
-    stonith_done: bool,
+    /// I/O is frozen (resource-and-stonith: the replication link broke and the peer is neither
+    /// outdated nor fenced yet).
+    frozen: bool,
+    /// The fence command confirmed the peer gone (this episode: until the peer is heard again
+    /// or replication is back).
+    fenced: bool,
     /// The last "not taking over because ..." line, so it is said once per reason.
     said: Option<String>,
     /// No automatic takeover before this (the last one failed).
@@ -275,7 +279,8 @@ impl Manager {
             operator_released: false,
             outdating: None,
             peer_outdated: 0,
-            stonith_done: false,
+            frozen: false,
+            fenced: false,
             said: None,
             retry_at: None,
             working: VecDeque::new(),
@@ -391,11 +396,13 @@ impl Manager {
         match p {
             PeerState::Alive => {
                 self.event("peer is alive");
-                self.stonith_done = false;
+                self.fenced = false;
             }
             PeerState::Dead => {
                 self.event("peer is dead on every heartbeat link");
                 self.peer_view = None;
+                // A new episode: whatever failed before may work now.
+                self.retry_at = None;
             }
             PeerState::Unknown => {}
         }
@@ -685,12 +692,9 @@ impl Manager {
                 Step::VipDown,
                 Step::Demote,
             ]),
-            Kind::Stonith => VecDeque::from([
-                Step::Freeze,
-                Step::Fence { delay: self.s.fence_delay },
-                Step::Thaw,
-            ]),
-            Kind::Takeover => unreachable!("takeovers start through takeover()"),
+            Kind::Takeover | Kind::Stonith => {
+                unreachable!("takeovers and fencing start through start_steps()")
+            }
         };
         self.start_steps(kind, why, after, steps);
     }
@@ -701,7 +705,7 @@ impl Manager {
             match kind {
                 Kind::Takeover => "taking over",
                 Kind::Release => "releasing",
-                Kind::Stonith => "fencing the lost peer (I/O frozen)",
+                Kind::Stonith => "fencing",
             }
         ));
         self.said = None;
@@ -750,10 +754,6 @@ impl Manager {
         if let Some(why) = abort {
             self.event(&format!("{:?} stopped at {step:?}: {why}", t.kind));
             self.retry_at = Some(self.now + self.s.retry);
-            if t.kind == Kind::Stonith {
-                // I/O stays frozen: the peer may still be writing. Try again later.
-                self.stonith_done = false;
-            }
             let r = Err(format!("{step:?} failed: {why}"));
             self.conclude(t.after, r);
             return;
@@ -770,6 +770,9 @@ impl Manager {
                 self.local.primary = false;
                 self.local.any_primary = false;
             }
+            Step::Freeze => self.frozen = true,
+            Step::Thaw => self.frozen = false,
+            Step::Fence { .. } if t.kind == Kind::Stonith => self.fenced = true,
             _ => {}
         }
         match t.steps.front() {
@@ -781,7 +784,7 @@ impl Manager {
                 let msg = match t.kind {
                     Kind::Takeover => "this node is the running master",
                     Kind::Release => "this node is a slave",
-                    Kind::Stonith => "peer fenced; I/O resumed",
+                    Kind::Stonith => "fencing step done",
                 };
                 self.event(&format!("{msg} ({})", t.why));
                 let r = if t.warnings.is_empty() {
@@ -874,9 +877,7 @@ impl Manager {
         if self.transition.is_some() {
             return;
         }
-        if self.retry_at.is_some_and(|t| self.now < t) {
-            return;
-        }
+        let may_retry = self.retry_at.is_none_or(|t| self.now >= t);
         let l = self.local;
         let pv = self.peer_view;
         let alive = self.peer == PeerState::Alive;
@@ -904,13 +905,48 @@ impl Manager {
             if !alive {
                 self.outdating = None;
             }
-            if self.peer == PeerState::Dead
-                && self.s.fencing == Fencing::ResourceAndStonith
-                && !self.stonith_done
-                && self.pending.is_none()
-            {
-                self.stonith_done = true;
-                self.start(Kind::Stonith, "the peer is dead on every link".into(), After::Nothing);
+            if self.s.fencing == Fencing::ResourceAndStonith && self.pending.is_none() {
+                // DRBD's resource-and-stonith: the moment replication breaks, writes that reach
+                // only this node wait, until the peer is outdated (it answers on a heartbeat
+                // link) or fenced (it is silent everywhere), or replication is back.
+                let step = |s: Step| VecDeque::from([s]);
+                if l.disconnected == 0 {
+                    self.fenced = false;
+                }
+                let exposed = l.disconnected & !self.peer_outdated != 0 && !self.fenced;
+                if !self.frozen && exposed {
+                    self.start_steps(
+                        Kind::Stonith,
+                        "replication link down: freezing I/O until the peer is outdated or fenced"
+                            .into(),
+                        After::Nothing,
+                        step(Step::Freeze),
+                    );
+                    return;
+                }
+                if self.frozen && !exposed {
+                    self.start_steps(
+                        Kind::Stonith,
+                        "the peer is outdated, fenced, or connected again: resuming I/O".into(),
+                        After::Nothing,
+                        step(Step::Thaw),
+                    );
+                    return;
+                }
+                if self.frozen {
+                    if self.peer == PeerState::Dead && may_retry {
+                        let f = Step::Fence { delay: self.s.fence_delay };
+                        self.start_steps(
+                            Kind::Stonith,
+                            "the peer is dead on every link: running the fence command".into(),
+                            After::Nothing,
+                            step(f),
+                        );
+                    }
+                    return;
+                }
+            }
+            if !may_retry {
                 return;
             }
             if !self.healthy
@@ -924,7 +960,7 @@ impl Manager {
             return;
         }
         // This node is a slave.
-        if self.pending.is_some() {
+        if self.pending.is_some() || !may_retry {
             return;
         }
         match self.peer {

@@ -682,6 +682,28 @@ fn resource_and_stonith_freezes_the_master_until_the_peer_is_fenced() {
     w.n[0].fence_exit = Some(7);
     w.crash(1);
     assert!(w.run_until(ms(5000), |w| !w.n[0].frozen && w.acked > acked), "{:#?}", w.log);
+    // Fenced: I/O stays thawed for the rest of the episode.
+    w.run(ms(5000));
+    assert!(!w.n[0].frozen, "refroze after a successful fence: {:#?}", w.log);
+}
+
+#[test]
+fn resource_and_stonith_resumes_io_once_the_live_peer_is_outdated() {
+    let mut w = World::running_pair(|s| {
+        s.fencing = Fencing::ResourceAndStonith;
+        s.fence_command = true;
+    });
+    w.repl_cut = true;
+    assert!(w.run_until(ms(2000), |w| w.n[0].frozen), "{:#?}", w.log);
+    assert!(
+        w.run_until(ms(3000), |w| !w.n[0].frozen && w.n[1].disk == Disk::Outdated),
+        "{:#?}",
+        w.log
+    );
+    let acked = w.acked;
+    w.run(ms(500));
+    assert!(w.acked > acked, "writes resume once the peer is outdated");
+    assert_eq!(w.n[1].promotions, 0);
 }
 
 #[test]
@@ -827,12 +849,18 @@ fn random_chaos_keeps_the_invariants() {
         seed ^= seed << 17;
         seed % n
     };
-    for run in 0..60 {
-        let policy = [Fencing::DontCare, Fencing::ResourceOnly][run % 2];
+    for run in 0..200 {
+        let policy =
+            [Fencing::DontCare, Fencing::ResourceOnly, Fencing::ResourceAndStonith][run % 3];
         let mut w = World::running_pair(|s| {
             s.fencing = policy;
-            s.failback_auto = run % 3 == 0;
+            s.fence_command = policy == Fencing::ResourceAndStonith;
+            s.failback_auto = run % 4 == 0;
         });
+        // The fence command works in half of the stonith runs.
+        for n in &mut w.n {
+            n.fence_exit = Some(if run % 6 == 2 { 7 } else { 1 });
+        }
         for _ in 0..25 {
             match rnd(9) {
                 0 => {

@@ -478,3 +478,41 @@ rise = 2
     assert!(marker("alpha"));
     assert!(p.events(0).contains("fence command: peer was fenced (exit 7)"), "{}", p.events(0));
 }
+
+#[test]
+fn resource_and_stonith_holds_writes_until_the_fence_command_confirms() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let extra = format!(
+        r#"
+[fencing]
+policy = "resource-and-stonith"
+fence_command = "while [ ! -e {d}/go ]; do sleep 0.05; done; exit 7"
+"#
+    );
+    let mut p = ha_pair(HaOpts { extra, ..HaOpts::default() });
+    let port = p.n[0].nbd_port;
+    // The slave dies: the master freezes at once, and a write that can reach only the master
+    // is not answered while the fence command runs.
+    p.kill(1);
+    assert!(wait_until(Duration::from_secs(10), || p.repl(0)["frozen"] == true), "{}", p.events(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let mut r = Raw::transmission(port);
+        r.request(CMD_WRITE, 0, 1, 0, 4096, &[0x5a; 4096]).unwrap();
+        tx.send(r.reply().unwrap().error).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "a write was answered while I/O was frozen"
+    );
+    assert!(p.events(0).contains("fence command"), "{}", p.events(0));
+    // The fence command confirms: I/O resumes and the write is answered.
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let err = rx.recv_timeout(Duration::from_secs(20)).expect("the write was never answered");
+    assert_eq!(err, 0);
+    writer.join().unwrap();
+    assert_eq!(p.repl(0)["frozen"], false);
+    assert!(p.is_master(0));
+    assert!(p.events(0).contains("peer was fenced (exit 7)"), "{}", p.events(0));
+}
