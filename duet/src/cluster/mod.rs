@@ -647,10 +647,7 @@ impl Manager {
         match origin {
             Origin::Operator(token) => self.out.push(Action::Reply { token, result: r }),
             Origin::Peer(id) => {
-                let (ok, reason) = match r {
-                    Ok(m) => (true, m),
-                    Err(m) => (false, m),
-                };
+                let (ok, reason) = split(r);
                 self.reply(Control::TookOver { id, ok, reason });
             }
             Origin::Auto => {
@@ -802,10 +799,7 @@ impl Manager {
             After::Nothing => {}
             After::Reply(token) => self.out.push(Action::Reply { token, result: r }),
             After::Released(id) => {
-                let (ok, reason) = match r {
-                    Ok(m) => (true, m),
-                    Err(m) => (false, m),
-                };
+                let (ok, reason) = split(r);
                 self.reply(Control::Released { id, ok, reason });
             }
             After::TookOver(id) => self.finish(Origin::Peer(id), r),
@@ -1020,6 +1014,14 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+/// A result as the (ok, reason) pair of a control reply.
+fn split(r: Result<String, String>) -> (bool, String) {
+    match r {
+        Ok(m) => (true, m),
+        Err(m) => (false, m),
     }
 }
 
