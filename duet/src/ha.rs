@@ -8,6 +8,7 @@
 //! report back through a channel; the manager allows one step at a time.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -176,6 +177,165 @@ enum Back {
     Health(usize, bool),
 }
 
+/// The VIPs of this node and what announces them.
+#[derive(Debug)]
+pub struct Vips {
+    agent: Option<vip::agent::Agent>,
+    specs: Vec<vip::agent::VipSpec>,
+    announcers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Vips {
+    fn new(cfg: &Config, node: &str) -> anyhow::Result<Self> {
+        let mut specs = Vec::new();
+        for v in &cfg.vip {
+            let mut addrs = Vec::new();
+            for a in std::iter::once(&v.address).chain(&v.aliases) {
+                addrs.push(config::parse_prefix(a).context("validated by Config::validate")?);
+            }
+            specs.push(vip::agent::VipSpec {
+                interface: v.interface.clone(),
+                addrs,
+                mac: if v.mac.is_empty() { None } else { vip::packets::parse_mac(&v.mac) },
+                plan: vip::schedule::Plan {
+                    count: v.announce_count,
+                    interval: Duration::from_millis(v.announce_interval_ms),
+                    repeat_after: Duration::from_millis(v.announce_repeat_after_ms),
+                    refresh: Duration::from_millis(v.announce_refresh_ms),
+                },
+            });
+        }
+        let agent = if specs.is_empty() {
+            None
+        } else {
+            let dir = cfg
+                .control_socket(node)
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/run/duet".into());
+            Some(vip::agent::Agent::new(dir).map_err(|e| anyhow::anyhow!("VIP agent: {e}"))?)
+        };
+        Ok(Self { agent, specs, announcers: Mutex::new(Vec::new()) })
+    }
+
+    fn stop_announcing(&self) {
+        for h in self.announcers.lock().expect("announcers poisoned").drain(..) {
+            h.abort();
+        }
+    }
+
+    fn announce(
+        &self,
+        index: u32,
+        mac: vip::packets::Mac,
+        spec: &vip::agent::VipSpec,
+        events: &Arc<EventLog>,
+    ) {
+        let frames = vip::agent::announcements(spec, mac);
+        let plan = spec.plan;
+        let name = spec.interface.clone();
+        let events = Arc::clone(events);
+        let h = tokio::spawn(async move {
+            let sock = match vip::agent::RawSocket::open(index, vip::packets::ETH_P_ARP, &name) {
+                Ok(s) => s,
+                Err(e) => {
+                    events.push(format!("VIP announcements on {name} impossible: {e}"));
+                    return;
+                }
+            };
+            let mut sch = vip::schedule::Schedule::new(plan, Instant::now());
+            let mut errors = 0u32;
+            while let Some(t) = sch.next() {
+                tokio::time::sleep_until(t.into()).await;
+                for f in &frames {
+                    if sock.send(f).is_err() {
+                        errors += 1;
+                    }
+                }
+                sch.sent(Instant::now());
+            }
+            if errors > 0 {
+                events.push(format!("{errors} VIP announcement(s) on {name} could not be sent"));
+            }
+        });
+        self.announcers.lock().expect("announcers poisoned").push(h);
+    }
+
+    /// Acquires every VIP and starts its announcements; reports a host that already answers
+    /// for a VIP loudly (the takeover goes on: the cluster manager decided).
+    async fn up(&self, events: &Arc<EventLog>) -> Result<(), String> {
+        let Some(agent) = &self.agent else { return Ok(()) };
+        self.stop_announcing();
+        let mut errors = Vec::new();
+        for spec in &self.specs {
+            let probe = match (agent.link(&spec.interface).await, spec.addrs.first()) {
+                (Ok((index, mac)), Some((IpAddr::V4(ip), _))) => {
+                    let (name, ip) = (spec.interface.clone(), *ip);
+                    let mine = spec.mac.unwrap_or(mac);
+                    Some(tokio::task::spawn_blocking(move || {
+                        vip::agent::probe(index, &name, mine, ip, Duration::from_millis(300))
+                            .map(|r| (ip, r))
+                    }))
+                }
+                _ => None,
+            };
+            match agent.acquire(spec).await {
+                Ok((index, mac)) => {
+                    self.announce(index, mac, spec, events);
+                    let list: Vec<String> =
+                        spec.addrs.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+                    events.push(format!(
+                        "VIP {} up on {} (MAC {})",
+                        list.join(", "),
+                        spec.interface,
+                        vip::packets::mac_string(&mac)
+                    ));
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+            if let Some(p) = probe {
+                let events = Arc::clone(events);
+                tokio::spawn(async move {
+                    if let Ok(Ok((ip, Some(other)))) = p.await {
+                        let msg = format!(
+                            "DUPLICATE ADDRESS: host {} also answers for VIP {ip}",
+                            vip::packets::mac_string(&other)
+                        );
+                        tracing::error!("{msg}");
+                        events.push(msg);
+                    }
+                });
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+    }
+
+    /// Releases every VIP (addresses gone, MAC restored).
+    async fn down(&self, events: &EventLog) -> Result<(), String> {
+        let Some(agent) = &self.agent else { return Ok(()) };
+        self.stop_announcing();
+        let mut errors = Vec::new();
+        for spec in &self.specs {
+            match agent.release(spec).await {
+                Ok(()) => events.push(format!("VIP on {} released", spec.interface)),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+    }
+
+    /// Sends the announcements again (after winning back from a dual-master episode).
+    async fn reannounce(&self, events: &Arc<EventLog>) {
+        let Some(agent) = &self.agent else { return };
+        self.stop_announcing();
+        for spec in &self.specs {
+            if let Ok((index, mac)) = agent.link(&spec.interface).await {
+                self.announce(index, spec.mac.unwrap_or(mac), spec, events);
+            }
+        }
+    }
+}
+
 /// Whether `cfg` asks for the cluster manager (heartbeat links configured).
 pub fn enabled(cfg: &Config) -> bool {
     !cfg.heartbeat.link.is_empty() && cfg.node_names().len() == 2
@@ -274,6 +434,11 @@ pub async fn start(
         ..Default::default()
     }));
     let events = Arc::new(EventLog::default());
+    let vips = Arc::new(Vips::new(cfg, node)?);
+    // A node starts as a slave: a VIP left over from a crash while master goes now.
+    if let Err(e) = vips.down(&events).await {
+        anyhow::bail!("cannot release the VIPs at start: {e}");
+    }
     let (back_tx, back_rx) = mpsc::channel(64);
     for (i, c) in cfg.health.check.iter().enumerate() {
         tokio::spawn(health_check(i, c.clone(), node.to_string(), back_tx.clone(), sd.clone()));
@@ -292,6 +457,7 @@ pub async fn start(
         mgr: Manager::new(settings, now).with_id_seed(boot),
         links,
         host,
+        vips: Arc::clone(&vips),
         back: back_tx,
         replies: HashMap::new(),
         next_token: 1,
@@ -397,6 +563,7 @@ struct Loop {
     mgr: Manager,
     links: Vec<Link>,
     host: Arc<dyn Host>,
+    vips: Arc<Vips>,
     back: mpsc::Sender<Back>,
     replies: HashMap<u64, oneshot::Sender<Result<String, String>>>,
     next_token: u64,
@@ -647,12 +814,13 @@ impl Loop {
         match a {
             Action::Run(step) => {
                 let host = Arc::clone(&self.host);
+                let vips = Arc::clone(&self.vips);
                 let back = self.back.clone();
                 let cfg = self.cfg.clone();
                 let (node, peer) = (self.node.clone(), self.peer.clone());
                 let events = Arc::clone(&self.events);
                 tokio::spawn(async move {
-                    let o = run_step(step, &*host, &cfg, &node, &peer, &events).await;
+                    let o = run_step(step, &*host, &vips, &cfg, &node, &peer, &events).await;
                     let _ = back.send(Back::Step(o)).await;
                 });
             }
@@ -681,12 +849,9 @@ impl Loop {
                 });
             }
             Action::Reannounce => {
-                if !self.cfg.vip.is_empty() {
-                    self.log(
-                        "VIP re-announce requested; the VIP agent is not part of this build yet"
-                            .into(),
-                    );
-                }
+                let vips = Arc::clone(&self.vips);
+                let events = Arc::clone(&self.events);
+                tokio::spawn(async move { vips.reannounce(&events).await });
             }
             Action::Reply { token, result } => {
                 if let Some(r) = self.replies.remove(&token) {
@@ -752,10 +917,11 @@ impl Loop {
 async fn run_step(
     step: Step,
     host: &dyn Host,
+    vips: &Vips,
     cfg: &Config,
     node: &str,
     peer: &str,
-    events: &EventLog,
+    events: &Arc<EventLog>,
 ) -> Outcome {
     let vols = host.volumes();
     match step {
@@ -807,10 +973,11 @@ async fn run_step(
             Outcome::Ok
         }
         Step::VipUp | Step::VipDown => {
-            if cfg.vip.is_empty() {
-                Outcome::Ok
-            } else {
-                Outcome::Failed("the VIP agent is not part of this build yet; the [[vip]] addresses were not moved".into())
+            let r =
+                if step == Step::VipUp { vips.up(events).await } else { vips.down(events).await };
+            match r {
+                Ok(()) => Outcome::Ok,
+                Err(e) => Outcome::Failed(e),
             }
         }
         Step::ServicesMaster | Step::ServicesSlave => {

@@ -2,6 +2,7 @@
 //! groups (killed at drop, even when a test fails), run real clients with deadlines, poll instead
 //! of sleeping, and speak raw NBD for the hostile-input tests.
 
+pub mod lab;
 pub mod pair;
 pub mod pty;
 pub mod rawnbd;

@@ -22,6 +22,9 @@ pub struct PairOpts {
     pub resync: String,
     /// Heartbeat links and the cluster manager (None: manual roles only).
     pub ha: Option<HaOpts>,
+    /// Run the two daemons inside these network namespaces (the lab): replication and the UDP
+    /// heartbeat on the dedicated link, NBD on every address of the node.
+    pub netns: Option<[String; 2]>,
 }
 
 /// The cluster manager's part of the config.
@@ -65,6 +68,7 @@ impl Default for PairOpts {
             split_brain: String::new(),
             resync: "rate_kib = 512000\nmin_rate_kib = 20480".into(),
             ha: None,
+            netns: None,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct Pair {
     pub n: [PairNode; 2],
     /// The serial cable, when the pair has a serial heartbeat link.
     pub cable: Option<crate::pty::PtyCable>,
+    /// The namespaces the daemons run in (lab pairs).
+    pub netns: Option<[String; 2]>,
 }
 
 fn kill(c: &mut Child) {
@@ -115,8 +121,8 @@ impl Pair {
                 name,
                 disk,
                 socket: dir.path().join(format!("{name}.sock")),
-                nbd_port: free_port(),
-                repl_port: free_port(),
+                nbd_port: if o.netns.is_some() { 10809 } else { free_port() },
+                repl_port: if o.netns.is_some() { 7789 } else { free_port() },
                 log: dir.path().join(format!("{name}.log")),
                 child: None,
             }
@@ -132,9 +138,13 @@ impl Pair {
                     h.keepalive_ms, h.warntime_ms, h.deadtime_ms, h.initdead_ms
                 );
                 if h.udp {
-                    let (u0, u1) = (free_port(), free_port());
+                    let (a0, a1, u0, u1) = if o.netns.is_some() {
+                        (crate::lab::DEDICATED[0], crate::lab::DEDICATED[1], 694, 694)
+                    } else {
+                        ("127.0.0.1", "127.0.0.1", free_port(), free_port())
+                    };
                     t.push_str(&format!(
-                        "\n[[heartbeat.link]]\nkind = \"udp\"\n[heartbeat.link.on.alpha]\nbind = \"127.0.0.1:{u0}\"\npeer = \"127.0.0.1:{u1}\"\n[heartbeat.link.on.beta]\nbind = \"127.0.0.1:{u1}\"\npeer = \"127.0.0.1:{u0}\"\n"
+                        "\n[[heartbeat.link]]\nkind = \"udp\"\n[heartbeat.link.on.alpha]\nbind = \"{a0}:{u0}\"\npeer = \"{a1}:{u1}\"\n[heartbeat.link.on.beta]\nbind = \"{a1}:{u1}\"\npeer = \"{a0}:{u0}\"\n"
                     ));
                 }
                 if let Some(c) = &cable {
@@ -165,18 +175,18 @@ control_socket = "{s1}"
 [[resource]]
 name = "vol0"
 protocol = "{protocol}"
-nbd_listen = "127.0.0.1:{nbd}"
+nbd_listen = "{nbd_host}:{nbd}"
 {extra}
 
 [resource.on.alpha]
 disk = "{d0}"
 meta = "internal"
-replication_address = "127.0.0.1:{r0}"
+replication_address = "{h0}:{r0}"
 
 [resource.on.beta]
 disk = "{d1}"
 meta = "internal"
-replication_address = "127.0.0.1:{r1}"
+replication_address = "{h1}:{r1}"
 
 [resource.resync]
 {resync}
@@ -203,13 +213,16 @@ connect_retry_ms = 200
             resync = o.resync,
             sb = o.split_brain,
             failback = o.ha.as_ref().map_or("off", |h| h.failback),
+            nbd_host = if o.netns.is_some() { "0.0.0.0" } else { "127.0.0.1" },
+            h0 = if o.netns.is_some() { crate::lab::DEDICATED[0] } else { "127.0.0.1" },
+            h1 = if o.netns.is_some() { crate::lab::DEDICATED[1] } else { "127.0.0.1" },
             ha = ha_text,
         );
         // Both nodes share one nbd_listen port number in the file; the node that is Primary
         // binds it. On one host only one can be Primary at a time, which the tests respect
         // (and split-brain tests demote before promoting the other, or use separate ports).
         std::fs::write(&config, text).expect("config");
-        let p = Self { dir, config, secret, n, cable };
+        let p = Self { dir, config, secret, n, cable, netns: o.netns.clone() };
         for i in 0..2 {
             run_ok(p.cli(i).args(["create-md"]), Duration::from_secs(30));
         }
@@ -265,7 +278,15 @@ connect_retry_ms = 200
             .append(true)
             .open(&self.n[i].log)
             .expect("log");
-        let child = Command::new(duet_bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns[i]]).arg(duet_bin());
+                c
+            }
+            None => Command::new(duet_bin()),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .args(["--node", self.n[i].name, "daemon"])

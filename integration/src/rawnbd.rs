@@ -150,7 +150,12 @@ impl Raw {
     /// [`Raw::transmission`] that reports failure (server down or going away) instead of
     /// panicking; for clients that reconnect across a failover.
     pub fn try_transmission(port: u16) -> Option<Self> {
-        let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        Self::try_transmission_to(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// [`Raw::try_transmission`] to any address (a VIP inside a lab namespace).
+    pub fn try_transmission_to(addr: std::net::SocketAddr) -> Option<Self> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
         let mut r = Self { s };
         let mut g = [0u8; 18];

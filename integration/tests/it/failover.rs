@@ -6,96 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::writer::{Writer, check_log};
+
 use integration::pair::{HaOpts, Pair, PairOpts};
 use integration::rawnbd::Raw;
 use integration::{have, random_bytes, run, wait_until};
-use replicator::nbd::proto::{CMD_READ, CMD_WRITE};
-
-const BLOCK: u64 = 65536;
-/// The write log's region starts here (fio uses the first 16 MiB).
-const LOG_BASE: u64 = 32 << 20;
-const LOG_BLOCKS: u64 = 800;
-
-/// A client that writes 64 KiB blocks one at a time through NBD, reconnecting (to whoever
-/// serves the port) when the connection drops, and records which writes were acknowledged.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<u64>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(port: u16, seed: u64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let (st, ak) = (Arc::clone(&stop), Arc::clone(&acked));
-        let thread = std::thread::spawn(move || {
-            let mut conn: Option<Raw> = None;
-            let mut i = 0u64;
-            while !st.load(Ordering::Relaxed) {
-                let Some(c) = conn.as_mut() else {
-                    conn = Raw::try_transmission(port);
-                    if conn.is_none() {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    continue;
-                };
-                let block = i % LOG_BLOCKS;
-                let data = random_bytes(seed + i, BLOCK as usize);
-                let ok = c
-                    .request(CMD_WRITE, 0, i, LOG_BASE + block * BLOCK, BLOCK as u32, &data)
-                    .is_ok()
-                    && c.reply().is_ok_and(|r| r.error == 0);
-                if ok {
-                    ak.lock().unwrap().push(i);
-                    i += 1;
-                } else {
-                    // Not acknowledged: the same write goes again on a new connection.
-                    conn = None;
-                }
-            }
-        });
-        Self { stop, acked, thread: Some(thread) }
-    }
-
-    fn count(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    fn wait_more(&self, n: usize, limit: Duration) -> bool {
-        let target = self.count() + n;
-        wait_until(limit, || self.count() >= target)
-    }
-
-    /// Stops and returns the acknowledged write numbers.
-    fn finish(mut self) -> Vec<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        self.acked.lock().unwrap().clone()
-    }
-}
-
-/// Every acknowledged write is readable through `port`: for each block, the last acknowledged
-/// write to it.
-fn check_log(port: u16, seed: u64, acked: &[u64]) {
-    let mut last = std::collections::BTreeMap::new();
-    for &i in acked {
-        last.insert(i % LOG_BLOCKS, i);
-    }
-    let mut r = Raw::transmission(port);
-    for (&block, &i) in &last {
-        r.request(CMD_READ, 0, i, LOG_BASE + block * BLOCK, BLOCK as u32, &[]).unwrap();
-        assert_eq!(r.reply().unwrap().error, 0);
-        // The writer may have sent a later write to this block that was never acknowledged
-        // (in flight at the crash): either content is legitimate then, but it must be one of them.
-        let got = r.read_data(BLOCK as usize);
-        let want = random_bytes(seed + i, BLOCK as usize);
-        let next = random_bytes(seed + i + LOG_BLOCKS, BLOCK as usize);
-        assert!(got == want || got == next, "acknowledged write {i} (block {block}) lost");
-    }
-}
+use replicator::nbd::proto::CMD_WRITE;
 
 fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
     let mut c = Command::new("fio");

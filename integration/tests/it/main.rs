@@ -8,6 +8,8 @@ mod cli;
 mod clients;
 mod failover;
 mod hostile;
+mod lab;
 mod peer_hostile;
 mod replication;
 mod shutdown;
+mod writer;
