@@ -213,7 +213,7 @@ impl Vips {
                 .parent()
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "/run/duet".into());
-            Some(vip::agent::Agent::new(dir).map_err(|e| anyhow::anyhow!("VIP agent: {e}"))?)
+            Some(vip::agent::Agent::new(dir, node).map_err(|e| anyhow::anyhow!("VIP agent: {e}"))?)
         };
         Ok(Self { agent, specs, announcers: Mutex::new(Vec::new()) })
     }

@@ -104,8 +104,11 @@ impl RateController {
             req = req.min(per_tick(self.s.max_rate_kib, dt));
         }
         if app_busy {
-            // Applications first, but never below the guaranteed minimum.
-            req = req.min(per_tick(self.s.min_rate_kib, dt).max(1));
+            // Applications first: the resync yields to the guaranteed minimum, and gets that
+            // minimum even when the controller's estimate of the link is lower (a link busy
+            // with application writes acknowledges resync slowly, which would otherwise shrink
+            // the estimate, and with it the resync, towards nothing).
+            req = per_tick(self.s.min_rate_kib, dt).max(1);
         }
         let req = req.max(0);
         self.in_flight = self.in_flight.saturating_add(req);

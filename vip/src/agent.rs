@@ -47,6 +47,8 @@ pub enum VipError {
 pub struct Agent {
     handle: Handle,
     state_dir: PathBuf,
+    /// Names the saved-MAC files (two nodes may share a state directory in tests).
+    owner: String,
 }
 
 const EEXIST: i32 = -libc::EEXIST;
@@ -66,10 +68,10 @@ fn code(e: &rtnetlink::Error) -> Option<i32> {
 
 impl Agent {
     /// Connects to the kernel. Must run inside a tokio runtime.
-    pub fn new(state_dir: PathBuf) -> Result<Self, VipError> {
+    pub fn new(state_dir: PathBuf, owner: &str) -> Result<Self, VipError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(VipError::Netlink)?;
         tokio::spawn(conn);
-        Ok(Self { handle, state_dir })
+        Ok(Self { handle, state_dir, owner: owner.into() })
     }
 
     /// Index and current MAC of `name`.
@@ -98,7 +100,7 @@ impl Agent {
     }
 
     fn saved_mac_path(&self, interface: &str) -> PathBuf {
-        self.state_dir.join(format!("vip-{interface}.mac"))
+        self.state_dir.join(format!("vip-{}-{interface}.mac", self.owner))
     }
 
     async fn set_mac(&self, index: u32, interface: &str, mac: Mac) -> Result<(), VipError> {

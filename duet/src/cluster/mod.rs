@@ -392,11 +392,18 @@ impl Manager {
         if p == self.peer {
             return;
         }
-        self.peer = p;
+        let before = std::mem::replace(&mut self.peer, p);
         match p {
             PeerState::Alive => {
                 self.event("peer is alive");
                 self.fenced = false;
+                if self.local.any_primary && before == PeerState::Dead {
+                    // Back from a partition: the peer may have announced our VIPs meanwhile.
+                    self.event(
+                        "the peer is back while this node is master: re-announcing the VIPs",
+                    );
+                    self.out.push(Action::Reannounce);
+                }
             }
             PeerState::Dead => {
                 self.event("peer is dead on every heartbeat link");

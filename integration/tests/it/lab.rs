@@ -141,3 +141,198 @@ fn make_master_moves_the_vip_and_the_old_master_releases_it() {
     assert!(p.wait_synced(Duration::from_secs(30)));
     assert!(p.identical());
 }
+
+/// Samples who holds the VIP for `d`; returns how often both did.
+fn both_held(lab: &Lab, addr: &str, d: Duration) -> usize {
+    let end = std::time::Instant::now() + d;
+    let mut both = 0;
+    while std::time::Instant::now() < end {
+        if lab.holds(0, addr) && lab.holds(1, addr) {
+            both += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    both
+}
+
+/// nftables rules for A that drop everything on the dedicated link (replication and UDP
+/// heartbeat), or only replication (TCP 7789).
+fn cut_dedicated(replication_only: bool) -> String {
+    let m = if replication_only { "tcp dport 7789 " } else { "" };
+    let s = if replication_only { "tcp sport 7789 " } else { "" };
+    format!(
+        "chain in {{ type filter hook input priority -10; iifname \"ded0\" {m}drop; iifname \"ded0\" {s}drop; }}\n\
+         chain out {{ type filter hook output priority -10; oifname \"ded0\" {m}drop; oifname \"ded0\" {s}drop; }}"
+    )
+}
+
+#[test]
+fn replication_link_cut_only_no_failover_the_slave_is_outdated_then_resyncs() {
+    let Some(lab) = Lab::new() else { return };
+    if !integration::have("nft") {
+        return;
+    }
+    let lab = Arc::new(lab);
+    let ha = HaOpts { extra: vip_toml(&format!("{}/24", lab::VIP), ""), ..HaOpts::default() };
+    let p = lab_pair(&lab, ha);
+    let seed = 33_000;
+    let w = client_writer(&lab, seed);
+    assert!(w.wait_more(50, Duration::from_secs(30)));
+    lab.nft(0, &cut_dedicated(true));
+    assert!(
+        p.wait_for(1, Duration::from_secs(20), |r| r["disk"] == "Outdated"),
+        "beta was not outdated: {}\n{}",
+        p.repl(1),
+        p.events(0)
+    );
+    // No failover: alpha keeps the role and the VIP, the client keeps writing.
+    assert!(w.wait_more(100, Duration::from_secs(30)), "the master stopped serving");
+    assert_eq!(both_held(&lab, lab::VIP, Duration::from_secs(2)), 0);
+    assert!(p.is_master(0) && !p.is_master(1));
+    assert!(lab.holds(0, lab::VIP) && !lab.holds(1, lab::VIP));
+    assert_eq!(p.cluster(1)["peer"], "alive", "the heartbeat still reaches the peer");
+    // Heal: reconnect, resync, in sync.
+    lab.nft(0, "");
+    assert!(p.wait_synced(Duration::from_secs(60)), "{} / {}", p.repl(0), p.repl(1));
+    let acked = w.finish();
+    client_check(&lab, seed, acked);
+    assert!(p.identical());
+}
+
+#[test]
+fn all_links_cut_follows_the_fencing_policy_and_one_live_link_prevents_a_dual_vip() {
+    let Some(lab) = Lab::new() else { return };
+    if !integration::have("nft") {
+        return;
+    }
+    let lab = Arc::new(lab);
+    // resource-only with a fence command that cannot confirm (exit 1): no takeover.
+    let extra = format!(
+        "{}\n[fencing]\npolicy = \"resource-only\"\nfence_command = \"exit 1\"\n",
+        vip_toml(&format!("{}/24", lab::VIP), "")
+    );
+    let p = lab_pair(&lab, HaOpts { extra, ..HaOpts::default() });
+    let cable = p.cable.as_ref().unwrap();
+    // The dedicated link fails (replication and UDP heartbeat); serial still works.
+    lab.nft(0, &cut_dedicated(false));
+    assert_eq!(
+        both_held(&lab, lab::VIP, Duration::from_secs(3)),
+        0,
+        "dual VIP with the serial link alive"
+    );
+    assert_eq!(p.cluster(1)["peer"], "alive");
+    assert!(p.wait_for(1, Duration::from_secs(10), |r| r["disk"] == "Outdated"), "{}", p.events(0));
+    // Serial too: every link is down. The fence command fails: beta does not take over.
+    cable.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(wait_until(Duration::from_secs(10), || p.cluster(1)["peer"] == "dead"));
+    assert_eq!(both_held(&lab, lab::VIP, Duration::from_secs(3)), 0);
+    assert!(!p.is_master(1) && lab.holds(0, lab::VIP));
+    // (beta's data is Outdated anyway: it would not promote even with a working fence.)
+    cable.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+    lab.nft(0, "");
+    assert!(p.wait_synced(Duration::from_secs(60)));
+}
+
+#[test]
+fn partition_under_dont_care_then_heal_the_configured_master_keeps_the_vip() {
+    let Some(lab) = Lab::new() else { return };
+    if !integration::have("nft") {
+        return;
+    }
+    let lab = Arc::new(lab);
+    let extra = format!(
+        "{}\n[fencing]\npolicy = \"dont-care\"\n",
+        vip_toml(&format!("{}/24", lab::VIP), "")
+    );
+    let p = lab_pair(&lab, HaOpts { extra, ..HaOpts::default() });
+    let cable = p.cable.as_ref().unwrap();
+    // A client that talks to the VIP (so it has a neighbour entry for it to be moved).
+    let w = client_writer(&lab, 35_000);
+    assert!(w.wait_more(20, Duration::from_secs(30)));
+    // Cut everything at once: beta sees a dead peer with UpToDate data and takes over.
+    cable.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    lab.nft(0, &cut_dedicated(false));
+    assert!(
+        wait_until(Duration::from_secs(15), || p.is_master(1) && lab.holds(1, lab::VIP)),
+        "{}",
+        p.events(1)
+    );
+    assert!(lab.holds(0, lab::VIP), "the partitioned master keeps its VIP (dont-care)");
+    // Heal: one master remains (the configured one), beta releases, alpha re-announces.
+    cable.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+    lab.nft(0, "");
+    assert!(
+        wait_until(Duration::from_secs(15), || !lab.holds(1, lab::VIP) && !p.is_master(1)),
+        "beta kept the VIP after the partition healed: {}",
+        p.events(1)
+    );
+    assert!(p.is_master(0) && lab.holds(0, lab::VIP));
+    let mac_a = lab.mac(0, "lan0");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.client_neighbour(lab::VIP).as_deref()
+            == Some(mac_a.as_str())),
+        "client neighbour {:?}, alpha is {mac_a}",
+        lab.client_neighbour(lab::VIP)
+    );
+    drop(w.finish());
+    assert!(p.events(0).contains("re-announc"), "{}", p.events(0));
+    // The data split: the replicator reports it and moves nothing (the operator decides).
+    assert!(wait_until(Duration::from_secs(15), || p.events(0).contains("split brain")
+        || p.events(1).contains("split brain")
+        || p.synced()));
+}
+
+#[test]
+fn ipv6_vip_with_a_moved_mac_fails_over_and_fails_back() {
+    let Some(lab) = Lab::new() else { return };
+    let lab = Arc::new(lab);
+    let vmac = "02:77:00:00:01:00";
+    let extra = format!(
+        "{}{}",
+        vip_toml(&format!("{}/64", lab::VIP6), vmac),
+        vip_toml(&format!("{}/24", lab::VIP), "")
+    );
+    let mut p = lab_pair(&lab, HaOpts { extra, failback: "auto", ..HaOpts::default() });
+    let own_a = {
+        // The NIC's own MAC is remembered on disk while the virtual one is in use.
+        let saved = p.dir.path().join("vip-alpha-lan0.mac");
+        assert!(wait_until(Duration::from_secs(5), || saved.exists()), "no saved MAC");
+        std::fs::read_to_string(saved).unwrap().trim().to_string()
+    };
+    assert!(wait_until(Duration::from_secs(5), || lab.holds(0, lab::VIP6)
+        && lab.mac(0, "lan0") == vmac));
+    let v6 = SocketAddr::from((lab::VIP6.parse::<std::net::Ipv6Addr>().unwrap(), 10809));
+    let seed = 34_000;
+    let l = Arc::clone(&lab);
+    let w = Writer::start_to(v6, seed, move || l.enter(2));
+    assert!(w.wait_more(50, Duration::from_secs(30)), "no writes through the IPv6 VIP");
+    assert_eq!(lab.client_neighbour(lab::VIP6).as_deref(), Some(vmac));
+    p.kill(0);
+    assert!(
+        wait_until(Duration::from_secs(20), || p.is_master(1) && lab.holds(1, lab::VIP6)),
+        "{}",
+        p.events(1)
+    );
+    assert_eq!(lab.mac(1, "lan0"), vmac, "the MAC moved with the VIP");
+    assert!(w.wait_more(50, Duration::from_secs(30)), "no writes after the failover");
+    // failback = auto: alpha returns, resyncs, and takes the VIP back; beta restores its MAC.
+    p.start(0);
+    assert!(
+        wait_until(Duration::from_secs(60), || p.is_master(0)
+            && lab.holds(0, lab::VIP6)
+            && !lab.holds(1, lab::VIP6)),
+        "no failback: {}",
+        p.events(0)
+    );
+    assert_ne!(lab.mac(1, "lan0"), vmac, "beta kept the virtual MAC after release");
+    assert!(w.wait_more(50, Duration::from_secs(30)), "no writes after the failback");
+    let acked = w.finish();
+    let l = Arc::clone(&lab);
+    std::thread::spawn(move || {
+        l.enter(2);
+        check_log_with(|| Raw::try_transmission_to(v6).expect("connect"), seed, &acked);
+    })
+    .join()
+    .unwrap();
+    let _ = own_a;
+}
