@@ -330,3 +330,78 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// An NBD export as a local block device: `nbdfuse` exposes it as a file, a loop device
+/// attaches that file. Optionally the NBD connection is made from inside a network namespace
+/// (`nsenter --net`, which keeps the mount namespace, so the FUSE mount is visible here).
+#[derive(Debug)]
+pub struct FuseDisk {
+    child: Option<Child>,
+    /// Loop devices are taken one test at a time (`losetup -f` races between processes).
+    lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    pub fuse: PathBuf,
+    pub mnt: PathBuf,
+    /// The loop device.
+    pub lo: String,
+}
+
+impl FuseDisk {
+    /// Attaches `uri` under `dir` (folders `fuse` and `mnt` are created there).
+    pub fn attach(dir: &Path, uri: &str, netns: Option<&str>) -> Self {
+        let fuse = dir.join("fuse");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&fuse).expect("fuse dir");
+        std::fs::create_dir_all(&mnt).expect("mnt dir");
+        let _ = std::fs::create_dir_all("/var/tmp/duet-tests");
+        let f = std::fs::File::create("/var/tmp/duet-tests/loop.lock").expect("lock file");
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("nbdfuse");
+                c
+            }
+            None => Command::new("nbdfuse"),
+        };
+        let child = cmd.arg(&fuse).arg("--uri").arg(uri).spawn().expect("nbdfuse");
+        let img = fuse.join("nbd");
+        assert!(
+            wait_until(Duration::from_secs(20), || img.exists()),
+            "nbdfuse did not attach {uri}"
+        );
+        let lo = run_ok(
+            Command::new("losetup").args(["-f", "--show"]).arg(&img),
+            Duration::from_secs(20),
+        );
+        Self { child: Some(child), lock, fuse, mnt, lo: lo.trim().to_string() }
+    }
+
+    /// Unmounts (lazily), detaches the loop device and the FUSE mount, stops nbdfuse.
+    pub fn detach(&mut self) {
+        let _ = run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(20));
+        let _ = run(Command::new("losetup").args(["-d", &self.lo]), Duration::from_secs(20));
+        let _ = run(
+            Command::new("fusermount3").args(["-u", "-z"]).arg(&self.fuse),
+            Duration::from_secs(20),
+        );
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.lock = None;
+    }
+
+    /// `e2fsck -fn` on the loop device: (clean, output).
+    pub fn fsck(&self) -> (bool, String) {
+        let o = run(Command::new("e2fsck").args(["-fn", &self.lo]), Duration::from_secs(120));
+        let out =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.success(), out)
+    }
+}
+
+impl Drop for FuseDisk {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}

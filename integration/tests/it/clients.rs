@@ -156,26 +156,6 @@ fn nbdcopy_round_trip(engine: &'static str) {
     assert!(got[data.len()..].iter().all(|&b| b == 0));
 }
 
-/// Unmounts, detaches and stops nbdfuse even when the test fails.
-struct FuseStack {
-    mnt: std::path::PathBuf,
-    fuse: std::path::PathBuf,
-    loopdev: Option<String>,
-    nbdfuse: std::process::Child,
-}
-
-impl Drop for FuseStack {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
-        if let Some(l) = &self.loopdev {
-            let _ = Command::new("losetup").args(["-d", l]).status();
-        }
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.fuse).status();
-        let _ = self.nbdfuse.kill();
-        let _ = self.nbdfuse.wait();
-    }
-}
-
 fn ext4_via_nbdfuse_and_loop(engine: &'static str) {
     if !is_root("loop devices and mounts") || !have("nbdfuse") || !have("mkfs.ext4") {
         return;
@@ -185,20 +165,8 @@ fn ext4_via_nbdfuse_and_loop(engine: &'static str) {
         return;
     }
     let n = node(engine);
-    let fuse = n.dir.path().join("fuse");
-    let mnt = n.dir.path().join("mnt");
-    std::fs::create_dir_all(&fuse).expect("fuse dir");
-    std::fs::create_dir_all(&mnt).expect("mnt dir");
-    let child = Command::new("nbdfuse").arg(&fuse).arg(n.uri()).spawn().expect("nbdfuse");
-    let mut st = FuseStack { mnt: mnt.clone(), fuse: fuse.clone(), loopdev: None, nbdfuse: child };
-    let file = fuse.join("nbd");
-    assert!(
-        integration::wait_until(Duration::from_secs(20), || file.exists()),
-        "nbdfuse did not mount"
-    );
-    let dev =
-        run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&file), MIN).trim().to_string();
-    st.loopdev = Some(dev.clone());
+    let st = integration::FuseDisk::attach(n.dir.path(), &n.uri(), None);
+    let (dev, mnt) = (st.lo.clone(), st.mnt.clone());
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &dev]), LONG);
     run_ok(Command::new("mount").arg(&dev).arg(&mnt), MIN);
     let mut sums = Vec::new();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use integration::pair::{Pair, PairOpts};
 use integration::rawnbd::Raw;
-use integration::{have, random_bytes, run, run_ok, wait_until};
+use integration::{have, random_bytes, run_ok, wait_until};
 use replicator::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
 
 fn fio_randwrite(uri: &str, size: &str, secs: u32) -> String {
@@ -227,29 +227,8 @@ fn primary_crash_with_ext4_mounted_promoted_node_fsck_clean() {
     }
     let mut p = Pair::up(&PairOpts::default());
     let d = p.dir.path().to_path_buf();
-    let fuse = d.join("fuse");
-    let mnt = d.join("mnt");
-    std::fs::create_dir_all(&fuse).unwrap();
-    std::fs::create_dir_all(&mnt).unwrap();
-    let attach = |uri: String| -> (std::process::Child, String) {
-        let child = Command::new("nbdfuse").arg(&fuse).arg("--uri").arg(&uri).spawn().unwrap();
-        let img = fuse.join("nbd");
-        assert!(wait_until(Duration::from_secs(20), || img.exists()));
-        let lo = run_ok(
-            Command::new("losetup").args(["-f", "--show"]).arg(&img),
-            Duration::from_secs(20),
-        );
-        (child, lo.trim().to_string())
-    };
-    let detach = |mut child: std::process::Child, lo: &str| {
-        let _ = run(Command::new("umount").arg("-l").arg(&mnt), Duration::from_secs(20));
-        let _ = run(Command::new("losetup").args(["-d", lo]), Duration::from_secs(20));
-        let _ =
-            run(Command::new("fusermount3").args(["-u", "-z"]).arg(&fuse), Duration::from_secs(20));
-        let _ = child.kill();
-        let _ = child.wait();
-    };
-    let (child, lo) = attach(p.uri());
+    let mut disk = integration::FuseDisk::attach(&d, &p.uri(), None);
+    let (lo, mnt) = (disk.lo.clone(), disk.mnt.clone());
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &lo]), Duration::from_secs(120));
     run_ok(Command::new("mount").arg(&lo).arg(&mnt), Duration::from_secs(30));
     for i in 0..8 {
@@ -261,23 +240,20 @@ fn primary_crash_with_ext4_mounted_promoted_node_fsck_clean() {
         let _ = std::fs::write(mnt.join(format!("f{i}")), random_bytes(i, 256 * 1024));
     }
     p.kill(0);
-    detach(child, &lo);
+    disk.detach();
     p.ok(1, &["primary"]);
-    let (child, lo) = attach(p.uri());
-    run_ok(Command::new("mount").arg(&lo).arg(&mnt), Duration::from_secs(30)); // replays the journal
+    let disk = integration::FuseDisk::attach(&d, &p.uri(), None);
+    run_ok(Command::new("mount").arg(&disk.lo).arg(&disk.mnt), Duration::from_secs(30)); // replays the journal
     for i in 0..8 {
         assert_eq!(
-            std::fs::read(mnt.join(format!("f{i}"))).unwrap(),
+            std::fs::read(disk.mnt.join(format!("f{i}"))).unwrap(),
             random_bytes(i, 256 * 1024),
             "file {i}"
         );
     }
-    run_ok(Command::new("umount").arg(&mnt), Duration::from_secs(30));
-    let fsck = run(Command::new("e2fsck").args(["-fn", &lo]), Duration::from_secs(120));
-    let out =
-        String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
-    detach(child, &lo);
-    assert!(fsck.status.success(), "e2fsck -fn on the promoted node: {out}");
+    run_ok(Command::new("umount").arg(&disk.mnt), Duration::from_secs(30));
+    let (clean, out) = disk.fsck();
+    assert!(clean, "e2fsck -fn on the promoted node: {out}");
 }
 
 /// Writes one 64 KiB block through NBD and flushes.
