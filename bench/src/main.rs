@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod lab_takeover;
 mod takeover;
 
 use anyhow::{Context, bail};
@@ -60,6 +61,11 @@ struct Args {
     /// completed through the new master) at the default and at the aggressive heartbeat timing.
     #[arg(long)]
     takeover_runs: Option<usize>,
+    /// Instead of fio runs: in the namespace lab (root), time this many takeovers as a client
+    /// sees them through the VIP (power loss of the master), duet at the default and the
+    /// aggressive timing, and keepalived beside it.
+    #[arg(long)]
+    lab_takeover_runs: Option<usize>,
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -464,6 +470,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(tib) = args.rss_tib {
         return rss_check(&args, tib);
+    }
+    if let Some(runs) = args.lab_takeover_runs {
+        let out = args.out.with_file_name("lab-takeover.json");
+        return lab_takeover::run(&args.dir, runs.max(1), &out);
     }
     if let Some(runs) = args.takeover_runs {
         let out = args.out.with_file_name("takeover.json");

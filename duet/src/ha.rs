@@ -948,6 +948,12 @@ async fn run_step(
                 }
             }
         }
+        Step::DropPeer => {
+            for v in &vols {
+                v.drop_peer(Duration::from_secs(2)).await;
+            }
+            Outcome::Ok
+        }
         Step::Promote { force } => {
             for v in &vols {
                 if let Err(e) = v.promote(force).await {

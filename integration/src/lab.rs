@@ -142,6 +142,16 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for n in &self.ns {
+            // Whatever still runs inside (a daemon's forked child, say) goes first.
+            let o = run(Command::new("ip").args(["netns", "pids", n]), Duration::from_secs(10));
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                if let Ok(p) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
             let _ = run(Command::new("ip").args(["netns", "del", n]), Duration::from_secs(10));
         }
     }

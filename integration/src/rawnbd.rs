@@ -155,7 +155,12 @@ impl Raw {
 
     /// [`Raw::try_transmission`] to any address (a VIP inside a lab namespace).
     pub fn try_transmission_to(addr: std::net::SocketAddr) -> Option<Self> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        Self::try_transmission_within(addr, Duration::from_secs(2))
+    }
+
+    /// [`Raw::try_transmission_to`] with its own connect timeout.
+    pub fn try_transmission_within(addr: std::net::SocketAddr, connect: Duration) -> Option<Self> {
+        let s = TcpStream::connect_timeout(&addr, connect).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
         let mut r = Self { s };
         let mut g = [0u8; 18];

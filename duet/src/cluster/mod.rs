@@ -148,6 +148,8 @@ pub enum Step {
         delay: Duration,
     },
     Thaw,
+    /// End the replication session with the peer now (it reconnects when the peer is back).
+    DropPeer,
     Promote {
         force: bool,
     },
@@ -678,6 +680,12 @@ impl Manager {
             };
         if fence {
             steps.push_back(Step::Fence { delay: self.s.fence_delay });
+        }
+        if peer_dead || force {
+            // The heartbeat's verdict is authoritative: a replication session the dead peer
+            // left behind (no RST after a power loss) would keep the peer "Primary" until its
+            // ping timeout and block the promotion.
+            steps.push_back(Step::DropPeer);
         }
         steps.extend([
             Step::Promote { force },

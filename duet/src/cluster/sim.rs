@@ -302,6 +302,9 @@ impl World {
                 Outcome::Ok
             }
             Step::Fence { .. } => Outcome::Fence(me.fence_exit),
+            // Only a session with a peer that is really gone ends; the model's replication link
+            // already follows the nodes' liveness.
+            Step::DropPeer => Outcome::Ok,
             Step::Promote { force } => {
                 if self.connected && other_primary {
                     return Outcome::Failed("the peer is Primary".into());

@@ -133,6 +133,8 @@ fn takeover_steps_run_in_order_and_a_failed_promotion_stops_them() {
     let a = m.handle(t, Input::Peer(PeerState::Dead));
     assert!(a.contains(&Action::Run(Step::Fence { delay: Duration::ZERO })), "{a:?}");
     let a = m.handle(t, Input::Done(Outcome::Fence(Some(5))));
+    assert!(a.contains(&Action::Run(Step::DropPeer)), "{a:?}");
+    let a = m.handle(t, Input::Done(Outcome::Ok));
     assert!(a.contains(&Action::Run(Step::Promote { force: false })), "{a:?}");
     let a = m.handle(t, Input::Done(Outcome::Failed("disk gone".into())));
     assert!(!a.iter().any(|x| matches!(x, Action::Run(_))), "{a:?}");
@@ -145,6 +147,7 @@ fn a_failed_vip_is_reported_but_the_takeover_completes() {
     let mut m = Manager::new(s(false), t);
     m.handle(t, Input::Local(slave_view()));
     m.handle(t, Input::Peer(PeerState::Dead));
+    m.handle(t, Input::Done(Outcome::Ok)); // DropPeer
     let a = m.handle(t, Input::Done(Outcome::Ok));
     assert!(a.contains(&Action::Run(Step::VipUp)), "{a:?}");
     let a = m.handle(t, Input::Done(Outcome::Failed("no such interface".into())));

@@ -984,6 +984,30 @@ impl Volume {
         })
     }
 
+    /// Ends the current replication session (the peer was declared dead by the heartbeat) and
+    /// waits up to `wait` for the teardown; the link reconnects when the peer is back.
+    pub async fn drop_peer(&self, wait: Duration) {
+        let had = {
+            let mut c = self.core.lock().expect("volume state poisoned");
+            let had = c.peer.is_some();
+            if had {
+                c.conn = ConnState::Disconnecting;
+            }
+            had
+        };
+        if !had {
+            return;
+        }
+        self.event("replication session dropped: the heartbeat declared the peer dead".into());
+        self.notify();
+        let end = Instant::now() + wait;
+        while self.core.lock().expect("volume state poisoned").peer.is_some()
+            && Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// `duet disconnect`.
     pub fn disconnect(&self) -> Result<String, Refused> {
         let mut c = self.core.lock().expect("volume state poisoned");
