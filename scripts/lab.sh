@@ -47,7 +47,7 @@ ip link add ded0 netns "$A" type veth peer name ded0 netns "$B"
 ip -n "$A" addr add 10.78.0.1/30 dev ded0; ip -n "$A" link set ded0 up
 ip -n "$B" addr add 10.78.0.2/30 dev ded0; ip -n "$B" link set ded0 up
 socat "pty,raw,echo=0,link=$W/ttyA" "pty,raw,echo=0,link=$W/ttyB" &
-PIDS+=($!)
+PIDS+=($!); disown $!
 for _ in $(seq 50); do [ -e "$W/ttyA" ] && [ -e "$W/ttyB" ] && break; sleep 0.1; done
 
 truncate -s 128M "$W/alpha.img" "$W/beta.img"
@@ -105,9 +105,9 @@ DB=("$DUET" --config "$W/duet.toml" --node beta)
 
 step "starting alpha in $A and beta in $B; 'make-master --force' on alpha (first start)"
 DUET_LOG=warn ip netns exec "$A" "${DA[@]}" daemon 2>"$W/alpha.log" &
-PIDS+=($!); ALPHA=$!
+PIDS+=($!); ALPHA=$!; disown $!
 DUET_LOG=warn ip netns exec "$B" "${DB[@]}" daemon 2>"$W/beta.log" &
-PIDS+=($!)
+PIDS+=($!); disown $!
 for _ in $(seq 100); do "${DA[@]}" status 2>/dev/null | grep -q 'peer alive' && break; sleep 0.1; done
 "${DA[@]}" make-master --force
 for _ in $(seq 600); do
@@ -128,9 +128,11 @@ T0=$(date +%s%N)
 ip -n "$A" link set lan0 down; ip -n "$A" link set ded0 down
 kill -KILL "$ALPHA"
 n=0
-until ip netns exec "$C" qemu-io -f raw nbd://10.77.0.100/vol0 -c "write -P 0x42 100M 4k" >/dev/null 2>&1; do
+# Each attempt gets 250 ms: a SYN sent to the dead master's MAC would otherwise wait for TCP's
+# one-second retransmission.
+until ip netns exec "$C" timeout 0.25 qemu-io -f raw nbd://10.77.0.100/vol0 -c "write -P 0x42 100M 4k" >/dev/null 2>&1; do
   n=$((n + 1)); [ "$n" -lt 600 ] || { cat "$W/beta.log" >&2; echo "no write through the VIP" >&2; exit 1; }
-  sleep 0.02
+  sleep 0.01
 done
 ok "first write through the VIP $(( ($(date +%s%N) - T0) / 1000000 )) ms after the power loss (deadtime 300 ms)"
 echo "    client's ARP entry now: $(ip -n "$C" neigh show 10.77.0.100)"

@@ -563,7 +563,7 @@ impl Session {
                 _ = changed.changed() => {
                     if self.vol.with_core(|c| c.conn == ConnState::Disconnecting) {
                         self.peer.send(small_frame(Kind::Disconnect, 0, 0, 0, &[])).await;
-                        return Ok("disconnected by the operator".into());
+                        return Ok("disconnected on request (the operator, or the cluster manager after the heartbeat declared the peer dead)".into());
                     }
                 }
                 _ = stopped(shutdown) => {
