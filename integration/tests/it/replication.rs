@@ -461,3 +461,21 @@ fn frozen_secondary_does_not_stall_the_primary() {
     assert!(p.identical());
     p.stop(1);
 }
+
+#[test]
+fn resync_finishes_while_the_primary_keeps_writing_the_same_region() {
+    let mut p = Pair::up(&PairOpts::default());
+    let port = p.n[0].nbd_port;
+    let w = crate::writer::Writer::start(port, 77_000);
+    assert!(w.wait_more(50, Duration::from_secs(30)));
+    p.kill(1);
+    assert!(w.wait_more(300, Duration::from_secs(30)), "no writes without the peer");
+    p.start(1);
+    // The resync runs while the writer keeps rewriting the blocks being resynced.
+    let done = p.wait_synced(Duration::from_secs(60));
+    let acked = w.finish();
+    assert!(done, "resync did not finish under writes: {} / {}", p.repl(0), p.repl(1));
+    crate::writer::check_log(port, 77_000, &acked);
+    assert!(p.wait_synced(Duration::from_secs(30)));
+    assert!(p.identical());
+}

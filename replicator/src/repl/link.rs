@@ -721,9 +721,12 @@ impl Session {
                     return Err("peer asked for an oversized resync block".into());
                 }
                 let their = if p.len() == 4 + 32 { Some(p[4..].to_vec()) } else { None };
-                let lock = vol.lock_range(h.offset, len).await;
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
+                    // The range lock is taken here, not in the reader: an application write
+                    // holds its range while it waits for the peer's WriteAck, which only this
+                    // reader can deliver; waiting for the lock inline would stall the link.
+                    let lock = vol.lock_range(h.offset, len).await;
                     let n = usize::try_from(len).expect("bounded");
                     let Ok(buf) = vol.read(h.offset, n).await else {
                         tracing::error!("resync read failed at {}", h.offset);
@@ -820,9 +823,10 @@ impl Session {
                         c.conn = ConnState::VerifyTarget;
                     }
                 });
-                let lock = vol.lock_range(h.offset, len).await;
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
+                    // Locked in the task, not the reader (see RsRequest).
+                    let lock = vol.lock_range(h.offset, len).await;
                     let g = vol.with_core(|c| c.bitmap.granularity());
                     let n = usize::try_from(len).expect("bounded");
                     let out = match vol.read(h.offset, n).await {
