@@ -404,3 +404,85 @@ fn ext4_through_the_vip_survives_a_sigkill_of_the_master() {
     let (clean, out) = disk.fsck();
     assert!(clean, "e2fsck -fn through the VIP on the new master: {out}");
 }
+
+#[test]
+fn vip_agent_is_idempotent_reports_a_duplicate_and_names_a_missing_interface() {
+    use vip::agent::{Agent, VipSpec, probe};
+    let Some(lab) = Lab::new() else { return };
+    let lab = Arc::new(lab);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_path_buf();
+    let spec = VipSpec {
+        interface: "lan0".into(),
+        addrs: vec![
+            (lab::VIP.parse().unwrap(), 24),
+            ("10.77.0.101".parse().unwrap(), 24),
+            (lab::VIP6.parse().unwrap(), 64),
+        ],
+        mac: Some([0x02, 0x77, 0, 0, 0, 9]),
+        plan: vip::schedule::Plan {
+            count: 1,
+            interval: Duration::from_millis(10),
+            repeat_after: Duration::ZERO,
+            refresh: Duration::ZERO,
+        },
+    };
+    let own_mac = lab.mac(0, "lan0");
+    let l = Arc::clone(&lab);
+    let s2 = spec.clone();
+    let errors = in_ns_async(&lab, 0, move || async move {
+        let a = Agent::new(state, "t").expect("netlink");
+        // Twice: the second acquire finds everything in place and succeeds.
+        let (i1, m1) = a.acquire(&s2).await.expect("acquire");
+        let (i2, m2) = a.acquire(&s2).await.expect("acquire again");
+        assert_eq!((i1, m1), (i2, m2));
+        assert_eq!(m1, [0x02, 0x77, 0, 0, 0, 9]);
+        assert!(a.holds(&s2).await.unwrap());
+        assert!(l.holds(0, lab::VIP) && l.holds(0, "10.77.0.101") && l.holds(0, lab::VIP6));
+        a.release(&s2).await.expect("release");
+        a.release(&s2).await.expect("release again");
+        assert!(!a.holds(&s2).await.unwrap());
+        let missing = VipSpec { interface: "nope0".into(), ..s2.clone() };
+        let e1 = a.acquire(&missing).await.expect_err("no such interface").to_string();
+        let e2 = a.release(&missing).await.expect_err("no such interface").to_string();
+        vec![e1, e2]
+    });
+    assert_eq!(lab.mac(0, "lan0"), own_mac, "the NIC's own MAC is back after release");
+    for e in errors {
+        assert!(e.contains("no network interface named \"nope0\""), "{e}");
+    }
+    // Another host answers for the VIP: the probe names it.
+    let rogue_mac = lab.mac(2, "lan0");
+    lab.ip(2, &["addr", "add", &format!("{}/24", lab::VIP), "dev", "lan0"]);
+    let (index, mine) = {
+        let out = lab.ip(0, &["-o", "link", "show", "lan0"]);
+        let index: u32 = out.split(':').next().unwrap().trim().parse().unwrap();
+        (index, vip::packets::parse_mac(&lab.mac(0, "lan0")).unwrap())
+    };
+    let l = Arc::clone(&lab);
+    let found = std::thread::spawn(move || {
+        l.enter(0);
+        probe(index, "lan0", mine, lab::VIP.parse().unwrap(), Duration::from_millis(500))
+    })
+    .join()
+    .unwrap()
+    .expect("probe");
+    assert_eq!(found.map(|m| vip::packets::mac_string(&m)), Some(rogue_mac));
+}
+
+/// Runs an async closure on a current-thread runtime in a thread inside namespace `i`.
+fn in_ns_async<F, Fut, T>(lab: &Arc<Lab>, i: usize, f: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let l = Arc::clone(lab);
+    std::thread::spawn(move || {
+        l.enter(i);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(f())
+    })
+    .join()
+    .unwrap()
+}
