@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use integration::lab::{self, Lab};
-use integration::pair::{HaOpts, Pair, PairOpts};
+use integration::pair::{HaOpts, Pair};
 use integration::rawnbd::Raw;
 use replicator::nbd::proto::CMD_WRITE;
 
@@ -56,15 +56,7 @@ fn duet_once(keepalive: u64, deadtime: u64) -> anyhow::Result<f64> {
         extra,
         ..HaOpts::default()
     };
-    let o = PairOpts {
-        size: 32 << 20,
-        ha: Some(ha),
-        netns: Some([lab.ns[0].clone(), lab.ns[1].clone()]),
-        ..PairOpts::default()
-    };
-    let mut p = Pair::configure(&o);
-    p.start(0);
-    p.start(1);
+    let mut p = Pair::start_in_lab(&lab, ha, 32 << 20);
     let wait = |what: &str, f: &dyn Fn() -> bool| -> anyhow::Result<()> {
         if integration::wait_until(Duration::from_secs(60), f) {
             Ok(())

@@ -440,3 +440,19 @@ impl Pair {
         run_ok(self.cli(i).args(["events"]), Duration::from_secs(10))
     }
 }
+
+impl Pair {
+    /// A pair whose daemons run inside the lab's namespaces A and B, both started.
+    pub fn start_in_lab(lab: &crate::lab::Lab, ha: HaOpts, size: u64) -> Self {
+        let o = PairOpts {
+            size,
+            ha: Some(ha),
+            netns: Some([lab.ns[0].clone(), lab.ns[1].clone()]),
+            ..PairOpts::default()
+        };
+        let mut p = Self::configure(&o);
+        p.start(0);
+        p.start(1);
+        p
+    }
+}

@@ -29,14 +29,7 @@ announce_repeat_after_ms = 1000
 
 /// A lab pair with alpha the running master and in sync.
 fn lab_pair(lab: &Lab, ha: HaOpts) -> Pair {
-    let o = PairOpts {
-        ha: Some(ha),
-        netns: Some([lab.ns[0].clone(), lab.ns[1].clone()]),
-        ..PairOpts::default()
-    };
-    let mut p = Pair::configure(&o);
-    p.start(0);
-    p.start(1);
+    let p = Pair::start_in_lab(lab, ha, PairOpts::default().size);
     assert!(
         wait_until(Duration::from_secs(20), || p.cluster(0)["peer"] == "alive"),
         "{}",
