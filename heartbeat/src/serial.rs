@@ -283,8 +283,8 @@ mod tests {
             prop_assert_eq!(got, payloads);
         }
 
-        /// Garbage spliced into the middle of a frame: that frame is lost (or, astronomically
-        /// rarely, a CRC collision), every other frame arrives, and nothing arrives that was not sent.
+        /// Garbage spliced into a frame: that frame is lost (or survives, when the noise left its
+        /// marker whole), every other frame arrives, and nothing arrives that was not sent.
         #[test]
         fn garbage_inside_a_frame_costs_that_frame(
             payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 8..100), 3..10),
@@ -304,7 +304,9 @@ mod tests {
             d.push(&line);
             let got = frames(&mut d);
             let want: Vec<_> = payloads.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, p)| p.clone()).collect();
-            prop_assert_eq!(got, want);
+            // Noise that lands before the real marker (cut inside the marker can leave it
+            // whole after the noise) costs nothing; otherwise exactly the victim is lost.
+            prop_assert!(got == want || got == payloads, "got {:?}", got);
         }
 
         #[test]
