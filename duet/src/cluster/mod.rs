@@ -251,6 +251,8 @@ pub struct Manager {
     /// I/O is frozen (resource-and-stonith: the replication link broke and the peer is neither
     /// outdated nor fenced yet).
     frozen: bool,
+    /// Both nodes were master at once (a partition healed); re-announce when the peer releases.
+    dual_seen: bool,
     /// The fence command confirmed the peer gone (this episode: until the peer is heard again
     /// or replication is back).
     fenced: bool,
@@ -283,6 +285,7 @@ impl Manager {
             peer_outdated: 0,
             frozen: false,
             fenced: false,
+            dual_seen: false,
             said: None,
             retry_at: None,
             working: VecDeque::new(),
@@ -306,6 +309,14 @@ impl Manager {
             Input::PeerView(v) => {
                 if v.primary {
                     self.hold_until = None;
+                }
+                if self.dual_seen && !v.any_primary {
+                    self.dual_seen = false;
+                    if self.local.any_primary {
+                        // The loser's own announcements may have come after ours.
+                        self.event("the peer released after the dual-master episode: re-announcing the VIPs");
+                        self.out.push(Action::Reannounce);
+                    }
                 }
                 self.peer_view = Some(v);
             }
@@ -892,6 +903,7 @@ impl Manager {
         let alive = self.peer == PeerState::Alive;
         if l.any_primary {
             if alive && pv.is_some_and(|v| v.any_primary) {
+                self.dual_seen = true;
                 if self.s.configured_master {
                     let msg = "both nodes are master (a partition healed): the configured master keeps the role and re-announces its VIP";
                     if self.said.as_deref() != Some(msg) {

@@ -174,3 +174,19 @@ fn operator_commands_while_busy_are_refused() {
         "{a:?}"
     );
 }
+
+#[test]
+fn the_winner_of_a_dual_master_episode_re_announces_when_the_loser_releases() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(true));
+    // Seeing both masters: the configured master keeps the role and announces.
+    let seen = m.handle(t, Input::Tick);
+    assert!(!seen.iter().any(|x| matches!(x, Action::Run(_))), "the winner keeps the role: {seen:?}");
+    // The loser releases: announce again, after its last announcements.
+    let a = m.handle(t, Input::PeerView(peer(false)));
+    assert!(a.contains(&Action::Reannounce), "{a:?}");
+    // Only once.
+    let a = m.handle(t, Input::PeerView(peer(false)));
+    assert!(!a.contains(&Action::Reannounce), "{a:?}");
+}
