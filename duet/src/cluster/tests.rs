@@ -182,7 +182,10 @@ fn the_winner_of_a_dual_master_episode_re_announces_when_the_loser_releases() {
     alive(&mut m, t, master_view(), peer(true));
     // Seeing both masters: the configured master keeps the role and announces.
     let seen = m.handle(t, Input::Tick);
-    assert!(!seen.iter().any(|x| matches!(x, Action::Run(_))), "the winner keeps the role: {seen:?}");
+    assert!(
+        !seen.iter().any(|x| matches!(x, Action::Run(_))),
+        "the winner keeps the role: {seen:?}"
+    );
     // The loser releases: announce again, after its last announcements.
     let a = m.handle(t, Input::PeerView(peer(false)));
     assert!(a.contains(&Action::Reannounce), "{a:?}");

@@ -331,7 +331,10 @@ async fn session(
             c.sb.uuids.history = [h[1], 0];
         });
     }
-    // 4. Bitmaps both ways, OR-ed.
+    // 4. Bitmaps both ways, OR-ed. From here until the session is live no application write
+    // runs: one that missed the peer has marked its blocks before our bitmap is read, and the
+    // next one replicates.
+    let gate = Arc::clone(&vol.io_gate).write_owned().await;
     r.limit = wire::MAX_PAYLOAD;
     let full = matches!(the_plan, Plan::Source { full: true } | Plan::Target { full: true });
     let mut from = Some(0);
@@ -407,6 +410,7 @@ async fn session(
             }
         }
     });
+    drop(gate);
     vol.stats.connects.fetch_add(1, Relaxed);
     // Durable before any resync data moves: the target is Inconsistent on disk, the bitmaps hold
     // the union.

@@ -182,6 +182,10 @@ pub struct Volume {
     /// Serialises activity-log transactions and superblock writes.
     meta_io: tokio::sync::Mutex<()>,
     pub(crate) locks: Arc<RangeLocks>,
+    /// Application writes hold this shared until they have marked what the peer missed; the
+    /// link takes it exclusively from the bitmap exchange until the session is live, so no
+    /// write can fall between the bitmap it sent and the replication it starts.
+    pub(crate) io_gate: Arc<tokio::sync::RwLock<()>>,
     pub stats: ReplStats,
     /// Bumped on every role / connection change (the daemon opens and closes NBD on it).
     changed: watch::Sender<u64>,
@@ -401,6 +405,7 @@ impl Volume {
             al: Mutex::new(al),
             meta_io: tokio::sync::Mutex::new(()),
             locks: Arc::new(RangeLocks::default()),
+            io_gate: Arc::new(tokio::sync::RwLock::new(())),
             stats: ReplStats::default(),
             changed: watch::channel(0).0,
             resync_acked: AtomicU64::new(0),
@@ -636,6 +641,7 @@ impl Volume {
     /// A replicated write, answered under the protocol's completion rule.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
         self.writable()?;
+        let gate = Arc::clone(&self.io_gate).read_owned().await;
         let len = buf.len() as u64;
         let _al = self.al_begin(offset, len).await?;
         let _range = self.locks.lock(offset, len).await;
@@ -654,7 +660,7 @@ impl Volume {
             self.stats.sent_data_bytes.fetch_add(len, Relaxed);
         }
         comp.local_done(self.store.write(offset, buf, fua).await);
-        self.complete(comp, acks, offset, len).await
+        self.complete(comp, acks, offset, len, Some(gate)).await
     }
 
     /// Registers a request with the peer (if connected) and queues its frame, built with the
@@ -685,6 +691,7 @@ impl Volume {
         acks: Acks,
         offset: u64,
         len: u64,
+        gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
     ) -> Result<(), i32> {
         let mut acks = acks;
         loop {
@@ -694,6 +701,8 @@ impl Volume {
                         self.mark_out_of_sync(offset, len);
                     }
                     self.ensure_new_generation().await?;
+                    // Marked: a reconnect may take its bitmap now.
+                    drop(gate);
                     // Reached only this node: while fencing runs, the client must not learn
                     // of it (the peer may be taking over).
                     self.thawed().await;
@@ -729,7 +738,7 @@ impl Volume {
             })
             .await;
         comp.local_done(self.store.flush().await);
-        self.complete(comp, acks, 0, 0).await
+        self.complete(comp, acks, 0, 0, None).await
     }
 
     /// TRIM and WRITE_ZEROES: both become "zero this range" on both nodes (so the replicas stay
@@ -743,6 +752,7 @@ impl Volume {
         fast_only: bool,
     ) -> Result<(), i32> {
         self.writable()?;
+        let gate = Arc::clone(&self.io_gate).read_owned().await;
         let _al = self.al_begin(offset, len).await?;
         let _range = self.locks.lock(offset, len).await;
         let peer = self.peer();
@@ -762,7 +772,7 @@ impl Volume {
             })
             .await;
         comp.local_done(local);
-        self.complete(comp, acks, offset, len).await
+        self.complete(comp, acks, offset, len, Some(gate)).await
     }
 
     /// TRIM (see [`Volume::zero`]); a single-node volume just punches a hole.
