@@ -580,6 +580,7 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
     tracing::info!(node = %node, "duet daemon running");
 
     wait_for_signal().await?;
+    handover_before_stop(&state).await;
     tracing::info!("shutting down: finishing in-flight requests");
     state.shutting_down.store(true, Ordering::Relaxed);
     for g in &state.groups {
@@ -610,6 +611,29 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// A master stopped on purpose (SIGTERM: `systemctl stop`) hands the role to its peer first,
+/// as a make-slave would, so clients move at once instead of after the peer's deadtime. If the
+/// peer cannot take over (unreachable, not in sync), the stop goes on and says why.
+async fn handover_before_stop(state: &State) {
+    use crate::ha::Host as _;
+    let Some(ha) = state.ha.get() else { return };
+    let _ = ha.requests.send(crate::ha::Request::Stopping).await;
+    if !state.volumes().iter().any(|v| v.role() == Role::Primary) {
+        return;
+    }
+    tracing::info!("stopping the master: handing the role to the peer first");
+    ha.events.push("stopping the master: handing the role to the peer first".into());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if ha.requests.send(crate::ha::Request::MakeSlave { reply: tx }).await.is_err() {
+        return;
+    }
+    match tokio::time::timeout(crate::ha::SWITCHOVER_TIMEOUT, rx).await {
+        Ok(Ok(Ok(m))) => tracing::info!("handed over before stopping: {m}"),
+        Ok(Ok(Err(e))) => tracing::warn!("stopping without a handover: {e}"),
+        Ok(Err(_)) | Err(_) => tracing::warn!("stopping without a handover: no answer in time"),
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

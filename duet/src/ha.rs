@@ -47,8 +47,15 @@ pub trait Host: Send + Sync + 'static {
 /// A request from the control socket.
 #[derive(Debug)]
 pub enum Request {
-    MakeMaster { force: bool, reply: oneshot::Sender<Result<String, String>> },
-    MakeSlave { reply: oneshot::Sender<Result<String, String>> },
+    MakeMaster {
+        force: bool,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    MakeSlave {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// The daemon is stopping: take nothing over from now on.
+    Stopping,
 }
 
 /// One entry of the event log.
@@ -626,6 +633,7 @@ impl Loop {
                             self.log("operator: make-slave".into());
                             Input::MakeSlave { token }
                         }
+                        Request::Stopping => Input::Stopping,
                     };
                     self.feed(input);
                 }

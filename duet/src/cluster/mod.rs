@@ -125,6 +125,8 @@ pub enum Input {
     MakeMaster { token: Token, force: bool },
     /// `duet make-slave`.
     MakeSlave { token: Token },
+    /// The daemon is stopping: hand over if asked, but take nothing over.
+    Stopping,
     /// The running step finished.
     Done(Outcome),
     /// An `Outdate` action finished.
@@ -251,6 +253,8 @@ pub struct Manager {
     /// I/O is frozen (resource-and-stonith: the replication link broke and the peer is neither
     /// outdated nor fenced yet).
     frozen: bool,
+    /// The daemon is stopping.
+    stopping: bool,
     /// Both nodes were master at once (a partition healed); re-announce when the peer releases.
     dual_seen: bool,
     /// The fence command confirmed the peer gone (this episode: until the peer is heard again
@@ -286,6 +290,7 @@ impl Manager {
             frozen: false,
             fenced: false,
             dual_seen: false,
+            stopping: false,
             said: None,
             retry_at: None,
             working: VecDeque::new(),
@@ -338,6 +343,7 @@ impl Manager {
             }
             Input::MakeMaster { token, force } => self.make_master(Origin::Operator(token), force),
             Input::MakeSlave { token } => self.make_slave(Origin::Operator(token), false),
+            Input::Stopping => self.stopping = true,
             Input::Done(o) => self.step_done(o),
             Input::OutdateDone { id, mask, ok } => {
                 if ok {
@@ -548,6 +554,9 @@ impl Manager {
     // ------------------------------------------------------------------ operator commands
 
     fn make_master(&mut self, origin: Origin, force: bool) {
+        if self.stopping {
+            return self.finish(origin, Err("this node is stopping".into()));
+        }
         if self.transition.is_some() || self.pending.is_some() {
             return self
                 .finish(origin, Err("a switchover is already running; see `duet status`".into()));
@@ -981,7 +990,7 @@ impl Manager {
             return;
         }
         // This node is a slave.
-        if self.pending.is_some() || !may_retry {
+        if self.pending.is_some() || !may_retry || self.stopping {
             return;
         }
         match self.peer {

@@ -193,3 +193,22 @@ fn the_winner_of_a_dual_master_episode_re_announces_when_the_loser_releases() {
     let a = m.handle(t, Input::PeerView(peer(false)));
     assert!(!a.contains(&Action::Reannounce), "{a:?}");
 }
+
+#[test]
+fn a_stopping_node_takes_nothing_over() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(false), t);
+    m.handle(t, Input::Local(slave_view()));
+    m.handle(t, Input::Stopping);
+    let a = m.handle(t, Input::Peer(PeerState::Dead));
+    assert!(!a.iter().any(|x| matches!(x, Action::Run(_))), "{a:?}");
+    // A master asking it to take over is told no.
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, slave_view(), peer(true));
+    m.handle(t, Input::Stopping);
+    let a = m.handle(t, Input::Control(Control::TakeOver { id: 4, force: false }));
+    assert!(
+        sends(&a).iter().any(|c| matches!(c, Control::TookOver { id: 4, ok: false, reason } if reason.contains("stopping"))),
+        "{a:?}"
+    );
+}

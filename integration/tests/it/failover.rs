@@ -437,3 +437,27 @@ fence_command = "while [ ! -e {d}/go ]; do sleep 0.05; done; exit 7"
     assert!(p.is_master(0));
     assert!(p.events(0).contains("peer was fenced (exit 7)"), "{}", p.events(0));
 }
+
+#[test]
+fn sigterm_of_the_master_hands_over_before_it_stops() {
+    // A long deadtime: the peer must not need it.
+    let ha = HaOpts {
+        keepalive_ms: 200,
+        warntime_ms: 600,
+        deadtime_ms: 5000,
+        initdead_ms: 10_000,
+        ..HaOpts::default()
+    };
+    let mut p = ha_pair(ha);
+    p.stop(0);
+    // alpha exits only after beta took over: no waiting here.
+    assert!(p.is_master(1), "beta is not master when alpha has stopped: {}", p.events(1));
+    let ev = p.events(1);
+    assert!(ev.contains("switchover: the peer released"), "{ev}");
+    assert!(!ev.contains("peer is dead"), "{ev}");
+    assert!(p.log_text(0).contains("handed over before stopping"), "{}", p.log_text(0));
+    // The old master returns as a slave and syncs.
+    p.start(0);
+    assert!(p.wait_synced(Duration::from_secs(60)));
+    assert!(p.is_master(1) && !p.is_master(0));
+}
