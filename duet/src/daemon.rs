@@ -238,7 +238,7 @@ impl State {
             if e.vol.config().is_none() {
                 continue;
             }
-            for ev in e.vol.status().events {
+            for ev in e.vol.events() {
                 if ev.at > since {
                     all.push(crate::ha::LogEntry {
                         at: ev.at,

@@ -471,6 +471,7 @@ pub async fn start(
         health: vec![true; cfg.health.check.len()],
         healthy: true,
         peer_view: None,
+        local: LocalView::default(),
         limiter: LogLimiter::new(Duration::from_secs(5)),
         status: Arc::clone(&status),
         events: Arc::clone(&events),
@@ -577,6 +578,8 @@ struct Loop {
     health: Vec<bool>,
     healthy: bool,
     peer_view: Option<(PeerView, Instant)>,
+    /// The replicator's state as last read (each tick and after each step).
+    local: LocalView,
     limiter: LogLimiter,
     status: Arc<Mutex<ClusterStatus>>,
     events: Arc<EventLog>,
@@ -639,8 +642,7 @@ impl Loop {
                 }
                 Some(b) = back.recv() => match b {
                     Back::Step(o) => {
-                        let l = self.local_view();
-                        self.feed(Input::Local(l));
+                        self.refresh_local();
                         self.feed(Input::Done(o));
                     }
                     Back::Outdate { id, mask, ok } => self.feed(Input::OutdateDone { id, mask, ok }),
@@ -657,8 +659,7 @@ impl Loop {
                     let now = Instant::now();
                     let ev = self.det.tick(now);
                     self.detector_events(ev);
-                    let l = self.local_view();
-                    self.feed(Input::Local(l));
+                    self.refresh_local();
                     self.feed(Input::Tick);
                     if now >= next_send {
                         self.send(None);
@@ -733,6 +734,13 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Reads the replicator's state, keeps it for `duet status`, and tells the manager.
+    fn refresh_local(&mut self) {
+        self.local = self.local_view();
+        let l = self.local;
+        self.feed(Input::Local(l));
     }
 
     fn local_view(&self) -> LocalView {
@@ -895,7 +903,7 @@ impl Loop {
                 garbage_bytes: l.counters.garbage_bytes.load(Relaxed),
             })
             .collect();
-        let lv = self.local_view();
+        let lv = self.local;
         let mut s = self.status.lock().expect("status poisoned");
         s.running_role = if lv.primary {
             "master"

@@ -188,10 +188,6 @@ impl Detector {
     pub fn last_heard(&self, i: usize) -> Option<Instant> {
         self.links.get(i).and_then(|l| l.last)
     }
-
-    pub fn timing(&self) -> Timing {
-        self.timing
-    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! at most the frame it overlaps. [`SerialPort`] opens the device raw 8N1 at the configured baud,
 //! with optional RTS/CTS, and gives async reads and writes with a write timeout.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -243,11 +243,6 @@ impl SerialPort {
                 Err(SerialError::WriteTimeout)
             }
         }
-    }
-
-    /// The raw descriptor (diagnostics).
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.get_ref().as_raw_fd()
     }
 }
 

@@ -43,8 +43,4 @@ impl UdpLink {
     ) -> Result<(usize, SocketAddr), UdpError> {
         self.sock.recv_from(buf).await.map_err(UdpError::Io)
     }
-
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.sock.local_addr().ok()
-    }
 }

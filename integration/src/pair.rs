@@ -333,10 +333,16 @@ connect_retry_ms = 200
         std::fs::read_to_string(&self.n[i].log).unwrap_or_default()
     }
 
-    /// `duet status --json` of node `i`, resource vol0.
+    /// `duet status --json` of node `i` (Null when the daemon does not answer).
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        let r = run(self.cli(i).args(["status", "--json"]), Duration::from_secs(10));
+        serde_json::from_slice(&r.stdout).unwrap_or_default()
+    }
+
+    /// The status of node `i`'s resource vol0.
     pub fn res(&self, i: usize) -> serde_json::Value {
-        let out = run_ok(self.cli(i).args(["status", "--json"]), Duration::from_secs(10));
-        let v: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        let v = self.status(i);
+        assert!(!v.is_null(), "{} does not answer status", self.n[i].name);
         v["resources"][0].clone()
     }
 
@@ -420,18 +426,15 @@ impl Drop for Pair {
 impl Pair {
     /// The cluster part of node `i`'s status.
     pub fn cluster(&self, i: usize) -> serde_json::Value {
-        let out = run_ok(self.cli(i).args(["status", "--json"]), Duration::from_secs(10));
-        let v: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        let v = self.status(i);
+        assert!(!v.is_null(), "{} does not answer status", self.n[i].name);
         v["ha"].clone()
     }
 
-    /// Node `i` is the running master (every resource Primary and exporting).
+    /// Node `i` is the running master (every resource Primary and exporting); false when its
+    /// daemon does not answer.
     pub fn is_master(&self, i: usize) -> bool {
-        let r = run(self.cli(i).args(["status", "--json"]), Duration::from_secs(10));
-        if !r.status.success() {
-            return false;
-        }
-        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap_or_default();
+        let v = self.status(i);
         v["ha"]["running_role"] == "master" && v["resources"][0]["exporting"] == true
     }
 

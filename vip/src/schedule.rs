@@ -48,11 +48,6 @@ impl Schedule {
         self.sent = self.sent.saturating_add(1);
         self.last = Some(now);
     }
-
-    /// How many have been sent.
-    pub fn count(&self) -> u32 {
-        self.sent
-    }
 }
 
 #[cfg(test)]

@@ -485,6 +485,11 @@ impl Volume {
         self.cfg.as_ref().map_or(Protocol::C, |c| c.protocol)
     }
 
+    /// The whole event ring (the last 200), oldest first.
+    pub fn events(&self) -> Vec<Event> {
+        self.core.lock().expect("volume state poisoned").events.iter().cloned().collect()
+    }
+
     /// Appends to the event log (and logs it).
     pub fn event(&self, what: String) {
         let name = self.cfg.as_ref().map_or("", |c| c.resource.as_str());
@@ -867,11 +872,6 @@ impl Volume {
                 "I/O resumed".into()
             });
         }
-    }
-
-    /// Whether I/O is frozen.
-    pub fn frozen(&self) -> bool {
-        *self.frozen.borrow()
     }
 
     async fn thawed(&self) {
