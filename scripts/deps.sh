@@ -3,7 +3,7 @@
 # Runs apt-get only when something is missing; needs root or sudo then.
 
 DUET_PACKAGES=(libnbd-bin nbdkit fio qemu-utils iproute2 nftables socat e2fsprogs fuse3 util-linux)
-DUET_TOOLS=(nbdinfo nbdcopy nbdfuse nbdkit fio qemu-io qemu-nbd ip nft socat mkfs.ext4 e2fsck fusermount3 losetup)
+DUET_TOOLS=(nbdinfo nbdcopy nbdfuse nbdkit fio qemu-io qemu-nbd ip nft socat mkfs.ext4 e2fsck fusermount3 losetup nsenter)
 
 install_deps() {
   local missing=()

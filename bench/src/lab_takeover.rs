@@ -205,6 +205,20 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 /// Runs the comparison and prints the table.
 pub fn run(dir: &Path, runs: usize, out: &Path) -> anyhow::Result<()> {
+    let have = |t: &str| {
+        Command::new(t)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if !have("keepalived") {
+        bail!("the comparison needs keepalived: apt-get install -y keepalived");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab needs root (network namespaces)");
+    }
     let mut rows = Vec::new();
     for (name, k, d) in [("duet defaults", 200u64, 1000u64), ("duet aggressive", 100, 300)] {
         let mut v = Vec::new();

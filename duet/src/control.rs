@@ -173,6 +173,10 @@ mod tests {
             (br#"{"v":1,"cmd":"format-disk"}"#, "bad request"),
             (br#"{"v":1}"#, "bad request"),
             (br#"[1,2,3]"#, "no protocol version"),
+            (br#"{"v":1,"cmd":"make-master","force":"yes"}"#, "bad request"),
+            (br#"{"v":1,"cmd":"events","since_ms":"soon"}"#, "bad request"),
+            (br#"{"v":1,"cmd":"events","since_ms":-1}"#, "bad request"),
+            (br#"{"v":1,"cmd":"make_slave"}"#, "bad request"),
         ];
         for (line, want) in cases {
             let e = decode_request(line).unwrap_err();

@@ -198,6 +198,18 @@ fn broken_configs_name_the_key() {
             "[node.alpha]\n[[heartbeat.link]]\nkind = \"udp\"\n[heartbeat.link.on.alpha]\nbind = \"127.0.0.1:694\"",
             "heartbeat.link[0].on.alpha.peer",
         ),
+        (
+            "fence delay not a number",
+            "[node.alpha]",
+            "[node.alpha]\nfence_delay_ms = \"soon\"",
+            "fence_delay_ms",
+        ),
+        (
+            "negative fence delay",
+            "[node.alpha]",
+            "[node.alpha]\nfence_delay_ms = -5",
+            "fence_delay_ms",
+        ),
         ("three nodes", "[node.alpha]", "[node.alpha]\n[node.beta]\n[node.gamma]", "node"),
         ("pair without secret", "[node.alpha]", "[node.alpha]\n[node.beta]", "cluster.secret_file"),
     ];
@@ -252,4 +264,16 @@ fn garbage_is_a_parse_error_not_a_panic() {
     for junk in ["", "\u{0}\u{1}", "[[[", "cluster = 5", "[cluster]\nname = 1"] {
         assert!(parse(junk).is_err(), "{junk:?}");
     }
+}
+
+#[test]
+fn the_fence_delay_is_per_node_with_the_fencing_default() {
+    let text = SINGLE.replacen(
+        "[node.alpha]",
+        "[node.alpha]\nfence_delay_ms = 3000\n[fencing]\ndelay_ms = 500",
+        1,
+    );
+    let c = parse(&text).expect("valid");
+    assert_eq!(c.fence_delay_ms("alpha"), 3000);
+    assert_eq!(c.fence_delay_ms("nobody"), 500);
 }

@@ -144,6 +144,10 @@ fn control_socket_refuses_garbage_and_other_versions() {
         (&b"hello\n"[..], "not JSON"),
         (b"{\"v\":99,\"cmd\":\"status\"}\n", "version 99"),
         (b"{\"v\":1,\"cmd\":\"wipe\"}\n", "bad request"),
+        (b"{\"v\":1,\"cmd\":\"events\",\"since_ms\":\"soon\"}\n", "bad request"),
+        (b"{\"v\":1,\"cmd\":\"make-master\",\"force\":2}\n", "bad request"),
+        // A single node has no cluster manager: a clear refusal, nothing changes.
+        (b"{\"v\":1,\"cmd\":\"make-slave\"}\n", "cluster manager is not running"),
     ] {
         let mut s = UnixStream::connect(&n.socket).unwrap();
         s.write_all(req).unwrap();
