@@ -90,6 +90,8 @@ type Serving = (watch::Sender<bool>, tokio::task::JoinHandle<()>, SocketAddr);
 /// Primary (a single node's resources always are; in a pair each resource has its own listener).
 struct Group {
     addr: SocketAddr,
+    /// The data path's runtime.
+    data: tokio::runtime::Handle,
     server: Arc<Server>,
     serving: tokio::sync::Mutex<Option<Serving>>,
 }
@@ -99,7 +101,8 @@ impl Group {
         self.server.exports().iter().all(|e| e.vol.role() == Role::Primary)
     }
 
-    /// Opens the export (binds and serves) if it is not open.
+    /// Opens the export (binds and serves) if it is not open. The listener and its connections
+    /// live on the data path's runtime, whichever thread asks (the cluster manager has its own).
     async fn open(&self) -> anyhow::Result<()> {
         let mut s = self.serving.lock().await;
         if s.is_some() {
@@ -108,16 +111,27 @@ impl Group {
         let names: Vec<String> =
             self.server.exports().iter().map(|e| e.info.name.clone()).collect();
         let addr = self.addr;
-        let listener = TcpListener::bind(addr).await.with_context(|| {
+        let (tx, rx) = watch::channel(false);
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let server = Arc::clone(&self.server);
+        let task = self.data.spawn(async move {
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = bound_tx.send(listener.local_addr());
+            server.serve(listener, rx).await;
+        });
+        let bound = bound_rx.await.context("the NBD listener's task ended")?.with_context(|| {
             format!(
                 "cannot listen for NBD on {addr} (nbd_listen of {}): is another server using it?",
                 names.join(", ")
             )
         })?;
-        let bound = listener.local_addr().context("local address of the NBD listener")?;
         tracing::info!(%bound, exports = ?names, "serving NBD");
-        let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(Arc::clone(&self.server).serve(listener, rx));
         *s = Some((tx, task, bound));
         Ok(())
     }
@@ -541,6 +555,7 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
         .into_iter()
         .map(|(addr, exports)| Group {
             addr,
+            data: tokio::runtime::Handle::current(),
             server: Server::new(exports),
             serving: tokio::sync::Mutex::new(None),
         })

@@ -164,6 +164,44 @@ pub struct Ha {
     pub requests: mpsc::Sender<Request>,
     pub status: Arc<Mutex<ClusterStatus>>,
     pub events: Arc<EventLog>,
+    /// Keeps the cluster manager's thread running (it stops when this is dropped).
+    _thread: Option<Arc<oneshot::Sender<()>>>,
+}
+
+/// Starts a runtime with one worker on a thread of its own, for the heartbeat and the cluster
+/// manager: the data path copies into the page cache on its own thread and may be held there
+/// (the kernel throttles writers when dirty pages pile up), and heartbeats must not wait for
+/// that. Returns its handle and the sender that stops it when dropped.
+fn own_thread() -> anyhow::Result<(tokio::runtime::Handle, oneshot::Sender<()>)> {
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("duet-ha".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("duet-ha")
+                .enable_all()
+                .build();
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = handle_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = handle_tx.send(Ok(rt.handle().clone()));
+            rt.block_on(async {
+                let _ = stop_rx.await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        })
+        .context("cannot start the cluster manager's thread")?;
+    let handle = handle_rx
+        .recv()
+        .context("the cluster manager's thread ended at start")?
+        .context("cannot start the cluster manager's runtime")?;
+    Ok((handle, stop_tx))
 }
 
 enum Transport {
@@ -356,6 +394,24 @@ pub async fn start(
     host: Arc<dyn Host>,
     sd: watch::Receiver<bool>,
 ) -> anyhow::Result<Ha> {
+    let (rt, stop) = own_thread()?;
+    let (cfg, node, secret) = (cfg.clone(), node.to_string(), secret.to_vec());
+    let mut ha = rt
+        .spawn(async move { start_here(&cfg, &node, &secret, host, sd).await })
+        .await
+        .context("the cluster manager's start failed")??;
+    ha._thread = Some(Arc::new(stop));
+    Ok(ha)
+}
+
+/// `start`, on the cluster manager's own runtime: its sockets and tasks live there.
+async fn start_here(
+    cfg: &Config,
+    node: &str,
+    secret: &[u8],
+    host: Arc<dyn Host>,
+    sd: watch::Receiver<bool>,
+) -> anyhow::Result<Ha> {
     let peer = cfg.peer_of(node).context("the cluster manager needs a peer")?.to_string();
     let h = &cfg.heartbeat;
     let ms = Duration::from_millis;
@@ -478,7 +534,7 @@ pub async fn start(
         timing,
     };
     tokio::spawn(lp.run(in_rx, req_rx, back_rx, sd));
-    Ok(Ha { requests: req_tx, status, events })
+    Ok(Ha { requests: req_tx, status, events, _thread: None })
 }
 
 fn spawn_link(

@@ -135,7 +135,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The daemon's data path runs on `data_threads` workers (the heartbeat has its own thread,
+    // see `ha::start`); the CLI commands need one.
+    let workers = if matches!(cli.cmd, Cmd::Daemon) { cfg.cluster.data_threads } else { 1 };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("duet-data")
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("duet: cannot start the runtime: {e}");

@@ -86,6 +86,17 @@ pub struct Cluster {
     /// Prometheus endpoint, "" disables. Default `127.0.0.1:9640`.
     #[serde(default = "default_metrics")]
     pub metrics_listen: String,
+    /// Threads of the data path (NBD exports, peer links, resync). Default 1: one event loop
+    /// that does a replicated write's steps itself, with no hand-over between threads.
+    #[serde(default = "default_data_threads")]
+    pub data_threads: usize,
+}
+
+/// Most `data_threads` accepted.
+pub const MAX_DATA_THREADS: usize = 64;
+
+fn default_data_threads() -> usize {
+    1
 }
 
 fn default_control_socket() -> PathBuf {
@@ -677,6 +688,14 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if !(1..=MAX_DATA_THREADS).contains(&c.data_threads) {
+            return Err(invalid(
+                "cluster.data_threads",
+                c.data_threads,
+                "must be between 1 and 64",
+                "1 suits one or two resources; add threads for many busy resources",
+            ));
         }
         if c.control_socket.as_os_str().is_empty() || !c.control_socket.is_absolute() {
             return Err(invalid(

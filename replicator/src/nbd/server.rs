@@ -282,20 +282,13 @@ impl Server {
         let mut pending: Vec<Reply> = Vec::new();
         let mut out = BytesMut::with_capacity(COALESCE);
         let mut shutting_since: Option<tokio::time::Instant> = None;
-        let mut batch = 0;
         let result = loop {
-            // Whatever completed meanwhile joins this round's replies; requests taken since the
-            // last round are started here, under one plug, so they reach the kernel together.
+            // Take every request already buffered (up to a batch) before starting any.
+            let (mut ended, mut batch) = (None, 0);
+            while units < INFLIGHT_UNITS
+                && batch < MAX_BATCH
+                && conn.buf.len() >= REQUEST_HEADER_LEN
             {
-                let _plug = self.exports[export].vol.store().plug();
-                while let Some(Some((reply, u))) = inflight.next().now_or_never() {
-                    units -= u;
-                    pending.push(reply);
-                }
-            }
-            let room = units < INFLIGHT_UNITS;
-            // Take every request already buffered (up to a batch) before writing replies.
-            if room && batch < MAX_BATCH && conn.buf.len() >= REQUEST_HEADER_LEN {
                 batch += 1;
                 match self.take_request(&mut conn, export, &limits, shutting_since.is_some()).await
                 {
@@ -306,12 +299,29 @@ impl Server {
                             (self.execute(export, &h, cmd, payload, limits).await, u)
                         }));
                     }
-                    Ok(Taken::Disconnect) => break Ok(()),
-                    Err(e) => break Err(e),
+                    Ok(Taken::Disconnect) => {
+                        ended = Some(Ok(()));
+                        break;
+                    }
+                    Err(e) => {
+                        ended = Some(Err(e));
+                        break;
+                    }
                 }
-                continue;
             }
-            batch = 0;
+            // Start them (and take whatever completed meanwhile) under one plug when there are
+            // several: their frames reach the peer and their submissions the kernel together.
+            {
+                let _plug = (batch > 1).then(|| self.exports[export].vol.plug());
+                while let Some(Some((reply, u))) = inflight.next().now_or_never() {
+                    units -= u;
+                    pending.push(reply);
+                }
+            }
+            if let Some(end) = ended {
+                break end;
+            }
+            let room = units < INFLIGHT_UNITS;
             if !pending.is_empty() && send_replies(&mut wr, &mut out, &mut pending).await.is_err() {
                 break Ok(()); // the client went away; nothing left to answer
             }

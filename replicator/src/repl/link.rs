@@ -14,18 +14,19 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{RwLock, mpsc, oneshot, watch};
+use tokio::sync::{RwLock, oneshot, watch};
 
 use super::handshake::{
     self, Hello, P_CRASHED_PRIMARY, P_DISCARD_MY_DATA, P_INCONSISTENT, P_PRIMARY, Params, Refusal,
 };
 use super::policy::{Facts, Plan, plan};
 use super::throttle::Throttle;
+use super::tx::Tx;
 use super::volume::{
     ConnState, DiskState, Frame, Peer, Role, Volume, block_frame, random_bytes, random_u64,
     small_frame,
 };
-use super::wire::{self, Cursor, F_HOLE, F_LAST, Header, Kind, WireError};
+use super::wire::{self, Cursor, F_FUA, F_HOLE, F_LAST, Header, Kind, WireError};
 use crate::generation::{Fixup, Generations, Side};
 use crate::nbd::server::stopped;
 use crate::ratectl::{RateController, TICK};
@@ -78,6 +79,22 @@ impl FrameReader {
         self.buf.advance(wire::HEADER_LEN);
         let payload = self.buf.split_to(h.len as usize);
         Ok((h, payload))
+    }
+
+    /// The next frame if it is already whole in the buffer (no read).
+    fn buffered(&mut self) -> Res<Option<(Header, BytesMut)>> {
+        let Some(h) = wire::decode_header(&self.buf).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        if h.len > self.limit {
+            return Err(WireError::TooLong(h.len).to_string());
+        }
+        if self.buf.len() < wire::HEADER_LEN + h.len as usize {
+            return Ok(None);
+        }
+        self.buf.advance(wire::HEADER_LEN);
+        let payload = self.buf.split_to(h.len as usize);
+        Ok(Some((h, payload)))
     }
 
     async fn expect(&mut self, kind: Kind, timeout: Duration) -> Res<BytesMut> {
@@ -209,6 +226,9 @@ async fn teardown(vol: &Arc<Volume>) {
         p
     });
     if let Some(p) = peer {
+        // Closed first: a write that queued its frame before this registered its waiter before
+        // it, and is drained below; one that comes later is refused and marks its own blocks.
+        p.tx.close();
         let waiters: Vec<_> = p.pending.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
         vol.with_core(|c| {
             for (_, w) in &waiters {
@@ -368,9 +388,8 @@ async fn session(
         the_plan = if source { Plan::Source { full: false } } else { Plan::Target { full: false } };
     }
     // 5. Go live.
-    let (tx, rx) = mpsc::channel::<Frame>(1024);
+    let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib));
     let peer_h = Peer::new(tx);
-    let writer = tokio::spawn(writer_task(wr, rx, Throttle::new(cfg.replication_rate_limit_kib)));
     let peer_role = if peer.has(P_PRIMARY) { Role::Primary } else { Role::Secondary };
     let peer_disk =
         if peer.has(P_INCONSISTENT) { DiskState::Inconsistent } else { DiskState::Consistent };
@@ -415,7 +434,7 @@ async fn session(
     // Durable before any resync data moves: the target is Inconsistent on disk, the bitmaps hold
     // the union.
     if vol.persist_bitmap().await.is_err() || vol.persist_sb().await.is_err() {
-        writer.abort();
+        peer_h.tx.close();
         return Err("cannot write metadata".into());
     }
     if matches!(the_plan, Plan::Source { .. }) {
@@ -454,52 +473,6 @@ fn decode_gens(p: &[u8]) -> Result<Generations, WireError> {
     let g = handshake::get_generations(&mut c)?;
     c.end()?;
     Ok(g)
-}
-
-async fn writer_task(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Frame>,
-    mut cap: Option<Throttle>,
-) {
-    let mut out = BytesMut::with_capacity(512 * 1024);
-    while let Some(f) = rx.recv().await {
-        let mut next = Some(f);
-        while let Some(f) = next.take() {
-            out.extend_from_slice(&f.head);
-            if let Some(d) = f.data {
-                if d.len() <= 64 * 1024 {
-                    out.extend_from_slice(&d);
-                } else {
-                    pace(&mut cap, (out.len() + d.len()) as u64).await;
-                    if wr.write_all(&out).await.is_err() || wr.write_all(&d).await.is_err() {
-                        return;
-                    }
-                    out.clear();
-                }
-            }
-            if out.len() < 256 * 1024 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !out.is_empty() {
-            pace(&mut cap, out.len() as u64).await;
-            if wr.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
-/// Waits for the replication cap, if any.
-async fn pace(cap: &mut Option<Throttle>, bytes: u64) {
-    if let Some(t) = cap.as_mut() {
-        let d = t.delay(Instant::now(), bytes);
-        if !d.is_zero() {
-            tokio::time::sleep(d).await;
-        }
-    }
 }
 
 struct Session {
@@ -541,8 +514,16 @@ impl Session {
                 f = r.next() => {
                     let (h, p) = f?;
                     ping_out = None;
+                    // Every frame already received is handled under one cork: their
+                    // acknowledgements leave together.
+                    let _cork = self.peer.tx.cork();
                     if let Some(end) = self.handle(h, p).await? {
                         return Ok(end);
+                    }
+                    while let Some((h, p)) = r.buffered()? {
+                        if let Some(end) = self.handle(h, p).await? {
+                            return Ok(end);
+                        }
                     }
                 }
                 _ = tick.tick() => {
@@ -611,23 +592,24 @@ impl Session {
                     vol.stats.received_data_bytes.fetch_add(len, Relaxed);
                 }
                 let peer = Arc::clone(&self.peer);
-                tokio::spawn(async move {
-                    let r = vol.apply_write(h.offset, data, len, h.flags).await;
-                    drop(lock);
-                    drop(bar);
-                    if r.is_err() {
-                        vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+                let fua = h.flags & F_FUA != 0;
+                match data {
+                    // A page-cache copy: done here, before the next frame is read (no task, no
+                    // thread hand-over); its acknowledgement leaves with the batch's others.
+                    Some(d) if vol.store().writes_inline(d.len(), fua) => {
+                        let r = vol.store().write_now(h.offset, d);
+                        drop((lock, bar));
+                        acknowledge(&vol, &peer, &h, len, r).await;
                     }
-                    let errno = r.err().unwrap_or(0);
-                    peer.send(small_frame(
-                        Kind::WriteAck,
-                        0,
-                        h.id,
-                        errno.unsigned_abs().into(),
-                        &[],
-                    ))
-                    .await;
-                });
+                    data => {
+                        let data = data.map(IoBuf::from_slice);
+                        tokio::spawn(async move {
+                            let r = vol.apply_write(h.offset, data, len, h.flags).await;
+                            drop((lock, bar));
+                            acknowledge(&vol, &peer, &h, len, r).await;
+                        });
+                    }
+                }
             }
             Kind::Flush => {
                 let bar = Arc::clone(&self.barrier).write_owned().await;
@@ -763,7 +745,8 @@ impl Session {
                 let (data, len) = if h.kind == Kind::RsSame {
                     (None, u32_payload(Kind::RsSame, &p)?)
                 } else {
-                    self.block_payload(&h, &p, digest)?
+                    let (d, len) = self.block_payload(&h, &p, digest)?;
+                    (d.map(IoBuf::from_slice), len)
                 };
                 range_of(&vol, h.offset, len)?;
                 let same = h.kind == Kind::RsSame;
@@ -866,17 +849,18 @@ impl Session {
         Ok(None)
     }
 
-    fn block_payload(
+    /// The block a Data or RsData frame carries (`None`: a hole), checked against its digest.
+    fn block_payload<'p>(
         &self,
         h: &Header,
-        p: &[u8],
+        p: &'p [u8],
         digest: wire::Digest,
-    ) -> Res<(Option<IoBuf>, u64)> {
+    ) -> Res<(Option<&'p [u8]>, u64)> {
         if h.flags & F_HOLE != 0 {
             return Ok((None, u32_payload(h.kind, p)?));
         }
         match digest.check(h.offset, p) {
-            Ok(data) => Ok((Some(IoBuf::from_slice(data)), data.len() as u64)),
+            Ok(data) => Ok((Some(data), data.len() as u64)),
             Err(e) => {
                 // Corrupted in flight: the block is out of sync; drop the link (resync follows).
                 self.vol.with_core(|c| {
@@ -886,6 +870,16 @@ impl Session {
             }
         }
     }
+}
+
+/// After applying a replicated write: a failed block is out of sync here; the Primary learns
+/// the outcome.
+async fn acknowledge(vol: &Volume, peer: &Peer, h: &Header, len: u64, r: Result<(), i32>) {
+    if r.is_err() {
+        vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+    }
+    let errno = r.err().unwrap_or(0);
+    peer.send(small_frame(Kind::WriteAck, 0, h.id, errno.unsigned_abs().into(), &[])).await;
 }
 
 fn cfg_protocol(vol: &Volume) -> super::completion::Protocol {

@@ -19,5 +19,6 @@ pub mod policy;
 #[allow(clippy::cast_possible_truncation)]
 mod sim;
 pub mod throttle;
+pub mod tx;
 pub mod volume;
 pub mod wire;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 type Acks = Option<(Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>)>;
 
 use bytes::BytesMut;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use super::actlog::{ActivityLog, Begin};
 use super::bitmap::Bitmap;
@@ -31,6 +31,7 @@ use super::handshake::{
 };
 use super::locks::{RangeGuard, RangeLocks};
 use super::meta::{Loaded, Meta, MetaError};
+use super::tx::{Cork, Tx};
 use super::wire::{self, Digest, F_FUA, F_HOLE, F_MAY_TRIM, Kind};
 use crate::nbd::proto::Extent;
 use crate::store::{IoBuf, Store};
@@ -228,7 +229,8 @@ pub fn random_u64() -> u64 {
 #[derive(Debug)]
 pub struct Frame {
     pub head: BytesMut,
-    pub data: Option<IoBuf>,
+    /// Block data, shared with the local write of the same block.
+    pub data: Option<Arc<IoBuf>>,
 }
 
 /// Acknowledgements a write waits for.
@@ -245,7 +247,7 @@ pub(crate) struct Waiter {
 /// The live connection, as the write path sees it.
 #[derive(Debug)]
 pub struct Peer {
-    pub(crate) tx: mpsc::Sender<Frame>,
+    pub(crate) tx: Arc<Tx>,
     pub(crate) pending: Mutex<HashMap<u64, Waiter>>,
     pub(crate) next_id: AtomicU64,
     /// Verify requests waiting for the peer's hashes.
@@ -253,7 +255,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(tx: mpsc::Sender<Frame>) -> Arc<Self> {
+    pub(crate) fn new(tx: Arc<Tx>) -> Arc<Self> {
         Arc::new(Self {
             tx,
             pending: Mutex::new(HashMap::new()),
@@ -264,7 +266,7 @@ impl Peer {
 
     /// Queues a frame; `false` when the connection is gone.
     pub(crate) async fn send(&self, f: Frame) -> bool {
-        self.tx.send(f).await.is_ok()
+        self.tx.send(f).await
     }
 
     fn register(
@@ -295,9 +297,10 @@ pub(crate) fn block_frame(
     flags: u16,
     id: u64,
     offset: u64,
-    buf: IoBuf,
+    buf: impl Into<Arc<IoBuf>>,
     digest: Digest,
 ) -> Frame {
+    let buf = buf.into();
     let mut head = BytesMut::with_capacity(wire::HEADER_LEN + 36);
     if wire::is_zero(&buf) {
         let len = u32::try_from(buf.len()).expect("blocks are bounded");
@@ -320,6 +323,14 @@ pub(crate) fn small_frame(kind: Kind, flags: u16, id: u64, offset: u64, payload:
 
 fn now_s() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A plug on the local store and a cork on the peer link (see [`Volume::plug`]). The cork is
+/// dropped first, so the frames leave before the local submissions.
+#[derive(Debug)]
+pub struct VolumePlug<'a> {
+    _cork: Option<Cork>,
+    _store: crate::store::PlugGuard<'a>,
 }
 
 /// Ends an activity-log reference when the write is done.
@@ -615,6 +626,13 @@ impl Volume {
         }
     }
 
+    /// Holds back local submissions and frames to the peer until the guard drops, so a batch
+    /// of requests costs one system call each way.
+    pub fn plug(&self) -> VolumePlug<'_> {
+        let cork = self.peer().map(|p| p.tx.cork());
+        VolumePlug { _store: self.store.plug(), _cork: cork }
+    }
+
     /// The connection writes go to, if any.
     fn peer(&self) -> Option<Arc<Peer>> {
         let c = self.core.lock().expect("volume state poisoned");
@@ -655,10 +673,11 @@ impl Volume {
         let mut comp = Completion::new(self.protocol(), fua, peer.is_some());
         let digest = self.cfg.as_ref().map_or(Digest::Off, |c| c.digest);
         let flags = if fua { F_FUA } else { 0 };
-        // A copy for the peer: the local write consumes `buf`.
+        // One buffer for both: the peer's frame and the local write share it.
+        let buf = Arc::new(buf);
         let acks = self
             .send_to_peer(peer.as_ref(), &mut comp, offset, len, |id| {
-                block_frame(Kind::Data, flags, id, offset, IoBuf::from_slice(&buf), digest)
+                block_frame(Kind::Data, flags, id, offset, Arc::clone(&buf), digest)
             })
             .await;
         if acks.is_some() {

@@ -2,6 +2,7 @@
 //! engine performs it in full (short transfers are continued) and reports the outcome.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::buf::IoBuf;
@@ -11,20 +12,21 @@ use super::buf::IoBuf;
 pub enum IoOp {
     /// Fill `buf` from `offset`.
     Read { offset: u64, buf: IoBuf },
-    /// Write `buf` at `offset`; `fua`: durable (RWF_DSYNC) before completion.
-    Write { offset: u64, buf: IoBuf, fua: bool },
+    /// Write `buf` at `offset`; `fua`: durable (RWF_DSYNC) before completion. Shared: the same
+    /// block may be on its way to the peer meanwhile.
+    Write { offset: u64, buf: Arc<IoBuf>, fua: bool },
     /// fdatasync.
     Flush,
     /// fallocate(mode, offset, len).
     Fallocate { offset: u64, len: u64, mode: i32 },
 }
 
-/// Outcome of an [`IoOp`]: `Err(errno)` on failure; the buffer is returned either way.
+/// Outcome of an [`IoOp`]: `Err(errno)` on failure; a read's buffer is returned either way.
 #[derive(Debug)]
 pub struct IoDone {
     /// `Ok` when the whole op succeeded, else the errno.
     pub result: Result<(), i32>,
-    /// The op's buffer (Read/Write), handed back.
+    /// The read's buffer, handed back.
     pub buf: Option<IoBuf>,
 }
 

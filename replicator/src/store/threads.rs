@@ -59,8 +59,7 @@ fn run(file: &File, op: IoOp) -> IoDone {
         }
         IoOp::Write { offset, buf, fua } => {
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
-            let r = pwrite_all(fd, &buf, offset, flags);
-            IoDone { result: r, buf: Some(buf) }
+            IoDone { result: pwrite_all(fd, &buf, offset, flags), buf: None }
         }
         IoOp::Flush => IoDone { result: errno_of(file.sync_data()), buf: None },
         IoOp::Fallocate { offset, len, mode } => {
@@ -115,7 +114,7 @@ fn pread_all(fd: i32, buf: &mut [u8], offset: u64) -> Result<(), i32> {
     })
 }
 
-fn pwrite_all(fd: i32, buf: &[u8], offset: u64, flags: i32) -> Result<(), i32> {
+pub(super) fn pwrite_all(fd: i32, buf: &[u8], offset: u64, flags: i32) -> Result<(), i32> {
     transfer_all(buf.len(), offset, |done, off| {
         let rest = &buf[done..];
         let iov = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };

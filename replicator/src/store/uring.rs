@@ -281,7 +281,7 @@ impl Ring {
             IoOp::Write { offset, buf, fua } => {
                 let len = u32::try_from(buf.len() - p).expect("io sizes are bounded by u32");
                 // SAFETY: as above.
-                let ptr = unsafe { buf.as_mut_ptr().add(p) };
+                let ptr = unsafe { buf.as_ptr().add(p) };
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
                 let e = opcode::Write::new(fd, ptr, len).offset(*offset + p as u64).rw_flags(flags);
                 if self.direct {
@@ -335,11 +335,16 @@ impl Ring {
                 Err(-res)
             } else {
                 let n = res.unsigned_abs() as usize;
-                match &slot.op {
-                    IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => {
+                let len = match &slot.op {
+                    IoOp::Read { buf, .. } => Some(buf.len()),
+                    IoOp::Write { buf, .. } => Some(buf.len()),
+                    IoOp::Flush | IoOp::Fallocate { .. } => None,
+                };
+                match len {
+                    Some(len) => {
                         if n == 0 {
                             Err(libc::EIO) // end of file inside the export: the store shrank
-                        } else if slot.progress + n < buf.len() {
+                        } else if slot.progress + n < len {
                             // Short transfer: continue where it stopped.
                             slot.progress += n;
                             self.backlog.push_front(slot);
@@ -349,15 +354,15 @@ impl Ring {
                             Ok(())
                         }
                     }
-                    IoOp::Flush | IoOp::Fallocate { .. } => Ok(()),
+                    None => Ok(()),
                 }
             };
             if !self.direct && matches!(slot.op, IoOp::Write { .. }) {
                 self.buffered_writes -= 1;
             }
             let buf = match slot.op {
-                IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
-                IoOp::Flush | IoOp::Fallocate { .. } => None,
+                IoOp::Read { buf, .. } => Some(buf),
+                IoOp::Write { .. } | IoOp::Flush | IoOp::Fallocate { .. } => None,
             };
             finished.push((slot.done, IoDone { result, buf }));
         }
