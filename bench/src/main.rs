@@ -466,6 +466,59 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+/// Round trip of 16 bytes between two threads over loopback TCP, each blocked in `recv`: what
+/// one synchronous exchange with a peer process costs on this machine (two wake-ups), the floor
+/// under protocol C's extra latency. Median of `n`, in microseconds.
+fn loopback_rtt_us(n: usize) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 16];
+        while s.read_exact(&mut b).is_ok() {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = [7u8; 16];
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(c);
+    let _ = echo.join();
+    Ok(median(lat))
+}
+
+/// Median over repetitions of a per-repetition figure of two servers (`f(a, b)`), for the pairs
+/// measured in the same repetition.
+fn per_rep(
+    samples: &[Sample],
+    w: &str,
+    a: &str,
+    b: &str,
+    f: &dyn Fn(&Sample, &Sample) -> f64,
+) -> Option<f64> {
+    let v: Vec<f64> = samples
+        .iter()
+        .filter(|x| x.workload == w && x.server == a)
+        .filter_map(|x| {
+            samples
+                .iter()
+                .find(|y| y.workload == w && y.server == b && y.rep == x.rep)
+                .map(|y| f(x, y))
+        })
+        .collect();
+    (!v.is_empty()).then(|| median(v))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(tib) = args.rss_tib {
@@ -507,7 +560,11 @@ fn main() -> anyhow::Result<()> {
     }
     let mut samples = Vec::new();
     let mut syncs = Vec::new();
+    let mut rtts = Vec::new();
     for rep in 0..args.reps {
+        let rtt = loopback_rtt_us(20_000)?;
+        eprintln!("rep {rep}: loopback TCP round trip between two threads: p50 {rtt:.1} us");
+        rtts.push(rtt);
         for w in &workloads {
             // Rotate the server order every repetition.
             let n = servers.len();
@@ -582,12 +639,49 @@ fn main() -> anyhow::Result<()> {
             summary.push(serde_json::json!({"workload": w.name, "server": s, "iops": iops, "mib_s": mib, "lat_p50_us": p50, "lat_p99_us": p99}));
         }
     }
+    // Replication against its references, repetition by repetition (servers of one repetition
+    // run back to back, so the machine's mood is shared).
+    let rtt = median(rtts.clone());
+    println!("\nreplication, per-repetition medians (issue 3's targets in brackets)");
+    let mut repl = Vec::new();
+    for w in &workloads {
+        for p in ["duet-A", "duet-B", "duet-C"] {
+            for peer in ["nbdkit", "qsd-mirror"] {
+                let Some(r) = per_rep(&samples, w.name, p, peer, &|a, b| a.iops / b.iops) else {
+                    continue;
+                };
+                let target = match (p, peer, w.name) {
+                    ("duet-C", "nbdkit", "randwrite-4k-qd32") => " [>= 0.8]",
+                    ("duet-C", "nbdkit", "seqwrite-1m-qd8") => " [>= 0.5]",
+                    ("duet-C", "qsd-mirror", "randwrite-4k-qd32") => " [>= 2]",
+                    ("duet-C", "qsd-mirror", "seqwrite-1m-qd8") => " [>= 3]",
+                    _ => "",
+                };
+                println!("{:<18} {p} / {peer:<10} throughput {r:>6.2}x{target}", w.name);
+                repl.push(
+                    serde_json::json!({"workload": w.name, "server": p, "peer": peer, "ratio": r}),
+                );
+                if w.latency {
+                    let d = per_rep(&samples, w.name, p, peer, &|a, b| a.lat_p50_us - b.lat_p50_us)
+                        .unwrap_or(0.0);
+                    let target =
+                        if p == "duet-C" && peer == "nbdkit" { " [<= +40 us]" } else { "" };
+                    println!(
+                        "{:<18} {p} - {peer:<10} p50 latency {d:>+7.1} us{target} (one loopback round trip: {rtt:.1} us)",
+                        w.name
+                    );
+                    repl.push(serde_json::json!({"workload": w.name, "server": p, "peer": peer, "p50_extra_us": d}));
+                }
+            }
+        }
+    }
     if let Some(d) = args.out.parent() {
         std::fs::create_dir_all(d)?;
     }
     let doc = serde_json::json!({
         "reps": args.reps, "runtime_s": args.runtime, "size_mib": args.size_mib,
         "medians": summary, "samples": samples, "initial_syncs": syncs,
+        "replication": repl, "loopback_rtt_us": rtts,
     });
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
     println!("\nall samples written to {}", args.out.display());

@@ -40,6 +40,7 @@ fn single_node_defaults() {
     assert!(!r.direct_io);
     assert_eq!(r.on["alpha"].meta, "internal");
     assert_eq!(cfg.heartbeat.deadtime_ms, 1000);
+    assert_eq!(cfg.cluster.data_threads, 1);
     assert_eq!(cfg.control_socket("alpha"), PathBuf::from("/tmp/duet-test/duet.sock"));
     assert_eq!(cfg.pick_node(None, "alpha.example.net").unwrap(), "alpha");
     assert!(cfg.pick_node(Some("beta"), "x").unwrap_err().to_string().contains("--node"));
@@ -209,6 +210,30 @@ fn broken_configs_name_the_key() {
             "[node.alpha]",
             "[node.alpha]\nfence_delay_ms = -5",
             "fence_delay_ms",
+        ),
+        (
+            "no data threads",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\ndata_threads = 0",
+            "cluster.data_threads",
+        ),
+        (
+            "too many data threads",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\ndata_threads = 65",
+            "cluster.data_threads",
+        ),
+        (
+            "data threads not a number",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\ndata_threads = \"two\"",
+            "data_threads",
+        ),
+        (
+            "negative data threads",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\ndata_threads = -1",
+            "data_threads",
         ),
         ("three nodes", "[node.alpha]", "[node.alpha]\n[node.beta]\n[node.gamma]", "node"),
         ("pair without secret", "[node.alpha]", "[node.alpha]\n[node.beta]", "cluster.secret_file"),

@@ -207,6 +207,17 @@ impl Tx {
         Cork { tx: Arc::clone(self) }
     }
 
+    /// Resolves once no cork is held (at once when none is).
+    pub async fn uncorked(&self) {
+        let room = self.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        if self.state().corks == 0 {
+            return;
+        }
+        room.await;
+    }
+
     /// Refuses new frames; the flusher writes what is queued and ends.
     pub fn close(&self) {
         let mut st = self.state();
@@ -294,6 +305,195 @@ impl Drop for Cork {
             self.tx.push_out(&mut st);
             drop(st);
             self.tx.room.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::store::IoBuf;
+    use bytes::BytesMut;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::tcp::OwnedReadHalf;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair: our `Tx` on one end, the raw receiving socket on the other.
+    async fn pair(
+        cap: Option<Throttle>,
+    ) -> (Arc<Tx>, tokio::task::JoinHandle<()>, TcpStream, OwnedReadHalf) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        let (rd, wr) = a.into_split();
+        let (tx, flusher) = Tx::start(wr, cap);
+        (tx, flusher, b, rd)
+    }
+
+    /// Frame `i`: a header of 8 bytes naming it, and `len` bytes of data derived from it.
+    fn frame(i: u32, len: usize) -> (Frame, Vec<u8>) {
+        let mut head = BytesMut::new();
+        head.extend_from_slice(&i.to_be_bytes());
+        head.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+        let data: Vec<u8> =
+            (0..len).map(|k| (k as u32 ^ i.wrapping_mul(2_654_435_761)) as u8).collect();
+        let mut wire = head.to_vec();
+        wire.extend_from_slice(&data);
+        let data = (len > 0).then(|| Arc::new(IoBuf::from_slice(&data)));
+        (Frame { head, data }, wire)
+    }
+
+    async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut b))
+            .await
+            .expect("the bytes arrive")
+            .unwrap();
+        b
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_whole_and_in_order_through_a_full_socket() {
+        let (tx, _f, mut rx, _rd) = pair(None).await;
+        let mut want = Vec::new();
+        // 12 MiB while nobody reads: the socket fills, the rest queues for the flusher.
+        for i in 0..48u32 {
+            let len = if i % 3 == 0 { 0 } else { 256 << 10 };
+            let (f, w) = frame(i, len + i as usize);
+            want.extend_from_slice(&w);
+            assert!(tx.send(f).await);
+        }
+        assert!(tx.state().bytes > 0, "a full socket leaves frames queued");
+        let got = read_n(&mut rx, want.len()).await;
+        assert!(got == want, "bytes differ from the frames sent, in order");
+        let queued = tx.state().bytes;
+        assert_eq!(queued, 0);
+    }
+
+    #[tokio::test]
+    async fn a_cork_holds_frames_until_the_last_one_is_dropped() {
+        let (tx, _f, mut rx, _rd) = pair(None).await;
+        let (c1, c2) = (tx.cork(), tx.cork());
+        let (f, w) = frame(1, 100);
+        assert!(tx.send(f).await);
+        let mut b = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(100), rx.read(&mut b)).await;
+        assert!(early.is_err(), "nothing leaves while corked");
+        drop(c1);
+        let early = tokio::time::timeout(Duration::from_millis(100), rx.read(&mut b)).await;
+        assert!(early.is_err(), "one cork is still held");
+        let waiter = {
+            let tx = Arc::clone(&tx);
+            tokio::spawn(async move { tx.uncorked().await })
+        };
+        drop(c2);
+        assert_eq!(read_n(&mut rx, w.len()).await, w);
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+        // Uncorked: the next frame goes at once.
+        let (f, w) = frame(2, 10);
+        assert!(tx.send(f).await);
+        assert_eq!(read_n(&mut rx, w.len()).await, w);
+    }
+
+    #[tokio::test]
+    async fn a_cork_never_holds_more_than_its_limit() {
+        let (tx, _f, mut rx, _rd) = pair(None).await;
+        let _c = tx.cork();
+        let mut want = Vec::new();
+        for i in 0..8u32 {
+            let (f, w) = frame(i, 64 << 10);
+            want.extend_from_slice(&w);
+            assert!(tx.send(f).await);
+        }
+        // 512 KiB queued under a cork of 256 KiB: it went out anyway.
+        assert_eq!(read_n(&mut rx, want.len()).await, want);
+    }
+
+    #[tokio::test]
+    async fn senders_wait_for_room_then_go_on() {
+        let (tx, _f, mut rx, _rd) = pair(None).await;
+        let mut want = Vec::new();
+        let mut i = 0u32;
+        // Fill until a send has to wait (bounded: the socket buffers plus the queue limit).
+        let blocked = loop {
+            assert!(i < 4096, "a send must wait once the queue is full");
+            let (f, w) = frame(i, 1 << 20);
+            want.extend_from_slice(&w);
+            i += 1;
+            let tx2 = Arc::clone(&tx);
+            let mut h = tokio::spawn(async move { tx2.send(f).await });
+            if tokio::time::timeout(Duration::from_millis(200), &mut h).await.is_err() {
+                break h;
+            }
+        };
+        assert!(tx.state().bytes >= QUEUE_LIMIT);
+        let got = read_n(&mut rx, want.len()).await;
+        assert!(blocked.await.unwrap(), "the waiting send went through");
+        assert!(got == want);
+    }
+
+    #[tokio::test]
+    async fn close_writes_what_was_queued_and_refuses_more() {
+        let (tx, flusher, mut rx, _rd) = pair(None).await;
+        let mut want = Vec::new();
+        for i in 0..16u32 {
+            let (f, w) = frame(i, 512 << 10);
+            want.extend_from_slice(&w);
+            assert!(tx.send(f).await);
+        }
+        tx.close();
+        let (f, _) = frame(99, 1);
+        assert!(!tx.send(f).await, "a closed link takes no frame");
+        assert!(read_n(&mut rx, want.len()).await == want);
+        tokio::time::timeout(Duration::from_secs(10), flusher).await.unwrap().unwrap();
+        assert!(!tx.broken());
+    }
+
+    #[tokio::test]
+    async fn a_vanished_peer_breaks_the_link_and_senders_learn_it() {
+        let (tx, flusher, rx, _rd) = pair(None).await;
+        drop(rx);
+        let mut refused = false;
+        for i in 0..10_000u32 {
+            let (f, _) = frame(i, 64 << 10);
+            if !tx.send(f).await {
+                refused = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(refused, "sends to a closed peer end with false");
+        tokio::time::timeout(Duration::from_secs(10), flusher).await.unwrap().unwrap();
+        assert!(tx.broken());
+    }
+
+    #[tokio::test]
+    async fn a_cap_paces_the_bytes() {
+        let kib = 2048;
+        let (tx, _f, mut rx, _rd) = pair(Throttle::new(kib)).await;
+        let t0 = Instant::now();
+        let mut sent = 0usize;
+        for i in 0..24u32 {
+            let (f, w) = frame(i, 128 << 10);
+            sent += w.len();
+            assert!(tx.send(f).await);
+        }
+        // Whatever the machine's speed, no more than the burst plus the rate may have arrived
+        // by any moment (a slow machine receives less, never more).
+        let burst = (kib * 1024 / 10).max(64 * 1024) as f64;
+        let mut got = 0usize;
+        let mut b = vec![0u8; 64 << 10];
+        while got < sent {
+            let n = tokio::time::timeout(Duration::from_secs(30), rx.read(&mut b))
+                .await
+                .expect("paced bytes keep coming")
+                .unwrap();
+            assert!(n > 0);
+            got += n;
+            let allowed =
+                burst + (kib * 1024) as f64 * t0.elapsed().as_secs_f64() + (256 << 10) as f64;
+            assert!((got as f64) <= allowed, "{got} bytes by {:?} exceed the cap", t0.elapsed());
         }
     }
 }

@@ -680,8 +680,13 @@ impl Volume {
                 block_frame(Kind::Data, flags, id, offset, Arc::clone(&buf), digest)
             })
             .await;
-        if acks.is_some() {
+        if let Some(p) = &peer
+            && acks.is_some()
+        {
             self.stats.sent_data_bytes.fetch_add(len, Relaxed);
+            // In a batch (see `plug`) the frames leave together first; the local copies
+            // follow while the peer makes its own.
+            p.tx.uncorked().await;
         }
         comp.local_done(self.store.write(offset, buf, fua).await);
         self.complete(comp, acks, offset, len, Some(gate)).await
