@@ -66,6 +66,12 @@ fn client_check(lab: &Arc<Lab>, seed: u64, acked: Vec<u64>) {
     .expect("log check");
 }
 
+/// The lab, for a test that cuts links with nftables (`None`: skipped, the reason printed).
+fn nft_lab() -> Option<Arc<Lab>> {
+    let lab = Lab::new()?;
+    integration::have("nft").then(|| Arc::new(lab))
+}
+
 #[test]
 fn sigkill_of_the_master_the_client_follows_the_vip_to_the_new_master() {
     let Some(lab) = Lab::new() else { return };
@@ -161,11 +167,7 @@ fn cut_dedicated(replication_only: bool) -> String {
 
 #[test]
 fn replication_link_cut_only_no_failover_the_slave_is_outdated_then_resyncs() {
-    let Some(lab) = Lab::new() else { return };
-    if !integration::have("nft") {
-        return;
-    }
-    let lab = Arc::new(lab);
+    let Some(lab) = nft_lab() else { return };
     let ha = HaOpts { extra: vip_toml(&format!("{}/24", lab::VIP), ""), ..HaOpts::default() };
     let p = lab_pair(&lab, ha);
     let seed = 33_000;
@@ -194,11 +196,7 @@ fn replication_link_cut_only_no_failover_the_slave_is_outdated_then_resyncs() {
 
 #[test]
 fn all_links_cut_follows_the_fencing_policy_and_one_live_link_prevents_a_dual_vip() {
-    let Some(lab) = Lab::new() else { return };
-    if !integration::have("nft") {
-        return;
-    }
-    let lab = Arc::new(lab);
+    let Some(lab) = nft_lab() else { return };
     // resource-only with a fence command that cannot confirm (exit 1): no takeover.
     let extra = format!(
         "{}\n[fencing]\npolicy = \"resource-only\"\nfence_command = \"exit 1\"\n",
@@ -228,11 +226,7 @@ fn all_links_cut_follows_the_fencing_policy_and_one_live_link_prevents_a_dual_vi
 
 #[test]
 fn partition_under_dont_care_then_heal_the_configured_master_keeps_the_vip() {
-    let Some(lab) = Lab::new() else { return };
-    if !integration::have("nft") {
-        return;
-    }
-    let lab = Arc::new(lab);
+    let Some(lab) = nft_lab() else { return };
     let extra = format!(
         "{}\n[fencing]\npolicy = \"dont-care\"\n",
         vip_toml(&format!("{}/24", lab::VIP), "")

@@ -125,7 +125,7 @@ impl Tx {
             self.kick.notify_one();
             return;
         }
-        match self.write_some(st) {
+        match self.write_bounded(st, usize::MAX) {
             Ok(true) => {}
             Ok(false) => {
                 st.flushing = true;
@@ -197,10 +197,6 @@ impl Tx {
         result
     }
 
-    fn write_some(&self, st: &mut State) -> std::io::Result<bool> {
-        self.write_bounded(st, usize::MAX)
-    }
-
     /// Holds frames back until the returned guard (and every other cork) is dropped.
     pub fn cork(self: &Arc<Self>) -> Cork {
         self.state().corks += 1;
@@ -227,7 +223,8 @@ impl Tx {
     }
 
     /// Whether a write to the socket failed.
-    pub fn broken(&self) -> bool {
+    #[cfg(test)]
+    fn broken(&self) -> bool {
         self.state().broken
     }
 
