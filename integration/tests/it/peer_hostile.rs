@@ -230,3 +230,77 @@ fn a_peer_that_never_acknowledges_is_dropped_after_the_timeout() {
     drop(c);
     assert_eq!(pinger.join().unwrap(), 1, "the peer saw the write");
 }
+
+/// A live session, then hostile frames in the middle of a batch (one TCP write holding a good
+/// write and a bad frame): the Secondary applies the good write, drops the link on the bad
+/// frame, writes nothing of it, and keeps running.
+#[test]
+fn hostile_frames_mid_session_drop_the_link_and_write_nothing_of_them() {
+    let mut p = Pair::configure(&PairOpts::default());
+    p.start(1);
+    let secret = b"correct horse battery staple";
+    let size = p.data_size();
+    let block = |p: &Pair, at: u64| -> Vec<u8> {
+        let f = std::fs::File::open(&p.n[1].disk).unwrap();
+        let mut b = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+        b
+    };
+    let data = |fill: u8| vec![fill; 4096];
+    let data_frame = |f: &mut BytesMut, id: u64, at: u64, payload: &[u8]| {
+        wire::encode(f, Kind::Data, 0, id, at, payload);
+    };
+    // (what, the bad frame's bytes, the offset it names)
+    let mut cases: Vec<(&str, BytesMut, u64)> = Vec::new();
+    let mut f = BytesMut::new();
+    data_frame(&mut f, 2, 8192, &data(0xBB));
+    f[12] ^= 0x01; // header checksum no longer matches
+    cases.push(("broken header checksum", f, 8192));
+    let mut f = BytesMut::new();
+    data_frame(&mut f, 2, size, &data(0xBB));
+    cases.push(("range past the end of the volume", f, size)); // where the metadata lies
+    let mut f = BytesMut::new();
+    wire::encode_header(&mut f, Kind::Data, 0, 2, 8192, u32::MAX);
+    cases.push(("oversized frame", f, 8192));
+    let mut f = BytesMut::new();
+    wire::encode(&mut f, Kind::Hello, 0, 0, 0, &[0; 16]);
+    cases.push(("a handshake frame mid-session", f, 8192));
+    for (n, (what, bad, bad_at)) in cases.into_iter().enumerate() {
+        let errors = p.num(1, "peer_errors");
+        let untouched = block(&p, bad_at);
+        let mut c = authenticated(p.n[1].repl_port, secret);
+        let (k, _) = c.frame().unwrap();
+        assert_eq!(k, Kind::Auth, "{what}");
+        let (k, theirs) = c.frame().unwrap();
+        assert_eq!(k, Kind::Params, "{what}");
+        let theirs = Params::decode(&theirs).unwrap();
+        // A Primary with good data and the same history: beta follows it as sync target.
+        let mine = Params { flags: handshake::P_PRIMARY, bitmap_weight: 0, ..theirs };
+        let mut b = BytesMut::new();
+        mine.encode(&mut b);
+        c.send(Kind::Params, &b);
+        let mut f = BytesMut::new();
+        wire::encode(&mut f, Kind::Bitmap, wire::F_LAST, 0, 0, &[]);
+        c.s.write_all(&f).unwrap();
+        let live = |r: &serde_json::Value| {
+            r["connection"] == "Connected" || r["connection"] == "SyncTarget"
+        };
+        assert!(wait_until(Duration::from_secs(10), || live(&p.repl(1))), "{what}: {}", p.repl(1));
+        let good = u8::try_from(0x10 + n).unwrap();
+        let mut batch = BytesMut::new();
+        data_frame(&mut batch, 1, 0, &data(good));
+        batch.extend_from_slice(&bad);
+        c.s.write_all(&batch).unwrap();
+        // The link is dropped, counted, and the daemon is still there to tell.
+        assert!(
+            wait_until(Duration::from_secs(10), || p.num(1, "peer_errors") > errors),
+            "{what}: {}",
+            p.repl(1)
+        );
+        let _ = c.refusal();
+        assert!(!live(&p.repl(1)), "{what}: {}", p.repl(1));
+        assert_eq!(block(&p, 0), data(good), "{what}: the good write before it is applied");
+        assert_eq!(block(&p, bad_at), untouched, "{what}: the bad frame wrote nothing");
+    }
+    p.ok(1, &["status"]);
+}
