@@ -66,6 +66,10 @@ struct Args {
     /// aggressive timing, and keepalived beside it.
     #[arg(long)]
     lab_takeover_runs: Option<usize>,
+    /// Before every fio run, also drop the page cache (root): every server then starts from
+    /// the same cold cache, instead of whatever its image copy and initial sync left cached.
+    #[arg(long)]
+    drop_caches: bool,
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -216,7 +220,13 @@ fn start_pair_inner(
     }
     let mut children = Vec::new();
     for n in ["alpha", "beta"] {
-        children.push(duet(n).arg("daemon").env("DUET_LOG", "warn").stdout(Stdio::null()).spawn()?);
+        children.push(
+            duet(n)
+                .arg("daemon")
+                .env("DUET_LOG", std::env::var("DUET_LOG").unwrap_or_else(|_| "warn".into()))
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
     }
     let mut r = Running { children, uri: format!("nbd://127.0.0.1:{port}/vol0"), sync: None };
     let status = |n: &str| -> Option<serde_json::Value> {
@@ -382,7 +392,7 @@ fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Ru
                 .args(["--config"])
                 .arg(&cfg)
                 .args(["--node", "bench", "daemon"])
-                .env("DUET_LOG", "warn")
+                .env("DUET_LOG", std::env::var("DUET_LOG").unwrap_or_else(|_| "warn".into()))
                 .stdout(null())
                 .spawn()
                 .with_context(|| format!("starting {}", args.duet.display()))?;
@@ -586,6 +596,10 @@ fn main() -> anyhow::Result<()> {
                 // back now, so no server is measured against another's writeback.
                 // SAFETY: sync(2) takes no arguments and cannot fail.
                 unsafe { libc::sync() };
+                if args.drop_caches {
+                    std::fs::write("/proc/sys/vm/drop_caches", "3")
+                        .context("dropping the page cache (needs root)")?;
+                }
                 let (iops, mib_s, p50, p99) = fio(&r.uri, w, &args)?;
                 drop(r);
                 eprintln!(

@@ -38,7 +38,7 @@ use crate::status::{NodeStatus, ResourceStatus};
 
 /// Prometheus metrics: name, help, type, and how to read the value from a resource's status.
 type Metric = (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> Option<u64>);
-const METRICS: [Metric; 15] = [
+const METRICS: [Metric; 16] = [
     ("size_bytes", "Size of the volume.", "gauge", |r| Some(r.size_bytes)),
     ("nbd_clients", "NBD clients connected.", "gauge", |r| Some(r.stats.clients_connected)),
     ("nbd_reads_total", "NBD reads served.", "counter", |r| Some(r.stats.reads)),
@@ -81,6 +81,12 @@ const METRICS: [Metric; 15] = [
     ("peer_errors_total", "Peer connections dropped for errors or refusals.", "counter", |r| {
         r.replication.as_ref().map(|x| x.peer_errors)
     }),
+    (
+        "slow_writes_total",
+        "Page-cache writes that took over 50 ms (a slow disk).",
+        "counter",
+        |r| r.replication.as_ref().map(|x| x.slow_writes),
+    ),
 ];
 
 /// An open export: its stop signal, its task, and the address it is bound to.

@@ -238,7 +238,7 @@ pub fn render(s: &NodeStatus) -> String {
             }
             let _ = writeln!(
                 o,
-                "  replicated {}, received {}; resync sent {}, received {}, skipped by checksum {}; {} connects, {} peer errors, {} activity-log transactions",
+                "  replicated {}, received {}; resync sent {}, received {}, skipped by checksum {}; {} connects, {} peer errors, {} activity-log transactions, {} slow disk writes",
                 bytes(x.sent_data_bytes),
                 bytes(x.received_data_bytes),
                 bytes(x.resync_sent_bytes),
@@ -246,7 +246,8 @@ pub fn render(s: &NodeStatus) -> String {
                 bytes(x.resync_same_bytes),
                 x.connects,
                 x.peer_errors,
-                x.al_transactions
+                x.al_transactions,
+                x.slow_writes
             );
         }
     }

@@ -20,6 +20,8 @@ pub struct PairOpts {
     pub split_brain: String,
     /// `[resource.resync]` lines.
     pub resync: String,
+    /// `[resource.peer]` lines (ping and timeouts).
+    pub peer: String,
     /// Heartbeat links and the cluster manager (None: manual roles only).
     pub ha: Option<HaOpts>,
     /// Run the two daemons inside these network namespaces (the lab): replication and the UDP
@@ -67,6 +69,7 @@ impl Default for PairOpts {
             resource_extra: String::new(),
             split_brain: String::new(),
             resync: "rate_kib = 512000\nmin_rate_kib = 20480".into(),
+            peer: "ping_interval_ms = 500\nping_timeout_ms = 2000\nconnect_retry_ms = 200".into(),
             ha: None,
             netns: None,
         }
@@ -195,9 +198,7 @@ replication_address = "{h1}:{r1}"
 {sb}
 
 [resource.peer]
-ping_interval_ms = 500
-ping_timeout_ms = 2000
-connect_retry_ms = 200
+{peer}
 {ha}
 "#,
             secret = secret.display(),
@@ -212,6 +213,7 @@ connect_retry_ms = 200
             r1 = n[1].repl_port,
             resync = o.resync,
             sb = o.split_brain,
+            peer = o.peer,
             failback = o.ha.as_ref().map_or("off", |h| h.failback),
             nbd_host = if o.netns.is_some() { "[::]" } else { "127.0.0.1" },
             h0 = if o.netns.is_some() { crate::lab::DEDICATED[0] } else { "127.0.0.1" },
@@ -290,7 +292,7 @@ connect_retry_ms = 200
             .arg("--config")
             .arg(&self.config)
             .args(["--node", self.n[i].name, "daemon"])
-            .env("DUET_LOG", "info")
+            .env("DUET_LOG", std::env::var("DUET_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0)

@@ -479,3 +479,93 @@ fn resync_finishes_while_the_primary_keeps_writing_the_same_region() {
     assert!(p.wait_synced(Duration::from_secs(30)));
     assert!(p.identical());
 }
+
+/// beta's disk made slow: its image behind nbdkit's delay filter (every write takes `ms`),
+/// seen as a file through nbdfuse. The daemon opens a symlink to it. Unmounted at drop.
+struct SlowDisk {
+    child: std::process::Child,
+    fuse: std::path::PathBuf,
+}
+
+impl SlowDisk {
+    fn install(p: &Pair, ms: u32) -> Self {
+        let disk = &p.n[1].disk;
+        let real = disk.with_extension("real");
+        std::fs::rename(disk, &real).expect("move beta's image");
+        let fuse = p.dir.path().join("slow");
+        std::fs::create_dir_all(&fuse).expect("fuse dir");
+        let child = Command::new("nbdfuse")
+            .arg(&fuse)
+            .args(["--command", "nbdkit", "-s", "--filter=delay", "file"])
+            .arg(&real)
+            .arg(format!("delay-write={ms}ms"))
+            .spawn()
+            .expect("nbdfuse");
+        let slow = Self { child, fuse };
+        let img = slow.fuse.join("nbd");
+        assert!(wait_until(Duration::from_secs(20), || img.exists()), "nbdfuse did not start");
+        std::os::unix::fs::symlink(&img, disk).expect("symlink");
+        slow
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        let _ = integration::run(
+            Command::new("fusermount3").args(["-u", "-z"]).arg(&self.fuse),
+            Duration::from_secs(20),
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn slow_secondary_disk_keeps_the_link_up_and_the_replicas_identical() {
+    if !have("fio") || !have("nbdfuse") || !have("nbdkit") {
+        eprintln!("skipped: needs fio, nbdfuse and nbdkit");
+        return;
+    }
+    // The product's default ping timeout (500 ms), pings often.
+    let mut p = Pair::up(&PairOpts {
+        size: 32 << 20,
+        peer: "ping_interval_ms = 200\nping_timeout_ms = 500\nconnect_retry_ms = 200".into(),
+        ..PairOpts::default()
+    });
+    p.stop(1);
+    // 60 ms a write: a batch of 32 queued writes would take the Secondary two seconds, four
+    // times the ping timeout. The link must count progress, not stall on the batch.
+    let _slow = SlowDisk::install(&p, 60);
+    p.start(1);
+    assert!(p.wait_synced(Duration::from_secs(60)), "no reconnect: {}", p.repl(0));
+    let connects = p.num(0, "connects");
+    let json = run_ok(
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", p.uri()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=8M",
+            "--number_ios=160",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--end_fsync=1",
+            "--output-format=json",
+        ]),
+        Duration::from_secs(300),
+    );
+    let written = fio_ok(&json);
+    assert!(written >= 160 * 4096, "fio wrote {written}");
+    let r = p.repl(0);
+    assert_eq!(r["connection"], "Connected", "{r}");
+    assert_eq!(p.num(0, "connects"), connects, "the link dropped under a slow disk: {r}");
+    assert_eq!(r["out_of_sync_bytes"], 0, "{r}");
+    // beta saw its disk was slow and stopped writing in its data thread for a while.
+    assert!(p.num(1, "slow_writes") >= 1, "{}", p.repl(1));
+    assert_eq!(p.num(0, "slow_writes"), 0, "{r}");
+    assert!(p.identical(), "replicas differ");
+    p.stop(1);
+}

@@ -14,11 +14,12 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{RwLock, oneshot, watch};
+use tokio::sync::{RwLock, Semaphore, oneshot, watch};
 
 use super::handshake::{
     self, Hello, P_CRASHED_PRIMARY, P_DISCARD_MY_DATA, P_INCONSISTENT, P_PRIMARY, Params, Refusal,
 };
+use super::liveness::{self, Liveness, Verdict};
 use super::policy::{Facts, Plan, plan};
 use super::throttle::Throttle;
 use super::tx::Tx;
@@ -41,6 +42,11 @@ const RS_CHUNK_BITS: u64 = 256;
 const RS_MAX_INFLIGHT: u64 = 64;
 /// Verify chunk.
 const VERIFY_CHUNK: u64 = 1 << 20;
+/// Longest a batch of received frames keeps its acknowledgements corked.
+const BATCH_SPAN: Duration = Duration::from_millis(20);
+/// Replicated writes a Secondary has handed to its engine and not finished, in KiB: past this,
+/// it reads no more frames (TCP then holds the Primary back), as DRBD's `max-buffers`.
+const APPLY_ROOM_KIB: u32 = 64 * 1024;
 
 type Res<T> = Result<T, String>;
 
@@ -454,6 +460,7 @@ async fn session(
         barrier: Arc::new(RwLock::new(())),
         inflight_rs: Arc::new(AtomicU64::new(0)),
         resync: None,
+        apply_room: Arc::new(Semaphore::new(APPLY_ROOM_KIB as usize)),
     };
     let end = s.run(&mut r, shutdown, writer).await;
     if let Some(h) = s.resync.take() {
@@ -482,6 +489,8 @@ struct Session {
     barrier: Arc<RwLock<()>>,
     inflight_rs: Arc<AtomicU64>,
     resync: Option<tokio::task::JoinHandle<()>>,
+    /// Room for writes applied in tasks (see [`APPLY_ROOM_KIB`]).
+    apply_room: Arc<Semaphore>,
 }
 
 fn range_of(vol: &Volume, offset: u64, len: u64) -> Res<()> {
@@ -505,7 +514,9 @@ impl Session {
         mut writer: tokio::task::JoinHandle<()>,
     ) -> Res<String> {
         let cfg = self.vol.config().expect("replicated").clone();
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(liveness::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut live = Liveness::default();
         let mut last_ping = Instant::now();
         let mut ping_out: Option<Instant> = None;
         let mut changed = self.vol.watch();
@@ -515,29 +526,38 @@ impl Session {
                     let (h, p) = f?;
                     ping_out = None;
                     // Every frame already received is handled under one cork: their
-                    // acknowledgements leave together.
-                    let _cork = self.peer.tx.cork();
+                    // acknowledgements leave together. A batch that takes long (a slow disk)
+                    // lets them out every BATCH_SPAN, so the peer sees progress.
+                    let mut cork = self.peer.tx.cork();
+                    let mut since = Instant::now();
                     if let Some(end) = self.handle(h, p).await? {
                         return Ok(end);
                     }
                     while let Some((h, p)) = r.buffered()? {
+                        if since.elapsed() > BATCH_SPAN {
+                            drop(cork);
+                            cork = self.peer.tx.cork();
+                            since = Instant::now();
+                        }
                         if let Some(end) = self.handle(h, p).await? {
                             return Ok(end);
                         }
                     }
+                    drop(cork);
                 }
                 _ = tick.tick() => {
-                    if ping_out.is_some_and(|t| t.elapsed() > cfg.ping_timeout) {
-                        return Err(format!("peer did not answer a ping within {:?}", cfg.ping_timeout));
-                    }
                     // A peer that answers pings but not writes (a hung disk) must not stall the
                     // Primary: after `timeout` the link is dropped and the writes go on without it.
                     let oldest = self.peer.pending.lock().ok().and_then(|m| m.values().map(|w| w.sent).min());
-                    if oldest.is_some_and(|t| t.elapsed() > cfg.timeout) {
-                        return Err(format!(
+                    match live.tick(Instant::now(), ping_out, oldest, cfg.ping_timeout, cfg.timeout) {
+                        Verdict::Alive => {}
+                        Verdict::NoPong => {
+                            return Err(format!("peer did not answer a ping within {:?}", cfg.ping_timeout));
+                        }
+                        Verdict::Unanswered => return Err(format!(
                             "peer left a request unanswered for more than {:?} (timeout_ms); dropping the link, its writes are marked out of sync",
                             cfg.timeout
-                        ));
+                        )),
                     }
                     if ping_out.is_none() && last_ping.elapsed() >= cfg.ping_interval {
                         last_ping = Instant::now();
@@ -602,10 +622,16 @@ impl Session {
                         acknowledge(&vol, &peer, &h, len, r).await;
                     }
                     data => {
+                        let kib = u32::try_from(len.div_ceil(1024))
+                            .map_or(APPLY_ROOM_KIB, |k| k.min(APPLY_ROOM_KIB));
+                        let room = Arc::clone(&self.apply_room)
+                            .acquire_many_owned(kib)
+                            .await
+                            .map_err(|_| "apply room closed".to_string())?;
                         let data = data.map(IoBuf::from_slice);
                         tokio::spawn(async move {
                             let r = vol.apply_write(h.offset, data, len, h.flags).await;
-                            drop((lock, bar));
+                            drop((lock, bar, room));
                             acknowledge(&vol, &peer, &h, len, r).await;
                         });
                     }

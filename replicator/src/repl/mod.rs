@@ -12,6 +12,7 @@ pub mod bitmap;
 pub mod completion;
 pub mod handshake;
 pub mod link;
+pub mod liveness;
 pub mod locks;
 pub mod meta;
 pub mod policy;

@@ -1156,6 +1156,9 @@ pub struct ReplStatus {
     pub al_transactions: u64,
     pub connects: u64,
     pub peer_errors: u64,
+    /// Page-cache writes that took over 50 ms (a slow disk): each sent this node's writes past
+    /// its data thread for a second.
+    pub slow_writes: u64,
     pub events: Vec<Event>,
 }
 
@@ -1230,6 +1233,7 @@ impl Volume {
             al_transactions: self.stats.al_transactions.load(Relaxed),
             connects: self.stats.connects.load(Relaxed),
             peer_errors: self.stats.peer_errors.load(Relaxed),
+            slow_writes: self.store.slow_inline_writes(),
             events: c.events.iter().rev().take(20).rev().cloned().collect(),
         }
     }

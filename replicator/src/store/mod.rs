@@ -13,6 +13,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -29,6 +31,13 @@ pub const THREADS: usize = 16;
 const ZERO_CHUNK: u64 = 1 << 20;
 /// Buffered writes up to this size are done in the calling thread (see [`Store::writes_inline`]).
 pub const INLINE_MAX: usize = 1 << 20;
+/// An inline write slower than this means the page cache is not taking writes at memory speed
+/// (a slow disk behind it, or the kernel throttling dirtiers hard)... Not lower: a busy machine
+/// preempts a 1 MiB copy for 10-30 ms now and then, and the engine is slower for streams.
+pub const SLOW_INLINE: Duration = Duration::from_millis(50);
+/// ...and writes go through the engine for this long, so the calling thread (which also serves
+/// the peer link's pings and every other export of the node) is not held in the kernel.
+pub const INLINE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Errors opening a store. Each names the path and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +79,64 @@ pub struct Store {
     path: PathBuf,
     direct: bool,
     block_device: bool,
+    inline: InlineGate,
+    /// Writes handed to the engine and not finished.
+    engine_writes: AtomicU64,
+}
+
+/// Counts a write in flight in the engine while it lives.
+struct Queued<'a>(&'a AtomicU64);
+
+impl<'a> Queued<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Whether buffered writes may be done in the calling thread: closed for [`INLINE_BACKOFF`]
+/// after an inline write took longer than [`SLOW_INLINE`]. Time is passed in.
+#[derive(Debug)]
+pub struct InlineGate {
+    born: Instant,
+    /// Microseconds after `born` until which writes go through the engine.
+    closed_until: AtomicU64,
+    /// How often it closed.
+    closings: AtomicU64,
+}
+
+impl InlineGate {
+    pub fn new(born: Instant) -> Self {
+        Self { born, closed_until: AtomicU64::new(0), closings: AtomicU64::new(0) }
+    }
+
+    fn micros(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.born).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// May a write started at `now` be done inline?
+    pub fn open_at(&self, now: Instant) -> bool {
+        self.micros(now) >= self.closed_until.load(Relaxed)
+    }
+
+    /// An inline write that started at `start` took `took`.
+    pub fn record(&self, start: Instant, took: Duration) {
+        if took > SLOW_INLINE {
+            self.closed_until.store(self.micros(start + took + INLINE_BACKOFF), Relaxed);
+            self.closings.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// How often a slow inline write closed the gate.
+    pub fn closings(&self) -> u64 {
+        self.closings.load(Relaxed)
+    }
 }
 
 fn errno(e: &std::io::Error) -> i32 {
@@ -103,7 +170,16 @@ impl Store {
         }
         let file = Arc::new(file);
         let engine = Self::start_engine(&file, opts.engine, opts.direct)?;
-        Ok(Self { file, engine, size, path: path.to_owned(), direct: opts.direct, block_device })
+        Ok(Self {
+            file,
+            engine,
+            size,
+            path: path.to_owned(),
+            direct: opts.direct,
+            block_device,
+            inline: InlineGate::new(Instant::now()),
+            engine_writes: AtomicU64::new(0),
+        })
     }
 
     fn start_engine(
@@ -185,20 +261,40 @@ impl Store {
         if self.writes_inline(buf.len(), fua) {
             return self.write_now(offset, &buf);
         }
+        let _queued = Queued::new(&self.engine_writes);
         self.run(IoOp::Write { offset, buf, fua }).await.result
     }
 
     /// Whether a write of `len` bytes is done by [`Store::write_now`] in the calling thread.
     /// A buffered write without FUA is a copy into the page cache: a few microseconds, less than
     /// handing it to another thread and being woken again (which was two thirds of the cost of a
-    /// 4 KiB write). O_DIRECT and FUA writes wait for the device and go through the engine.
+    /// 4 KiB write). O_DIRECT and FUA writes wait for the device and go through the engine, and
+    /// so does every write for a while after an inline one was slow (see [`InlineGate`]), and while
+    /// the engine has writes of this store in flight: an inline write would wait behind them (for the
+    /// file's lock, on a slow disk for seconds) and hold the thread meanwhile.
     pub fn writes_inline(&self, len: usize, fua: bool) -> bool {
-        !self.direct && !fua && len <= INLINE_MAX
+        !self.direct
+            && !fua
+            && len <= INLINE_MAX
+            && self.engine_writes.load(Relaxed) == 0
+            && self.inline.open_at(Instant::now())
     }
 
     /// A buffered write, done now in this thread (see [`Store::writes_inline`]).
     pub fn write_now(&self, offset: u64, data: &[u8]) -> Result<(), i32> {
-        threads::pwrite_all(self.file.as_raw_fd(), data, offset, 0)
+        let start = Instant::now();
+        let r = threads::pwrite_all(self.file.as_raw_fd(), data, offset, 0);
+        let took = start.elapsed();
+        self.inline.record(start, took);
+        if took > SLOW_INLINE {
+            tracing::debug!(path = %self.path.display(), ?took, "slow page-cache write: writes go through the engine for a while");
+        }
+        r
+    }
+
+    /// How often a slow page-cache write sent writes through the engine for a while.
+    pub fn slow_inline_writes(&self) -> u64 {
+        self.inline.closings()
     }
 
     /// Makes every completed write durable.

@@ -158,3 +158,49 @@ fn uring_outside_a_runtime_is_a_clear_error() {
     let e = Store::open(&path, opts).unwrap_err().to_string();
     assert!(e.contains("needs a tokio runtime"), "{e}");
 }
+
+#[test]
+fn a_slow_inline_write_closes_the_gate_for_the_backoff_only() {
+    let t0 = Instant::now();
+    let g = InlineGate::new(t0);
+    assert!(g.open_at(t0));
+    // Fast writes keep it open, however many.
+    for i in 0..100 {
+        g.record(t0 + Duration::from_millis(i), SLOW_INLINE);
+    }
+    assert!(g.open_at(t0 + Duration::from_millis(100)));
+    assert_eq!(g.closings(), 0);
+    // One slow write: closed from its end for the backoff, open after.
+    let start = t0 + Duration::from_secs(5);
+    let took = SLOW_INLINE + Duration::from_millis(30);
+    g.record(start, took);
+    assert_eq!(g.closings(), 1);
+    let end = start + took;
+    assert!(!g.open_at(end));
+    assert!(!g.open_at(end + INLINE_BACKOFF - Duration::from_millis(1)));
+    assert!(g.open_at(end + INLINE_BACKOFF));
+    // A time before `born` (a clock read racing the constructor) counts as the start.
+    let late = InlineGate::new(t0 + Duration::from_secs(1));
+    assert!(late.open_at(t0));
+}
+
+#[test]
+fn writes_inline_only_buffered_small_non_fua() {
+    let (_d, store) = open(EngineKind::Threads, 4 << 20, false);
+    assert!(store.writes_inline(4096, false));
+    assert!(store.writes_inline(INLINE_MAX, false));
+    assert!(!store.writes_inline(INLINE_MAX + 1, false));
+    assert!(!store.writes_inline(4096, true));
+    let (_d2, direct) = open(EngineKind::Threads, 4 << 20, true);
+    assert!(!direct.writes_inline(4096, false));
+    // While the engine has a write of this store in flight, an inline one would queue behind it.
+    {
+        let _q = Queued::new(&store.engine_writes);
+        assert!(!store.writes_inline(4096, false));
+    }
+    assert!(store.writes_inline(4096, false));
+    // After a slow one, nothing goes inline for a while.
+    store.inline.record(Instant::now(), SLOW_INLINE * 2);
+    assert!(!store.writes_inline(4096, false));
+    assert_eq!(store.slow_inline_writes(), 1);
+}
