@@ -480,7 +480,7 @@ fn resync_finishes_while_the_primary_keeps_writing_the_same_region() {
     assert!(p.identical());
 }
 
-/// beta's disk made slow: its image behind nbdkit's delay filter (every write takes `ms`),
+/// A node's disk made slow: its image behind nbdkit's delay filter (every write takes `ms`),
 /// seen as a file through nbdfuse. The daemon opens a symlink to it. Unmounted at drop.
 struct SlowDisk {
     child: std::process::Child,
@@ -488,10 +488,10 @@ struct SlowDisk {
 }
 
 impl SlowDisk {
-    fn install(p: &Pair, ms: u32) -> Self {
-        let disk = &p.n[1].disk;
+    fn install(p: &Pair, node: usize, ms: u32) -> Self {
+        let disk = &p.n[node].disk;
         let real = disk.with_extension("real");
-        std::fs::rename(disk, &real).expect("move beta's image");
+        std::fs::rename(disk, &real).expect("move the image");
         let fuse = p.dir.path().join("slow");
         std::fs::create_dir_all(&fuse).expect("fuse dir");
         let child = Command::new("nbdfuse")
@@ -520,23 +520,28 @@ impl Drop for SlowDisk {
     }
 }
 
-#[test]
-fn slow_secondary_disk_keeps_the_link_up_and_the_replicas_identical() {
+/// Node `slow`'s disk takes 60 ms a write; fio QD32 with verify through the Primary (alpha),
+/// under the product's default ping timeout (500 ms): a batch of 32 writes would hold a node for
+/// two seconds, four times the ping timeout. The link must count progress, not stall on it.
+fn slow_disk_round(slow: usize) {
     if !have("fio") || !have("nbdfuse") || !have("nbdkit") {
         eprintln!("skipped: needs fio, nbdfuse and nbdkit");
         return;
     }
-    // The product's default ping timeout (500 ms), pings often.
     let mut p = Pair::up(&PairOpts {
         size: 32 << 20,
         peer: "ping_interval_ms = 200\nping_timeout_ms = 500\nconnect_retry_ms = 200".into(),
         ..PairOpts::default()
     });
-    p.stop(1);
-    // 60 ms a write: a batch of 32 queued writes would take the Secondary two seconds, four
-    // times the ping timeout. The link must count progress, not stall on the batch.
-    let _slow = SlowDisk::install(&p, 60);
-    p.start(1);
+    p.stop(slow);
+    let _slow = SlowDisk::install(&p, slow, 60);
+    p.start(slow);
+    if slow == 0 {
+        // Back as Secondary: it learns it is UpToDate from beta, then takes the Primary role.
+        let up = wait_until(Duration::from_secs(60), || p.repl(0)["disk"] == "UpToDate");
+        assert!(up, "alpha did not reconnect: {}", p.repl(0));
+        p.ok(0, &["primary"]);
+    }
     assert!(p.wait_synced(Duration::from_secs(60)), "no reconnect: {}", p.repl(0));
     let connects = p.num(0, "connects");
     let json = run_ok(
@@ -563,9 +568,19 @@ fn slow_secondary_disk_keeps_the_link_up_and_the_replicas_identical() {
     assert_eq!(r["connection"], "Connected", "{r}");
     assert_eq!(p.num(0, "connects"), connects, "the link dropped under a slow disk: {r}");
     assert_eq!(r["out_of_sync_bytes"], 0, "{r}");
-    // beta saw its disk was slow and stopped writing in its data thread for a while.
-    assert!(p.num(1, "slow_writes") >= 1, "{}", p.repl(1));
-    assert_eq!(p.num(0, "slow_writes"), 0, "{r}");
+    // The slow node saw it and stopped writing in its data thread for a while; the other not.
+    assert!(p.num(slow, "slow_writes") >= 1, "{}", p.repl(slow));
+    assert_eq!(p.num(1 - slow, "slow_writes"), 0, "{}", p.repl(1 - slow));
     assert!(p.identical(), "replicas differ");
     p.stop(1);
+}
+
+#[test]
+fn slow_secondary_disk_keeps_the_link_up_and_the_replicas_identical() {
+    slow_disk_round(1);
+}
+
+#[test]
+fn slow_primary_disk_keeps_the_link_up_and_the_replicas_identical() {
+    slow_disk_round(0);
 }
