@@ -137,6 +137,27 @@ struct Sample {
     mib_s: f64,
     lat_p50_us: f64,
     lat_p99_us: f64,
+    /// CPU time (user + system) of the server's processes per I/O, over the whole fio run
+    /// (ramp included, so the I/O count is estimated as IOPS × (runtime + ramp)).
+    cpu_us_per_io: f64,
+}
+
+/// CPU seconds (user + system, all threads) used so far by these processes.
+fn cpu_seconds(children: &[Child]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    children
+        .iter()
+        .filter_map(|c| std::fs::read_to_string(format!("/proc/{}/stat", c.id())).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces): state is the first,
+            // utime the 12th and stime the 13th.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / hz
 }
 
 /// Running server processes, killed on drop.
@@ -450,7 +471,7 @@ fn fio(uri: &str, w: &Workload, args: &Args) -> anyhow::Result<(f64, f64, f64, f
         .arg(format!("--iodepth={}", w.qd))
         .arg(format!("--size={}M", args.size_mib))
         .arg(format!("--runtime={}", args.runtime))
-        .arg("--ramp_time=1")
+        .arg(format!("--ramp_time={RAMP_S}"))
         .output()
         .context("running fio (apt-get install fio)")?;
     if !out.status.success() {
@@ -470,6 +491,9 @@ fn fio(uri: &str, w: &Workload, args: &Args) -> anyhow::Result<(f64, f64, f64, f
     let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
     Ok((iops, mib_s, pct("50.000000"), pct("99.000000")))
 }
+
+/// fio's ramp before it counts, seconds.
+const RAMP_S: u64 = 1;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -600,7 +624,11 @@ fn main() -> anyhow::Result<()> {
                     std::fs::write("/proc/sys/vm/drop_caches", "3")
                         .context("dropping the page cache (needs root)")?;
                 }
+                let cpu0 = cpu_seconds(&r.children);
                 let (iops, mib_s, p50, p99) = fio(&r.uri, w, &args)?;
+                let cpu = cpu_seconds(&r.children) - cpu0;
+                let ios = iops * (args.runtime + RAMP_S) as f64;
+                let cpu_us_per_io = if ios > 0.0 { cpu * 1e6 / ios } else { 0.0 };
                 drop(r);
                 eprintln!(
                     "rep {rep} {:<18} {server:<9} {iops:>9.0} IOPS {mib_s:>8.1} MiB/s p50 {p50:>7.1}us p99 {p99:>7.1}us",
@@ -614,6 +642,7 @@ fn main() -> anyhow::Result<()> {
                     mib_s,
                     lat_p50_us: p50,
                     lat_p99_us: p99,
+                    cpu_us_per_io,
                 });
             }
         }
@@ -626,35 +655,45 @@ fn main() -> anyhow::Result<()> {
         args.reps, args.runtime
     );
     println!(
-        "{:<18} {:<9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
-        "workload", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "IOPS ratio", "p50 ratio"
+        "{:<18} {:<9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "workload",
+        "server",
+        "IOPS",
+        "MiB/s",
+        "p50 us",
+        "p99 us",
+        "IOPS ratio",
+        "p50 ratio",
+        "CPU us/IO"
     );
     let mut summary = Vec::new();
     for w in &workloads {
         let duet_iops = pick(w.name, "duet", &|x| x.iops);
         let duet_p50 = pick(w.name, "duet", &|x| x.lat_p50_us);
         for s in &servers {
-            let (iops, mib, p50, p99) = (
+            let (iops, mib, p50, p99, cpu) = (
                 pick(w.name, s, &|x| x.iops),
                 pick(w.name, s, &|x| x.mib_s),
                 pick(w.name, s, &|x| x.lat_p50_us),
                 pick(w.name, s, &|x| x.lat_p99_us),
+                pick(w.name, s, &|x| x.cpu_us_per_io),
             );
-            let ratio = if *s == "duet" || iops == 0.0 {
+            // The ratios compare standalone duet with each server (blank when it did not run).
+            let ratio = if *s == "duet" || iops == 0.0 || duet_iops == 0.0 {
                 String::new()
             } else {
                 format!("{:.2}", duet_iops / iops)
             };
-            let lratio = if *s == "duet" || p50 == 0.0 || !w.latency {
+            let lratio = if *s == "duet" || p50 == 0.0 || duet_p50 == 0.0 || !w.latency {
                 String::new()
             } else {
                 format!("{:.2}", duet_p50 / p50)
             };
             println!(
-                "{:<18} {:<9} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12}",
-                w.name, s, iops, mib, p50, p99, ratio, lratio
+                "{:<18} {:<9} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>12.1}",
+                w.name, s, iops, mib, p50, p99, ratio, lratio, cpu
             );
-            summary.push(serde_json::json!({"workload": w.name, "server": s, "iops": iops, "mib_s": mib, "lat_p50_us": p50, "lat_p99_us": p99}));
+            summary.push(serde_json::json!({"workload": w.name, "server": s, "iops": iops, "mib_s": mib, "lat_p50_us": p50, "lat_p99_us": p99, "cpu_us_per_io": cpu}));
         }
     }
     // Replication against its references, repetition by repetition (servers of one repetition
@@ -676,6 +715,12 @@ fn main() -> anyhow::Result<()> {
                     _ => "",
                 };
                 println!("{:<18} {p} / {peer:<10} throughput {r:>6.2}x{target}", w.name);
+                if let Some(c) =
+                    per_rep(&samples, w.name, p, peer, &|a, b| a.cpu_us_per_io / b.cpu_us_per_io)
+                {
+                    println!("{:<18} {p} / {peer:<10} server CPU per I/O {c:>6.2}x", w.name);
+                    repl.push(serde_json::json!({"workload": w.name, "server": p, "peer": peer, "cpu_per_io_ratio": c}));
+                }
                 repl.push(
                     serde_json::json!({"workload": w.name, "server": p, "peer": peer, "ratio": r}),
                 );
