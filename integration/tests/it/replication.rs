@@ -9,7 +9,9 @@ use integration::rawnbd::Raw;
 use integration::{have, random_bytes, run_ok, wait_until};
 use replicator::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
 
-fn fio_randwrite(uri: &str, size: &str, secs: u32) -> String {
+/// fio 4 KiB random writes at QD32 with crc32c verify, ending with a flush; `limit` is
+/// `--runtime=S` or `--number_ios=N`.
+fn fio_randwrite(uri: &str, size: &str, limit: &str) -> String {
     run_ok(
         Command::new("fio").args([
             "--name=w",
@@ -19,7 +21,7 @@ fn fio_randwrite(uri: &str, size: &str, secs: u32) -> String {
             "--bs=4k",
             "--iodepth=32",
             &format!("--size={size}"),
-            &format!("--runtime={secs}"),
+            limit,
             "--verify=crc32c",
             "--verify_fatal=1",
             "--verify_state_save=0",
@@ -43,7 +45,7 @@ fn protocol_round(protocol: &'static str) {
         return;
     }
     let p = Pair::up(&PairOpts { protocol, ..PairOpts::default() });
-    let written = fio_ok(&fio_randwrite(&p.uri(), "48M", 30));
+    let written = fio_ok(&fio_randwrite(&p.uri(), "48M", "--runtime=30"));
     assert!(written >= 48 << 20, "fio wrote {written}");
     // Zeroing and discard replicate too (as zeroes on both sides), then the final flush.
     integration::qemu_io(
@@ -544,24 +546,7 @@ fn slow_disk_round(slow: usize) {
     }
     assert!(p.wait_synced(Duration::from_secs(60)), "no reconnect: {}", p.repl(0));
     let connects = p.num(0, "connects");
-    let json = run_ok(
-        Command::new("fio").args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", p.uri()),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--size=8M",
-            "--number_ios=160",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--end_fsync=1",
-            "--output-format=json",
-        ]),
-        Duration::from_secs(300),
-    );
+    let json = fio_randwrite(&p.uri(), "8M", "--number_ios=160");
     let written = fio_ok(&json);
     assert!(written >= 160 * 4096, "fio wrote {written}");
     let r = p.repl(0);
