@@ -694,6 +694,9 @@ impl Loop {
                         }
                         Request::Stopping => Input::Stopping,
                     };
+                    // Judged on the replicator's state now, not as of the last tick (a stop
+                    // right after a resync finished was refused as "not in sync").
+                    self.refresh_local();
                     self.feed(input);
                 }
                 Some(b) = back.recv() => match b {
