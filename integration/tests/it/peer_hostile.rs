@@ -80,6 +80,25 @@ fn authenticated(port: u16, secret: &[u8]) -> Conn {
     c
 }
 
+/// Authenticates, answers the peer's parameters with its own (`flags` ours: Primary or not),
+/// and sends an empty bitmap: the session is live after this.
+fn in_session(port: u16, secret: &[u8], flags: u32, what: &str) -> Conn {
+    let mut c = authenticated(port, secret);
+    let (k, _) = c.frame().unwrap();
+    assert_eq!(k, Kind::Auth, "{what}");
+    let (k, theirs) = c.frame().unwrap();
+    assert_eq!(k, Kind::Params, "{what}");
+    let theirs = Params::decode(&theirs).unwrap();
+    let mine = Params { flags, bitmap_weight: 0, ..theirs };
+    let mut b = BytesMut::new();
+    mine.encode(&mut b);
+    c.send(Kind::Params, &b);
+    let mut f = BytesMut::new();
+    wire::encode(&mut f, Kind::Bitmap, wire::F_LAST, 0, 0, &[]);
+    c.s.write_all(&f).unwrap();
+    c
+}
+
 #[test]
 fn hostile_peers_are_refused_and_nothing_is_written() {
     let mut p = Pair::configure(&PairOpts::default());
@@ -187,20 +206,8 @@ fn a_peer_that_never_acknowledges_is_dropped_after_the_timeout() {
     p.ok(1, &["primary", "--force"]);
     p.ok(1, &["connect"]);
     let secret = b"correct horse battery staple";
-    let mut c = authenticated(p.n[1].repl_port, secret);
-    let (k, _) = c.frame().unwrap();
-    assert_eq!(k, Kind::Auth);
-    let (k, theirs) = c.frame().unwrap();
-    assert_eq!(k, Kind::Params);
-    let theirs = Params::decode(&theirs).unwrap();
     // Same generations, not Primary: the plan is "in sync".
-    let mine = Params { flags: 0, bitmap_weight: 0, ..theirs };
-    let mut b = BytesMut::new();
-    mine.encode(&mut b);
-    c.send(Kind::Params, &b);
-    let mut f = BytesMut::new();
-    wire::encode(&mut f, Kind::Bitmap, wire::F_LAST, 0, 0, &[]);
-    c.s.write_all(&f).unwrap();
+    let c = in_session(p.n[1].repl_port, secret, 0, "silent peer");
     // Answer pings from a thread; swallow everything else.
     let reader = c.s.try_clone().unwrap();
     reader.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -268,20 +275,8 @@ fn hostile_frames_mid_session_drop_the_link_and_write_nothing_of_them() {
     for (n, (what, bad, bad_at)) in cases.into_iter().enumerate() {
         let errors = p.num(1, "peer_errors");
         let untouched = block(&p, bad_at);
-        let mut c = authenticated(p.n[1].repl_port, secret);
-        let (k, _) = c.frame().unwrap();
-        assert_eq!(k, Kind::Auth, "{what}");
-        let (k, theirs) = c.frame().unwrap();
-        assert_eq!(k, Kind::Params, "{what}");
-        let theirs = Params::decode(&theirs).unwrap();
         // A Primary with good data and the same history: beta follows it as sync target.
-        let mine = Params { flags: handshake::P_PRIMARY, bitmap_weight: 0, ..theirs };
-        let mut b = BytesMut::new();
-        mine.encode(&mut b);
-        c.send(Kind::Params, &b);
-        let mut f = BytesMut::new();
-        wire::encode(&mut f, Kind::Bitmap, wire::F_LAST, 0, 0, &[]);
-        c.s.write_all(&f).unwrap();
+        let mut c = in_session(p.n[1].repl_port, secret, handshake::P_PRIMARY, what);
         let live = |r: &serde_json::Value| {
             r["connection"] == "Connected" || r["connection"] == "SyncTarget"
         };

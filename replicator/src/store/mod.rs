@@ -125,12 +125,14 @@ impl InlineGate {
         self.micros(now) >= self.closed_until.load(Relaxed)
     }
 
-    /// An inline write that started at `start` took `took`.
-    pub fn record(&self, start: Instant, took: Duration) {
-        if took > SLOW_INLINE {
+    /// An inline write that started at `start` took `took`; `true` when that closed the gate.
+    pub fn record(&self, start: Instant, took: Duration) -> bool {
+        let slow = took > SLOW_INLINE;
+        if slow {
             self.closed_until.store(self.micros(start + took + INLINE_BACKOFF), Relaxed);
             self.closings.fetch_add(1, Relaxed);
         }
+        slow
     }
 
     /// How often a slow inline write closed the gate.
@@ -277,7 +279,8 @@ impl Store {
             && !fua
             && len <= INLINE_MAX
             && self.engine_writes.load(Relaxed) == 0
-            && self.inline.open_at(Instant::now())
+            // No clock read until a slow write ever closed the gate.
+            && (self.inline.closings() == 0 || self.inline.open_at(Instant::now()))
     }
 
     /// A buffered write, done now in this thread (see [`Store::writes_inline`]).
@@ -285,8 +288,7 @@ impl Store {
         let start = Instant::now();
         let r = threads::pwrite_all(self.file.as_raw_fd(), data, offset, 0);
         let took = start.elapsed();
-        self.inline.record(start, took);
-        if took > SLOW_INLINE {
+        if self.inline.record(start, took) {
             tracing::debug!(path = %self.path.display(), ?took, "slow page-cache write: writes go through the engine for a while");
         }
         r

@@ -166,14 +166,14 @@ fn a_slow_inline_write_closes_the_gate_for_the_backoff_only() {
     assert!(g.open_at(t0));
     // Fast writes keep it open, however many.
     for i in 0..100 {
-        g.record(t0 + Duration::from_millis(i), SLOW_INLINE);
+        assert!(!g.record(t0 + Duration::from_millis(i), SLOW_INLINE));
     }
     assert!(g.open_at(t0 + Duration::from_millis(100)));
     assert_eq!(g.closings(), 0);
     // One slow write: closed from its end for the backoff, open after.
     let start = t0 + Duration::from_secs(5);
     let took = SLOW_INLINE + Duration::from_millis(30);
-    g.record(start, took);
+    assert!(g.record(start, took));
     assert_eq!(g.closings(), 1);
     let end = start + took;
     assert!(!g.open_at(end));
@@ -200,7 +200,7 @@ fn writes_inline_only_buffered_small_non_fua() {
     }
     assert!(store.writes_inline(4096, false));
     // After a slow one, nothing goes inline for a while.
-    store.inline.record(Instant::now(), SLOW_INLINE * 2);
+    assert!(store.inline.record(Instant::now(), SLOW_INLINE * 2));
     assert!(!store.writes_inline(4096, false));
     assert_eq!(store.slow_inline_writes(), 1);
 }
