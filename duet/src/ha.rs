@@ -756,6 +756,8 @@ impl Loop {
                 self.peer_view = Some((view, now));
                 self.feed(Input::PeerView(view));
                 if let Some(c) = f.control {
+                    // The peer's requests too are judged on the replicator's state now.
+                    self.refresh_local();
                     self.feed(Input::Control(c));
                 }
             }

@@ -205,7 +205,16 @@ fn make_master_on_the_slave_and_back_with_writes_and_fio_running() {
 
 #[test]
 fn make_master_is_refused_during_resync_and_when_the_peer_is_unreachable() {
-    let mut p = ha_pair(HaOpts::default());
+    // A resync slow enough (16 MiB/s: about 4 s for the 64 MiB below) to still run while both
+    // make-master attempts are judged.
+    let mut p = ha_pair_with(
+        HaOpts::default(),
+        PairOpts {
+            size: 80 << 20,
+            resync: "mode = \"fixed\"\nrate_kib = 16384\nmin_rate_kib = 16384".into(),
+            ..PairOpts::default()
+        },
+    );
     // Beta goes away; alpha writes 64 MiB without it; beta returns to a slow resync.
     p.kill(1);
     let port = p.n[0].nbd_port;
