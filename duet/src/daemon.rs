@@ -38,7 +38,7 @@ use crate::status::{NodeStatus, ResourceStatus};
 
 /// Prometheus metrics: name, help, type, and how to read the value from a resource's status.
 type Metric = (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> Option<u64>);
-const METRICS: [Metric; 16] = [
+const METRICS: [Metric; 17] = [
     ("size_bytes", "Size of the volume.", "gauge", |r| Some(r.size_bytes)),
     ("nbd_clients", "NBD clients connected.", "gauge", |r| Some(r.stats.clients_connected)),
     ("nbd_reads_total", "NBD reads served.", "counter", |r| Some(r.stats.reads)),
@@ -86,6 +86,12 @@ const METRICS: [Metric; 16] = [
         "Page-cache writes that took over 50 ms (a slow disk).",
         "counter",
         |r| r.replication.as_ref().map(|x| x.slow_writes),
+    ),
+    (
+        "peer_unflushed_bytes",
+        "Bytes the peer acknowledged that no peer flush covers yet (resynced after its power loss).",
+        "gauge",
+        |r| r.replication.as_ref().map(|x| x.peer_unflushed_bytes),
     ),
 ];
 
@@ -482,6 +488,10 @@ fn volume_config(
         ping_timeout: ms(r.peer.ping_timeout_ms),
         timeout: ms(r.peer.timeout_ms),
         connect_retry: ms(r.peer.connect_retry_ms),
+        transfer_log: replicator::repl::translog::Bound {
+            interval: ms(r.peer.flush_interval_ms),
+            max_bytes: r.peer.flush_after_kib.saturating_mul(1024),
+        },
         listen: addr(node)?,
         peer_addr: addr(peer)?,
     })

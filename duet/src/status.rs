@@ -238,7 +238,7 @@ pub fn render(s: &NodeStatus) -> String {
             }
             let _ = writeln!(
                 o,
-                "  replicated {}, received {}; resync sent {}, received {}, skipped by checksum {}; {} connects, {} peer errors, {} activity-log transactions, {} slow disk writes",
+                "  replicated {}, received {}; resync sent {}, received {}, skipped by checksum {}; {} connects, {} peer errors, {} activity-log transactions, {} slow disk writes; {} acknowledged by the peer, not yet flushed there",
                 bytes(x.sent_data_bytes),
                 bytes(x.received_data_bytes),
                 bytes(x.resync_sent_bytes),
@@ -247,7 +247,8 @@ pub fn render(s: &NodeStatus) -> String {
                 x.connects,
                 x.peer_errors,
                 x.al_transactions,
-                x.slow_writes
+                x.slow_writes,
+                bytes(x.peer_unflushed_bytes)
             );
         }
     }

@@ -311,6 +311,12 @@ pub struct PeerTimers {
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
     pub connect_retry_ms: u64,
+    /// The Primary asks the peer to flush at least this often while it holds acknowledged,
+    /// not yet durable writes (the transfer log: a power loss of the peer costs a resync of
+    /// at most what was written since, never a silent divergence).
+    pub flush_interval_ms: u64,
+    /// ... or once this much was acknowledged since the last flush.
+    pub flush_after_kib: u64,
 }
 
 impl Default for PeerTimers {
@@ -320,6 +326,8 @@ impl Default for PeerTimers {
             ping_timeout_ms: 500,
             timeout_ms: 6000,
             connect_retry_ms: 1000,
+            flush_interval_ms: 1000,
+            flush_after_kib: 256 * 1024,
         }
     }
 }
@@ -1013,8 +1021,26 @@ impl Config {
             ("ping_timeout_ms", p.ping_timeout_ms),
             ("timeout_ms", p.timeout_ms),
             ("connect_retry_ms", p.connect_retry_ms),
+            ("flush_interval_ms", p.flush_interval_ms),
+            ("flush_after_kib", p.flush_after_kib),
         ] {
             positive(&kp(f), v)?;
+        }
+        if p.flush_interval_ms > 60_000 {
+            return Err(invalid(
+                kp("flush_interval_ms"),
+                p.flush_interval_ms,
+                "must be at most 60000 (what a power loss of the peer may cost to resync grows with it)",
+                "use 1000 (the default)",
+            ));
+        }
+        if !(1024..=4 << 20).contains(&p.flush_after_kib) {
+            return Err(invalid(
+                kp("flush_after_kib"),
+                p.flush_after_kib,
+                "must be from 1024 (1 MiB) to 4194304 (4 GiB)",
+                "use 262144 (the default, 256 MiB)",
+            ));
         }
         if p.ping_timeout_ms >= p.timeout_ms {
             return Err(invalid(

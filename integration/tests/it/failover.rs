@@ -224,7 +224,13 @@ fn make_master_is_refused_during_resync_and_when_the_peer_is_unreachable() {
         assert_eq!(r.reply().unwrap().error, 0);
     }
     drop(r);
-    // Beta alone, with the peer unreachable: refused without --force.
+    // Alpha alone, once it has seen the peer dead (what the refusal is about): refused
+    // without --force.
+    assert!(
+        wait_until(Duration::from_secs(20), || p.cluster(0)["peer"] == "dead"),
+        "alpha never saw beta dead: {}",
+        p.cluster(0)
+    );
     let err = p.fails(0, &["make-slave"]);
     assert!(err.contains("unreachable"), "{err}");
     p.start(1);

@@ -6,6 +6,7 @@
 
 mod cli;
 mod clients;
+mod engine;
 mod failover;
 mod hostile;
 mod lab;

@@ -299,3 +299,146 @@ fn hostile_frames_mid_session_drop_the_link_and_write_nothing_of_them() {
     }
     p.ok(1, &["status"]);
 }
+
+/// Beta made Primary alone, with `blocks` 4 KiB blocks written without a peer (out of sync);
+/// then a hostile "alpha" in session as Secondary with the same history. Beta is then
+/// Connected, or SyncSource of the marked blocks.
+fn primary_with_hostile_secondary(blocks: u64) -> (Pair, Conn) {
+    use integration::rawnbd::Raw;
+    use replicator::nbd::proto::CMD_WRITE;
+    let mut p = Pair::configure(&PairOpts::default());
+    p.start(1);
+    p.ok(1, &["disconnect"]);
+    p.ok(1, &["primary", "--force"]);
+    // Both nodes' configs name one NBD port (n[0]'s); the Primary opens it.
+    let port = p.n[0].nbd_port;
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    let mut r = Raw::transmission(port);
+    for i in 0..blocks {
+        r.request(CMD_WRITE, 0, i, i * 4096, 4096, &[0x42; 4096]).unwrap();
+        assert_eq!(r.reply().unwrap().error, 0);
+    }
+    drop(r);
+    p.ok(1, &["connect"]);
+    let c = in_session(p.n[1].repl_port, b"correct horse battery staple", 0, "hostile secondary");
+    let live =
+        |r: &serde_json::Value| r["connection"] == "Connected" || r["connection"] == "SyncSource";
+    assert!(wait_until(Duration::from_secs(10), || live(&p.repl(1))), "{}", p.repl(1));
+    (p, c)
+}
+
+/// Resync frames sent to a Primary (defect: RsData was applied there with no I/O gate and no
+/// activity-log entry, RsSame cleared its out-of-sync bits): the link is dropped, nothing is
+/// written, the bits stay.
+#[test]
+fn resync_frames_sent_to_a_primary_are_refused() {
+    for kind in [Kind::RsData, Kind::RsSame] {
+        let (p, mut c) = primary_with_hostile_secondary(1);
+        let errors = p.num(1, "peer_errors");
+        assert_eq!(p.num(1, "out_of_sync_bytes"), 4096, "{}", p.repl(1));
+        let at = 8192;
+        let mut f = BytesMut::new();
+        match kind {
+            Kind::RsData => wire::encode(&mut f, kind, 0, 0, at, &[0xEE; 4096]),
+            _ => wire::encode(&mut f, kind, 0, 0, 0, &4096u32.to_be_bytes()),
+        }
+        c.s.write_all(&f).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || p.num(1, "peer_errors") > errors),
+            "{kind:?}: {}",
+            p.repl(1)
+        );
+        let st = p.repl(1);
+        let why = st["last_refusal"].as_str().unwrap_or_default().to_string();
+        assert!(why.contains("resync data") && why.contains("Primary"), "{kind:?}: {why}");
+        assert_eq!(st["out_of_sync_bytes"], 4096, "{kind:?}: the bits were cleared: {st}");
+        let f = std::fs::File::open(&p.n[1].disk).unwrap();
+        let mut b = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+        assert_eq!(b, vec![0; 4096], "{kind:?}: resync data was written on the Primary");
+        let mut b0 = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b0, 0).unwrap();
+        assert_eq!(b0, vec![0x42; 4096]);
+    }
+}
+
+/// A peer that floods resync requests and reads nothing: past the bound the link is dropped
+/// with a reason (before, every request spawned a task with no bound).
+#[test]
+fn a_flood_of_resync_requests_is_bounded() {
+    let (p, mut c) = primary_with_hostile_secondary(0);
+    let errors = p.num(1, "peer_errors");
+    let mut batch = BytesMut::new();
+    for i in 0..2000u64 {
+        let at = (i % 100) * (1 << 20);
+        wire::encode(&mut batch, Kind::RsRequest, 0, i, at, &(1u32 << 20).to_be_bytes());
+    }
+    c.s.write_all(&batch).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || p.num(1, "peer_errors") > errors),
+        "{}",
+        p.repl(1)
+    );
+    let why = p.repl(1)["last_refusal"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("resync requests outstanding"), "{why}");
+    drop(c);
+    p.ok(1, &["status"]);
+}
+
+/// A peer that trickles bitmap frames (each in time, never the last) holds the Primary's
+/// writes only until the exchange's own deadline (5 x timeout_ms); then the write completes.
+#[test]
+fn a_trickled_bitmap_exchange_ends_at_its_deadline() {
+    use integration::rawnbd::Raw;
+    use replicator::nbd::proto::CMD_WRITE;
+    let mut p = Pair::configure(&PairOpts {
+        peer: "ping_interval_ms = 200\nping_timeout_ms = 500\ntimeout_ms = 1000\nconnect_retry_ms = 200"
+            .into(),
+        ..PairOpts::default()
+    });
+    p.start(1);
+    p.ok(1, &["disconnect"]);
+    p.ok(1, &["primary", "--force"]);
+    p.ok(1, &["connect"]);
+    let errors = p.num(1, "peer_errors");
+    let mut c = authenticated(p.n[1].repl_port, b"correct horse battery staple");
+    let (k, _) = c.frame().unwrap();
+    assert_eq!(k, Kind::Auth);
+    let (k, theirs) = c.frame().unwrap();
+    assert_eq!(k, Kind::Params);
+    let theirs = Params::decode(&theirs).unwrap();
+    let mut b = BytesMut::new();
+    Params { flags: 0, bitmap_weight: 0, ..theirs }.encode(&mut b);
+    c.send(Kind::Params, &b);
+    // Never the last bitmap frame, one every 300 ms (each within timeout_ms).
+    let s = c.s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        let mut s = s;
+        for _ in 0..100 {
+            let mut f = BytesMut::new();
+            wire::encode(&mut f, Kind::Bitmap, 0, 0, 0, &[]);
+            if s.write_all(&f).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    // A write while the exchange runs: held, then completed once the exchange is cut off.
+    let port = p.n[0].nbd_port;
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    let writer = std::thread::spawn(move || {
+        let mut r = Raw::transmission(port);
+        r.request(CMD_WRITE, 0, 1, 0, 4096, &[9; 4096]).unwrap();
+        r.reply().unwrap().error
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || p.num(1, "peer_errors") > errors),
+        "{}",
+        p.repl(1)
+    );
+    let why = p.repl(1)["last_refusal"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("bitmap exchange took longer"), "{why}");
+    assert_eq!(writer.join().unwrap(), 0, "the held write completes");
+    drop(c);
+    trickle.join().unwrap();
+}

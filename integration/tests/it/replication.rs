@@ -482,42 +482,64 @@ fn resync_finishes_while_the_primary_keeps_writing_the_same_region() {
     assert!(p.identical());
 }
 
-/// A node's disk made slow: its image behind nbdkit's delay filter (every write takes `ms`),
-/// seen as a file through nbdfuse. The daemon opens a symlink to it. Unmounted at drop.
-struct SlowDisk {
+/// A node's disk behind nbdkit (a filter stack over the `file` plugin), seen as a file through
+/// nbdfuse; the daemon opens a symlink to it. nbdfuse and nbdkit run in a process group of their
+/// own: [`NbdkitDisk::power_loss`] kills both at once. Unmounted at drop.
+pub(crate) struct NbdkitDisk {
     child: std::process::Child,
     fuse: std::path::PathBuf,
 }
 
-impl SlowDisk {
-    fn install(p: &Pair, node: usize, ms: u32) -> Self {
+impl NbdkitDisk {
+    /// `filters`: nbdkit's `--filter=...` arguments; `params`: the filters' `key=value`s.
+    pub(crate) fn install(p: &Pair, node: usize, filters: &[&str], params: &[&str]) -> Self {
+        use std::os::unix::process::CommandExt;
         let disk = &p.n[node].disk;
         let real = disk.with_extension("real");
-        std::fs::rename(disk, &real).expect("move the image");
-        let fuse = p.dir.path().join("slow");
+        if !real.exists() {
+            std::fs::rename(disk, &real).expect("move the image");
+        }
+        let _ = std::fs::remove_file(disk);
+        let fuse = p.dir.path().join(format!("nbdkit-{node}"));
         std::fs::create_dir_all(&fuse).expect("fuse dir");
         let child = Command::new("nbdfuse")
             .arg(&fuse)
-            .args(["--command", "nbdkit", "-s", "--filter=delay", "file"])
+            .args(["--command", "nbdkit", "-s"])
+            .args(filters)
+            .arg("file")
             .arg(&real)
-            .arg(format!("delay-write={ms}ms"))
+            .args(params)
+            .process_group(0)
             .spawn()
             .expect("nbdfuse");
-        let slow = Self { child, fuse };
-        let img = slow.fuse.join("nbd");
+        let d = Self { child, fuse };
+        let img = d.fuse.join("nbd");
         assert!(wait_until(Duration::from_secs(20), || img.exists()), "nbdfuse did not start");
         std::os::unix::fs::symlink(&img, disk).expect("symlink");
-        slow
+        d
+    }
+
+    /// The disk loses power: nbdkit and nbdfuse are killed together (whatever nbdkit's cache
+    /// held and had not written to the file is gone), and the mount is taken away.
+    pub(crate) fn power_loss(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+        let _ = integration::run(
+            Command::new("fusermount3").args(["-u", "-z"]).arg(&self.fuse),
+            Duration::from_secs(20),
+        );
     }
 }
 
-impl Drop for SlowDisk {
+impl Drop for NbdkitDisk {
     fn drop(&mut self) {
         let _ = integration::run(
             Command::new("fusermount3").args(["-u", "-z"]).arg(&self.fuse),
             Duration::from_secs(20),
         );
-        let _ = self.child.kill();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -536,7 +558,7 @@ fn slow_disk_round(slow: usize) {
         ..PairOpts::default()
     });
     p.stop(slow);
-    let _slow = SlowDisk::install(&p, slow, 60);
+    let _slow = NbdkitDisk::install(&p, slow, &["--filter=delay"], &["delay-write=60ms"]);
     p.start(slow);
     if slow == 0 {
         // Back as Secondary: it learns it is UpToDate from beta, then takes the Primary role.

@@ -191,6 +191,26 @@ impl ActivityLog {
         }
     }
 
+    /// Splits `[offset, offset+len)` into pieces of at most half the log's extents each, cut at
+    /// extent boundaries. A request that spans more extents than the log holds could never
+    /// become hot at once ([`Begin::Busy`] forever, even with an empty log); half leaves room
+    /// for the other writes in flight. Almost every request is one piece.
+    pub fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let most = (self.capacity / 2).max(1) as u64 * self.extent_size;
+        let mut out = Vec::new();
+        let (mut o, end) = (offset, offset.saturating_add(len));
+        while o < end {
+            let limit = (o / self.extent_size) * self.extent_size + most;
+            let e = end.min(limit);
+            out.push((o, e - o));
+            o = e;
+        }
+        if out.is_empty() {
+            out.push((offset, len));
+        }
+        out
+    }
+
     /// Byte range of an extent.
     pub fn extent_range(&self, e: u32) -> (u64, u64) {
         (u64::from(e) * self.extent_size, self.extent_size)
@@ -263,5 +283,33 @@ mod tests {
         hostile[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(ActivityLog::decode(&hostile), Err(AlError::Malformed(_))));
         assert_eq!(ActivityLog::decode(&[1; 64]), Err(AlError::Magic));
+    }
+
+    #[test]
+    fn a_request_wider_than_the_log_is_split_into_pieces_that_fit() {
+        let mut al = ActivityLog::new(64 << 10, 7);
+        // 32 MiB (NBD's largest write) over 64 KiB extents: 512 extents, the log holds 7.
+        let (off, len) = (12345, 32 << 20);
+        let p = al.pieces(off, len);
+        assert!(p.len() > 1);
+        assert_eq!(p[0].0, off);
+        assert_eq!(p.iter().map(|x| x.1).sum::<u64>(), len, "the pieces cover the request");
+        for w in p.windows(2) {
+            assert_eq!(w[0].0 + w[0].1, w[1].0, "contiguous");
+        }
+        for &(o, l) in &p {
+            assert!(al.extents(o, l).count() <= 3, "{o}+{l} spans more than half the log");
+            // Each piece becomes hot by itself, even while another piece is hot.
+            match al.begin(o, l) {
+                Begin::Need { add, evict } => al.commit(o, l, &add, &evict),
+                b => assert_eq!(b, Begin::Hot),
+            }
+            al.end(o, l);
+        }
+        // The whole request at once could never go.
+        assert_eq!(ActivityLog::new(64 << 10, 7).begin(off, len), Begin::Busy);
+        // A small request is one piece, unchanged; so is an empty one.
+        assert_eq!(al.pieces(4096, 4096), vec![(4096, 4096)]);
+        assert_eq!(al.pieces(4096, 0), vec![(4096, 0)]);
     }
 }

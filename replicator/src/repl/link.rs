@@ -24,8 +24,7 @@ use super::policy::{Facts, Plan, plan};
 use super::throttle::Throttle;
 use super::tx::Tx;
 use super::volume::{
-    ConnState, DiskState, Frame, Peer, Role, Volume, block_frame, random_bytes, random_u64,
-    small_frame,
+    ConnState, DiskState, Peer, Role, Volume, block_frame, random_bytes, random_u64, small_frame,
 };
 use super::wire::{self, Cursor, F_FUA, F_HOLE, F_LAST, Header, Kind, WireError};
 use crate::generation::{Fixup, Generations, Side};
@@ -36,8 +35,18 @@ use crate::store::IoBuf;
 
 /// Largest frame accepted before authentication.
 const HANDSHAKE_MAX: u32 = 64 * 1024;
-/// Largest resync / verify request.
-const RS_CHUNK_BITS: u64 = 256;
+/// Largest resync request, bytes (one bitmap bit when the granularity is larger). Bounded in
+/// bytes, not bits: 256 bits of a 64 KiB granularity made 16 MiB requests whose replies
+/// outgrew what a resync tick grants, and the resync stood still.
+const RS_CHUNK_BYTES: u64 = 1 << 20;
+/// Resync requests a peer may have outstanding with us (it keeps at most
+/// [`RS_MAX_INFLIGHT`]): past this it is not following the protocol.
+const RS_SERVE_MAX: u64 = 4 * RS_MAX_INFLIGHT;
+/// Verify requests a peer may have outstanding with us (it sends one at a time).
+const VERIFY_SERVE_MAX: u64 = 16;
+/// Longest the bitmap exchange may take as a whole, in peer timeouts (`timeout_ms`);
+/// application writes wait during it.
+const BITMAP_EXCHANGE_TIMEOUTS: u32 = 5;
 /// Resync requests in flight at most.
 const RS_MAX_INFLIGHT: u64 = 64;
 /// Verify chunk.
@@ -236,11 +245,17 @@ async fn teardown(vol: &Arc<Volume>) {
         // it, and is drained below; one that comes later is refused and marks its own blocks.
         p.tx.close();
         let waiters: Vec<_> = p.pending.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
+        // Acknowledged but not known durable on the peer (its cache may be gone): out of sync,
+        // as the unacknowledged ones. After this nothing more is forgotten (see `Peer::tl`).
+        let unflushed = p.tl.lock().expect("transfer log poisoned").take().map(|mut t| t.drain());
         vol.with_core(|c| {
             for (_, w) in &waiters {
                 if w.len > 0 {
                     c.bitmap.set_range(w.offset, w.len);
                 }
+            }
+            for &(o, l) in unflushed.iter().flatten() {
+                c.bitmap.set_range(o, l);
             }
         });
         drop(waiters); // waiters see the peer as lost
@@ -264,7 +279,8 @@ async fn session(
     let t = cfg.timeout;
 
     // 1. Hello both ways.
-    let challenge = random_bytes::<32>();
+    let challenge =
+        random_bytes::<32>().map_err(|e| format!("no randomness for a challenge: {e}"))?;
     let hello = Hello {
         version: wire::VERSION,
         features: handshake::FEATURES,
@@ -363,24 +379,32 @@ async fn session(
     let gate = Arc::clone(&vol.io_gate).write_owned().await;
     r.limit = wire::MAX_PAYLOAD;
     let full = matches!(the_plan, Plan::Source { full: true } | Plan::Target { full: true });
-    let mut from = Some(0);
-    while let Some(f) = from {
-        let mut b = BytesMut::new();
-        from = vol.with_core(|c| c.bitmap.encode_runs(f, 4096, &mut b));
-        send_now(&mut wr, Kind::Bitmap, if from.is_none() { F_LAST } else { 0 }, &b).await?;
-    }
-    loop {
-        let (h, p) = tokio::time::timeout(t, r.next())
-            .await
-            .map_err(|_| "peer did not send its bitmap in time".to_string())??;
-        if h.kind != Kind::Bitmap {
-            return Err(format!("expected Bitmap, peer sent {:?}", h.kind));
+    // The writes are held for the whole exchange, so it has a deadline of its own besides the
+    // per-frame one: a peer that trickles bitmap frames cannot hold them for long.
+    let exchange = async {
+        let mut from = Some(0);
+        while let Some(f) = from {
+            let mut b = BytesMut::new();
+            from = vol.with_core(|c| c.bitmap.encode_runs(f, 4096, &mut b));
+            send_now(&mut wr, Kind::Bitmap, if from.is_none() { F_LAST } else { 0 }, &b).await?;
         }
-        vol.with_core(|c| c.bitmap.apply_runs(&p)).map_err(|e| e.to_string())?;
-        if h.flags & F_LAST != 0 {
-            break;
+        loop {
+            let (h, p) = tokio::time::timeout(t, r.next())
+                .await
+                .map_err(|_| "peer did not send its bitmap in time".to_string())??;
+            if h.kind != Kind::Bitmap {
+                return Err(format!("expected Bitmap, peer sent {:?}", h.kind));
+            }
+            vol.with_core(|c| c.bitmap.apply_runs(&p)).map_err(|e| e.to_string())?;
+            if h.flags & F_LAST != 0 {
+                return Ok(());
+            }
         }
-    }
+    };
+    let most = t * BITMAP_EXCHANGE_TIMEOUTS;
+    tokio::time::timeout(most, exchange).await.map_err(|_| {
+        format!("the bitmap exchange took longer than {most:?} (5 x timeout_ms); writes go on, the link retries")
+    })??;
     let weight = vol.with_core(|c| {
         if full {
             c.bitmap.set_all();
@@ -395,7 +419,7 @@ async fn session(
     }
     // 5. Go live.
     let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib));
-    let peer_h = Peer::new(tx);
+    let peer_h = Peer::new(tx, cfg.transfer_log);
     let peer_role = if peer.has(P_PRIMARY) { Role::Primary } else { Role::Secondary };
     let peer_disk =
         if peer.has(P_INCONSISTENT) { DiskState::Inconsistent } else { DiskState::Consistent };
@@ -422,6 +446,12 @@ async fn session(
             }
             Plan::Source { .. } => {
                 c.conn = ConnState::SyncSource;
+                // The generations say our data is the newer: a Consistent source is UpToDate
+                // (as `NoSync` raises it). Without this, a source that restarted Consistent
+                // stayed so after the resync, and `duet primary` was refused.
+                if c.disk == DiskState::Consistent {
+                    c.disk = DiskState::UpToDate;
+                }
                 c.peer_disk = Some(DiskState::Inconsistent);
                 c.resync = Some((Instant::now(), bytes, 0));
             }
@@ -444,8 +474,9 @@ async fn session(
         return Err("cannot write metadata".into());
     }
     if matches!(the_plan, Plan::Source { .. }) {
+        let id = random_u64().map_err(|e| format!("no randomness for a sync generation: {e}"))?;
         let g = vol.with_core(|c| {
-            c.sb.uuids.start_sync_source(random_u64());
+            c.sb.uuids.start_sync_source(id);
             c.sb.uuids
         });
         let _ = vol.persist_sb().await;
@@ -459,6 +490,8 @@ async fn session(
         peer: peer_h,
         barrier: Arc::new(RwLock::new(())),
         inflight_rs: Arc::new(AtomicU64::new(0)),
+        serving_rs: Arc::new(AtomicU64::new(0)),
+        serving_verify: Arc::new(AtomicU64::new(0)),
         resync: None,
         apply_room: Arc::new(Semaphore::new(APPLY_ROOM_KIB as usize)),
     };
@@ -482,9 +515,35 @@ fn decode_gens(p: &[u8]) -> Result<Generations, WireError> {
     Ok(g)
 }
 
+/// One of a bounded number of requests the peer may have outstanding with us.
+struct Slot(Arc<AtomicU64>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicU64>, max: u64) -> Option<Self> {
+        count
+            .fetch_update(Relaxed, Relaxed, |v| (v < max).then_some(v + 1))
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Bytes of one resync request at bitmap granularity `g` (a whole number of bits, at least one).
+fn rs_chunk(g: u64) -> u64 {
+    (RS_CHUNK_BYTES / g).max(1) * g
+}
+
 struct Session {
     vol: Arc<Volume>,
     peer: Arc<Peer>,
+    /// Resync and verify requests of the peer being served (see [`RS_SERVE_MAX`]).
+    serving_rs: Arc<AtomicU64>,
+    serving_verify: Arc<AtomicU64>,
     /// Replicated writes hold it shared; a peer FLUSH takes it exclusively (waits for them).
     barrier: Arc<RwLock<()>>,
     inflight_rs: Arc<AtomicU64>,
@@ -559,6 +618,11 @@ impl Session {
                             cfg.timeout
                         )),
                     }
+                    // The transfer log's bound: acknowledged writes do not wait longer (or pile up
+                    // more) than configured for a flush that makes them durable on the peer.
+                    if self.peer.with_tl(|tl| tl.due(Instant::now())) == Some(true) {
+                        self.peer.send_flush(true).await;
+                    }
                     if ping_out.is_none() && last_ping.elapsed() >= cfg.ping_interval {
                         last_ping = Instant::now();
                         ping_out = Some(last_ping);
@@ -580,17 +644,15 @@ impl Session {
         }
     }
 
-    fn send_bg(&self, f: Frame) {
-        let p = Arc::clone(&self.peer);
-        tokio::spawn(async move { p.send(f).await });
-    }
-
     /// Handles one frame; `Ok(Some(reason))` ends the session in order.
     async fn handle(&mut self, h: Header, p: BytesMut) -> Res<Option<String>> {
         let vol = Arc::clone(&self.vol);
         let digest = vol.config().expect("replicated").digest;
         match h.kind {
-            Kind::Ping => self.send_bg(small_frame(Kind::PingAck, 0, 0, 0, &[])),
+            // Answered in order, under the batch's cork: no task per ping.
+            Kind::Ping => {
+                self.peer.send(small_frame(Kind::PingAck, 0, 0, 0, &[])).await;
+            }
             Kind::PingAck => {}
             Kind::Data | Kind::Zero => {
                 if vol.role() == Role::Primary {
@@ -638,11 +700,17 @@ impl Session {
                 }
             }
             Kind::Flush => {
-                let bar = Arc::clone(&self.barrier).write_owned().await;
+                // Every replicated write received before the flush is done once the barrier is
+                // ours; writes after it need not wait for the disk's flush, so it is let go.
+                drop(Arc::clone(&self.barrier).write_owned().await);
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
-                    let r = vol.store().flush().await;
-                    drop(bar);
+                    // Answered only once the data and our metadata (bits of failed writes)
+                    // are durable.
+                    let r = match vol.store().flush().await {
+                        Ok(()) => vol.persist_bitmap().await,
+                        Err(e) => Err(e),
+                    };
                     let errno = r.err().unwrap_or(0);
                     peer.send(small_frame(
                         Kind::FlushAck,
@@ -677,6 +745,19 @@ impl Session {
                 };
                 if r.is_err() && w.len > 0 {
                     vol.with_core(|c| c.bitmap.set_range(w.offset, w.len));
+                }
+                if h.kind == Kind::FlushAck {
+                    // Durable on the peer now: the epochs this flush covers are forgotten (or,
+                    // if it failed, out of sync).
+                    let failed = self.peer.with_tl(|tl| tl.flushed(h.id, r.is_ok()));
+                    vol.with_core(|c| {
+                        for (o, l) in failed.into_iter().flatten() {
+                            c.bitmap.set_range(o, l);
+                        }
+                    });
+                } else if r.is_ok() {
+                    // In the peer's cache, not yet on its disk: held until a flush covers it.
+                    self.peer.with_tl(|tl| tl.acked(Instant::now(), w.offset, w.len));
                 }
                 if let Some(tx) = w.recv.take() {
                     let _ = tx.send(());
@@ -729,15 +810,26 @@ impl Session {
             Kind::RsRequest => {
                 let len = u32_payload(Kind::RsRequest, &p)?;
                 range_of(&vol, h.offset, len)?;
-                if len > RS_CHUNK_BITS * vol.with_core(|c| c.bitmap.granularity()) * 16 {
+                if len > rs_chunk(vol.with_core(|c| c.bitmap.granularity())) {
                     return Err("peer asked for an oversized resync block".into());
                 }
+                if vol.with_core(|c| c.conn) == ConnState::SyncTarget {
+                    return Err(
+                        "peer asked us for resync data while we are its resync target".into()
+                    );
+                }
+                let Some(slot) = Slot::take(&self.serving_rs, RS_SERVE_MAX) else {
+                    return Err(format!(
+                        "peer has more than {RS_SERVE_MAX} resync requests outstanding with us"
+                    ));
+                };
                 let their = if p.len() == 4 + 32 { Some(p[4..].to_vec()) } else { None };
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
                     // The range lock is taken here, not in the reader: an application write
                     // holds its range while it waits for the peer's WriteAck, which only this
                     // reader can deliver; waiting for the lock inline would stall the link.
+                    let _slot = slot;
                     let lock = vol.lock_range(h.offset, len).await;
                     let n = usize::try_from(len).expect("bounded");
                     let Ok(buf) = vol.read(h.offset, n).await else {
@@ -757,17 +849,48 @@ impl Session {
                         vol.stats.resync_sent_bytes.fetch_add(len, Relaxed);
                         block_frame(Kind::RsData, 0, h.id, h.offset, buf, digest)
                     };
-                    peer.send(f).await;
+                    let sent = peer.send(f).await;
                     drop(lock);
+                    if !sent {
+                        return;
+                    }
+                    // Sent, not yet durable on the target: the transfer log holds it until a
+                    // flush covers it, and the bits go only while the session is live (a
+                    // teardown meanwhile has marked what the log held; nothing is cleared then).
+                    let mut g = peer.tl.lock().expect("transfer log poisoned");
+                    let Some(tl) = g.as_mut() else { return };
+                    tl.acked(Instant::now(), h.offset, len);
                     vol.with_core(|c| {
                         c.bitmap.clear_range(h.offset, len);
                         if let Some(r) = c.resync.as_mut() {
                             r.2 += len;
                         }
                     });
+                    drop(g);
                 });
             }
             Kind::RsData | Kind::RsSame => {
+                // Resync data only goes to a Secondary that asked for it: a resync target, or
+                // a verify's repair (RsSame only answers a target's checksum request). On a
+                // Primary it would bypass the I/O gate and the activity log.
+                let (role, conn) = vol.with_core(|c| (c.role, c.conn));
+                let taken = role == Role::Secondary
+                    && match h.kind {
+                        Kind::RsSame => conn == ConnState::SyncTarget,
+                        _ => matches!(
+                            conn,
+                            ConnState::SyncTarget
+                                | ConnState::Connected
+                                | ConnState::VerifySource
+                                | ConnState::VerifyTarget
+                        ),
+                    };
+                if !taken {
+                    return Err(format!(
+                        "peer sent resync data ({:?}) to a {role:?} in state {conn:?}; only a Secondary that is a resync or repair target takes it",
+                        h.kind
+                    ));
+                }
                 let (data, len) = if h.kind == Kind::RsSame {
                     (None, u32_payload(Kind::RsSame, &p)?)
                 } else {
@@ -831,6 +954,11 @@ impl Session {
                 if len > VERIFY_CHUNK {
                     return Err("peer asked to verify an oversized range".into());
                 }
+                let Some(slot) = Slot::take(&self.serving_verify, VERIFY_SERVE_MAX) else {
+                    return Err(format!(
+                        "peer has more than {VERIFY_SERVE_MAX} verify requests outstanding with us"
+                    ));
+                };
                 vol.with_core(|c| {
                     if c.conn == ConnState::Connected {
                         c.conn = ConnState::VerifyTarget;
@@ -839,6 +967,7 @@ impl Session {
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
                     // Locked in the task, not the reader (see RsRequest).
+                    let _slot = slot;
                     let lock = vol.lock_range(h.offset, len).await;
                     let g = vol.with_core(|c| c.bitmap.granularity());
                     let n = usize::try_from(len).expect("bounded");
@@ -888,10 +1017,12 @@ impl Session {
         match digest.check(h.offset, p) {
             Ok(data) => Ok((Some(data), data.len() as u64)),
             Err(e) => {
-                // Corrupted in flight: the block is out of sync; drop the link (resync follows).
-                self.vol.with_core(|c| {
-                    c.bitmap.set_range(h.offset, (p.len().saturating_sub(digest.size())) as u64)
-                });
+                // Corrupted in flight: the block is out of sync (if the range is one of ours at
+                // all); drop the link (resync follows).
+                let len = p.len().saturating_sub(digest.size()) as u64;
+                if range_of(&self.vol, h.offset, len).is_ok() {
+                    self.vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+                }
                 Err(e.to_string())
             }
         }
@@ -936,7 +1067,7 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
                 // Up to one request's worth carries over (so a budget just short of a whole
                 // request is not lost every tick); the rest was granted, not asked for, and is
                 // not in flight.
-                let carry = budget.min(RS_CHUNK_BITS * g / 1024);
+                let carry = budget.min(rs_chunk(g) / 1024);
                 ctl.unused(budget - carry);
                 let acked = vol.resync_acked.swap(0, Relaxed) / 1024;
                 let busy = vol.app_writes.swap(0, Relaxed) > 0;
@@ -949,7 +1080,7 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
                 break;
             }
             let next = vol.with_core(|c| {
-                c.bitmap.next_set(cursor).map(|s| (s, c.bitmap.run_end(s, RS_CHUNK_BITS)))
+                c.bitmap.next_set(cursor).map(|s| (s, c.bitmap.run_end(s, rs_chunk(g) / g)))
             });
             let Some((s, e)) = next else { break };
             let (off, len) = (s * g, ((e - s) * g).min(vol.size() - s * g));
@@ -984,6 +1115,13 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
 }
 
 async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
+    // The resynced blocks are durable before this node calls itself UpToDate on disk and the
+    // source forgets them.
+    if let Err(e) = vol.store().flush().await {
+        tracing::error!(errno = e, "flush at the end of the resync failed; dropping the link");
+        peer.tx.close();
+        return;
+    }
     vol.with_core(|c| {
         c.conn = ConnState::Connected;
         c.disk = DiskState::UpToDate;
@@ -1091,7 +1229,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
     if repair && !found.is_empty() {
         // The Primary's data wins; with no Primary, the node that ran verify.
         let peer_primary = vol.with_core(|c| c.peer_role == Some(Role::Primary));
-        let chunk = RS_CHUNK_BITS * g;
+        let chunk = rs_chunk(g);
         let pieces = found.iter().flat_map(|&(o, l)| {
             (0..l.div_ceil(chunk)).map(move |i| (o + i * chunk, chunk.min(l - i * chunk)))
         });

@@ -3,7 +3,8 @@
 //! Pure parts (no sockets, no clock, no files): [`wire`] (frame codec), [`handshake`] (messages,
 //! authentication, compatibility checks), [`bitmap`], [`actlog`] (activity log),
 //! [`completion`] (protocol A/B/C completion rules), [`policy`] (connect-time plan: generations,
-//! disk states, split-brain policies). Drivers: [`meta`] (metadata on disk), [`volume`] (the
+//! disk states, split-brain policies), [`translog`] (what the peer acknowledged but has not made
+//! durable). Drivers: [`meta`] (metadata on disk), [`volume`] (the
 //! replicated volume: write path, roles, resync and verify bookkeeping) and [`link`] (the TCP
 //! peer connection).
 
@@ -20,6 +21,7 @@ pub mod policy;
 #[allow(clippy::cast_possible_truncation)]
 mod sim;
 pub mod throttle;
+pub mod translog;
 pub mod tx;
 pub mod volume;
 pub mod wire;

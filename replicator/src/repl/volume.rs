@@ -12,7 +12,6 @@
 //! A volume without a peer (a single-node configuration) has no metadata and is always Primary.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +30,7 @@ use super::handshake::{
 };
 use super::locks::{RangeGuard, RangeLocks};
 use super::meta::{Loaded, Meta, MetaError};
+use super::translog::TransferLog;
 use super::tx::{Cork, Tx};
 use super::wire::{self, Digest, F_FUA, F_HOLE, F_MAY_TRIM, Kind};
 use crate::nbd::proto::Extent;
@@ -105,6 +105,8 @@ pub struct VolumeConfig {
     pub ping_timeout: Duration,
     pub timeout: Duration,
     pub connect_retry: Duration,
+    /// When the Primary asks the peer for a flush (see [`super::translog`]).
+    pub transfer_log: super::translog::Bound,
     pub listen: std::net::SocketAddr,
     pub peer_addr: std::net::SocketAddr,
 }
@@ -180,6 +182,8 @@ pub struct Volume {
     size: u64,
     pub(crate) core: Mutex<Core>,
     al: Mutex<ActivityLog>,
+    /// Woken when a write leaves the activity log (a busy log may have room now).
+    al_freed: tokio::sync::Notify,
     /// Serialises activity-log transactions and superblock writes.
     meta_io: tokio::sync::Mutex<()>,
     pub(crate) locks: Arc<RangeLocks>,
@@ -201,6 +205,9 @@ pub struct Volume {
     frozen: watch::Sender<bool>,
 }
 
+/// Largest range one Zero frame carries.
+const ZERO_PIECE: u64 = 1 << 30;
+
 /// Why a role or connection command was refused. The message says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -210,19 +217,18 @@ fn refuse<T>(s: impl Into<String>) -> Result<T, Refused> {
     Err(Refused(s.into()))
 }
 
-/// Fresh randomness for generations and challenges. Without /dev/urandom there is no safe
-/// way to make generation identifiers or challenges, so that is fatal.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
+/// Fresh randomness for generations and challenges, from the kernel (getrandom(2): no file
+/// descriptor, so a full descriptor table cannot make it fail). An error is the caller's to
+/// report; nothing is made up instead.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
     let mut b = [0u8; N];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .expect("/dev/urandom must be readable to make generation identifiers");
-    b
+    getrandom::fill(&mut b)?;
+    Ok(b)
 }
 
 /// A random generation identifier.
-pub fn random_u64() -> u64 {
-    u64::from_le_bytes(random_bytes::<8>())
+pub fn random_u64() -> Result<u64, getrandom::Error> {
+    random_bytes::<8>().map(u64::from_le_bytes)
 }
 
 /// A frame queued for the peer: header (and small payload) plus optional block data.
@@ -252,16 +258,38 @@ pub struct Peer {
     pub(crate) next_id: AtomicU64,
     /// Verify requests waiting for the peer's hashes.
     pub(crate) verify: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    /// What the peer acknowledged and has not yet made durable; `None` once the session is torn
+    /// down (its ranges are then in the bitmap, and nothing may be forgotten any more).
+    pub(crate) tl: Mutex<Option<TransferLog>>,
 }
 
 impl Peer {
-    pub(crate) fn new(tx: Arc<Tx>) -> Arc<Self> {
+    pub(crate) fn new(tx: Arc<Tx>, bound: super::translog::Bound) -> Arc<Self> {
         Arc::new(Self {
             tx,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             verify: Mutex::new(HashMap::new()),
+            tl: Mutex::new(Some(TransferLog::new(bound))),
         })
+    }
+
+    /// Runs `f` on the transfer log while the session is live (`None` after the teardown).
+    pub(crate) fn with_tl<T>(&self, f: impl FnOnce(&mut TransferLog) -> T) -> Option<T> {
+        self.tl.lock().expect("transfer log poisoned").as_mut().map(f)
+    }
+
+    /// Registers a flush and queues it; the open transfer-log epoch is closed first, so
+    /// everything in it was acknowledged before the flush left. `ours`: asked for by the
+    /// transfer log (nobody waits for the answer). `false` when the connection is gone.
+    pub(crate) async fn send_flush(
+        &self,
+        ours: bool,
+    ) -> (bool, Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>) {
+        let (id, recv, done) = self.register(0, 0, false);
+        self.with_tl(|tl| tl.barrier(id, ours));
+        let sent = self.send(small_frame(Kind::Flush, 0, id, 0, &[])).await;
+        (sent, recv, done)
     }
 
     /// Queues a frame; `false` when the connection is gone.
@@ -345,6 +373,9 @@ impl Drop for AlRef<'_> {
         if let Ok(mut al) = self.v.al.lock() {
             al.end(self.offset, self.len);
         }
+        if self.len > 0 {
+            self.v.al_freed.notify_waiters();
+        }
     }
 }
 
@@ -414,6 +445,7 @@ impl Volume {
                 events: VecDeque::new(),
             }),
             al: Mutex::new(al),
+            al_freed: tokio::sync::Notify::new(),
             meta_io: tokio::sync::Mutex::new(()),
             locks: Arc::new(RangeLocks::default()),
             io_gate: Arc::new(tokio::sync::RwLock::new(())),
@@ -553,10 +585,14 @@ impl Volume {
             return Ok(AlRef { v: self, offset, len: 0 });
         }
         loop {
+            // Registered before the check: a write that ends in between still wakes us.
+            let freed = self.al_freed.notified();
             let b = self.al.lock().expect("activity log poisoned").begin(offset, len);
             match b {
                 Begin::Hot => return Ok(AlRef { v: self, offset, len }),
-                Begin::Busy => tokio::time::sleep(Duration::from_millis(1)).await,
+                // Every slot holds writes in flight; requests are split to fit (see
+                // `ActivityLog::pieces`), so some of those end and free one.
+                Begin::Busy => freed.await,
                 Begin::Need { .. } => {
                     let _g = self.meta_io.lock().await;
                     // Recheck under the transaction lock: another write may have done it.
@@ -601,13 +637,17 @@ impl Volume {
     async fn ensure_new_generation(&self) -> Result<(), i32> {
         let Some(meta) = &self.meta else { return Ok(()) };
         let _g = self.meta_io.lock().await;
+        let fresh = random_u64().map_err(|e| {
+            tracing::error!(error = %e, "no randomness for a new generation identifier");
+            libc::EIO
+        })?;
         let sb = {
             let mut c = self.core.lock().expect("volume state poisoned");
             if c.bumped {
                 return Ok(());
             }
             let primary = c.role == Role::Primary;
-            c.sb.uuids.new_current(random_u64(), primary);
+            c.sb.uuids.new_current(fresh, primary);
             c.sb.sequence += 1;
             c.bumped = true;
             c.sb
@@ -661,8 +701,30 @@ impl Volume {
         self.store.read(offset, len).await
     }
 
-    /// A replicated write, answered under the protocol's completion rule.
+    /// The pieces a request is replicated in: one, unless it spans more activity-log extents
+    /// than fit at once (see [`ActivityLog::pieces`]).
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        if self.meta.is_none() {
+            return vec![(offset, len)];
+        }
+        self.al.lock().expect("activity log poisoned").pieces(offset, len)
+    }
+
+    /// A replicated write, answered under the protocol's completion rule (once every piece is).
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
+        let pieces = self.pieces(offset, buf.len() as u64);
+        if pieces.len() == 1 {
+            return self.write_piece(offset, buf, fua).await;
+        }
+        for (o, l) in pieces {
+            let at = usize::try_from(o - offset).expect("within the buffer");
+            let n = usize::try_from(l).expect("within the buffer");
+            self.write_piece(o, IoBuf::from_slice(&buf[at..at + n]), fua).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_piece(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
         self.writable()?;
         let gate = Arc::clone(&self.io_gate).read_owned().await;
         let len = buf.len() as u64;
@@ -761,11 +823,19 @@ impl Volume {
     pub async fn flush(&self) -> Result<(), i32> {
         let peer = self.peer();
         let mut comp = Completion::new(self.protocol(), true, peer.is_some());
-        let acks = self
-            .send_to_peer(peer.as_ref(), &mut comp, 0, 0, |id| {
-                small_frame(Kind::Flush, 0, id, 0, &[])
-            })
-            .await;
+        let acks = match &peer {
+            None => None,
+            Some(p) => {
+                let (sent, recv, done) = p.send_flush(false).await;
+                if sent {
+                    comp.queued();
+                    Some((recv, done))
+                } else {
+                    comp.peer_lost();
+                    None
+                }
+            }
+        };
         comp.local_done(self.store.flush().await);
         self.complete(comp, acks, 0, 0, None).await
     }
@@ -773,6 +843,26 @@ impl Volume {
     /// TRIM and WRITE_ZEROES: both become "zero this range" on both nodes (so the replicas stay
     /// byte-identical even where one side cannot discard).
     pub async fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> Result<(), i32> {
+        for (o, l) in self.pieces(offset, len) {
+            // A Zero frame carries a 32-bit length: pieces of at most 1 GiB.
+            let mut at = 0;
+            while at < l || (l == 0 && at == 0) {
+                let n = (l - at).min(ZERO_PIECE);
+                self.zero_piece(o + at, n, fua, may_trim, fast_only).await?;
+                at += n.max(1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn zero_piece(
         &self,
         offset: u64,
         len: u64,
@@ -794,7 +884,7 @@ impl Volume {
         if may_trim {
             flags |= F_MAY_TRIM;
         }
-        let l = u32::try_from(len).unwrap_or(u32::MAX);
+        let l = u32::try_from(len).expect("zero pieces are at most ZERO_PIECE");
         let acks = self
             .send_to_peer(peer.as_ref(), &mut comp, offset, len, |id| {
                 small_frame(Kind::Zero, flags, id, offset, &l.to_be_bytes())
@@ -831,6 +921,11 @@ impl Volume {
 
     /// `duet primary [--force]`.
     pub async fn promote(&self, force: bool) -> Result<String, Refused> {
+        let new_id = random_u64().map_err(|e| {
+            Refused(format!(
+                "the kernel gave no randomness for a generation identifier ({e}); not promoted"
+            ))
+        })?;
         let fresh = {
             let mut c = self.core.lock().expect("volume state poisoned");
             if c.role == Role::Primary {
@@ -863,7 +958,7 @@ impl Volume {
                 // Forced from nothing: a new data history with no bitmap base (the peer gets a
                 // full sync; two nodes forced this way are unrelated, not split).
                 c.sb.uuids = crate::generation::Generations {
-                    current: random_u64() & !1 | 1,
+                    current: new_id & !1 | 1,
                     bitmap: 0,
                     history: [0, 0],
                 };
@@ -1159,6 +1254,10 @@ pub struct ReplStatus {
     /// Page-cache writes that took over 50 ms (a slow disk): each sent this node's writes past
     /// its data thread for a second.
     pub slow_writes: u64,
+    /// Bytes the peer acknowledged that no peer flush has covered yet: what a power loss of
+    /// the peer would cost to resync (bounded by `flush_interval_ms` / `flush_after_kib`).
+    #[serde(default)]
+    pub peer_unflushed_bytes: u64,
     pub events: Vec<Event>,
 }
 
@@ -1206,6 +1305,9 @@ impl Volume {
 
     /// What `duet status` shows.
     pub fn status(&self) -> ReplStatus {
+        // Read before the state lock (the transfer log is never locked inside it).
+        let peer = self.core.lock().expect("volume state poisoned").peer.clone();
+        let unflushed = peer.and_then(|p| p.with_tl(|t| t.held_bytes())).unwrap_or(0);
         let c = self.core.lock().expect("volume state poisoned");
         let oos = if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 };
         let g = |x: u64| format!("{x:016x}");
@@ -1234,6 +1336,7 @@ impl Volume {
             connects: self.stats.connects.load(Relaxed),
             peer_errors: self.stats.peer_errors.load(Relaxed),
             slow_writes: self.store.slow_inline_writes(),
+            peer_unflushed_bytes: unflushed,
             events: c.events.iter().rev().take(20).rev().cloned().collect(),
         }
     }
