@@ -148,6 +148,9 @@ fn secondary_crash_resends_only_the_dirty_blocks() {
     // 100 blocks replicated, then beta dies (SIGKILL); alpha keeps serving 200 more.
     let acked = write_log(port, 7, 100, None);
     assert_eq!(acked.len(), 100);
+    // Until a peer flush covers them, acknowledged writes count as out of sync when the peer
+    // goes (it might have lost its cache); the periodic flush (1 s) makes them durable there.
+    assert!(p.wait_for(0, Duration::from_secs(10), |r| r["peer_unflushed_bytes"] == 0));
     p.kill(1);
     assert!(p.wait_for(0, Duration::from_secs(20), |r| r["connection"] != "Connected"));
     let mut r = Raw::transmission(port);

@@ -231,14 +231,15 @@ async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, S
 /// After a session: writes the peer had not acknowledged are out of sync; state back to
 /// Connecting (or StandAlone).
 async fn teardown(vol: &Arc<Volume>) {
-    let peer = vol.with_core(|c| {
+    let (peer, was_target) = vol.with_core(|c| {
+        let was_target = c.conn == ConnState::SyncTarget;
         let p = c.peer.take();
         c.peer_role = None;
         c.peer_disk = None;
         c.resync = None;
         c.verify = None;
         c.conn = if c.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
-        p
+        (p, was_target)
     });
     if let Some(p) = peer {
         // Closed first: a write that queued its frame before this registered its waiter before
@@ -262,6 +263,15 @@ async fn teardown(vol: &Arc<Volume>) {
         if let Ok(mut v) = p.verify.lock() {
             v.clear();
         }
+    }
+    // A resync target's cleared bits go to disk only with the data they stand for: after a
+    // power loss, its on-disk bitmap still names every block it may not have.
+    if was_target && vol.store().flush().await.is_err() {
+        tracing::error!(
+            "flush after an interrupted resync failed; the bitmap on disk keeps its bits"
+        );
+        vol.notify();
+        return;
     }
     let _ = vol.persist_bitmap().await;
     vol.notify();
@@ -544,7 +554,9 @@ struct Session {
     /// Resync and verify requests of the peer being served (see [`RS_SERVE_MAX`]).
     serving_rs: Arc<AtomicU64>,
     serving_verify: Arc<AtomicU64>,
-    /// Replicated writes hold it shared; a peer FLUSH takes it exclusively (waits for them).
+    /// Replicated writes hold the current barrier shared. A peer FLUSH puts a new one in its
+    /// place and waits for the old one exclusively: for exactly the writes received before it,
+    /// while later writes go on (a flush on a slow disk does not stall the link).
     barrier: Arc<RwLock<()>>,
     inflight_rs: Arc<AtomicU64>,
     resync: Option<tokio::task::JoinHandle<()>>,
@@ -700,11 +712,12 @@ impl Session {
                 }
             }
             Kind::Flush => {
-                // Every replicated write received before the flush is done once the barrier is
-                // ours; writes after it need not wait for the disk's flush, so it is let go.
-                drop(Arc::clone(&self.barrier).write_owned().await);
+                let before = std::mem::replace(&mut self.barrier, Arc::new(RwLock::new(())));
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
+                    // Every replicated write received before the flush is done once the old
+                    // barrier is ours.
+                    drop(before.write_owned().await);
                     // Answered only once the data and our metadata (bits of failed writes)
                     // are durable.
                     let r = match vol.store().flush().await {
@@ -851,21 +864,20 @@ impl Session {
                     };
                     let sent = peer.send(f).await;
                     drop(lock);
-                    if !sent {
-                        return;
+                    // Resync data needs no transfer log: the target clears its own bits on disk
+                    // only once the data is flushed (its teardown and the end of the resync
+                    // flush first), so after its power loss the union of the bitmaps covers it.
+                    // The bits go only while the session is live: after a teardown nothing is
+                    // cleared.
+                    let g = peer.tl.lock().expect("transfer log poisoned");
+                    if sent && g.is_some() {
+                        vol.with_core(|c| {
+                            c.bitmap.clear_range(h.offset, len);
+                            if let Some(r) = c.resync.as_mut() {
+                                r.2 += len;
+                            }
+                        });
                     }
-                    // Sent, not yet durable on the target: the transfer log holds it until a
-                    // flush covers it, and the bits go only while the session is live (a
-                    // teardown meanwhile has marked what the log held; nothing is cleared then).
-                    let mut g = peer.tl.lock().expect("transfer log poisoned");
-                    let Some(tl) = g.as_mut() else { return };
-                    tl.acked(Instant::now(), h.offset, len);
-                    vol.with_core(|c| {
-                        c.bitmap.clear_range(h.offset, len);
-                        if let Some(r) = c.resync.as_mut() {
-                            r.2 += len;
-                        }
-                    });
                     drop(g);
                 });
             }
