@@ -10,14 +10,12 @@
 //! - [`repl`]: replication between the two nodes: the peer frame codec, handshake, bitmap,
 //!   activity log, completion rules and connect policies (pure), and the drivers for metadata,
 //!   the replicated volume and the peer link;
-//! - [`generation`]: generation UUIDs and DRBD's connect-time rule table (`compare`);
-//! - [`ratectl`]: the resync rate controller (fixed, or dynamic with plan-ahead);
-//! - [`superblock`]: the metadata superblock codec (two alternating checksummed copies).
+//! - re-exported from the pure core (the `engine` crate): [`generation`] (generation UUIDs and
+//!   DRBD's connect-time rule table), [`ratectl`] (the resync rate controller), [`superblock`]
+//!   (the metadata superblock codec).
 
-pub mod generation;
+pub use engine::{generation, ratectl, superblock};
 pub mod nbd;
-pub mod ratectl;
 pub mod ratelimit;
 pub mod repl;
 pub mod store;
-pub mod superblock;

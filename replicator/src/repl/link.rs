@@ -27,11 +27,12 @@ use super::volume::{
     ConnState, DiskState, Peer, Role, Volume, block_frame, random_bytes, random_u64, small_frame,
 };
 use super::wire::{self, Cursor, F_FUA, F_HOLE, F_LAST, Header, Kind, WireError};
-use crate::generation::{Fixup, Generations, Side};
+use crate::generation::{Generations, Side};
 use crate::nbd::server::stopped;
 use crate::ratectl::{RateController, TICK};
 use crate::ratelimit::RateLimit;
 use crate::store::IoBuf;
+use engine::state::{Event, Sync};
 
 /// Largest frame accepted before authentication.
 const HANDSHAKE_MAX: u32 = 64 * 1024;
@@ -153,12 +154,8 @@ pub async fn run(
             return;
         }
         let want = vol.with_core(|c| {
-            if !c.want_connect {
-                c.conn = ConnState::StandAlone;
-            } else if c.conn == ConnState::StandAlone || c.conn == ConnState::Disconnecting {
-                c.conn = ConnState::Connecting;
-            }
-            c.want_connect
+            let _ = c.st.step(Event::Attempt);
+            c.st.want_connect
         });
         let sock = if !want {
             // Accept and drop, so the peer sees a refusal rather than a hang.
@@ -232,13 +229,11 @@ async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, S
 /// Connecting (or StandAlone).
 async fn teardown(vol: &Arc<Volume>) {
     let (peer, was_target) = vol.with_core(|c| {
-        let was_target = c.conn == ConnState::SyncTarget;
+        let was_target = c.st.conn == ConnState::SyncTarget;
         let p = c.peer.take();
-        c.peer_role = None;
-        c.peer_disk = None;
+        let _ = c.st.step(Event::LinkLost);
         c.resync = None;
         c.verify = None;
-        c.conn = if c.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
         (p, was_target)
     });
     if let Some(p) = peer {
@@ -347,7 +342,7 @@ async fn session(
     };
     let resolve = cfg.node > cfg.peer;
     let (me_f, peer_f) = (facts(&cfg.node, &mine), facts(&cfg.peer, &peer));
-    let (mut the_plan, verdict) = plan(&cfg.policies, &me_f, &peer_f, resolve);
+    let (the_plan, verdict) = plan(&cfg.policies, &me_f, &peer_f, resolve);
     vol.event(format!(
         "connected to {}: generations compared, rule {} → {:?}; plan {:?}",
         cfg.peer, verdict.rule, verdict.decision, the_plan
@@ -357,7 +352,7 @@ async fn session(
             tracing::error!(resource = %cfg.resource, peer = %cfg.peer, "SPLIT BRAIN: {why}");
             vol.with_core(|c| {
                 c.split_brain = Some(why.clone());
-                c.want_connect = false;
+                let _ = c.st.step(Event::GiveUp);
             });
             vol.event(format!("SPLIT BRAIN: {why}"));
             return Ok("split brain; StandAlone until the operator resolves it".into());
@@ -366,29 +361,20 @@ async fn session(
             tracing::error!(resource = %cfg.resource, peer = %cfg.peer, "refusing to connect: {why}");
             vol.with_core(|c| {
                 c.last_refusal = Some(why.clone());
-                c.want_connect = false;
+                let _ = c.st.step(Event::GiveUp);
             });
             return Ok(format!("refused: {why}; StandAlone"));
         }
         Plan::Retry(why) => return Err(why.clone()),
         Plan::NoSync | Plan::Source { .. } | Plan::Target { .. } => {}
     }
-    if verdict.fixup == Fixup::ClearOwnBitmap {
-        vol.with_core(|c| c.sb.uuids.clear_bitmap());
-    }
-    if verdict.fixup == Fixup::UndoOwnSyncUuid {
-        vol.with_core(|c| {
-            let h = c.sb.uuids.history;
-            c.sb.uuids.bitmap = h[0];
-            c.sb.uuids.history = [h[1], 0];
-        });
-    }
+    vol.with_core(|c| engine::session::apply_fixup(&mut c.sb.uuids, verdict.fixup));
     // 4. Bitmaps both ways, OR-ed. From here until the session is live no application write
     // runs: one that missed the peer has marked its blocks before our bitmap is read, and the
     // next one replicates.
     let gate = Arc::clone(&vol.io_gate).write_owned().await;
     r.limit = wire::MAX_PAYLOAD;
-    let full = matches!(the_plan, Plan::Source { full: true } | Plan::Target { full: true });
+    let full = engine::session::full(&the_plan);
     // The writes are held for the whole exchange, so it has a deadline of its own besides the
     // per-frame one: a peer that trickles bitmap frames cannot hold them for long.
     let exchange = async {
@@ -421,58 +407,37 @@ async fn session(
         }
         c.bitmap.weight()
     });
-    if the_plan == Plan::NoSync && weight > 0 {
-        // Same generation but blocks marked (a crashed Primary's hot extents): resync them from
-        // the Primary, or by the tie-break.
-        let source = mine.has(P_PRIMARY) || (!peer.has(P_PRIMARY) && !resolve);
-        the_plan = if source { Plan::Source { full: false } } else { Plan::Target { full: false } };
-    }
+    let Some(sync) = engine::session::start(
+        &the_plan,
+        weight,
+        mine.has(P_PRIMARY),
+        peer.has(P_PRIMARY),
+        resolve,
+    ) else {
+        unreachable!("plans that do not go live returned above")
+    };
     // 5. Go live.
     let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib));
     let peer_h = Peer::new(tx, cfg.transfer_log);
-    let peer_role = if peer.has(P_PRIMARY) { Role::Primary } else { Role::Secondary };
-    let peer_disk =
-        if peer.has(P_INCONSISTENT) { DiskState::Inconsistent } else { DiskState::Consistent };
+    let live = Event::Live {
+        sync,
+        peer_primary: peer.has(P_PRIMARY),
+        peer_inconsistent: peer.has(P_INCONSISTENT),
+    };
     let bytes = weight * vol.with_core(|c| c.bitmap.granularity());
     vol.with_core(|c| {
         c.peer = Some(Arc::clone(&peer_h));
-        c.peer_role = Some(peer_role);
-        c.peer_disk = Some(peer_disk);
         c.discard_my_data = false;
         c.split_brain = None;
         c.last_refusal = None;
         c.bumped = false;
         c.sb.flags &= !crate::superblock::FLAG_PEER_OUTDATED;
-        if c.role != Role::Primary {
+        if c.st.role != Role::Primary {
             c.sb.flags &= !crate::superblock::FLAG_CRASHED_PRIMARY;
         }
-        match the_plan {
-            Plan::NoSync => {
-                c.conn = ConnState::Connected;
-                if c.disk >= DiskState::Outdated {
-                    c.disk = DiskState::UpToDate;
-                }
-                c.peer_disk = Some(DiskState::UpToDate);
-            }
-            Plan::Source { .. } => {
-                c.conn = ConnState::SyncSource;
-                // The generations say our data is the newer: a Consistent source is UpToDate
-                // (as `NoSync` raises it). Without this, a source that restarted Consistent
-                // stayed so after the resync, and `duet primary` was refused.
-                if c.disk == DiskState::Consistent {
-                    c.disk = DiskState::UpToDate;
-                }
-                c.peer_disk = Some(DiskState::Inconsistent);
-                c.resync = Some((Instant::now(), bytes, 0));
-            }
-            Plan::Target { .. } => {
-                c.conn = ConnState::SyncTarget;
-                c.disk = DiskState::Inconsistent;
-                c.resync = Some((Instant::now(), bytes, 0));
-            }
-            Plan::SplitBrain(_) | Plan::Refuse(_) | Plan::Retry(_) => {
-                unreachable!("returned above")
-            }
+        let _ = c.st.step(live);
+        if sync != Sync::None {
+            c.resync = Some((Instant::now(), bytes, 0));
         }
     });
     drop(gate);
@@ -483,7 +448,7 @@ async fn session(
         peer_h.tx.close();
         return Err("cannot write metadata".into());
     }
-    if matches!(the_plan, Plan::Source { .. }) {
+    if sync == Sync::Source {
         let id = random_u64().map_err(|e| format!("no randomness for a sync generation: {e}"))?;
         let g = vol.with_core(|c| {
             c.sb.uuids.start_sync_source(id);
@@ -642,7 +607,7 @@ impl Session {
                     }
                 }
                 _ = changed.changed() => {
-                    if self.vol.with_core(|c| c.conn == ConnState::Disconnecting) {
+                    if self.vol.with_core(|c| c.st.conn == ConnState::Disconnecting) {
                         self.peer.send(small_frame(Kind::Disconnect, 0, 0, 0, &[])).await;
                         return Ok("disconnected on request (the operator, or the cluster manager after the heartbeat declared the peer dead)".into());
                     }
@@ -783,29 +748,17 @@ impl Session {
                 let mut c = Cursor::new(Kind::State, &p);
                 let (role, disk) =
                     (c.u8().map_err(|e| e.to_string())?, c.u8().map_err(|e| e.to_string())?);
-                let disk = match disk {
-                    0 => DiskState::Inconsistent,
-                    1 => DiskState::Outdated,
-                    2 => DiskState::Consistent,
-                    3 => DiskState::UpToDate,
-                    _ => return Err("peer sent an unknown disk state".into()),
+                let Some(disk) = DiskState::from_code(disk) else {
+                    return Err("peer sent an unknown disk state".into());
                 };
                 let role = if role == 1 { Role::Primary } else { Role::Secondary };
-                if role == Role::Primary && vol.role() == Role::Primary {
-                    return Err(
-                        "both nodes are Primary: disconnecting (dual-primary is not supported)"
-                            .into(),
-                    );
-                }
-                vol.with_core(|c| {
-                    c.peer_role = Some(role);
-                    c.peer_disk = Some(disk);
-                });
+                vol.with_core(|c| c.st.step(Event::PeerReport { role, disk }))
+                    .map_err(|r| r.to_string())?;
                 vol.notify();
             }
             Kind::SyncUuid => {
                 let g = decode_gens(&p).map_err(|e| e.to_string())?;
-                if vol.with_core(|c| c.conn) != ConnState::SyncTarget {
+                if vol.with_core(|c| c.st.conn) != ConnState::SyncTarget {
                     return Err(
                         "peer sent a sync generation while we are not its resync target".into()
                     );
@@ -826,7 +779,7 @@ impl Session {
                 if len > rs_chunk(vol.with_core(|c| c.bitmap.granularity())) {
                     return Err("peer asked for an oversized resync block".into());
                 }
-                if vol.with_core(|c| c.conn) == ConnState::SyncTarget {
+                if vol.with_core(|c| c.st.conn) == ConnState::SyncTarget {
                     return Err(
                         "peer asked us for resync data while we are its resync target".into()
                     );
@@ -885,7 +838,7 @@ impl Session {
                 // Resync data only goes to a Secondary that asked for it: a resync target, or
                 // a verify's repair (RsSame only answers a target's checksum request). On a
                 // Primary it would bypass the I/O gate and the activity log.
-                let (role, conn) = vol.with_core(|c| (c.role, c.conn));
+                let (role, conn) = vol.with_core(|c| (c.st.role, c.st.conn));
                 let taken = role == Role::Secondary
                     && match h.kind {
                         Kind::RsSame => conn == ConnState::SyncTarget,
@@ -939,16 +892,14 @@ impl Session {
                 });
             }
             Kind::RsDone => {
-                if vol.with_core(|c| c.conn) != ConnState::SyncSource {
-                    return Err("peer reported a finished resync we did not run".into());
-                }
                 vol.with_core(|c| {
+                    c.st.step(Event::SourceDone)?;
                     c.bitmap.clear_all();
                     c.sb.uuids.clear_bitmap();
-                    c.conn = ConnState::Connected;
-                    c.peer_disk = Some(DiskState::UpToDate);
                     c.resync = None;
-                });
+                    Ok::<_, engine::state::Refusal>(())
+                })
+                .map_err(|r| r.to_string())?;
                 let _ = vol.persist_bitmap().await;
                 let _ = vol.persist_sb().await;
                 vol.event("resync finished (source): the peer is UpToDate".into());
@@ -971,11 +922,7 @@ impl Session {
                         "peer has more than {VERIFY_SERVE_MAX} verify requests outstanding with us"
                     ));
                 };
-                vol.with_core(|c| {
-                    if c.conn == ConnState::Connected {
-                        c.conn = ConnState::VerifyTarget;
-                    }
-                });
+                vol.with_core(|c| c.st.step(Event::PeerVerifyStart)).map_err(|r| r.to_string())?;
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
                     // Locked in the task, not the reader (see RsRequest).
@@ -999,11 +946,7 @@ impl Session {
                 let _ = tx.send(p.to_vec());
             }
             Kind::VerifyDone => {
-                vol.with_core(|c| {
-                    if c.conn == ConnState::VerifyTarget {
-                        c.conn = ConnState::Connected;
-                    }
-                });
+                vol.with_core(|c| c.st.step(Event::PeerVerifyEnd)).map_err(|r| r.to_string())?;
                 vol.notify();
             }
             Kind::Refuse => return Err(format!("peer refused: {}", String::from_utf8_lossy(&p))),
@@ -1073,7 +1016,7 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
         // in-flight window refills at once instead of once per tick.
         tokio::select! {
             _ = tick.tick() => {
-                if vol.with_core(|c| c.conn) != ConnState::SyncTarget {
+                if vol.with_core(|c| c.st.conn) != ConnState::SyncTarget {
                     return;
                 }
                 // Up to one request's worth carries over (so a budget just short of a whole
@@ -1135,9 +1078,7 @@ async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
         return;
     }
     vol.with_core(|c| {
-        c.conn = ConnState::Connected;
-        c.disk = DiskState::UpToDate;
-        c.peer_disk = Some(DiskState::UpToDate);
+        let _ = c.st.step(Event::TargetDone);
         c.resync = None;
         // The target adopts the generations the source sent with SyncUuid.
         if let Some(g) = c.sync_source_gens.take() {
@@ -1156,16 +1097,10 @@ async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
 /// background; progress and findings show in `duet status`.
 pub fn verify(vol: &Arc<Volume>, repair: bool) -> Result<String, super::volume::Refused> {
     let peer = vol.with_core(|c| {
-        if c.conn != ConnState::Connected {
-            return Err(super::volume::Refused(format!(
-                "verify needs a Connected, in-sync peer; the connection is {:?}",
-                c.conn
-            )));
-        }
-        c.conn = ConnState::VerifySource;
+        c.st.step(Event::VerifyStart)?;
         c.verify = Some((Instant::now(), vol.size(), 0));
         c.verify_found.clear();
-        Ok(c.peer.clone())
+        Ok::<_, engine::state::Refusal>(c.peer.clone())
     })?;
     let Some(peer) = peer else { return Err(super::volume::Refused("not connected".into())) };
     vol.event(format!("online verify started{}", if repair { " (with repair)" } else { "" }));
@@ -1182,7 +1117,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
     let mut found: Vec<(u64, u64)> = Vec::new();
     let size = vol.size();
     while off < size {
-        if vol.with_core(|c| c.conn) != ConnState::VerifySource {
+        if vol.with_core(|c| c.st.conn) != ConnState::VerifySource {
             vol.event("verify stopped: the connection changed".into());
             return;
         }
@@ -1240,7 +1175,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
     vol.event(format!("online verify finished: {} out-of-sync ranges, {total} bytes", found.len()));
     if repair && !found.is_empty() {
         // The Primary's data wins; with no Primary, the node that ran verify.
-        let peer_primary = vol.with_core(|c| c.peer_role == Some(Role::Primary));
+        let peer_primary = vol.with_core(|c| c.st.peer_role == Some(Role::Primary));
         let chunk = rs_chunk(g);
         let pieces = found.iter().flat_map(|&(o, l)| {
             (0..l.div_ceil(chunk)).map(move |i| (o + i * chunk, chunk.min(l - i * chunk)))
@@ -1266,9 +1201,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
         ));
     }
     vol.with_core(|c| {
-        if c.conn == ConnState::VerifySource {
-            c.conn = ConnState::Connected;
-        }
+        let _ = c.st.step(Event::VerifyEnd);
         c.verify = None;
     });
     vol.notify();

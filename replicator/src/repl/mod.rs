@@ -1,6 +1,6 @@
 //! Replication between the two nodes of a pair.
 //!
-//! Pure parts (no sockets, no clock, no files): [`wire`] (frame codec), [`handshake`] (messages,
+//! Pure parts, re-exported from the `engine` crate (no sockets, no clock, no files): [`wire`] (frame codec), [`handshake`] (messages,
 //! authentication, compatibility checks), [`bitmap`], [`actlog`] (activity log),
 //! [`completion`] (protocol A/B/C completion rules), [`policy`] (connect-time plan: generations,
 //! disk states, split-brain policies), [`translog`] (what the peer acknowledged but has not made
@@ -8,20 +8,10 @@
 //! replicated volume: write path, roles, resync and verify bookkeeping) and [`link`] (the TCP
 //! peer connection).
 
-pub mod actlog;
-pub mod bitmap;
-pub mod completion;
-pub mod handshake;
+pub use engine::{actlog, bitmap, completion, handshake, liveness, policy, translog, wire};
 pub mod link;
-pub mod liveness;
 pub mod locks;
 pub mod meta;
-pub mod policy;
-#[cfg(test)]
-#[allow(clippy::cast_possible_truncation)]
-mod sim;
 pub mod throttle;
-pub mod translog;
 pub mod tx;
 pub mod volume;
-pub mod wire;

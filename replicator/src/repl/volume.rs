@@ -40,50 +40,8 @@ use crate::superblock::{
     Superblock,
 };
 
-/// Role of this node for the resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Role {
-    /// Serves NBD; its writes are mirrored.
-    Primary,
-    /// Receives the Primary's writes; exports nothing.
-    Secondary,
-}
-
-/// Local disk state.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub enum DiskState {
-    /// Being written by a resync, or never synced: not usable.
-    Inconsistent,
-    /// Consistent but known to be older than the peer's.
-    Outdated,
-    /// Consistent; whether it is the newest is not known (not connected since start).
-    Consistent,
-    /// The newest data.
-    UpToDate,
-}
-
-/// Connection state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ConnState {
-    /// Not trying to connect (operator said disconnect, or split brain / refusal).
-    StandAlone,
-    /// Trying to reach the peer.
-    Connecting,
-    /// Connected and in sync.
-    Connected,
-    /// Connected; we send the resync.
-    SyncSource,
-    /// Connected; we receive the resync.
-    SyncTarget,
-    /// Connected; we run an online verify.
-    VerifySource,
-    /// Connected; the peer runs an online verify.
-    VerifyTarget,
-    /// Tearing the connection down.
-    Disconnecting,
-}
+pub use engine::state::{ConnState, DiskState, Role};
+use engine::state::{Event as Ev, State};
 
 /// Static settings of a replicated volume.
 #[derive(Debug, Clone)]
@@ -151,16 +109,12 @@ pub struct Event {
 /// State under the volume's mutex.
 #[derive(Debug)]
 pub(crate) struct Core {
-    pub role: Role,
-    pub disk: DiskState,
-    pub conn: ConnState,
-    pub peer_role: Option<Role>,
-    pub peer_disk: Option<DiskState>,
+    /// Role, disk and connection states: changed only through [`State::step`].
+    pub st: State,
     pub sb: Superblock,
     pub bitmap: Bitmap,
     /// A new current generation was made since the peer was last connected.
     pub bumped: bool,
-    pub want_connect: bool,
     pub discard_my_data: bool,
     pub split_brain: Option<String>,
     pub last_refusal: Option<String>,
@@ -212,6 +166,12 @@ const ZERO_PIECE: u64 = 1 << 30;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
+
+impl From<engine::state::Refusal> for Refused {
+    fn from(r: engine::state::Refusal) -> Self {
+        Self(r.to_string())
+    }
+}
 
 fn refuse<T>(s: impl Into<String>) -> Result<T, Refused> {
     Err(Refused(s.into()))
@@ -425,15 +385,10 @@ impl Volume {
             meta,
             size,
             core: Mutex::new(Core {
-                role,
-                disk,
-                conn: ConnState::StandAlone,
-                peer_role: None,
-                peer_disk: None,
+                st: State { role, ..State::attached(disk, want) },
                 sb,
                 bitmap,
                 bumped: false,
-                want_connect: want,
                 discard_my_data: false,
                 split_brain: None,
                 last_refusal: None,
@@ -522,7 +477,7 @@ impl Volume {
     }
     /// Current role.
     pub fn role(&self) -> Role {
-        self.core.lock().expect("volume state poisoned").role
+        self.core.lock().expect("volume state poisoned").st.role
     }
     fn protocol(&self) -> Protocol {
         self.cfg.as_ref().map_or(Protocol::C, |c| c.protocol)
@@ -555,10 +510,10 @@ impl Volume {
             let mut c = self.core.lock().expect("volume state poisoned");
             c.sb.sequence += 1;
             let mut f = c.sb.flags & !(FLAG_CONSISTENT | FLAG_OUTDATED);
-            if c.disk >= DiskState::Outdated {
+            if c.st.disk >= DiskState::Outdated {
                 f |= FLAG_CONSISTENT;
             }
-            if c.disk == DiskState::Outdated {
+            if c.st.disk == DiskState::Outdated {
                 f |= FLAG_OUTDATED;
             }
             c.sb.flags = f;
@@ -646,7 +601,7 @@ impl Volume {
             if c.bumped {
                 return Ok(());
             }
-            let primary = c.role == Role::Primary;
+            let primary = c.st.role == Role::Primary;
             c.sb.uuids.new_current(fresh, primary);
             c.sb.sequence += 1;
             c.bumped = true;
@@ -676,7 +631,7 @@ impl Volume {
     /// The connection writes go to, if any.
     fn peer(&self) -> Option<Arc<Peer>> {
         let c = self.core.lock().expect("volume state poisoned");
-        match c.conn {
+        match c.st.conn {
             ConnState::Connected
             | ConnState::SyncSource
             | ConnState::SyncTarget
@@ -688,7 +643,7 @@ impl Volume {
 
     fn writable(&self) -> Result<(), i32> {
         let c = self.core.lock().expect("volume state poisoned");
-        if c.role != Role::Primary {
+        if c.st.role != Role::Primary {
             return Err(libc::EROFS);
         }
         Ok(())
@@ -926,33 +881,14 @@ impl Volume {
                 "the kernel gave no randomness for a generation identifier ({e}); not promoted"
             ))
         })?;
-        let fresh = {
+        let (fresh, was) = {
             let mut c = self.core.lock().expect("volume state poisoned");
-            if c.role == Role::Primary {
+            if c.st.role == Role::Primary {
                 return Ok("already Primary".into());
             }
-            if c.peer_role == Some(Role::Primary) && c.peer.is_some() {
-                return refuse(
-                    "the peer is Primary; run `duet secondary` there first (dual-primary is not supported)",
-                );
-            }
-            if matches!(c.conn, ConnState::SyncTarget) {
-                return refuse(
-                    "this node is receiving a resync (SyncTarget); wait until it finishes (see `duet status`)",
-                );
-            }
-            let fresh = c.disk == DiskState::Inconsistent && force;
-            match (c.disk, force) {
-                (DiskState::UpToDate, _) => {}
-                (DiskState::Consistent | DiskState::Outdated | DiskState::Inconsistent, true) => {}
-                (d, false) => {
-                    return refuse(format!(
-                        "the local disk is {d:?}, not UpToDate: promoting could serve stale data; connect to the peer first, or pass --force if you are sure this node's data is the one to keep"
-                    ));
-                }
-            }
-            c.role = Role::Primary;
-            c.disk = DiskState::UpToDate;
+            let was = c.st.disk;
+            let fresh = was == DiskState::Inconsistent && force;
+            c.st.step(Ev::Promote { force })?;
             c.sb.flags |= FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY;
             if fresh {
                 // Forced from nothing: a new data history with no bitmap base (the peer gets a
@@ -964,11 +900,11 @@ impl Volume {
                 };
                 c.bumped = true;
             }
-            fresh
+            (fresh, was)
         };
         if self.persist_sb().await.is_err() {
             let mut c = self.core.lock().expect("volume state poisoned");
-            c.role = Role::Secondary;
+            let _ = c.st.step(Ev::PromotionFailed { disk: was });
             return refuse("cannot write the metadata (I/O error); not promoted");
         }
         self.send_state().await;
@@ -1006,13 +942,11 @@ impl Volume {
             if self.cfg.is_none() {
                 return refuse("this resource has no peer");
             }
-            if c.role == Role::Primary {
-                return refuse("this node is Primary: its data cannot be outdated");
-            }
-            if c.disk == DiskState::Inconsistent {
+            if c.st.step(Ev::Outdate)? == engine::state::Outcome::Unchanged
+                && c.st.disk == DiskState::Inconsistent
+            {
                 return Ok("Inconsistent (already unusable)".into());
             }
-            c.disk = DiskState::Outdated;
         }
         self.persist_sb().await.map_err(|_| Refused("cannot write the metadata".into()))?;
         self.event("outdated at the peer's request: this data must not be promoted".into());
@@ -1025,7 +959,7 @@ impl Volume {
     pub async fn set_peer_outdated(&self) -> Result<(), Refused> {
         self.with_core(|c| {
             c.sb.flags |= FLAG_PEER_OUTDATED;
-            c.peer_disk = Some(DiskState::Outdated);
+            let _ = c.st.step(Ev::PeerOutdated);
         });
         self.persist_sb().await.map_err(|_| Refused("cannot write the metadata".into()))
     }
@@ -1034,10 +968,10 @@ impl Volume {
     pub async fn demote(&self) -> Result<String, Refused> {
         {
             let mut c = self.core.lock().expect("volume state poisoned");
-            if c.role == Role::Secondary {
+            if c.st.role == Role::Secondary {
                 return Ok("already Secondary".into());
             }
-            c.role = Role::Secondary;
+            let _ = c.st.step(Ev::Demote);
             c.sb.flags &= !FLAG_CRASHED_PRIMARY;
         }
         if self.store.flush().await.is_err() {
@@ -1054,10 +988,10 @@ impl Volume {
     pub(crate) async fn send_state(&self) {
         let (peer, role, disk) = {
             let c = self.core.lock().expect("volume state poisoned");
-            (c.peer.clone(), c.role, c.disk)
+            (c.peer.clone(), c.st.role, c.st.disk)
         };
         if let Some(p) = peer {
-            let payload = [u8::from(role == Role::Primary), disk as u8];
+            let payload = [u8::from(role == Role::Primary), disk.code()];
             p.send(small_frame(Kind::State, 0, 0, 0, &payload)).await;
         }
     }
@@ -1066,7 +1000,7 @@ impl Volume {
     pub(crate) fn params(&self) -> Params {
         let c = self.core.lock().expect("volume state poisoned");
         let mut flags = 0;
-        if c.role == Role::Primary {
+        if c.st.role == Role::Primary {
             flags |= P_PRIMARY;
         }
         if c.sb.flags & FLAG_CRASHED_PRIMARY != 0 {
@@ -1075,7 +1009,7 @@ impl Volume {
         if c.discard_my_data {
             flags |= P_DISCARD_MY_DATA;
         }
-        match c.disk {
+        match c.st.disk {
             DiskState::Inconsistent => flags |= P_INCONSISTENT,
             DiskState::Outdated => flags |= P_OUTDATED,
             DiskState::Consistent | DiskState::UpToDate => {}
@@ -1095,15 +1029,12 @@ impl Volume {
             return refuse("this resource has no peer in the configuration");
         }
         let mut c = self.core.lock().expect("volume state poisoned");
-        if discard_my_data && c.role == Role::Primary {
-            return refuse("this node is Primary: run `duet secondary` before discarding its data");
-        }
+        c.st.step(Ev::Connect { discard_my_data })?;
         c.discard_my_data = discard_my_data;
         c.split_brain = None;
         if c.peer.is_some() {
             return Ok("already connected".into());
         }
-        c.want_connect = true;
         drop(c);
         self.notify();
         Ok(if discard_my_data {
@@ -1119,9 +1050,7 @@ impl Volume {
         let had = {
             let mut c = self.core.lock().expect("volume state poisoned");
             let had = c.peer.is_some();
-            if had {
-                c.conn = ConnState::Disconnecting;
-            }
+            let _ = c.st.step(Ev::DropPeer);
             had
         };
         if !had {
@@ -1140,8 +1069,7 @@ impl Volume {
     /// `duet disconnect`.
     pub fn disconnect(&self) -> Result<String, Refused> {
         let mut c = self.core.lock().expect("volume state poisoned");
-        c.want_connect = false;
-        c.conn = if c.peer.is_some() { ConnState::Disconnecting } else { ConnState::StandAlone };
+        let _ = c.st.step(Ev::Disconnect);
         drop(c);
         self.notify();
         Ok("disconnecting".into())
@@ -1155,17 +1083,8 @@ impl Volume {
             if self.cfg.is_none() {
                 return refuse("this resource has no peer to resync from");
             }
-            if c.role == Role::Primary {
-                return refuse(
-                    "this node is Primary: run `duet secondary` first (a Primary's data cannot be thrown away under its clients)",
-                );
-            }
-            c.disk = DiskState::Inconsistent;
+            c.st.step(Ev::Invalidate)?;
             c.bitmap.set_all();
-            // Reconnect so the handshake plans the full resync.
-            if c.peer.is_some() {
-                c.conn = ConnState::Disconnecting;
-            }
         }
         let _ = self.persist_bitmap().await;
         let _ = self.persist_sb().await;
@@ -1293,11 +1212,11 @@ impl Volume {
     pub fn summary(&self) -> Summary {
         let c = self.core.lock().expect("volume state poisoned");
         Summary {
-            role: c.role,
-            disk: c.disk,
-            connection: c.conn,
-            peer_disk: c.peer_disk,
-            peer_role: if c.peer.is_some() { c.peer_role } else { None },
+            role: c.st.role,
+            disk: c.st.disk,
+            connection: c.st.conn,
+            peer_disk: c.st.peer_disk,
+            peer_role: if c.peer.is_some() { c.st.peer_role } else { None },
             out_of_sync_bytes: if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 },
             generation: c.sb.uuids.current,
         }
@@ -1312,11 +1231,11 @@ impl Volume {
         let oos = if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 };
         let g = |x: u64| format!("{x:016x}");
         ReplStatus {
-            role: c.role,
-            disk: c.disk,
-            connection: c.conn,
-            peer_role: c.peer_role,
-            peer_disk: c.peer_disk,
+            role: c.st.role,
+            disk: c.st.disk,
+            connection: c.st.conn,
+            peer_role: c.st.peer_role,
+            peer_disk: c.st.peer_disk,
             out_of_sync_bytes: oos,
             current_generation: g(c.sb.uuids.current),
             bitmap_generation: g(c.sb.uuids.bitmap),

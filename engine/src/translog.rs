@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn acknowledged_ranges_are_held_until_a_flush_covers_them() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut tl = TransferLog::new(B);
         tl.acked(t0, 0, 4096);
         tl.acked(t0, 8192, 4096);
@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn a_lost_link_returns_everything_not_yet_durable() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut tl = TransferLog::new(B);
         tl.acked(t0, 0, 4096);
         tl.barrier(3, true);
@@ -179,7 +179,7 @@ mod tests {
 
     #[test]
     fn a_later_flush_covers_the_older_epochs_too() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut tl = TransferLog::new(B);
         tl.acked(t0, 0, 4096);
         tl.barrier(3, true);
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_failed_flush_returns_its_ranges() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut tl = TransferLog::new(B);
         tl.acked(t0, 0, 4096);
         tl.barrier(9, true);
@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn a_flush_is_due_after_the_interval_or_the_size_and_one_at_a_time() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut tl = TransferLog::new(B);
         assert!(!tl.due(t0), "empty");
         tl.acked(t0, 0, 4096);
@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn adjacent_ranges_merge_so_a_stream_is_one_entry() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut tl = TransferLog::new(B);
         for i in 0..1000u64 {
             tl.acked(t0, i * 4096, 4096);
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn a_barrier_with_nothing_open_closes_no_epoch() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut tl = TransferLog::new(B);
         tl.barrier(1, false);
         assert!(tl.closed.is_empty());

@@ -6,7 +6,7 @@
 //!
 //! Pure: the caller calls [`RateController::tick`] every [`TICK`] with `now`, the resync data the
 //! peer acknowledged since the last tick, and whether application I/O is busy; it answers how much
-//! resync data to request now. The resync target in [`crate::repl::link`] drives it.
+//! resync data to request now. The resync target in `replicator::repl::link` drives it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -173,7 +173,7 @@ mod tests {
         busy: impl Fn(usize) -> bool,
     ) -> (f64, u64) {
         let mut c = RateController::new(s);
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut queue: u64 = 0;
         let mut pipe: VecDeque<u64> = VecDeque::from(vec![0; latency_ticks]);
         let mut acked = 0;
@@ -198,7 +198,7 @@ mod tests {
     fn fixed_mode_is_exact() {
         let mut c =
             RateController::new(Settings { mode: Mode::Fixed, rate_kib: 5000, ..settings() });
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         assert_eq!(c.tick(t0, 0, false), 500);
         assert_eq!(c.tick(t0 + TICK, 0, false), 500);
         // A late tick asks for proportionally more.
@@ -223,7 +223,7 @@ mod tests {
         let (rate, _) = simulate(s, 1024, 1, 600, |_| false);
         assert!(rate > 0.9 * 1024.0, "reached {rate:.0} KiB/s");
         let mut c = RateController::new(s);
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut queue = 0u64;
         let mut acked = 0;
         for i in 0..600u32 {
@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn never_negative_never_panics_on_odd_input() {
         let mut c = RateController::new(settings());
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         // Acks larger than anything requested, time going backwards, huge gaps.
         assert!(c.tick(t0, u64::MAX, false) < u64::MAX);
         let _ = c.tick(t0 - Duration::from_secs(5), 0, true);

@@ -1,5 +1,5 @@
 //! The out-of-sync bitmap: one bit per `granularity` bytes of the volume (4 KiB by default); a
-//! set bit means "this block may differ from the peer". Pure, in memory; [`super::meta`] stores
+//! set bit means "this block may differ from the peer". Pure, in memory; `replicator::repl::meta` stores
 //! it in 4 KiB pages and writes back only the pages marked dirty.
 //!
 //! On the wire it travels as runs of set bits ([`Bitmap::encode_runs`]), so an in-sync volume
@@ -7,7 +7,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::wire::{Cursor, Kind, WireError};
+use crate::wire::{Cursor, Kind, WireError};
 
 /// Bytes in one on-disk bitmap page.
 pub const PAGE: usize = 4096;

@@ -3,7 +3,7 @@
 //! fall back on. Each copy carries a magic, a format version and a CRC32 of the whole block.
 //!
 //! Pure codec: bytes in, [`Superblock`] or a refusal out (and back). Where the two slots live on
-//! disk is [`crate::repl::meta`]'s business.
+//! disk is `replicator::repl::meta`'s business.
 
 use crate::generation::Generations;
 

@@ -5,8 +5,8 @@
 //! `drbd_uuid_compare()` (see `shared/reference/drbd.md` §1) so log lines and tests can name them;
 //! the "new current UUID on the first write after losing the peer" timing is DRBD 9's.
 //!
-//! [`crate::repl::policy`] builds the connect plan on [`compare`]; [`crate::repl::volume`] and
-//! [`crate::repl::link`] apply the transitions and persist them.
+//! [`crate::policy`] builds the connect plan on [`compare`]; `replicator::repl::volume` and
+//! `replicator::repl::link` apply the transitions and persist them.
 
 /// The "was primary" marker in bit 0 of a UUID. Masked in every comparison.
 pub const UUID_PRIMARY: u64 = 1;

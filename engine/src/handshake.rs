@@ -11,8 +11,8 @@ use bytes::{BufMut, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::wire::{Cursor, Kind, VERSION, WireError, put_string};
 use crate::generation::Generations;
+use crate::wire::{Cursor, Kind, VERSION, WireError, put_string};
 
 /// Features this build understands (bit set). None are optional yet; the field exists so a
 /// later build can refuse or adapt with a clear message instead of misreading frames.

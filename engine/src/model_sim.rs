@@ -1,5 +1,5 @@
 //! A simulated pair for crash and partition scenarios, in milliseconds: two nodes with block
-//! disks, the real pure parts (generations, [`super::policy::plan`], [`ActivityLog`],
+//! disks, the real pure parts (generations, [`crate::policy::plan`], [`ActivityLog`],
 //! [`Completion`] under protocol C), a link that delivers after a virtual delay and can be cut,
 //! and a client that records what was acknowledged. Invariants are checked after every step:
 //!
@@ -11,10 +11,10 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::actlog::{ActivityLog, Begin};
-use super::completion::{Completion, Protocol};
-use super::policy::{Facts, Plan, Policies, plan};
+use crate::actlog::{ActivityLog, Begin};
+use crate::completion::{Completion, Protocol};
 use crate::generation::{Generations, Side};
+use crate::policy::{Facts, Plan, Policies, plan};
 
 const BLOCKS: u64 = 64;
 

@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn a_ping_answered_in_time_or_none_out_is_alive() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut l = Liveness::default();
         for i in 0..40 {
             assert_eq!(l.tick(ms(t0, i * 50), None, None, PT, T), Verdict::Alive);
@@ -86,7 +86,7 @@ mod tests {
 
     #[test]
     fn an_unanswered_ping_on_regular_ticks_is_no_pong() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut l = Liveness::default();
         let mut verdicts = Vec::new();
         for i in 0..=12 {
@@ -98,7 +98,7 @@ mod tests {
 
     #[test]
     fn a_request_unanswered_past_the_timeout_is_reported() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut l = Liveness::default();
         assert_eq!(l.tick(ms(t0, 5950), None, Some(t0), PT, T), Verdict::Alive);
         assert_eq!(l.tick(ms(t0, 6000), None, Some(t0), PT, T), Verdict::Alive);
@@ -109,7 +109,7 @@ mod tests {
 
     #[test]
     fn a_late_tick_is_excused_once_then_judged() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut l = Liveness::default();
         assert_eq!(l.tick(t0, Some(t0), None, PT, T), Verdict::Alive);
         // Our thread was held for 900 ms: the pong may be unread. No verdict on this tick...
@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn a_node_that_keeps_stalling_still_judges_every_other_tick() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut l = Liveness::default();
         let mut got = Vec::new();
         for i in 0..6 {
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn clock_values_before_the_ping_do_not_panic() {
-        let t0 = Instant::now();
+        let t0 = crate::testutil::origin();
         let mut l = Liveness::default();
         assert_eq!(l.tick(t0, Some(ms(t0, 10)), Some(ms(t0, 10)), PT, T), Verdict::Alive);
     }
