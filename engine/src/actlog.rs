@@ -70,6 +70,15 @@ impl ActivityLog {
 
     /// Asks to write `[offset, offset+len)`.
     pub fn begin(&mut self, offset: u64, len: u64) -> Begin {
+        self.begin_unless(offset, len, |_| false)
+    }
+
+    /// [`ActivityLog::begin`], never evicting an extent for which `pinned` says so: one that
+    /// holds writes the peer has acknowledged but not yet flushed (the transfer log). Were it
+    /// evicted, a crash of this node together with a power loss of the peer would lose those
+    /// writes with nothing marking them: the peer's copy was in its cache, and after the crash
+    /// only the log's extents are resynced. [`Begin::Busy`] then: the next peer flush frees it.
+    pub fn begin_unless(&mut self, offset: u64, len: u64, pinned: impl Fn(u32) -> bool) -> Begin {
         let range = self.extents(offset, len);
         let add: Vec<u32> = range.clone().filter(|e| !self.hot.contains_key(e)).collect();
         if add.is_empty() {
@@ -87,7 +96,7 @@ impl ActivityLog {
             let mut idle: Vec<(u64, u32)> = self
                 .hot
                 .iter()
-                .filter(|(e, ent)| ent.refs == 0 && !range.contains(e))
+                .filter(|(e, ent)| ent.refs == 0 && !range.contains(e) && !pinned(**e))
                 .map(|(e, ent)| (ent.used, *e))
                 .collect();
             idle.sort_unstable();
@@ -283,6 +292,24 @@ mod tests {
         hostile[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(ActivityLog::decode(&hostile), Err(AlError::Malformed(_))));
         assert_eq!(ActivityLog::decode(&[1; 64]), Err(AlError::Magic));
+    }
+
+    #[test]
+    fn extents_pinned_by_the_transfer_log_are_not_evicted() {
+        let mut al = ActivityLog::new(4096, 2);
+        for e in 0..2u64 {
+            let Begin::Need { add, evict } = al.begin(e * 4096, 4096) else { panic!() };
+            al.commit(e * 4096, 4096, &add, &evict);
+            al.end(e * 4096, 4096);
+        }
+        // Extent 0 is the least recently used, but pinned: extent 1 goes instead.
+        assert_eq!(
+            al.begin_unless(2 * 4096, 4096, |e| e == 0),
+            Begin::Need { add: vec![2], evict: vec![1] }
+        );
+        // Both pinned: busy until a flush frees one.
+        assert_eq!(al.begin_unless(2 * 4096, 4096, |_| true), Begin::Busy);
+        assert_eq!(al.begin(2 * 4096, 4096), Begin::Need { add: vec![2], evict: vec![0] });
     }
 
     #[test]

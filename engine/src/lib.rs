@@ -27,12 +27,10 @@ pub mod completion;
 pub mod generation;
 pub mod handshake;
 pub mod liveness;
-#[cfg(test)]
-#[allow(clippy::cast_possible_truncation)]
-mod model_sim;
 pub mod policy;
 pub mod ratectl;
 pub mod session;
+pub mod sim;
 pub mod state;
 pub mod superblock;
 #[cfg(test)]

@@ -144,6 +144,10 @@ pub enum Event {
     PeerVerifyStart,
     /// The peer's verify finished.
     PeerVerifyEnd,
+    /// A replicated write failed on our disk: as a Secondary our data is now known bad in a
+    /// block the peer believes we have. (A Primary's failed write fails the client's request
+    /// and is marked out of sync; its disk state is the failover issue's business.)
+    LocalWriteFailed,
 }
 
 /// Why an event was refused. The message says what to do.
@@ -167,6 +171,10 @@ pub enum Refusal {
         "this node is Primary: run `duet secondary` first (a Primary's data cannot be thrown away under its clients)"
     )]
     PrimaryCannotBeInvalidated,
+    #[error(
+        "the connected peer's disk is {0:?}, not UpToDate: it has no good data to resync from, and this node's may be the only copy; wait until the peer is UpToDate"
+    )]
+    PeerNotUpToDate(Option<DiskState>),
     #[error("this node is Primary: run `duet secondary` before discarding its data")]
     PrimaryCannotDiscard,
     #[error("both nodes are Primary: disconnecting (dual-primary is not supported)")]
@@ -257,6 +265,12 @@ impl State {
             Event::PeerOutdated => next.peer_disk = Some(DiskState::Outdated),
             Event::Invalidate => match self.role {
                 Role::Primary => return Err(Refusal::PrimaryCannotBeInvalidated),
+                Role::Secondary
+                    if self.conn.live() && self.peer_disk != Some(DiskState::UpToDate) =>
+                {
+                    // The peer holds no good data to resync from: this could be the only copy.
+                    return Err(Refusal::PeerNotUpToDate(self.peer_disk));
+                }
                 Role::Secondary => {
                     next.disk = DiskState::Inconsistent;
                     if self.conn.live() {
@@ -386,6 +400,17 @@ impl State {
                     next.conn = ConnState::Connected;
                 }
             }
+            Event::LocalWriteFailed => match self.role {
+                Role::Primary => {}
+                Role::Secondary => {
+                    // Never a failover target with a block it does not have; the reconnect
+                    // resyncs it.
+                    next.disk = DiskState::Inconsistent;
+                    if self.conn.live() {
+                        next.conn = ConnState::Disconnecting;
+                    }
+                }
+            },
         }
         *self = next;
         Ok(if next == before { Outcome::Unchanged } else { Outcome::Changed })
@@ -468,6 +493,9 @@ mod tests {
     #[test]
     fn invalidate_throws_the_data_away_and_reconnects() {
         let mut s = st(SECONDARY, D::UpToDate, C::Connected);
+        s.peer_disk = Some(D::Inconsistent);
+        assert_eq!(s.step(Event::Invalidate), Err(Refusal::PeerNotUpToDate(Some(D::Inconsistent))));
+        s.peer_disk = Some(D::UpToDate);
         s.step(Event::Invalidate).unwrap();
         assert_eq!((s.disk, s.conn), (D::Inconsistent, C::Disconnecting));
         let mut s = st(SECONDARY, D::UpToDate, C::StandAlone);
@@ -603,6 +631,15 @@ mod tests {
         assert_eq!(s.conn, C::Connected);
         let mut s = st(SECONDARY, D::Inconsistent, C::SyncTarget);
         assert_eq!(s.step(Event::PeerVerifyStart), Ok(Outcome::Unchanged));
+    }
+
+    #[test]
+    fn a_failed_replicated_write_makes_a_secondary_inconsistent_and_reconnect() {
+        let mut s = st(SECONDARY, D::UpToDate, C::Connected);
+        s.step(Event::LocalWriteFailed).unwrap();
+        assert_eq!((s.disk, s.conn), (D::Inconsistent, C::Disconnecting));
+        let mut s = st(PRIMARY, D::UpToDate, C::Connected);
+        assert_eq!(s.step(Event::LocalWriteFailed), Ok(Outcome::Unchanged));
     }
 
     #[test]

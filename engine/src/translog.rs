@@ -40,11 +40,17 @@ pub struct Bound {
 struct Epoch {
     ranges: Vec<(u64, u64)>,
     bytes: u64,
+    /// The activity-log extents its ranges touch (see [`TransferLog::pins`]).
+    extents: std::collections::BTreeSet<u32>,
 }
 
 impl Epoch {
-    fn add(&mut self, offset: u64, len: u64) {
+    fn add(&mut self, offset: u64, len: u64, extent: u64) {
         self.bytes = self.bytes.saturating_add(len);
+        let (first, last) = (offset / extent, (offset.saturating_add(len) - 1) / extent);
+        for e in first..=last {
+            self.extents.insert(u32::try_from(e).unwrap_or(u32::MAX));
+        }
         if let Some((o, l)) = self.ranges.last_mut()
             && o.checked_add(*l) == Some(offset)
         {
@@ -59,6 +65,8 @@ impl Epoch {
 #[derive(Debug, Clone)]
 pub struct TransferLog {
     bound: Bound,
+    /// Bytes of an activity-log extent.
+    extent: u64,
     open: Epoch,
     /// When the open epoch got its first range.
     opened: Option<Instant>,
@@ -66,12 +74,34 @@ pub struct TransferLog {
     closed: VecDeque<(u64, Epoch)>,
     /// The id of the flush [`TransferLog::due`] asked for, until it is answered.
     asked: Option<u64>,
+    /// A flush is wanted now, whatever the bound says.
+    hurry: bool,
 }
 
 impl TransferLog {
-    /// An empty log.
-    pub fn new(bound: Bound) -> Self {
-        Self { bound, open: Epoch::default(), opened: None, closed: VecDeque::new(), asked: None }
+    /// An empty log; `extent` is the activity log's extent size (see [`TransferLog::pins`]).
+    pub fn new(bound: Bound, extent: u64) -> Self {
+        Self {
+            bound,
+            extent: extent.max(1),
+            open: Epoch::default(),
+            opened: None,
+            closed: VecDeque::new(),
+            asked: None,
+            hurry: false,
+        }
+    }
+
+    /// Whether activity-log extent `e` holds writes the peer has not made durable: it must
+    /// stay in the activity log until a flush covers them (see
+    /// `ActivityLog::begin_unless`).
+    pub fn pins(&self, e: u32) -> bool {
+        self.open.extents.contains(&e) || self.closed.iter().any(|(_, ep)| ep.extents.contains(&e))
+    }
+
+    /// Asks for a flush at the next chance (a write waits for a pinned extent).
+    pub fn hurry(&mut self) {
+        self.hurry = true;
     }
 
     /// The peer acknowledged `[offset, offset+len)` (written, not yet durable).
@@ -82,12 +112,18 @@ impl TransferLog {
         if self.opened.is_none() {
             self.opened = Some(now);
         }
-        self.open.add(offset, len);
+        self.open.add(offset, len, self.extent);
     }
 
     /// Whether a flush should be sent now (none of ours outstanding, and the open epoch is
     /// old or big enough).
     pub fn due(&self, now: Instant) -> bool {
+        if self.asked.is_some() {
+            return false;
+        }
+        if self.hurry && self.held_bytes() > 0 {
+            return true;
+        }
         let Some(opened) = self.opened else { return false };
         self.asked.is_none()
             && (now.saturating_duration_since(opened) >= self.bound.interval
@@ -99,6 +135,7 @@ impl TransferLog {
     pub fn barrier(&mut self, id: u64, ours: bool) {
         if ours {
             self.asked = Some(id);
+            self.hurry = false;
         }
         if self.opened.take().is_some() {
             self.closed.push_back((id, std::mem::take(&mut self.open)));
@@ -125,6 +162,7 @@ impl TransferLog {
     /// The link is lost: every range not known durable on the peer, to be marked out of sync.
     pub fn drain(&mut self) -> Vec<(u64, u64)> {
         self.asked = None;
+        self.hurry = false;
         self.opened = None;
         let mut out = std::mem::take(&mut self.open).ranges;
         for (_, e) in self.closed.drain(..) {
@@ -148,7 +186,7 @@ mod tests {
     #[test]
     fn acknowledged_ranges_are_held_until_a_flush_covers_them() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B);
+        let mut tl = TransferLog::new(B, 4096);
         tl.acked(t0, 0, 4096);
         tl.acked(t0, 8192, 4096);
         assert_eq!(tl.held_bytes(), 8192);
@@ -164,7 +202,7 @@ mod tests {
     #[test]
     fn a_lost_link_returns_everything_not_yet_durable() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B);
+        let mut tl = TransferLog::new(B, 4096);
         tl.acked(t0, 0, 4096);
         tl.barrier(3, true);
         tl.acked(t0, 4096 * 10, 4096);
@@ -180,7 +218,7 @@ mod tests {
     #[test]
     fn a_later_flush_covers_the_older_epochs_too() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B);
+        let mut tl = TransferLog::new(B, 4096);
         tl.acked(t0, 0, 4096);
         tl.barrier(3, true);
         tl.acked(t0, 4096, 4096);
@@ -196,7 +234,7 @@ mod tests {
     #[test]
     fn a_failed_flush_returns_its_ranges() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B);
+        let mut tl = TransferLog::new(B, 4096);
         tl.acked(t0, 0, 4096);
         tl.barrier(9, true);
         assert_eq!(tl.flushed(9, false), vec![(0, 4096)]);
@@ -206,7 +244,7 @@ mod tests {
     #[test]
     fn a_flush_is_due_after_the_interval_or_the_size_and_one_at_a_time() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B);
+        let mut tl = TransferLog::new(B, 4096);
         assert!(!tl.due(t0), "empty");
         tl.acked(t0, 0, 4096);
         assert!(!tl.due(t0 + Duration::from_millis(999)));
@@ -228,7 +266,7 @@ mod tests {
     #[test]
     fn adjacent_ranges_merge_so_a_stream_is_one_entry() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B);
+        let mut tl = TransferLog::new(B, 4096);
         for i in 0..1000u64 {
             tl.acked(t0, i * 4096, 4096);
         }
@@ -237,9 +275,30 @@ mod tests {
     }
 
     #[test]
+    fn extents_stay_pinned_until_a_flush_covers_them() {
+        let t0 = crate::testutil::origin();
+        let mut tl = TransferLog::new(B, 1 << 20);
+        tl.acked(t0, (3 << 20) - 4096, 8192); // straddles extents 2 and 3
+        assert!(tl.pins(2) && tl.pins(3) && !tl.pins(4));
+        tl.barrier(1, false);
+        assert!(tl.pins(2), "closed, not yet answered");
+        tl.acked(t0, 5 << 20, 4096);
+        tl.flushed(1, true);
+        assert!(!tl.pins(2) && !tl.pins(3) && tl.pins(5));
+        // A waiting write hurries the flush along.
+        assert!(!tl.due(t0));
+        tl.hurry();
+        assert!(tl.due(t0));
+        tl.barrier(2, true);
+        assert!(!tl.due(t0 + B.interval * 10), "ours is outstanding");
+        tl.drain();
+        assert!(!tl.pins(5));
+    }
+
+    #[test]
     fn a_barrier_with_nothing_open_closes_no_epoch() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B);
+        let mut tl = TransferLog::new(B, 4096);
         tl.barrier(1, false);
         assert!(tl.closed.is_empty());
         tl.acked(t0, u64::MAX - 10, 10);

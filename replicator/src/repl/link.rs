@@ -229,7 +229,9 @@ async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, S
 /// Connecting (or StandAlone).
 async fn teardown(vol: &Arc<Volume>) {
     let (peer, was_target) = vol.with_core(|c| {
-        let was_target = c.st.conn == ConnState::SyncTarget;
+        // A resync ran in this session (the state may say Disconnecting by now: found by the
+        // simulation, a disconnect during a resync skipped the flush below).
+        let was_target = c.resync.is_some();
         let p = c.peer.take();
         let _ = c.st.step(Event::LinkLost);
         c.resync = None;
@@ -269,6 +271,7 @@ async fn teardown(vol: &Arc<Volume>) {
         return;
     }
     let _ = vol.persist_bitmap().await;
+    vol.al_wake();
     vol.notify();
 }
 
@@ -407,18 +410,18 @@ async fn session(
         }
         c.bitmap.weight()
     });
-    let Some(sync) = engine::session::start(
-        &the_plan,
-        weight,
-        mine.has(P_PRIMARY),
-        peer.has(P_PRIMARY),
-        resolve,
-    ) else {
+    let sides = engine::session::Sides {
+        me_primary: mine.has(P_PRIMARY),
+        peer_primary: peer.has(P_PRIMARY),
+        my_weight: mine.bitmap_weight,
+        peer_weight: peer.bitmap_weight,
+    };
+    let Some(sync) = engine::session::start(&the_plan, weight, sides, resolve) else {
         unreachable!("plans that do not go live returned above")
     };
     // 5. Go live.
     let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib));
-    let peer_h = Peer::new(tx, cfg.transfer_log);
+    let peer_h = Peer::new(tx, cfg.transfer_log, vol.al_extent());
     let live = Event::Live {
         sync,
         peer_primary: peer.has(P_PRIMARY),
@@ -733,6 +736,8 @@ impl Session {
                             c.bitmap.set_range(o, l);
                         }
                     });
+                    // Extents it unpinned may leave the activity log now.
+                    vol.al_wake();
                 } else if r.is_ok() {
                     // In the peer's cache, not yet on its disk: held until a flush covers it.
                     self.peer.with_tl(|tl| tl.acked(Instant::now(), w.offset, w.len));
@@ -987,8 +992,20 @@ impl Session {
 /// After applying a replicated write: a failed block is out of sync here; the Primary learns
 /// the outcome.
 async fn acknowledge(vol: &Volume, peer: &Peer, h: &Header, len: u64, r: Result<(), i32>) {
-    if r.is_err() {
-        vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+    if let Err(e) = r {
+        // Found by the simulation: a Secondary that stayed UpToDate and Connected after a
+        // failed write was a failover target without that block. It is Inconsistent now (on
+        // disk), and the session ends so the reconnect resyncs it.
+        vol.with_core(|c| {
+            c.bitmap.set_range(h.offset, len);
+            let _ = c.st.step(Event::LocalWriteFailed);
+        });
+        let _ = vol.persist_sb().await;
+        vol.event(format!(
+            "a replicated write failed on this disk at {} (errno {e}): Inconsistent until resynced",
+            h.offset
+        ));
+        vol.notify();
     }
     let errno = r.err().unwrap_or(0);
     peer.send(small_frame(Kind::WriteAck, 0, h.id, errno.unsigned_abs().into(), &[])).await;

@@ -224,13 +224,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(tx: Arc<Tx>, bound: super::translog::Bound) -> Arc<Self> {
+    pub(crate) fn new(tx: Arc<Tx>, bound: super::translog::Bound, al_extent: u64) -> Arc<Self> {
         Arc::new(Self {
             tx,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             verify: Mutex::new(HashMap::new()),
-            tl: Mutex::new(Some(TransferLog::new(bound))),
+            tl: Mutex::new(Some(TransferLog::new(bound, al_extent))),
         })
     }
 
@@ -542,16 +542,22 @@ impl Volume {
         loop {
             // Registered before the check: a write that ends in between still wakes us.
             let freed = self.al_freed.notified();
-            let b = self.al.lock().expect("activity log poisoned").begin(offset, len);
+            let b = self.al_try(offset, len);
             match b {
                 Begin::Hot => return Ok(AlRef { v: self, offset, len }),
-                // Every slot holds writes in flight; requests are split to fit (see
-                // `ActivityLog::pieces`), so some of those end and free one.
-                Begin::Busy => freed.await,
+                // Every slot holds writes in flight, or writes the peer has not flushed yet;
+                // requests are split to fit (see `ActivityLog::pieces`), so some of those end
+                // and free one, and the peer is asked to flush now.
+                Begin::Busy => {
+                    if let Some(p) = self.peer() {
+                        p.with_tl(|t| t.hurry());
+                    }
+                    freed.await;
+                }
                 Begin::Need { .. } => {
                     let _g = self.meta_io.lock().await;
                     // Recheck under the transaction lock: another write may have done it.
-                    let b = self.al.lock().expect("activity log poisoned").begin(offset, len);
+                    let b = self.al_try(offset, len);
                     let Begin::Need { add, evict } = b else {
                         if b == Begin::Hot {
                             return Ok(AlRef { v: self, offset, len });
@@ -559,8 +565,13 @@ impl Volume {
                         continue;
                     };
                     let meta = self.meta.as_ref().expect("checked above");
-                    // Bits set in evicted extents must be on disk before the extent leaves the
-                    // log: after a crash only the log's extents are assumed dirty.
+                    // Data and bits of evicted extents must be on disk before the extent leaves
+                    // the log: after a crash only the log's extents are assumed to differ (found
+                    // by the simulation: a power loss lost unflushed writes of an evicted extent
+                    // that the peer had, and nothing marked them).
+                    if !evict.is_empty() {
+                        self.store.flush().await?;
+                    }
                     let pages: Vec<_> = if evict.is_empty() {
                         Vec::new()
                     } else {
@@ -586,6 +597,25 @@ impl Volume {
                 }
             }
         }
+    }
+
+    /// The activity log's answer for `[offset, offset+len)`, never evicting an extent the
+    /// peer's transfer log pins (see `ActivityLog::begin_unless`).
+    fn al_try(&self, offset: u64, len: u64) -> Begin {
+        let peer = self.core.lock().expect("volume state poisoned").peer.clone();
+        let pinned = |e: u32| peer.as_ref().and_then(|p| p.with_tl(|t| t.pins(e))).unwrap_or(false);
+        self.al.lock().expect("activity log poisoned").begin_unless(offset, len, pinned)
+    }
+
+    /// Wakes writes waiting for room in the activity log (a peer flush unpinned extents, or
+    /// the session ended).
+    pub(crate) fn al_wake(&self) {
+        self.al_freed.notify_waiters();
+    }
+
+    /// Bytes of an activity-log extent.
+    pub(crate) fn al_extent(&self) -> u64 {
+        u64::from(self.core.lock().expect("volume state poisoned").sb.al_extent_size)
     }
 
     /// Before acknowledging a write the peer does not have: a new current generation, durable.
