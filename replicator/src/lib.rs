@@ -18,4 +18,5 @@ pub use engine::{generation, ratectl, superblock};
 pub mod nbd;
 pub mod ratelimit;
 pub mod repl;
+pub mod shutdown;
 pub mod store;

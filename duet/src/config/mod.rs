@@ -326,8 +326,8 @@ impl Default for PeerTimers {
             ping_timeout_ms: 500,
             timeout_ms: 6000,
             connect_retry_ms: 1000,
-            flush_interval_ms: 1000,
-            flush_after_kib: 256 * 1024,
+            flush_interval_ms: 30_000,
+            flush_after_kib: 4 << 20,
         }
     }
 }
@@ -1031,15 +1031,15 @@ impl Config {
                 kp("flush_interval_ms"),
                 p.flush_interval_ms,
                 "must be at most 60000 (what a power loss of the peer may cost to resync grows with it)",
-                "use 1000 (the default)",
+                "use 30000 (the default)",
             ));
         }
-        if !(1024..=4 << 20).contains(&p.flush_after_kib) {
+        if !(1024..=16 << 20).contains(&p.flush_after_kib) {
             return Err(invalid(
                 kp("flush_after_kib"),
                 p.flush_after_kib,
-                "must be from 1024 (1 MiB) to 4194304 (4 GiB)",
-                "use 262144 (the default, 256 MiB)",
+                "must be from 1024 (1 MiB) to 16777216 (16 GiB)",
+                "use 4194304 (the default, 4 GiB)",
             ));
         }
         if p.ping_timeout_ms >= p.timeout_ms {

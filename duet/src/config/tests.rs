@@ -157,6 +157,24 @@ fn broken_configs_name_the_key() {
             "ping_timeout_ms",
         ),
         (
+            "no peer flush",
+            "[resource.on.alpha]",
+            "[resource.peer]\nflush_interval_ms = 0\n[resource.on.alpha]",
+            "flush_interval_ms",
+        ),
+        (
+            "peer flush too rare",
+            "[resource.on.alpha]",
+            "[resource.peer]\nflush_interval_ms = 70000\n[resource.on.alpha]",
+            "at most 60000",
+        ),
+        (
+            "peer flush bound too small",
+            "[resource.on.alpha]",
+            "[resource.peer]\nflush_after_kib = 10\n[resource.on.alpha]",
+            "flush_after_kib",
+        ),
+        (
             "stonith w/o cmd",
             "[node.alpha]",
             "[node.alpha]\n[fencing]\npolicy = \"resource-and-stonith\"",

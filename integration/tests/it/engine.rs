@@ -29,8 +29,8 @@ fn write_mib(p: &Pair, at_mib: u64, n: u64, seed: u64) {
 /// reaches the file only when flushed). 32 MiB go through alpha without a flush, then beta
 /// loses power (daemon, nbdfuse and nbdkit killed at once), alpha writes 16 MiB more, beta
 /// returns. `wait_flushed`: wait until alpha's transfer log says beta flushed everything
-/// before the power loss (the default bound); otherwise the bound is far away, so the power
-/// loss comes before any flush and the transfer log must mark the 32 MiB out of sync.
+/// before the power loss (a short bound); otherwise the bound is far away, so the power loss
+/// comes before any flush and the transfer log must mark the 32 MiB out of sync.
 fn secondary_power_loss_round(peer_extra: &str, wait_flushed: bool) {
     if !have("nbdfuse") || !have("nbdkit") {
         eprintln!("skipped: needs nbdfuse and nbdkit");
@@ -91,7 +91,7 @@ fn secondary_power_loss_before_a_flush_is_resynced_not_lost() {
 
 #[test]
 fn secondary_power_loss_after_the_periodic_flush_resends_only_what_it_missed() {
-    secondary_power_loss_round("", true);
+    secondary_power_loss_round("flush_interval_ms = 300", true);
 }
 
 /// Both nodes stop during the initial full sync and start again: the node with the data

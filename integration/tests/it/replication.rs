@@ -142,14 +142,19 @@ fn read_block(port: u16, i: u64) -> Vec<u8> {
 
 #[test]
 fn secondary_crash_resends_only_the_dirty_blocks() {
-    let mut p = Pair::up(&PairOpts { size: 256 << 20, ..PairOpts::default() });
+    let mut p = Pair::up(&PairOpts {
+        size: 256 << 20,
+        peer: format!("{}\nflush_interval_ms = 300", PairOpts::default().peer),
+        ..PairOpts::default()
+    });
     let port = p.n[0].nbd_port;
     let before = p.num(0, "resync_sent_bytes");
     // 100 blocks replicated, then beta dies (SIGKILL); alpha keeps serving 200 more.
     let acked = write_log(port, 7, 100, None);
     assert_eq!(acked.len(), 100);
     // Until a peer flush covers them, acknowledged writes count as out of sync when the peer
-    // goes (it might have lost its cache); the periodic flush (1 s) makes them durable there.
+    // goes (it might have lost its cache); the periodic flush (300 ms here) makes them durable
+    // there.
     assert!(p.wait_for(0, Duration::from_secs(10), |r| r["peer_unflushed_bytes"] == 0));
     p.kill(1);
     assert!(p.wait_for(0, Duration::from_secs(20), |r| r["connection"] != "Connected"));

@@ -93,9 +93,8 @@ pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
-/// `base:allocation` status bits.
-pub const STATE_HOLE: u32 = 1 << 0;
-pub const STATE_ZERO: u32 = 1 << 1;
+/// `base:allocation` status bits (the store's, which speaks the protocol's values).
+pub use crate::store::{STATE_HOLE, STATE_ZERO};
 
 /// The one metadata context we serve.
 pub const BASE_ALLOCATION: &str = "base:allocation";
@@ -291,14 +290,8 @@ pub fn encode_error_chunk(out: &mut BytesMut, cookie: u64, error: NbdError, msg:
     out.put_slice(msg);
 }
 
-/// One `base:allocation` extent: `len` bytes with `flags` (`STATE_*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// Length in bytes (never 0).
-    pub len: u32,
-    /// `STATE_HOLE` / `STATE_ZERO` bits.
-    pub flags: u32,
-}
+/// One `base:allocation` extent (the store describes allocation in the protocol's terms).
+pub use crate::store::Extent;
 
 /// A final BLOCK_STATUS chunk for one context.
 pub fn encode_block_status(out: &mut BytesMut, cookie: u64, context_id: u32, extents: &[Extent]) {

@@ -101,10 +101,7 @@ impl Stats {
     }
 }
 
-/// Resolves once the shutdown watch reads `true` (or its sender is gone).
-pub async fn stopped(sd: &mut watch::Receiver<bool>) {
-    let _ = sd.wait_for(|s| *s).await;
-}
+pub use crate::shutdown::stopped;
 
 /// An export: what clients see, and the store behind it.
 #[derive(Debug)]

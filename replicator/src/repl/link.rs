@@ -28,9 +28,9 @@ use super::volume::{
 };
 use super::wire::{self, Cursor, F_FUA, F_HOLE, F_LAST, Header, Kind, WireError};
 use crate::generation::{Generations, Side};
-use crate::nbd::server::stopped;
 use crate::ratectl::{RateController, TICK};
 use crate::ratelimit::RateLimit;
+use crate::shutdown::stopped;
 use crate::store::IoBuf;
 use engine::state::{Event, Sync};
 

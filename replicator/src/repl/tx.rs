@@ -24,7 +24,17 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::throttle::Throttle;
-use super::volume::Frame;
+use bytes::BytesMut;
+
+use crate::store::IoBuf;
+
+/// A frame queued for the peer: header (and small payload) plus optional block data.
+#[derive(Debug)]
+pub struct Frame {
+    pub head: BytesMut,
+    /// Block data, shared with the local write of the same block.
+    pub data: Option<Arc<IoBuf>>,
+}
 
 /// Bytes queued before senders wait for the socket (backpressure).
 pub const QUEUE_LIMIT: usize = 16 << 20;

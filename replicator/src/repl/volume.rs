@@ -33,7 +33,7 @@ use super::meta::{Loaded, Meta, MetaError};
 use super::translog::TransferLog;
 use super::tx::{Cork, Tx};
 use super::wire::{self, Digest, F_FUA, F_HOLE, F_MAY_TRIM, Kind};
-use crate::nbd::proto::Extent;
+use crate::store::Extent;
 use crate::store::{IoBuf, Store};
 use crate::superblock::{
     FLAG_CONSISTENT, FLAG_CRASHED_PRIMARY, FLAG_OUTDATED, FLAG_PEER_OUTDATED, FLAG_WAS_PRIMARY,
@@ -191,13 +191,7 @@ pub fn random_u64() -> Result<u64, getrandom::Error> {
     random_bytes::<8>().map(u64::from_le_bytes)
 }
 
-/// A frame queued for the peer: header (and small payload) plus optional block data.
-#[derive(Debug)]
-pub struct Frame {
-    pub head: BytesMut,
-    /// Block data, shared with the local write of the same block.
-    pub data: Option<Arc<IoBuf>>,
-}
+pub use super::tx::Frame;
 
 /// Acknowledgements a write waits for.
 #[derive(Debug)]

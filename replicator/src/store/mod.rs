@@ -23,7 +23,20 @@ pub use engine::{EngineKind, IoDone, IoEngine, IoOp};
 pub use threads::ThreadsEngine;
 pub use uring::UringEngine;
 
-use crate::nbd::proto::{Extent, STATE_HOLE, STATE_ZERO};
+/// Allocation bits of an [`Extent`], with NBD's `base:allocation` values: a hole (no storage
+/// behind it) ...
+pub const STATE_HOLE: u32 = 1 << 0;
+/// ... reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
+
+/// Allocation of a range: `len` bytes with `flags` ([`STATE_HOLE`], [`STATE_ZERO`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (never 0).
+    pub len: u32,
+    /// `STATE_HOLE` / `STATE_ZERO` bits.
+    pub flags: u32,
+}
 
 /// Threads in the portable engine's pool.
 pub const THREADS: usize = 16;

@@ -1,7 +1,6 @@
 //! One suite, run against both engines (the macro at the bottom instantiates it per engine).
 
 use super::*;
-use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 
 fn open(kind: EngineKind, size: u64, direct: bool) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
