@@ -54,9 +54,24 @@ pub fn is_root(why: &str) -> bool {
     root
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, and that this process has not handed out
+/// before: the kernel may return a port just released by a previous `bind(0)`, and two nodes
+/// of one pair given the same port was a test flake ("both nodes use the same address").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().expect("port list");
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind port 0")
+            .local_addr()
+            .expect("local addr")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no fresh port in 1000 tries");
 }
 
 /// Polls `f` every 20 ms until it returns true or `limit` passes.
