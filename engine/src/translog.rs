@@ -26,6 +26,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// Most ranges the open epoch holds before a flush is asked for (the memory bound: 16 bytes a
+/// range, so 16 MiB), whatever the other bounds say.
+pub const MAX_RANGES: usize = 1 << 20;
+
 /// When to ask the peer for a flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
@@ -80,7 +84,14 @@ pub struct TransferLog {
 
 impl TransferLog {
     /// An empty log; `extent` is the activity log's extent size (see [`TransferLog::pins`]).
-    pub fn new(bound: Bound, extent: u64) -> Self {
+    /// `volume` is the replicated size: on a volume no larger than `bound.max_bytes` the size
+    /// bound holds by itself (a power loss of the peer can never cost more than the volume to
+    /// resync), so only the interval and the memory bound ask for flushes.
+    pub fn new(bound: Bound, extent: u64, volume: u64) -> Self {
+        let bound = Bound {
+            max_bytes: if volume <= bound.max_bytes { u64::MAX } else { bound.max_bytes },
+            ..bound
+        };
         Self {
             bound,
             extent: extent.max(1),
@@ -125,9 +136,9 @@ impl TransferLog {
             return true;
         }
         let Some(opened) = self.opened else { return false };
-        self.asked.is_none()
-            && (now.saturating_duration_since(opened) >= self.bound.interval
-                || self.open.bytes >= self.bound.max_bytes)
+        now.saturating_duration_since(opened) >= self.bound.interval
+            || self.open.bytes >= self.bound.max_bytes
+            || self.open.ranges.len() >= MAX_RANGES
     }
 
     /// A flush with request id `id` is being sent: it covers the open epoch. `ours` marks a
@@ -186,7 +197,7 @@ mod tests {
     #[test]
     fn acknowledged_ranges_are_held_until_a_flush_covers_them() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 4096);
+        let mut tl = TransferLog::new(B, 4096, 1 << 40);
         tl.acked(t0, 0, 4096);
         tl.acked(t0, 8192, 4096);
         assert_eq!(tl.held_bytes(), 8192);
@@ -202,7 +213,7 @@ mod tests {
     #[test]
     fn a_lost_link_returns_everything_not_yet_durable() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 4096);
+        let mut tl = TransferLog::new(B, 4096, 1 << 40);
         tl.acked(t0, 0, 4096);
         tl.barrier(3, true);
         tl.acked(t0, 4096 * 10, 4096);
@@ -218,7 +229,7 @@ mod tests {
     #[test]
     fn a_later_flush_covers_the_older_epochs_too() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 4096);
+        let mut tl = TransferLog::new(B, 4096, 1 << 40);
         tl.acked(t0, 0, 4096);
         tl.barrier(3, true);
         tl.acked(t0, 4096, 4096);
@@ -234,7 +245,7 @@ mod tests {
     #[test]
     fn a_failed_flush_returns_its_ranges() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 4096);
+        let mut tl = TransferLog::new(B, 4096, 1 << 40);
         tl.acked(t0, 0, 4096);
         tl.barrier(9, true);
         assert_eq!(tl.flushed(9, false), vec![(0, 4096)]);
@@ -244,7 +255,7 @@ mod tests {
     #[test]
     fn a_flush_is_due_after_the_interval_or_the_size_and_one_at_a_time() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 4096);
+        let mut tl = TransferLog::new(B, 4096, 1 << 40);
         assert!(!tl.due(t0), "empty");
         tl.acked(t0, 0, 4096);
         assert!(!tl.due(t0 + Duration::from_millis(999)));
@@ -264,9 +275,23 @@ mod tests {
     }
 
     #[test]
+    fn on_a_volume_within_the_size_bound_only_time_and_memory_ask_for_flushes() {
+        let t0 = crate::testutil::origin();
+        let mut tl = TransferLog::new(B, 4096, B.max_bytes);
+        tl.acked(t0, 0, B.max_bytes * 3);
+        assert!(!tl.due(t0), "a volume of max_bytes can never need more to resync");
+        assert!(tl.due(t0 + B.interval));
+        let mut tl = TransferLog::new(B, 4096, B.max_bytes);
+        for i in 0..MAX_RANGES as u64 {
+            tl.acked(t0, i * 8192, 4096); // never adjacent: one range each
+        }
+        assert!(tl.due(t0), "the memory bound");
+    }
+
+    #[test]
     fn adjacent_ranges_merge_so_a_stream_is_one_entry() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 4096);
+        let mut tl = TransferLog::new(B, 4096, 1 << 40);
         for i in 0..1000u64 {
             tl.acked(t0, i * 4096, 4096);
         }
@@ -277,7 +302,7 @@ mod tests {
     #[test]
     fn extents_stay_pinned_until_a_flush_covers_them() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 1 << 20);
+        let mut tl = TransferLog::new(B, 1 << 20, 1 << 40);
         tl.acked(t0, (3 << 20) - 4096, 8192); // straddles extents 2 and 3
         assert!(tl.pins(2) && tl.pins(3) && !tl.pins(4));
         tl.barrier(1, false);
@@ -298,7 +323,7 @@ mod tests {
     #[test]
     fn a_barrier_with_nothing_open_closes_no_epoch() {
         let t0 = crate::testutil::origin();
-        let mut tl = TransferLog::new(B, 4096);
+        let mut tl = TransferLog::new(B, 4096, 1 << 40);
         tl.barrier(1, false);
         assert!(tl.closed.is_empty());
         tl.acked(t0, u64::MAX - 10, 10);

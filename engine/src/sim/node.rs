@@ -362,7 +362,7 @@ impl Node {
         }
         let _ = self.st.step(Event::Live { sync, peer_primary, peer_inconsistent });
         self.sess = Some(Sess {
-            tl: TransferLog::new(BOUND, 4 * BLOCK),
+            tl: TransferLog::new(BOUND, 4 * BLOCK, u64::MAX),
             pending: BTreeMap::new(),
             flushes: BTreeMap::new(),
             next_id: 1,

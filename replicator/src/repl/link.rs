@@ -421,7 +421,7 @@ async fn session(
     };
     // 5. Go live.
     let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib));
-    let peer_h = Peer::new(tx, cfg.transfer_log, vol.al_extent());
+    let peer_h = Peer::new(tx, cfg.transfer_log, vol.al_extent(), vol.size());
     let live = Event::Live {
         sync,
         peer_primary: peer.has(P_PRIMARY),

@@ -218,13 +218,18 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(tx: Arc<Tx>, bound: super::translog::Bound, al_extent: u64) -> Arc<Self> {
+    pub(crate) fn new(
+        tx: Arc<Tx>,
+        bound: super::translog::Bound,
+        al_extent: u64,
+        volume: u64,
+    ) -> Arc<Self> {
         Arc::new(Self {
             tx,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             verify: Mutex::new(HashMap::new()),
-            tl: Mutex::new(Some(TransferLog::new(bound, al_extent))),
+            tl: Mutex::new(Some(TransferLog::new(bound, al_extent, volume))),
         })
     }
 
