@@ -200,6 +200,13 @@ impl ActivityLog {
         }
     }
 
+    /// Whether `[offset, offset+len)` is one piece of [`ActivityLog::pieces`] (almost every
+    /// request): the caller can skip the split.
+    pub fn fits(&self, offset: u64, len: u64) -> bool {
+        let r = self.extents(offset, len);
+        u64::from(r.end() - r.start()) < (self.capacity / 2).max(1) as u64
+    }
+
     /// Splits `[offset, offset+len)` into pieces of at most half the log's extents each, cut at
     /// extent boundaries. A request that spans more extents than the log holds could never
     /// become hot at once ([`Begin::Busy`] forever, even with an empty log); half leaves room
@@ -335,7 +342,10 @@ mod tests {
         }
         // The whole request at once could never go.
         assert_eq!(ActivityLog::new(64 << 10, 7).begin(off, len), Begin::Busy);
+        assert!(!al.fits(off, len));
+        assert!(p.iter().all(|&(o, l)| al.fits(o, l)));
         // A small request is one piece, unchanged; so is an empty one.
+        assert!(al.fits(4096, 4096) && al.fits(4096, 0));
         assert_eq!(al.pieces(4096, 4096), vec![(4096, 4096)]);
         assert_eq!(al.pieces(4096, 0), vec![(4096, 0)]);
     }

@@ -597,7 +597,7 @@ impl Sim {
             && self.n[1 - p].st.role == Role::Secondary
             && self.n[1 - p].st.step(Event::Outdate).is_ok()
         {
-            self.n[1 - p].persist_sb_now();
+            self.n[1 - p].persist_sb();
             let _ = self.n[p].st.step(Event::PeerOutdated);
             self.log(format!("{} outdated over the heartbeat", self.n[1 - p].name));
         }
@@ -695,7 +695,6 @@ impl Sim {
         self.link.session += 1;
         self.link.live = true;
         self.solo = [0, 0];
-        let now = self.now();
         let peer_primary = [self.n[1].st.role == Role::Primary, self.n[0].st.role == Role::Primary];
         let peer_inconsistent = [
             self.n[1].st.disk == DiskState::Inconsistent,
@@ -704,7 +703,7 @@ impl Sim {
         for i in 0..2 {
             let fresh = self.rand(u64::MAX);
             if let Some(g) =
-                self.n[i].go_live(syncs[i], peer_primary[i], peer_inconsistent[i], now, fresh)
+                self.n[i].go_live(syncs[i], peer_primary[i], peer_inconsistent[i], fresh)
             {
                 self.send(i, Msg::SyncUuid(g));
             }
@@ -810,7 +809,6 @@ impl Sim {
     }
 
     fn deliver(&mut self, to: usize, m: Msg) {
-        let from = 1 - to;
         match m {
             Msg::Data { id, block, seq } => {
                 let ok = self.n[to].apply_replicated(block, seq);
@@ -868,7 +866,6 @@ impl Sim {
                         self.send(to, r);
                     }
                 }
-                let _ = from;
             }
         }
     }

@@ -151,7 +151,7 @@ impl Node {
 
     // ------------------------------------------------------------------ metadata
 
-    fn persist_sb(&mut self) {
+    pub(super) fn persist_sb(&mut self) {
         self.meta.gens = self.gens;
         self.meta.consistent = self.st.disk >= DiskState::Outdated;
         self.meta.outdated = self.st.disk == DiskState::Outdated;
@@ -161,10 +161,6 @@ impl Node {
 
     fn persist_bitmap(&mut self) {
         self.meta.bitmap = self.bitmap.clone();
-    }
-
-    pub(super) fn persist_sb_now(&mut self) {
-        self.persist_sb();
     }
 
     pub(super) fn persist_all(&mut self) {
@@ -350,7 +346,6 @@ impl Node {
         sync: Sync,
         peer_primary: bool,
         peer_inconsistent: bool,
-        _now: Instant,
         fresh_id: u64,
     ) -> Option<Generations> {
         self.discard_my_data = false;
@@ -384,7 +379,7 @@ impl Node {
     pub(super) fn teardown(&mut self) -> Vec<PendingWrite> {
         let _ = self.st.step(Event::LinkLost);
         let Some(mut s) = self.sess.take() else { return Vec::new() };
-        let was_target = s.resyncing;
+        let was_target = s.resyncing && self.st.disk == DiskState::Inconsistent;
         let waiting: Vec<PendingWrite> = std::mem::take(&mut s.pending).into_values().collect();
         for w in &waiting {
             self.bitmap.set_range(off(w.block), BLOCK);

@@ -229,9 +229,10 @@ async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, S
 /// Connecting (or StandAlone).
 async fn teardown(vol: &Arc<Volume>) {
     let (peer, was_target) = vol.with_core(|c| {
-        // A resync ran in this session (the state may say Disconnecting by now: found by the
-        // simulation, a disconnect during a resync skipped the flush below).
-        let was_target = c.resync.is_some();
+        // We were receiving a resync in this session (judged by the resync and the disk, not
+        // the connection state, which may say Disconnecting by now: found by the simulation, a
+        // disconnect during a resync skipped the flush below).
+        let was_target = c.resync.is_some() && c.st.disk == DiskState::Inconsistent;
         let p = c.peer.take();
         let _ = c.st.step(Event::LinkLost);
         c.resync = None;
@@ -402,7 +403,7 @@ async fn session(
     };
     let most = t * BITMAP_EXCHANGE_TIMEOUTS;
     tokio::time::timeout(most, exchange).await.map_err(|_| {
-        format!("the bitmap exchange took longer than {most:?} (5 x timeout_ms); writes go on, the link retries")
+        format!("the bitmap exchange took longer than {most:?} ({BITMAP_EXCHANGE_TIMEOUTS} x timeout_ms); writes go on, the link retries")
     })??;
     let weight = vol.with_core(|c| {
         if full {

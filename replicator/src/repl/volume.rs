@@ -607,6 +607,12 @@ impl Volume {
     /// The activity log's answer for `[offset, offset+len)`, never evicting an extent the
     /// peer's transfer log pins (see `ActivityLog::begin_unless`).
     fn al_try(&self, offset: u64, len: u64) -> Begin {
+        // Almost always the extents are hot, or free slots take them: no eviction, no pins to
+        // consult (and no state lock on the write path).
+        let b = self.al.lock().expect("activity log poisoned").begin(offset, len);
+        if matches!(&b, Begin::Hot) || matches!(&b, Begin::Need { evict, .. } if evict.is_empty()) {
+            return b;
+        }
         let peer = self.core.lock().expect("volume state poisoned").peer.clone();
         let pinned = |e: u32| peer.as_ref().and_then(|p| p.with_tl(|t| t.pins(e))).unwrap_or(false);
         self.al.lock().expect("activity log poisoned").begin_unless(offset, len, pinned)
@@ -693,19 +699,18 @@ impl Volume {
 
     /// The pieces a request is replicated in: one, unless it spans more activity-log extents
     /// than fit at once (see [`ActivityLog::pieces`]).
-    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        if self.meta.is_none() {
-            return vec![(offset, len)];
-        }
-        self.al.lock().expect("activity log poisoned").pieces(offset, len)
+    /// `None` for the common single piece (no allocation on the write path).
+    fn pieces(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+        self.meta.as_ref()?; // a single node has no activity log
+        let al = self.al.lock().expect("activity log poisoned");
+        (!al.fits(offset, len)).then(|| al.pieces(offset, len))
     }
 
     /// A replicated write, answered under the protocol's completion rule (once every piece is).
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
-        let pieces = self.pieces(offset, buf.len() as u64);
-        if pieces.len() == 1 {
+        let Some(pieces) = self.pieces(offset, buf.len() as u64) else {
             return self.write_piece(offset, buf, fua).await;
-        }
+        };
         for (o, l) in pieces {
             let at = usize::try_from(o - offset).expect("within the buffer");
             let n = usize::try_from(l).expect("within the buffer");
@@ -757,13 +762,8 @@ impl Volume {
     ) -> Acks {
         let p = peer?;
         let (id, recv, done) = p.register(offset, len, self.protocol() == Protocol::B);
-        if p.send(frame(id)).await {
-            comp.queued();
-            Some((recv, done))
-        } else {
-            comp.peer_lost();
-            None
-        }
+        let sent = p.send(frame(id)).await;
+        settle(comp, sent, recv, done)
     }
 
     async fn complete(
@@ -817,13 +817,7 @@ impl Volume {
             None => None,
             Some(p) => {
                 let (sent, recv, done) = p.send_flush(false).await;
-                if sent {
-                    comp.queued();
-                    Some((recv, done))
-                } else {
-                    comp.peer_lost();
-                    None
-                }
+                settle(&mut comp, sent, recv, done)
             }
         };
         comp.local_done(self.store.flush().await);
@@ -840,13 +834,18 @@ impl Volume {
         may_trim: bool,
         fast_only: bool,
     ) -> Result<(), i32> {
-        for (o, l) in self.pieces(offset, len) {
-            // A Zero frame carries a 32-bit length: pieces of at most 1 GiB.
-            let mut at = 0;
-            while at < l || (l == 0 && at == 0) {
-                let n = (l - at).min(ZERO_PIECE);
-                self.zero_piece(o + at, n, fua, may_trim, fast_only).await?;
-                at += n.max(1);
+        let pieces = self.pieces(offset, len).unwrap_or_else(|| vec![(offset, len)]);
+        for (o, l) in pieces {
+            // A Zero frame carries a 32-bit length: pieces of at most ZERO_PIECE.
+            let end = o + l;
+            let mut at = o;
+            loop {
+                let n = (end - at).min(ZERO_PIECE);
+                self.zero_piece(at, n, fua, may_trim, fast_only).await?;
+                at += n;
+                if at >= end {
+                    break;
+                }
             }
         }
         Ok(())
@@ -1166,6 +1165,23 @@ impl Volume {
     /// Runs `f` under the state lock.
     pub(crate) fn with_core<T>(&self, f: impl FnOnce(&mut Core) -> T) -> T {
         f(&mut self.core.lock().expect("volume state poisoned"))
+    }
+}
+
+/// Records in `comp` whether a request's frame reached the send queue; the acknowledgements to
+/// wait for when it did.
+fn settle(
+    comp: &mut Completion,
+    sent: bool,
+    recv: Option<oneshot::Receiver<()>>,
+    done: oneshot::Receiver<Result<(), i32>>,
+) -> Acks {
+    if sent {
+        comp.queued();
+        Some((recv, done))
+    } else {
+        comp.peer_lost();
+        None
     }
 }
 
