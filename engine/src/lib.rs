@@ -29,6 +29,7 @@ pub mod handshake;
 pub mod liveness;
 pub mod policy;
 pub mod ratectl;
+pub mod replica;
 pub mod session;
 pub mod sim;
 pub mod state;

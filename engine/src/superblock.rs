@@ -25,8 +25,15 @@ pub const FLAG_PEER_OUTDATED: u32 = 1 << 3;
 /// Flag: this node's data is known to be older than the peer's (it was outdated over the
 /// heartbeat while the replication link was down); it must not be promoted without --force.
 pub const FLAG_OUTDATED: u32 = 1 << 4;
-const KNOWN_FLAGS: u32 =
-    FLAG_CONSISTENT | FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY | FLAG_PEER_OUTDATED | FLAG_OUTDATED;
+/// Flag: a new current generation was made since the peer was last connected (its bitmap
+/// generation is the base the peer holds; no second one is made, even after a restart).
+pub const FLAG_NEW_CURRENT: u32 = 1 << 5;
+const KNOWN_FLAGS: u32 = FLAG_CONSISTENT
+    | FLAG_WAS_PRIMARY
+    | FLAG_CRASHED_PRIMARY
+    | FLAG_PEER_OUTDATED
+    | FLAG_OUTDATED
+    | FLAG_NEW_CURRENT;
 
 /// What the superblock records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

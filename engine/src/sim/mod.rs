@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::policy::{Plan, Policies, plan};
+use crate::replica::Persist;
 use crate::state::{ConnState, DiskState, Event, Role, Sync};
 use node::Node;
 
@@ -272,7 +273,7 @@ impl Sim {
     /// The node the client writes to: the alive Primary (the one promoted last if two).
     fn serving(&self) -> Option<usize> {
         let p: Vec<usize> =
-            (0..2).filter(|&i| self.n[i].alive && self.n[i].st.role == Role::Primary).collect();
+            (0..2).filter(|&i| self.n[i].alive && self.n[i].r.st.role == Role::Primary).collect();
         match p.as_slice() {
             [i] => Some(*i),
             [a, b] => Some(if self.n[*a].promoted_at >= self.n[*b].promoted_at { *a } else { *b }),
@@ -283,7 +284,7 @@ impl Sim {
     fn client_write(&mut self) {
         // In a dual-Primary episode the client writes to either (each side sees its own).
         let target = if self.episode && self.chance(500) {
-            (0..2).find(|&i| self.n[i].alive && self.n[i].st.role == Role::Primary)
+            (0..2).find(|&i| self.n[i].alive && self.n[i].r.st.role == Role::Primary)
         } else {
             self.serving()
         };
@@ -292,7 +293,8 @@ impl Sim {
         let seq = self.next_seq;
         self.next_seq += 1;
         let live = self.link.live && self.n[p].has_session();
-        match self.n[p].write_begin(block, seq, live) {
+        let now = self.now();
+        match self.n[p].write_begin(block, seq, live, now) {
             Err(why) => {
                 self.log(format!("{}: write b{block} s{seq} not started: {why}", self.n[p].name))
             }
@@ -330,8 +332,9 @@ impl Sim {
         let fid = self.next_flush;
         self.next_flush += 1;
         self.n[p].disk.flush();
-        if self.link.live && self.n[p].has_session() {
-            let id = self.n[p].send_flush(Some(fid));
+        let now = self.now();
+        let sent = if self.link.live { self.n[p].send_flush(Some(fid), now) } else { None };
+        if let Some(id) = sent {
             self.flushes.insert(fid, covered);
             self.send(p, Msg::Flush { id });
         } else {
@@ -441,7 +444,7 @@ impl Sim {
     }
 
     fn disk_error(&mut self) {
-        let Some(s) = (0..2).find(|&i| self.n[i].alive && self.n[i].st.role == Role::Secondary)
+        let Some(s) = (0..2).find(|&i| self.n[i].alive && self.n[i].r.st.role == Role::Secondary)
         else {
             return;
         };
@@ -456,8 +459,8 @@ impl Sim {
         let s = 1 - p;
         let synced = self.link.live
             && self.n[s].alive
-            && self.n[s].st.conn == ConnState::Connected
-            && self.n[s].st.disk == DiskState::UpToDate;
+            && self.n[s].r.st.conn == ConnState::Connected
+            && self.n[s].r.st.disk == DiskState::UpToDate;
         // The export is closed and drained before the demotion (the executor's release).
         if !synced || self.episode || !self.n[p].quiet() {
             return;
@@ -472,11 +475,11 @@ impl Sim {
 
     fn disconnect(&mut self) {
         let i = usize::try_from(self.rand(2)).expect("0 or 1");
-        if !self.n[i].alive || !self.n[i].st.want_connect {
+        if !self.n[i].alive || !self.n[i].r.st.want_connect {
             return;
         }
         self.fault(Fault::Disconnect, self.n[i].name.into());
-        let _ = self.n[i].st.step(Event::Disconnect);
+        let _ = self.n[i].r.st.step(Event::Disconnect);
         if self.link.live {
             self.link_lost("disconnected on request");
         }
@@ -484,22 +487,27 @@ impl Sim {
 
     fn connect(&mut self) {
         for i in 0..2 {
-            if self.n[i].alive && !self.n[i].st.want_connect {
+            if self.n[i].alive && !self.n[i].r.st.want_connect {
                 self.fault(Fault::Connect, self.n[i].name.into());
                 // A split brain is resolved by the operator: one victim discards its changes
                 // (beta, unless only beta is Primary), demoted first if it is Primary.
-                let victim =
-                    if self.n[1].st.role == Role::Primary && self.n[0].st.role == Role::Secondary {
-                        0
-                    } else {
-                        1
-                    };
-                if self.n[i].split_brain && i == victim && self.n[i].st.role == Role::Primary {
+                let victim = if self.n[1].r.st.role == Role::Primary
+                    && self.n[0].r.st.role == Role::Secondary
+                {
+                    0
+                } else {
+                    1
+                };
+                if self.n[i].r.split_brain.is_some()
+                    && i == victim
+                    && self.n[i].r.st.role == Role::Primary
+                {
                     self.n[i].demote();
                     self.log(format!("{}: secondary (the split brain's victim)", self.n[i].name));
                 }
-                let discard =
-                    self.n[i].split_brain && i == victim && self.n[i].st.role == Role::Secondary;
+                let discard = self.n[i].r.split_brain.is_some()
+                    && i == victim
+                    && self.n[i].r.st.role == Role::Secondary;
                 self.n[i].connect(discard);
                 return;
             }
@@ -510,16 +518,14 @@ impl Sim {
         // An operator who knows what it does: on a Secondary connected to an UpToDate peer.
         let Some(s) = (0..2).find(|&i| {
             self.n[i].alive
-                && self.n[i].st.role == Role::Secondary
+                && self.n[i].r.st.role == Role::Secondary
                 && self.link.live
-                && self.n[1 - i].st.disk == DiskState::UpToDate
+                && self.n[1 - i].r.st.disk == DiskState::UpToDate
         }) else {
             return;
         };
-        if self.n[s].st.step(Event::Invalidate).is_ok() {
+        if self.n[s].invalidate() {
             self.fault(Fault::Invalidate, self.n[s].name.into());
-            self.n[s].bitmap.set_all();
-            self.n[s].persist_all();
             if self.link.live {
                 self.link_lost("invalidate reconnects");
             }
@@ -535,8 +541,8 @@ impl Sim {
         // one starts an unrelated history, which only `create-md --force` undoes.)
         if self.link.up
             || !self.n[s].alive
-            || self.n[s].st.role == Role::Primary
-            || self.n[s].st.disk == DiskState::Inconsistent
+            || self.n[s].r.st.role == Role::Primary
+            || self.n[s].r.st.disk == DiskState::Inconsistent
         {
             return;
         }
@@ -557,7 +563,7 @@ impl Sim {
             let p = 1 - s;
             if self.n[s].alive
                 && !self.n[p].alive
-                && self.n[s].st.role == Role::Secondary
+                && self.n[s].r.st.role == Role::Secondary
                 && self.n[p].was_primary_at_death
             {
                 let fresh = self.rand(u64::MAX);
@@ -594,11 +600,10 @@ impl Sim {
         // changing (the heartbeat is not simulated; it is assumed up).
         if let Some(p) = self.serving()
             && self.n[1 - p].alive
-            && self.n[1 - p].st.role == Role::Secondary
-            && self.n[1 - p].st.step(Event::Outdate).is_ok()
+            && self.n[1 - p].r.st.role == Role::Secondary
+            && self.n[1 - p].outdate()
         {
-            self.n[1 - p].persist_sb();
-            let _ = self.n[p].st.step(Event::PeerOutdated);
+            self.n[p].peer_outdated();
             self.log(format!("{} outdated over the heartbeat", self.n[1 - p].name));
         }
         self.link.live = false;
@@ -611,9 +616,7 @@ impl Sim {
             for w in waiting {
                 let fresh = self.rand(u64::MAX);
                 self.n[i].finish_alone(w.block, fresh);
-                if let Some(()) = w.client {
-                    self.ack_write(i, w.block, w.seq, false);
-                }
+                self.ack_write(i, w.block, w.seq, false);
             }
             // Client flushes waiting for the peer: answered locally (durable here).
             for fid in self.n[i].take_flush_waiters() {
@@ -629,9 +632,9 @@ impl Sim {
             return;
         }
         for i in 0..2 {
-            let _ = self.n[i].st.step(Event::Attempt);
+            let _ = self.n[i].r.st.step(Event::Attempt);
         }
-        if !(self.n[0].st.want_connect && self.n[1].st.want_connect) {
+        if !(self.n[0].r.st.want_connect && self.n[1].r.st.want_connect) {
             return;
         }
         let facts = [self.n[0].facts(), self.n[1].facts()];
@@ -659,9 +662,13 @@ impl Sim {
         let mut go = true;
         for (i, (p, _)) in plans.iter().enumerate() {
             match p {
-                Plan::SplitBrain(_) | Plan::Refuse(_) => {
-                    self.n[i].split_brain = matches!(p, Plan::SplitBrain(_));
-                    let _ = self.n[i].st.step(Event::GiveUp);
+                Plan::SplitBrain(why) | Plan::Refuse(why) => {
+                    if matches!(p, Plan::SplitBrain(_)) {
+                        self.n[i].r.split_brain = Some(why.clone());
+                    } else {
+                        self.n[i].r.last_refusal = Some(why.clone());
+                    }
+                    let _ = self.n[i].r.st.step(Event::GiveUp);
                     go = false;
                 }
                 Plan::Retry(_) => go = false,
@@ -672,21 +679,21 @@ impl Sim {
             return;
         }
         for (i, (_, v)) in plans.iter().enumerate() {
-            crate::session::apply_fixup(&mut self.n[i].gens, v.fixup);
+            crate::session::apply_fixup(&mut self.n[i].r.sb.uuids, v.fixup);
         }
         // Bitmaps both ways, OR-ed.
-        let (b0, b1) = (self.n[0].bitmap.clone(), self.n[1].bitmap.clone());
-        self.n[0].bitmap.or(&b1);
-        self.n[1].bitmap.or(&b0);
+        let (b0, b1) = (self.n[0].r.bitmap.clone(), self.n[1].r.bitmap.clone());
+        self.n[0].r.bitmap.or(&b1);
+        self.n[1].r.bitmap.or(&b0);
         let mut syncs = [Sync::None; 2];
         for (i, (p, _)) in plans.iter().enumerate() {
             if crate::session::full(p) {
-                self.n[i].bitmap.set_all();
+                self.n[i].r.bitmap.set_all();
             }
-            let w = self.n[i].bitmap.weight();
+            let w = self.n[i].r.bitmap.weight();
             let sides = crate::session::Sides {
-                me_primary: self.n[i].st.role == Role::Primary,
-                peer_primary: self.n[1 - i].st.role == Role::Primary,
+                me_primary: self.n[i].r.st.role == Role::Primary,
+                peer_primary: self.n[1 - i].r.st.role == Role::Primary,
                 my_weight: facts[i].weight,
                 peer_weight: facts[1 - i].weight,
             };
@@ -695,10 +702,11 @@ impl Sim {
         self.link.session += 1;
         self.link.live = true;
         self.solo = [0, 0];
-        let peer_primary = [self.n[1].st.role == Role::Primary, self.n[0].st.role == Role::Primary];
+        let peer_primary =
+            [self.n[1].r.st.role == Role::Primary, self.n[0].r.st.role == Role::Primary];
         let peer_inconsistent = [
-            self.n[1].st.disk == DiskState::Inconsistent,
-            self.n[0].st.disk == DiskState::Inconsistent,
+            self.n[1].r.st.disk == DiskState::Inconsistent,
+            self.n[0].r.st.disk == DiskState::Inconsistent,
         ];
         for i in 0..2 {
             let fresh = self.rand(u64::MAX);
@@ -720,12 +728,12 @@ impl Sim {
             .map(|b| format!("b{b}:{}/{}", self.n[0].disk.read(b), self.n[1].disk.read(b)))
             .collect();
         let bits = |i: usize| -> String {
-            let w = self.n[i].bitmap.weight();
+            let w = self.n[i].r.bitmap.weight();
             if w == BLOCKS {
                 return "all".into();
             }
             (0..BLOCKS)
-                .filter(|&b| self.n[i].bitmap.get(b))
+                .filter(|&b| self.n[i].r.bitmap.get(b))
                 .map(|b| b.to_string())
                 .collect::<Vec<_>>()
                 .join(",")
@@ -797,7 +805,6 @@ impl Sim {
                 self.send(i, Msg::RsRequest { block });
             }
             if self.n[i].resync_finished() {
-                let _ = self.n[i].st.step(Event::TargetDone);
                 let name = self.n[i].name;
                 self.log(format!("{name}: resync finished (target)"));
                 self.n[i].finish_target();
@@ -813,7 +820,7 @@ impl Sim {
             Msg::Data { id, block, seq } => {
                 let ok = self.n[to].apply_replicated(block, seq);
                 self.send(to, Msg::WriteAck { id, ok });
-                if self.n[to].st.conn == ConnState::Disconnecting {
+                if self.n[to].r.st.conn == ConnState::Disconnecting {
                     self.link_lost("a replicated write failed on the Secondary");
                 }
             }
@@ -824,19 +831,17 @@ impl Sim {
                         let fresh = self.rand(u64::MAX);
                         self.n[to].finish_alone(w.block, fresh);
                     }
-                    if let Some(()) = w.client {
-                        self.ack_write(to, w.block, w.seq, ok);
-                    }
+                    self.ack_write(to, w.block, w.seq, ok);
                 }
             }
             Msg::Flush { id } => {
-                // Durable data and metadata before the answer.
-                self.n[to].disk.flush();
-                self.n[to].persist_all();
+                // Durable data and metadata before the answer (the executor's Flush).
+                self.n[to].persist(Persist { data: true, bitmap: true, superblock: false });
                 self.send(to, Msg::FlushAck { id });
             }
             Msg::FlushAck { id } => {
-                if let Some(fid) = self.n[to].flush_acked(id) {
+                let now = self.now();
+                if let Some(fid) = self.n[to].flush_acked(id, now) {
                     self.flush_acked(fid);
                 }
             }
@@ -847,13 +852,11 @@ impl Sim {
             }
             Msg::RsData { block, seq } => self.n[to].apply_resync(block, seq),
             Msg::RsDone => {
-                if self.n[to].st.step(Event::SourceDone).is_ok() {
-                    self.n[to].source_done();
-                }
+                self.n[to].source_done();
             }
             Msg::SyncUuid(g) => self.n[to].sync_uuid(g),
             Msg::Report { role, disk } => {
-                if self.n[to].st.step(Event::PeerReport { role, disk }).is_err() {
+                if self.n[to].r.peer_report(role, disk).is_err() {
                     self.link_lost("both Primary");
                     return;
                 }
@@ -875,7 +878,7 @@ impl Sim {
     fn check(&mut self) {
         // 4: never two Primaries while connected.
         if self.link.live
-            && self.n.iter().all(|n| n.alive && n.st.role == Role::Primary && n.st.conn.live())
+            && self.n.iter().all(|n| n.alive && n.r.st.role == Role::Primary && n.r.st.conn.live())
         {
             self.violate(4, "two Primaries while connected".into());
             return;
@@ -937,10 +940,9 @@ impl Sim {
             if self.serving().is_none()
                 && !self.n[1].promote_after_report
                 && self.link.live
-                && self
-                    .n
-                    .iter()
-                    .all(|n| n.st.disk == DiskState::UpToDate && n.st.conn == ConnState::Connected)
+                && self.n.iter().all(|n| {
+                    n.r.st.disk == DiskState::UpToDate && n.r.st.conn == ConnState::Connected
+                })
             {
                 // Someone serves again (the configured master).
                 let fresh = self.rand(u64::MAX);
@@ -950,7 +952,7 @@ impl Sim {
                     self.send(0, r);
                 }
             }
-            if self.n.iter().any(|n| !n.st.want_connect) {
+            if self.n.iter().any(|n| !n.r.st.want_connect) {
                 self.connect();
             }
             if self.chance(300) {
@@ -978,9 +980,9 @@ impl Sim {
         self.link.live
             && self.n.iter().all(|n| {
                 n.alive
-                    && n.st.conn == ConnState::Connected
-                    && n.st.disk == DiskState::UpToDate
-                    && n.bitmap.weight() == 0
+                    && n.r.st.conn == ConnState::Connected
+                    && n.r.st.disk == DiskState::UpToDate
+                    && n.r.bitmap.weight() == 0
                     && n.quiet()
             })
             && self.link.q.iter().all(VecDeque::is_empty)

@@ -1,5 +1,5 @@
-//! One simulated node: the engine's parts, a disk with a volatile write cache, durable
-//! metadata, and the bookkeeping the executor does around them.
+//! One simulated node: the engine's [`Replica`] (what the daemon runs), its activity log, a
+//! disk with a volatile write cache and durable metadata, carried out as the executor does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -9,7 +9,9 @@ use crate::actlog::{ActivityLog, Begin};
 use crate::bitmap::Bitmap;
 use crate::generation::{Generations, Side};
 use crate::policy::Facts;
-use crate::state::{DiskState, Event, Refusal, Role, State, Sync};
+use crate::replica::{Persist, Promotion, Replica};
+use crate::state::{ConnState, DiskState, Refusal, Role, Sync};
+use crate::superblock::Superblock;
 use crate::translog::{Bound, TransferLog};
 
 /// The transfer log's bound in the simulation (shorter than the product's default, so that
@@ -49,59 +51,41 @@ impl Disk {
 /// What the metadata holds on disk (written synchronously, as the executor fsyncs it).
 #[derive(Debug, Clone)]
 struct Meta {
-    gens: Generations,
-    consistent: bool,
-    outdated: bool,
-    crashed_primary: bool,
-    peer_outdated: bool,
+    sb: Superblock,
     bitmap: Bitmap,
     al_hot: Vec<u32>,
 }
 
-/// A write waiting for the peer.
+/// What waits for the peer's answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Waiter {
+    /// A client's write.
+    Write { block: u64, seq: u64 },
+    /// A flush: the client flush waiting for it, if any (none: the transfer log's own).
+    Flush(Option<u64>),
+}
+
+/// A client write that waited for the peer.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PendingWrite {
     pub block: u64,
     pub seq: u64,
-    /// A client waits for it.
-    pub client: Option<()>,
 }
 
-/// A live session's state on this node.
-#[derive(Debug)]
-struct Sess {
-    tl: TransferLog,
-    pending: BTreeMap<u64, PendingWrite>,
-    /// Flushes sent to the peer: id → the client flush waiting for it, if any.
-    flushes: BTreeMap<u64, Option<u64>>,
-    next_id: u64,
-    /// Resync requests in flight (as target).
-    rs_inflight: BTreeSet<u64>,
-    /// The source's generations (SyncUuid), adopted when the resync finishes.
-    sync_gens: Option<Generations>,
-    /// A resync runs in this session (the executor's `Core::resync`).
-    resyncing: bool,
-}
-
-/// One node.
+/// One node: the engine's [`Replica`] (the code the daemon runs) with a simulated disk and
+/// metadata, executing what it asks for.
 #[derive(Debug)]
 pub(super) struct Node {
     pub name: &'static str,
     pub alive: bool,
-    pub st: State,
-    pub gens: Generations,
-    crashed_primary: bool,
-    peer_outdated: bool,
-    bumped: bool,
-    pub bitmap: Bitmap,
+    pub r: Replica<Waiter>,
     al: ActivityLog,
     pub disk: Disk,
     meta: Meta,
-    sess: Option<Sess>,
+    /// Resync requests in flight (as target; the executor's window).
+    rs_inflight: BTreeSet<u64>,
     /// Client flushes whose peer flush was lost with the session.
     pending_flush_clients: Vec<u64>,
-    discard_my_data: bool,
-    pub split_brain: bool,
     pub slow_until: u64,
     pub fail_next_write: bool,
     pub promoted_at: usize,
@@ -109,34 +93,33 @@ pub(super) struct Node {
     pub was_primary_at_death: bool,
 }
 
+fn created(blocks: u64) -> Superblock {
+    Superblock {
+        sequence: 0,
+        volume_size: blocks * BLOCK,
+        node_id: 0,
+        flags: 0,
+        bitmap_granularity: u32::try_from(BLOCK).expect("small"),
+        al_extent_size: u32::try_from(4 * BLOCK).expect("small"),
+        al_extents: 4,
+        uuids: Generations::just_created(),
+    }
+}
+
 impl Node {
     pub(super) fn new(name: &'static str, blocks: u64) -> Self {
         let bitmap = Bitmap::new(blocks * BLOCK, BLOCK);
-        let gens = Generations::just_created();
+        let sb = created(blocks);
+        let (r, _) = Replica::attach(sb, bitmap.clone(), &[]);
         Self {
             name,
             alive: true,
-            st: State::attached(DiskState::Inconsistent, true),
-            gens,
-            crashed_primary: false,
-            peer_outdated: false,
-            bumped: false,
-            bitmap: bitmap.clone(),
+            r,
             al: ActivityLog::new(4 * BLOCK, 4),
             disk: Disk::new(blocks),
-            meta: Meta {
-                gens,
-                consistent: false,
-                outdated: false,
-                crashed_primary: false,
-                peer_outdated: false,
-                bitmap,
-                al_hot: Vec::new(),
-            },
-            sess: None,
+            meta: Meta { sb, bitmap, al_hot: Vec::new() },
+            rs_inflight: BTreeSet::new(),
             pending_flush_clients: Vec::new(),
-            discard_my_data: false,
-            split_brain: false,
             slow_until: 0,
             fail_next_write: false,
             promoted_at: 0,
@@ -146,77 +129,93 @@ impl Node {
     }
 
     pub(super) fn has_session(&self) -> bool {
-        self.sess.is_some()
+        self.r.session.is_some()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.r.session.as_ref().map_or(0, |s| s.epoch)
     }
 
     // ------------------------------------------------------------------ metadata
 
-    pub(super) fn persist_sb(&mut self) {
-        self.meta.gens = self.gens;
-        self.meta.consistent = self.st.disk >= DiskState::Outdated;
-        self.meta.outdated = self.st.disk == DiskState::Outdated;
-        self.meta.crashed_primary = self.crashed_primary;
-        self.meta.peer_outdated = self.peer_outdated;
-    }
-
-    fn persist_bitmap(&mut self) {
-        self.meta.bitmap = self.bitmap.clone();
-    }
-
-    pub(super) fn persist_all(&mut self) {
-        self.persist_bitmap();
-        self.persist_sb();
+    /// Carries out what a transition asks to make durable (the executor's `persist`).
+    pub(super) fn persist(&mut self, p: Persist) {
+        if p.data {
+            self.disk.flush();
+        }
+        if p.bitmap {
+            self.meta.bitmap = self.r.bitmap.clone();
+        }
+        if p.superblock {
+            self.meta.sb = self.r.next_superblock();
+        }
     }
 
     // ------------------------------------------------------------------ roles
 
     /// `duet primary [--force]` (the executor's `promote`).
     pub(super) fn promote(&mut self, force: bool, fresh_id: u64) -> Result<(), Refusal> {
-        if self.st.role == Role::Primary {
-            return Ok(());
+        if let Promotion::Promoted { .. } = self.r.promote(force, fresh_id)? {
+            self.persist(Persist::SUPERBLOCK);
         }
-        let was = self.st.disk;
-        let fresh = was == DiskState::Inconsistent && force;
-        self.st.step(Event::Promote { force })?;
-        self.crashed_primary = true;
-        if fresh {
-            self.gens = Generations { current: fresh_id & !1 | 1, bitmap: 0, history: [0, 0] };
-            self.bumped = true;
-        }
-        self.persist_sb();
         Ok(())
     }
 
     /// `duet secondary` (the executor's `demote`).
     pub(super) fn demote(&mut self) {
-        let _ = self.st.step(Event::Demote);
-        self.crashed_primary = false;
-        self.disk.flush();
-        self.persist_all();
+        if let Some(p) = self.r.demote() {
+            self.persist(p);
+        }
     }
 
     pub(super) fn connect(&mut self, discard: bool) {
-        if self.st.step(Event::Connect { discard_my_data: discard }).is_ok() {
-            self.discard_my_data = discard;
-            self.split_brain = false;
+        let _ = self.r.connect(discard);
+    }
+
+    /// Outdated over the heartbeat (the executor's `outdate`).
+    pub(super) fn outdate(&mut self) -> bool {
+        match self.r.outdate() {
+            Ok(Some(p)) => {
+                self.persist(p);
+                true
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// The peer was outdated (the executor's `set_peer_outdated`).
+    pub(super) fn peer_outdated(&mut self) {
+        let p = self.r.peer_outdated();
+        self.persist(p);
+    }
+
+    /// `duet invalidate`.
+    pub(super) fn invalidate(&mut self) -> bool {
+        match self.r.invalidate() {
+            Ok(p) => {
+                self.persist(p);
+                true
+            }
+            Err(_) => false,
         }
     }
 
     pub(super) fn report(&self) -> Msg {
-        Msg::Report { role: self.st.role, disk: self.st.disk }
+        Msg::Report { role: self.r.st.role, disk: self.r.st.disk }
     }
 
     pub(super) fn facts(&self) -> Facts {
         Facts {
             name: self.name.into(),
             side: Side {
-                uuids: self.gens,
-                crashed_primary: self.crashed_primary,
-                primary: self.st.role == Role::Primary,
+                uuids: self.r.sb.uuids,
+                crashed_primary: self.r.crashed_primary(),
+                primary: self.r.st.role == Role::Primary,
             },
-            inconsistent: self.st.disk == DiskState::Inconsistent,
-            discard_my_data: self.discard_my_data,
-            weight: self.bitmap.weight(),
+            inconsistent: self.r.st.disk == DiskState::Inconsistent,
+            discard_my_data: self.r.discard_my_data,
+            weight: self.r.bitmap.weight(),
         }
     }
 
@@ -229,94 +228,84 @@ impl Node {
         block: u64,
         seq: u64,
         live: bool,
+        now: Instant,
     ) -> Result<Option<u64>, String> {
-        if self.st.role != Role::Primary {
+        if self.r.st.role != Role::Primary {
             return Err("not Primary".into());
         }
-        let tl = self.sess.as_ref().map(|s| &s.tl);
-        let b = self.al.begin_unless(off(block), BLOCK, |e| tl.is_some_and(|t| t.pins(e)));
+        let r = &self.r;
+        let b = self.al.begin_unless(off(block), BLOCK, |e| r.pinned(e));
         match b {
             Begin::Hot => {}
             Begin::Need { add, evict } => {
                 // Data and bits of evicted extents reach the disk before they leave the log:
                 // after a crash only the log's extents are assumed to differ.
                 if !evict.is_empty() {
-                    self.disk.flush();
-                    self.persist_bitmap();
+                    self.persist(Persist { data: true, bitmap: true, superblock: false });
                 }
                 let rec = self.al.record(&add, &evict);
                 self.meta.al_hot = ActivityLog::decode(&rec).map_err(|e| e.to_string())?.1;
                 self.al.commit(off(block), BLOCK, &add, &evict);
             }
             Begin::Busy => {
-                if let Some(s) = self.sess.as_mut() {
-                    s.tl.hurry();
-                }
+                self.r.hurry();
                 return Err(
                     "activity log busy (in flight, or pinned until the peer flushes)".into()
                 );
             }
         }
         self.disk.write(block, seq);
-        if !live {
-            self.al.end(off(block), BLOCK);
-            return Ok(None);
+        if live {
+            let epoch = self.epoch();
+            if let Ok(id) =
+                self.r.register(epoch, off(block), BLOCK, now, Waiter::Write { block, seq })
+            {
+                return Ok(Some(id));
+            }
         }
-        let s = self.sess.as_mut().expect("live");
-        let id = s.next_id;
-        s.next_id += 1;
-        s.pending.insert(id, PendingWrite { block, seq, client: Some(()) });
-        Ok(Some(id))
+        self.al.end(off(block), BLOCK);
+        Ok(None)
     }
 
     /// A write answered without the peer: out of sync, and a new current generation before
     /// the reply (the executor's `complete` with `out_of_sync`).
     pub(super) fn finish_alone(&mut self, block: u64, fresh_id: u64) {
-        self.bitmap.set_range(off(block), BLOCK);
-        if !self.bumped {
-            let primary = self.st.role == Role::Primary;
-            self.gens.new_current(fresh_id, primary);
-            self.bumped = true;
-            self.persist_sb();
+        self.r.written_alone(off(block), BLOCK);
+        if let Some(sb) = self.r.new_generation(fresh_id) {
+            self.meta.sb = sb;
         }
     }
 
     /// The peer's WriteAck (the executor's reader): the write is done on the peer, held in the
     /// transfer log until a flush covers it; a failed one is out of sync.
     pub(super) fn write_acked(&mut self, id: u64, ok: bool, now: Instant) -> Option<PendingWrite> {
-        let s = self.sess.as_mut()?;
-        let w = s.pending.remove(&id)?;
-        if ok {
-            s.tl.acked(now, off(w.block), BLOCK);
-        } else {
-            self.bitmap.set_range(off(w.block), BLOCK);
+        let p = self.r.peer_acked(id, ok, now).ok()?;
+        match p.waiter {
+            Waiter::Write { block, seq } => {
+                self.al.end(p.offset, p.len);
+                Some(PendingWrite { block, seq })
+            }
+            Waiter::Flush(_) => None,
         }
-        self.al.end(off(w.block), BLOCK);
-        Some(w)
     }
 
     /// A flush to the peer (a client's): closes the open transfer-log epoch.
-    pub(super) fn send_flush(&mut self, client: Option<u64>) -> u64 {
-        let s = self.sess.as_mut().expect("live");
-        let id = s.next_id;
-        s.next_id += 1;
-        s.tl.barrier(id, client.is_none());
-        s.flushes.insert(id, client);
-        id
+    pub(super) fn send_flush(&mut self, client: Option<u64>, now: Instant) -> Option<u64> {
+        let epoch = self.epoch();
+        self.r.register_flush(epoch, client.is_none(), now, Waiter::Flush(client)).ok()
     }
 
     /// The transfer log asks for a flush.
     pub(super) fn flush_due(&mut self, now: Instant) -> Option<u64> {
-        let due = self.sess.as_ref()?.tl.due(now);
-        due.then(|| self.send_flush(None))
+        if self.r.flush_due(now) { self.send_flush(None, now) } else { None }
     }
 
     /// The peer's FlushAck: the epochs it covers are forgotten; the client flush it answers.
-    pub(super) fn flush_acked(&mut self, id: u64) -> Option<u64> {
-        let s = self.sess.as_mut()?;
-        let failed = s.tl.flushed(id, true);
-        debug_assert!(failed.is_empty());
-        s.flushes.remove(&id).flatten()
+    pub(super) fn flush_acked(&mut self, id: u64, now: Instant) -> Option<u64> {
+        match self.r.peer_acked(id, true, now).ok()?.waiter {
+            Waiter::Flush(client) => client,
+            Waiter::Write { .. } => None,
+        }
     }
 
     /// Client flushes still waiting for the peer (answered by the caller after a teardown).
@@ -328,9 +317,8 @@ impl Node {
     pub(super) fn apply_replicated(&mut self, block: u64, seq: u64) -> bool {
         if self.fail_next_write {
             self.fail_next_write = false;
-            self.bitmap.set_range(off(block), BLOCK);
-            let _ = self.st.step(Event::LocalWriteFailed);
-            self.persist_sb();
+            let p = self.r.local_write_failed(off(block), BLOCK);
+            self.persist(p);
             return false;
         }
         self.disk.write(block, seq);
@@ -348,28 +336,14 @@ impl Node {
         peer_inconsistent: bool,
         fresh_id: u64,
     ) -> Option<Generations> {
-        self.discard_my_data = false;
-        self.split_brain = false;
-        self.bumped = false;
-        self.peer_outdated = false;
-        if self.st.role != Role::Primary {
-            self.crashed_primary = false;
-        }
-        let _ = self.st.step(Event::Live { sync, peer_primary, peer_inconsistent });
-        self.sess = Some(Sess {
-            tl: TransferLog::new(BOUND, 4 * BLOCK, u64::MAX),
-            pending: BTreeMap::new(),
-            flushes: BTreeMap::new(),
-            next_id: 1,
-            rs_inflight: BTreeSet::new(),
-            sync_gens: None,
-            resyncing: sync != Sync::None,
-        });
-        self.persist_all();
+        let s = self.r.new_session(TransferLog::new(BOUND, 4 * BLOCK, u64::MAX));
+        self.rs_inflight.clear();
+        let p = self.r.go_live(s, sync, peer_primary, peer_inconsistent);
+        self.persist(p);
         if sync == Sync::Source {
-            self.gens.start_sync_source(fresh_id);
-            self.persist_sb();
-            return Some(self.gens);
+            let g = self.r.start_sync_source(fresh_id);
+            self.persist(Persist::SUPERBLOCK);
+            return Some(g);
         }
         None
     }
@@ -377,52 +351,40 @@ impl Node {
     /// The session ends (the executor's `teardown`). Returns the writes that waited for the
     /// peer; client flushes waiting for it are kept for [`Node::take_flush_waiters`].
     pub(super) fn teardown(&mut self) -> Vec<PendingWrite> {
-        let _ = self.st.step(Event::LinkLost);
-        let Some(mut s) = self.sess.take() else { return Vec::new() };
-        let was_target = s.resyncing && self.st.disk == DiskState::Inconsistent;
-        let waiting: Vec<PendingWrite> = std::mem::take(&mut s.pending).into_values().collect();
-        for w in &waiting {
-            self.bitmap.set_range(off(w.block), BLOCK);
-            self.al.end(off(w.block), BLOCK);
+        let end = self.r.teardown();
+        let mut writes = Vec::new();
+        for w in end.waiters {
+            match w {
+                Waiter::Write { block, seq } => {
+                    self.al.end(off(block), BLOCK);
+                    writes.push(PendingWrite { block, seq });
+                }
+                Waiter::Flush(client) => self.pending_flush_clients.extend(client),
+            }
         }
-        for (o, l) in s.tl.drain() {
-            self.bitmap.set_range(o, l);
-        }
-        self.pending_flush_clients.extend(s.flushes.into_values().flatten());
-        if was_target {
-            self.disk.flush();
-        }
-        self.persist_bitmap();
-        waiting
+        self.rs_inflight.clear();
+        self.persist(end.persist);
+        writes
     }
 
     /// The source's SyncUuid, as target.
     pub(super) fn sync_uuid(&mut self, g: Generations) {
-        if self.st.conn != crate::state::ConnState::SyncTarget {
-            return;
+        if let Ok(p) = self.r.sync_uuid(g) {
+            self.persist(p);
         }
-        self.gens.receive_sync_uuid(g.bitmap);
-        if let Some(s) = self.sess.as_mut() {
-            s.sync_gens = Some(g);
-        }
-        self.persist_sb();
     }
 
     /// Resync requests to send now (as target), keeping up to `window` in flight.
     pub(super) fn resync_requests(&mut self, window: usize) -> Vec<u64> {
-        if self.st.conn != crate::state::ConnState::SyncTarget {
-            return Vec::new();
-        }
-        let Some(s) = self.sess.as_mut() else { return Vec::new() };
-        if s.sync_gens.is_none() {
+        if self.r.st.conn != ConnState::SyncTarget || self.r.sync_source_gens.is_none() {
             return Vec::new();
         }
         let mut out = Vec::new();
         let mut from = 0;
-        while s.rs_inflight.len() < window {
-            let Some(b) = self.bitmap.next_set(from) else { break };
+        while self.rs_inflight.len() < window {
+            let Some(b) = self.r.bitmap.next_set(from) else { break };
             from = b + 1;
-            if s.rs_inflight.insert(b) {
+            if self.rs_inflight.insert(b) {
                 out.push(b);
             }
         }
@@ -431,62 +393,52 @@ impl Node {
 
     /// A resync request from the target (as source): the block's data; the bit goes.
     pub(super) fn serve_resync(&mut self, block: u64) -> Option<u64> {
-        if self.st.conn == crate::state::ConnState::SyncTarget {
+        if self.r.st.conn == ConnState::SyncTarget {
             return None;
         }
         let v = self.disk.read(block);
-        if self.sess.is_some() {
-            self.bitmap.clear_range(off(block), BLOCK);
-        }
+        let epoch = self.epoch();
+        self.r.resync_served(epoch, off(block), BLOCK);
         Some(v)
     }
 
     /// Resync data (as target).
     pub(super) fn apply_resync(&mut self, block: u64, seq: u64) {
-        if self.st.role != Role::Secondary {
+        if self.r.st.role != Role::Secondary {
             return;
         }
         self.disk.write(block, seq);
-        self.bitmap.clear_range(off(block), BLOCK);
-        if let Some(s) = self.sess.as_mut() {
-            s.rs_inflight.remove(&block);
-        }
+        self.r.resync_applied(off(block), BLOCK);
+        self.rs_inflight.remove(&block);
     }
 
     /// Every block is in and nothing in flight (as target).
     pub(super) fn resync_finished(&self) -> bool {
-        self.st.conn == crate::state::ConnState::SyncTarget
-            && self.bitmap.weight() == 0
-            && self.sess.as_ref().is_some_and(|s| s.rs_inflight.is_empty() && s.sync_gens.is_some())
+        self.r.st.conn == ConnState::SyncTarget
+            && self.r.bitmap.weight() == 0
+            && self.has_session()
+            && self.rs_inflight.is_empty()
+            && self.r.sync_source_gens.is_some()
     }
 
-    /// The end of the resync as target (after [`Event::TargetDone`]).
+    /// The end of the resync as target: the data is flushed first, then UpToDate.
     pub(super) fn finish_target(&mut self) {
         self.disk.flush();
-        if let Some(s) = self.sess.as_mut() {
-            s.resyncing = false;
+        if let Ok(p) = self.r.target_done() {
+            self.persist(p);
         }
-        if let Some(g) = self.sess.as_mut().and_then(|s| s.sync_gens.take()) {
-            self.gens.finish_sync_target(&g);
-        }
-        self.persist_all();
     }
 
-    /// The end of the resync as source (after [`Event::SourceDone`]).
+    /// The end of the resync as source.
     pub(super) fn source_done(&mut self) {
-        if let Some(s) = self.sess.as_mut() {
-            s.resyncing = false;
+        if let Ok(p) = self.r.source_done() {
+            self.persist(p);
         }
-        self.bitmap.clear_all();
-        self.gens.clear_bitmap();
-        self.persist_all();
     }
 
     /// Nothing in flight.
     pub(super) fn quiet(&self) -> bool {
-        self.sess.as_ref().is_some_and(|s| {
-            s.pending.is_empty() && s.rs_inflight.is_empty() && s.flushes.is_empty()
-        })
+        self.r.session.as_ref().is_some_and(|s| s.in_flight() == 0) && self.rs_inflight.is_empty()
     }
 
     // ------------------------------------------------------------------ crashes
@@ -494,11 +446,12 @@ impl Node {
     /// The process dies; with `power`, the disk's cache too.
     pub(super) fn die(&mut self, power: bool) {
         self.alive = false;
-        self.was_primary_at_death = self.st.role == Role::Primary;
+        self.was_primary_at_death = self.r.st.role == Role::Primary;
         if power {
             self.disk.power_loss();
         }
-        self.sess = None;
+        self.r.session = None;
+        self.rs_inflight.clear();
         self.pending_flush_clients.clear();
     }
 
@@ -507,30 +460,13 @@ impl Node {
         // What survived in the cache (a process crash) is made durable before anything else.
         self.disk.flush();
         let m = self.meta.clone();
-        self.gens = m.gens;
-        self.crashed_primary = m.crashed_primary;
-        self.peer_outdated = m.peer_outdated;
-        self.bitmap = m.bitmap.clone();
         self.al = ActivityLog::new(4 * BLOCK, 4);
-        if m.crashed_primary {
-            for &e in &m.al_hot {
-                self.bitmap.set_range(u64::from(e) * 4 * BLOCK, 4 * BLOCK);
-            }
-            self.persist_bitmap();
-        }
-        let disk = if !m.consistent {
-            DiskState::Inconsistent
-        } else if m.outdated {
-            DiskState::Outdated
-        } else if m.peer_outdated {
-            DiskState::UpToDate
-        } else {
-            DiskState::Consistent
-        };
-        self.st = State::attached(disk, true);
-        self.bumped = false;
-        self.discard_my_data = false;
-        self.split_brain = false;
+        let hot: Vec<(u64, u64)> =
+            m.al_hot.iter().map(|&e| (u64::from(e) * 4 * BLOCK, 4 * BLOCK)).collect();
+        let (r, p) = Replica::attach(m.sb, m.bitmap, &hot);
+        self.r = r;
+        self.persist(p);
+        self.rs_inflight.clear();
         self.slow_until = 0;
         self.fail_next_write = false;
         self.promote_after_report = false;
@@ -541,12 +477,12 @@ impl Node {
         format!(
             "{} {:?} {:?} {:?} oos {} gens {:x?}{}",
             self.name,
-            self.st.role,
-            self.st.disk,
-            self.st.conn,
-            self.bitmap.weight(),
-            self.gens,
-            if self.split_brain { " SPLIT BRAIN" } else { "" }
+            self.r.st.role,
+            self.r.st.disk,
+            self.r.st.conn,
+            self.r.bitmap.weight(),
+            self.r.sb.uuids,
+            if self.r.split_brain.is_some() { " SPLIT BRAIN" } else { "" }
         )
     }
 }

@@ -1,0 +1,464 @@
+//! One resource's replication state and every decision about it, in one place: the state
+//! machine ([`State`]), the superblock's fields, the out-of-sync bitmap and the live peer
+//! session ([`PeerSession`]). Each input is a method; what must then reach the disk comes back
+//! as [`Persist`] (in its order: data, bitmap, superblock), what must reach the peer or a
+//! client comes back as the values the method returns. Time, randomness and new identifiers are
+//! arguments.
+//!
+//! The executor (`replicator::repl`) and the simulation ([`crate::sim`]) both drive this type:
+//! what the simulation checks is what the daemon decides.
+
+mod peer;
+#[cfg(test)]
+mod tests;
+
+use std::time::Instant;
+
+pub use peer::{PeerSession, Pending};
+
+use crate::bitmap::Bitmap;
+use crate::generation::Generations;
+use crate::state::{ConnState, DiskState, Event, Outcome, Refusal, Role, State, Sync};
+use crate::superblock::{
+    FLAG_CONSISTENT, FLAG_CRASHED_PRIMARY, FLAG_NEW_CURRENT, FLAG_OUTDATED, FLAG_PEER_OUTDATED,
+    FLAG_WAS_PRIMARY, Superblock,
+};
+use crate::translog::TransferLog;
+
+/// What the caller makes durable after a transition, in this order: the data (a flush of the
+/// store), the dirty bitmap pages, the superblock (from [`Replica::next_superblock`]).
+#[must_use = "a transition's metadata must reach the disk"]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Persist {
+    pub data: bool,
+    pub bitmap: bool,
+    pub superblock: bool,
+}
+
+impl Persist {
+    pub const NOTHING: Self = Self { data: false, bitmap: false, superblock: false };
+    pub const SUPERBLOCK: Self = Self { data: false, bitmap: false, superblock: true };
+    pub const METADATA: Self = Self { data: false, bitmap: true, superblock: true };
+    pub const ALL: Self = Self { data: true, bitmap: true, superblock: true };
+}
+
+/// The answer to `duet primary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    Already,
+    /// Promoted; the superblock must be written (on failure: [`Replica::promotion_failed`]).
+    /// `fresh`: forced from Inconsistent, a new data history.
+    Promoted {
+        fresh: bool,
+        was: DiskState,
+    },
+}
+
+/// A frame the peer had no business sending now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer sent a sync generation while we are not its resync target")]
+    NotResyncTarget,
+    #[error("peer acknowledged unknown request {0}")]
+    UnknownRequest(u64),
+}
+
+/// What a session's end leaves to the caller.
+#[derive(Debug)]
+pub struct Teardown<W> {
+    /// Requests that were waiting for the peer, oldest first: they completed without it (their
+    /// ranges are out of sync already).
+    pub waiters: Vec<W>,
+    pub persist: Persist,
+}
+
+/// One resource's replication state.
+#[derive(Debug)]
+pub struct Replica<W> {
+    /// Role, disk and connection states: changed only through [`State::step`].
+    pub st: State,
+    pub sb: Superblock,
+    pub bitmap: Bitmap,
+    pub discard_my_data: bool,
+    pub split_brain: Option<String>,
+    pub last_refusal: Option<String>,
+    /// The live session, if any.
+    pub session: Option<PeerSession<W>>,
+    /// A resync runs in the current session (as source or target).
+    pub resyncing: bool,
+    /// The resync source's generations (from SyncUuid), adopted when the resync finishes.
+    pub sync_source_gens: Option<Generations>,
+    epochs: u64,
+}
+
+impl<W> Replica<W> {
+    fn with(st: State, sb: Superblock, bitmap: Bitmap) -> Self {
+        Self {
+            st,
+            sb,
+            bitmap,
+            discard_my_data: false,
+            split_brain: None,
+            last_refusal: None,
+            session: None,
+            resyncing: false,
+            sync_source_gens: None,
+            epochs: 0,
+        }
+    }
+
+    /// A single node: always Primary and UpToDate, no peer.
+    pub fn standalone(sb: Superblock, bitmap: Bitmap) -> Self {
+        Self::with(
+            State { role: Role::Primary, ..State::attached(DiskState::UpToDate, false) },
+            sb,
+            bitmap,
+        )
+    }
+
+    /// Attaches from the metadata on disk (starts Secondary). After a crash as Primary, the
+    /// activity log's `hot` ranges may differ from the peer: they are marked out of sync (and
+    /// the bitmap must be written).
+    pub fn attach(sb: Superblock, mut bitmap: Bitmap, hot: &[(u64, u64)]) -> (Self, Persist) {
+        let crashed = sb.flags & FLAG_CRASHED_PRIMARY != 0;
+        if crashed {
+            for &(o, l) in hot {
+                bitmap.set_range(o, l);
+            }
+        }
+        let disk = if sb.flags & FLAG_CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else if sb.flags & FLAG_OUTDATED != 0 {
+            DiskState::Outdated
+        } else if sb.flags & FLAG_PEER_OUTDATED != 0 {
+            // The peer was outdated while we were Primary: nothing newer exists anywhere.
+            DiskState::UpToDate
+        } else {
+            DiskState::Consistent
+        };
+        let persist = Persist { bitmap: crashed && !hot.is_empty(), ..Persist::NOTHING };
+        (Self::with(State::attached(disk, true), sb, bitmap), persist)
+    }
+
+    /// The superblock to write now: a new sequence number, flags from the disk state.
+    pub fn next_superblock(&mut self) -> Superblock {
+        self.sb.sequence += 1;
+        let mut f = self.sb.flags & !(FLAG_CONSISTENT | FLAG_OUTDATED);
+        if self.st.disk >= DiskState::Outdated {
+            f |= FLAG_CONSISTENT;
+        }
+        if self.st.disk == DiskState::Outdated {
+            f |= FLAG_OUTDATED;
+        }
+        self.sb.flags = f;
+        self.sb
+    }
+
+    /// A new current generation was made since the peer was last connected (see
+    /// [`Replica::new_generation`]).
+    pub fn bumped(&self) -> bool {
+        self.sb.flags & FLAG_NEW_CURRENT != 0
+    }
+
+    /// "Crashed while Primary" is on disk (so the next attach marks the hot extents).
+    pub fn crashed_primary(&self) -> bool {
+        self.sb.flags & FLAG_CRASHED_PRIMARY != 0
+    }
+
+    // ------------------------------------------------------------------ operator commands
+
+    /// `duet primary [--force]`; `fresh` is a new random identifier (used when forced from
+    /// Inconsistent: a new data history with no bitmap base, so the peer gets a full sync and
+    /// two nodes forced this way are unrelated, not split).
+    pub fn promote(&mut self, force: bool, fresh: u64) -> Result<Promotion, Refusal> {
+        if self.st.role == Role::Primary {
+            return Ok(Promotion::Already);
+        }
+        let was = self.st.disk;
+        let new_history = was == DiskState::Inconsistent && force;
+        self.st.step(Event::Promote { force })?;
+        self.sb.flags |= FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY;
+        if new_history {
+            self.sb.uuids = Generations { current: fresh & !1 | 1, bitmap: 0, history: [0, 0] };
+            self.sb.flags |= FLAG_NEW_CURRENT;
+        }
+        Ok(Promotion::Promoted { fresh: new_history, was })
+    }
+
+    /// The promotion's superblock could not be written: back to what it was.
+    pub fn promotion_failed(&mut self, was: DiskState) {
+        let _ = self.st.step(Event::PromotionFailed { disk: was });
+    }
+
+    /// `duet secondary` (nothing in flight: the export is closed). `None` when already
+    /// Secondary; else the data, the bitmap and a clean superblock must reach the disk.
+    pub fn demote(&mut self) -> Option<Persist> {
+        if self.st.role == Role::Secondary {
+            return None;
+        }
+        let _ = self.st.step(Event::Demote);
+        self.sb.flags &= !FLAG_CRASHED_PRIMARY;
+        Some(Persist::ALL)
+    }
+
+    /// Outdated at the peer's request. `None`: already Inconsistent (nothing to write).
+    pub fn outdate(&mut self) -> Result<Option<Persist>, Refusal> {
+        let o = self.st.step(Event::Outdate)?;
+        if o == Outcome::Unchanged && self.st.disk == DiskState::Inconsistent {
+            return Ok(None);
+        }
+        Ok(Some(Persist::SUPERBLOCK))
+    }
+
+    /// The peer is known to be Outdated (recorded, so a restart alone knows we are newest).
+    pub fn peer_outdated(&mut self) -> Persist {
+        self.sb.flags |= FLAG_PEER_OUTDATED;
+        let _ = self.st.step(Event::PeerOutdated);
+        Persist::SUPERBLOCK
+    }
+
+    /// `duet connect [--discard-my-data]`; `Ok(true)` when a session is live already.
+    pub fn connect(&mut self, discard_my_data: bool) -> Result<bool, Refusal> {
+        self.st.step(Event::Connect { discard_my_data })?;
+        self.discard_my_data = discard_my_data;
+        self.split_brain = None;
+        Ok(self.session.is_some())
+    }
+
+    /// `duet invalidate`: every block out of sync, disk Inconsistent.
+    pub fn invalidate(&mut self) -> Result<Persist, Refusal> {
+        self.st.step(Event::Invalidate)?;
+        self.bitmap.set_all();
+        Ok(Persist::METADATA)
+    }
+
+    /// A clean stop: nothing is left for a crash recovery to mark.
+    pub fn close(&mut self) -> Persist {
+        self.sb.flags &= !FLAG_CRASHED_PRIMARY;
+        Persist::ALL
+    }
+
+    // ------------------------------------------------------------------ the write path
+
+    /// Registers a request with the live session `epoch`; `Err(waiter)` when that session is
+    /// gone (the request completes without the peer).
+    pub fn register(
+        &mut self,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+        now: Instant,
+        waiter: W,
+    ) -> Result<u64, W> {
+        match self.session.as_mut() {
+            Some(s) if s.epoch == epoch => Ok(s.register(offset, len, false, now, waiter)),
+            _ => Err(waiter),
+        }
+    }
+
+    /// Registers a flush with the live session `epoch` (see [`PeerSession::register_flush`]).
+    pub fn register_flush(
+        &mut self,
+        epoch: u64,
+        ours: bool,
+        now: Instant,
+        waiter: W,
+    ) -> Result<u64, W> {
+        match self.session.as_mut() {
+            Some(s) if s.epoch == epoch => Ok(s.register_flush(now, ours, waiter)),
+            _ => Err(waiter),
+        }
+    }
+
+    /// The peer answered request `id`. A write it did is held in the transfer log until a
+    /// flush covers it; a failed one is out of sync here. A flush forgets the epochs it covers
+    /// (or, failed, marks them out of sync).
+    pub fn peer_acked(&mut self, id: u64, ok: bool, now: Instant) -> Result<Pending<W>, PeerError> {
+        let s = self.session.as_mut().ok_or(PeerError::UnknownRequest(id))?;
+        let p = s.take(id).ok_or(PeerError::UnknownRequest(id))?;
+        if p.flush {
+            for (o, l) in s.tl.flushed(id, ok) {
+                self.bitmap.set_range(o, l);
+            }
+        } else if ok {
+            s.tl.acked(now, p.offset, p.len);
+        } else if p.len > 0 {
+            self.bitmap.set_range(p.offset, p.len);
+        }
+        Ok(p)
+    }
+
+    /// The transfer log's bound asks for a flush now.
+    pub fn flush_due(&self, now: Instant) -> bool {
+        self.session.as_ref().is_some_and(|s| s.tl.due(now))
+    }
+
+    /// Activity-log extent `e` holds writes the peer has not flushed (it must not be evicted).
+    pub fn pinned(&self, e: u32) -> bool {
+        self.session.as_ref().is_some_and(|s| s.tl.pins(e))
+    }
+
+    /// The activity log is full: ask the peer to flush soon.
+    pub fn hurry(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            s.tl.hurry();
+        }
+    }
+
+    /// A write completed without the peer: its range is out of sync.
+    pub fn written_alone(&mut self, offset: u64, len: u64) {
+        if len > 0 {
+            self.bitmap.set_range(offset, len);
+        }
+    }
+
+    /// Before acknowledging a write the peer does not have: a new current generation (with
+    /// `fresh`), once per disconnected period. `Some(superblock)` to write before the reply.
+    ///
+    /// "Once" holds across restarts (the flag is on disk): a second new generation after a
+    /// restart alone would push the base the peer holds into history, and the next connect
+    /// would fall back to a full resync, or after two restarts in a split brain call the two
+    /// disks unrelated (found by the simulation). DRBD's shortcut, "not while a bitmap
+    /// generation is set", is not enough: a resync source whose link drops before the
+    /// target's RsDone still holds the sync generation, and writes alone under the current
+    /// the target has adopted; if the target is then forced Primary, the connect takes the
+    /// target as source and drops those writes silently (also found by the simulation).
+    pub fn new_generation(&mut self, fresh: u64) -> Option<Superblock> {
+        if self.bumped() {
+            return None;
+        }
+        let primary = self.st.role == Role::Primary;
+        self.sb.uuids.new_current(fresh, primary);
+        self.sb.sequence += 1;
+        self.sb.flags |= FLAG_NEW_CURRENT;
+        Some(self.sb)
+    }
+
+    /// A replicated write failed on this (Secondary) disk: the block is out of sync here, the
+    /// disk Inconsistent until resynced, and the session ends so the reconnect resyncs it.
+    pub fn local_write_failed(&mut self, offset: u64, len: u64) -> Persist {
+        self.bitmap.set_range(offset, len);
+        let _ = self.st.step(Event::LocalWriteFailed);
+        Persist::SUPERBLOCK
+    }
+
+    // ------------------------------------------------------------------ sessions
+
+    /// A session for the connection being set up (its epoch is new).
+    pub fn new_session(&mut self, tl: TransferLog) -> PeerSession<W> {
+        self.epochs += 1;
+        PeerSession::new(self.epochs, tl)
+    }
+
+    /// The bitmaps are exchanged and the plan says `sync`: the session is live.
+    pub fn go_live(
+        &mut self,
+        session: PeerSession<W>,
+        sync: Sync,
+        peer_primary: bool,
+        peer_inconsistent: bool,
+    ) -> Persist {
+        self.discard_my_data = false;
+        self.split_brain = None;
+        self.last_refusal = None;
+        self.sb.flags &= !(FLAG_PEER_OUTDATED | FLAG_NEW_CURRENT);
+        if self.st.role != Role::Primary {
+            self.sb.flags &= !FLAG_CRASHED_PRIMARY;
+        }
+        let _ = self.st.step(Event::Live { sync, peer_primary, peer_inconsistent });
+        self.session = Some(session);
+        self.resyncing = sync != Sync::None;
+        self.sync_source_gens = None;
+        // Durable before any resync data moves: the target is Inconsistent on disk, the
+        // bitmaps hold the union.
+        Persist::METADATA
+    }
+
+    /// As resync source, with a fresh identifier: the generations to send with SyncUuid (the
+    /// superblock must be written).
+    pub fn start_sync_source(&mut self, fresh: u64) -> Generations {
+        self.sb.uuids.start_sync_source(fresh);
+        self.sb.uuids
+    }
+
+    /// The session ended (or never went live). Requests still waiting and writes acknowledged
+    /// but not known durable on the peer (its cache may be gone) are out of sync; after this
+    /// nothing more is forgotten. A resync target's cleared bits go to disk only with the data
+    /// they stand for (`persist.data`), so after a power loss its bitmap still names every
+    /// block it may not have.
+    pub fn teardown(&mut self) -> Teardown<W> {
+        // Judged by the resync and the disk, not the connection state, which may say
+        // Disconnecting by now (found by the simulation: a disconnect during a resync skipped
+        // the flush).
+        let was_target = self.resyncing && self.st.disk == DiskState::Inconsistent;
+        let _ = self.st.step(Event::LinkLost);
+        self.resyncing = false;
+        let Some(mut s) = self.session.take() else {
+            return Teardown {
+                waiters: Vec::new(),
+                persist: Persist { data: was_target, ..Persist::NOTHING },
+            };
+        };
+        let mut waiters = Vec::new();
+        for p in s.drain() {
+            if p.len > 0 {
+                self.bitmap.set_range(p.offset, p.len);
+            }
+            waiters.push(p.waiter);
+        }
+        for (o, l) in s.tl.drain() {
+            self.bitmap.set_range(o, l);
+        }
+        Teardown { waiters, persist: Persist { data: was_target, bitmap: true, superblock: false } }
+    }
+
+    /// The peer's role and disk state.
+    pub fn peer_report(&mut self, role: Role, disk: DiskState) -> Result<Outcome, Refusal> {
+        self.st.step(Event::PeerReport { role, disk })
+    }
+
+    /// The source's SyncUuid (as target).
+    pub fn sync_uuid(&mut self, g: Generations) -> Result<Persist, PeerError> {
+        if self.st.conn != ConnState::SyncTarget {
+            return Err(PeerError::NotResyncTarget);
+        }
+        self.sb.uuids.receive_sync_uuid(g.bitmap);
+        self.sync_source_gens = Some(g);
+        Ok(Persist::SUPERBLOCK)
+    }
+
+    /// As source: the range went to the peer in session `epoch`; its bits go while that session
+    /// is live (resync data needs no transfer log: the target clears its own bits on disk only
+    /// once the data is flushed). `false`: the session is gone, nothing cleared.
+    pub fn resync_served(&mut self, epoch: u64, offset: u64, len: u64) -> bool {
+        if self.session.as_ref().is_none_or(|s| s.epoch != epoch) {
+            return false;
+        }
+        self.bitmap.clear_range(offset, len);
+        true
+    }
+
+    /// As target: resync data for the range is written here.
+    pub fn resync_applied(&mut self, offset: u64, len: u64) {
+        self.bitmap.clear_range(offset, len);
+    }
+
+    /// As target, every block in and flushed: UpToDate, with the source's generations.
+    pub fn target_done(&mut self) -> Result<Persist, Refusal> {
+        self.st.step(Event::TargetDone)?;
+        self.resyncing = false;
+        if let Some(g) = self.sync_source_gens.take() {
+            self.sb.uuids.finish_sync_target(&g);
+        }
+        Ok(Persist::METADATA)
+    }
+
+    /// As source, the target says it has everything.
+    pub fn source_done(&mut self) -> Result<Persist, Refusal> {
+        self.st.step(Event::SourceDone)?;
+        self.resyncing = false;
+        self.bitmap.clear_all();
+        self.sb.uuids.clear_bitmap();
+        Ok(Persist::METADATA)
+    }
+}
