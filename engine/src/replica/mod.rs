@@ -391,13 +391,11 @@ impl<W> Replica<W> {
         // Disconnecting by now (found by the simulation: a disconnect during a resync skipped
         // the flush).
         let was_target = self.resyncing && self.st.disk == DiskState::Inconsistent;
+        let persist = Persist { data: was_target, bitmap: true, superblock: false };
         let _ = self.st.step(Event::LinkLost);
         self.resyncing = false;
         let Some(mut s) = self.session.take() else {
-            return Teardown {
-                waiters: Vec::new(),
-                persist: Persist { data: was_target, ..Persist::NOTHING },
-            };
+            return Teardown { waiters: Vec::new(), persist };
         };
         let mut waiters = Vec::new();
         for p in s.drain() {
@@ -409,7 +407,19 @@ impl<W> Replica<W> {
         for (o, l) in s.tl.drain() {
             self.bitmap.set_range(o, l);
         }
-        Teardown { waiters, persist: Persist { data: was_target, bitmap: true, superblock: false } }
+        Teardown { waiters, persist }
+    }
+
+    /// The connect plan will not go live: StandAlone until the operator acts. A split brain
+    /// is reported in status; a refusal (unrelated data, a Primary that would be overwritten)
+    /// is kept as the last refusal.
+    pub fn give_up(&mut self, split_brain: bool, why: String) {
+        if split_brain {
+            self.split_brain = Some(why);
+        } else {
+            self.last_refusal = Some(why);
+        }
+        let _ = self.st.step(Event::GiveUp);
     }
 
     /// The peer's role and disk state.

@@ -356,3 +356,15 @@ fn standalone_is_primary_and_up_to_date() {
     let r = Replica::<()>::standalone(sb(FLAG_CONSISTENT), Bitmap::new(1, G));
     assert_eq!((r.st.role, r.st.disk), (Role::Primary, DiskState::UpToDate));
 }
+
+#[test]
+fn give_up_reports_and_stands_alone() {
+    let mut r = secondary();
+    r.give_up(true, "both changed".into());
+    assert_eq!(r.split_brain.as_deref(), Some("both changed"));
+    assert_eq!(r.st.conn, ConnState::StandAlone);
+    let mut r = secondary();
+    r.give_up(false, "unrelated".into());
+    assert_eq!((r.split_brain.as_deref(), r.last_refusal.as_deref()), (None, Some("unrelated")));
+    assert_eq!(r.st.conn, ConnState::StandAlone);
+}

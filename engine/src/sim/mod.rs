@@ -663,12 +663,7 @@ impl Sim {
         for (i, (p, _)) in plans.iter().enumerate() {
             match p {
                 Plan::SplitBrain(why) | Plan::Refuse(why) => {
-                    if matches!(p, Plan::SplitBrain(_)) {
-                        self.n[i].r.split_brain = Some(why.clone());
-                    } else {
-                        self.n[i].r.last_refusal = Some(why.clone());
-                    }
-                    let _ = self.n[i].r.st.step(Event::GiveUp);
+                    self.n[i].r.give_up(matches!(p, Plan::SplitBrain(_)), why.clone());
                     go = false;
                 }
                 Plan::Retry(_) => go = false,

@@ -32,7 +32,9 @@ use crate::ratectl::{RateController, TICK};
 use crate::ratelimit::RateLimit;
 use crate::shutdown::stopped;
 use crate::store::IoBuf;
+use engine::replica::Persist;
 use engine::state::{Event, Sync};
+use engine::translog::TransferLog;
 
 /// Largest frame accepted before authentication.
 const HANDSHAKE_MAX: u32 = 64 * 1024;
@@ -154,8 +156,8 @@ pub async fn run(
             return;
         }
         let want = vol.with_core(|c| {
-            let _ = c.st.step(Event::Attempt);
-            c.st.want_connect
+            let _ = c.r.st.step(Event::Attempt);
+            c.r.st.want_connect
         });
         let sock = if !want {
             // Accept and drop, so the peer sees a refusal rather than a hang.
@@ -198,7 +200,7 @@ pub async fn run(
                 Err(e) => {
                     vol.stats.peer_errors.fetch_add(1, Relaxed);
                     warn(&format!("replication link: {e}"));
-                    vol.with_core(|c| c.last_refusal = Some(e.clone()));
+                    vol.with_core(|c| c.r.last_refusal = Some(e.clone()));
                 }
             }
             teardown(&vol).await;
@@ -228,50 +230,29 @@ async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, S
 /// After a session: writes the peer had not acknowledged are out of sync; state back to
 /// Connecting (or StandAlone).
 async fn teardown(vol: &Arc<Volume>) {
-    let (peer, was_target) = vol.with_core(|c| {
-        // We were receiving a resync in this session (judged by the resync and the disk, not
-        // the connection state, which may say Disconnecting by now: found by the simulation, a
-        // disconnect during a resync skipped the flush below).
-        let was_target = c.resync.is_some() && c.st.disk == DiskState::Inconsistent;
-        let p = c.peer.take();
-        let _ = c.st.step(Event::LinkLost);
+    // Under one lock: the session's requests and unflushed writes are marked (see
+    // `Replica::teardown`); a write that registers after this finds no session and marks its
+    // own blocks.
+    let (peer, end) = vol.with_core(|c| {
         c.resync = None;
         c.verify = None;
-        (p, was_target)
+        (c.peer.take(), c.r.teardown())
     });
+    drop(end.waiters); // their requests see the peer as lost
     if let Some(p) = peer {
-        // Closed first: a write that queued its frame before this registered its waiter before
-        // it, and is drained below; one that comes later is refused and marks its own blocks.
         p.tx.close();
-        let waiters: Vec<_> = p.pending.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
-        // Acknowledged but not known durable on the peer (its cache may be gone): out of sync,
-        // as the unacknowledged ones. After this nothing more is forgotten (see `Peer::tl`).
-        let unflushed = p.tl.lock().expect("transfer log poisoned").take().map(|mut t| t.drain());
-        vol.with_core(|c| {
-            for (_, w) in &waiters {
-                if w.len > 0 {
-                    c.bitmap.set_range(w.offset, w.len);
-                }
-            }
-            for &(o, l) in unflushed.iter().flatten() {
-                c.bitmap.set_range(o, l);
-            }
-        });
-        drop(waiters); // waiters see the peer as lost
         if let Ok(mut v) = p.verify.lock() {
             v.clear();
         }
     }
-    // A resync target's cleared bits go to disk only with the data they stand for: after a
-    // power loss, its on-disk bitmap still names every block it may not have.
-    if was_target && vol.store().flush().await.is_err() {
+    if end.persist.data && vol.store().flush().await.is_err() {
         tracing::error!(
             "flush after an interrupted resync failed; the bitmap on disk keeps its bits"
         );
         vol.notify();
         return;
     }
-    let _ = vol.persist_bitmap().await;
+    let _ = vol.persist(Persist { data: false, ..end.persist }).await;
     vol.al_wake();
     vol.notify();
 }
@@ -354,25 +335,19 @@ async fn session(
     match &the_plan {
         Plan::SplitBrain(why) => {
             tracing::error!(resource = %cfg.resource, peer = %cfg.peer, "SPLIT BRAIN: {why}");
-            vol.with_core(|c| {
-                c.split_brain = Some(why.clone());
-                let _ = c.st.step(Event::GiveUp);
-            });
+            vol.with_core(|c| c.r.give_up(true, why.clone()));
             vol.event(format!("SPLIT BRAIN: {why}"));
             return Ok("split brain; StandAlone until the operator resolves it".into());
         }
         Plan::Refuse(why) => {
             tracing::error!(resource = %cfg.resource, peer = %cfg.peer, "refusing to connect: {why}");
-            vol.with_core(|c| {
-                c.last_refusal = Some(why.clone());
-                let _ = c.st.step(Event::GiveUp);
-            });
+            vol.with_core(|c| c.r.give_up(false, why.clone()));
             return Ok(format!("refused: {why}; StandAlone"));
         }
         Plan::Retry(why) => return Err(why.clone()),
         Plan::NoSync | Plan::Source { .. } | Plan::Target { .. } => {}
     }
-    vol.with_core(|c| engine::session::apply_fixup(&mut c.sb.uuids, verdict.fixup));
+    vol.with_core(|c| engine::session::apply_fixup(&mut c.r.sb.uuids, verdict.fixup));
     // 4. Bitmaps both ways, OR-ed. From here until the session is live no application write
     // runs: one that missed the peer has marked its blocks before our bitmap is read, and the
     // next one replicates.
@@ -385,7 +360,7 @@ async fn session(
         let mut from = Some(0);
         while let Some(f) = from {
             let mut b = BytesMut::new();
-            from = vol.with_core(|c| c.bitmap.encode_runs(f, 4096, &mut b));
+            from = vol.with_core(|c| c.r.bitmap.encode_runs(f, 4096, &mut b));
             send_now(&mut wr, Kind::Bitmap, if from.is_none() { F_LAST } else { 0 }, &b).await?;
         }
         loop {
@@ -395,7 +370,7 @@ async fn session(
             if h.kind != Kind::Bitmap {
                 return Err(format!("expected Bitmap, peer sent {:?}", h.kind));
             }
-            vol.with_core(|c| c.bitmap.apply_runs(&p)).map_err(|e| e.to_string())?;
+            vol.with_core(|c| c.r.bitmap.apply_runs(&p)).map_err(|e| e.to_string())?;
             if h.flags & F_LAST != 0 {
                 return Ok(());
             }
@@ -407,9 +382,9 @@ async fn session(
     })??;
     let weight = vol.with_core(|c| {
         if full {
-            c.bitmap.set_all();
+            c.r.bitmap.set_all();
         }
-        c.bitmap.weight()
+        c.r.bitmap.weight()
     });
     let sides = engine::session::Sides {
         me_primary: mine.has(P_PRIMARY),
@@ -422,42 +397,28 @@ async fn session(
     };
     // 5. Go live.
     let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib));
-    let peer_h = Peer::new(tx, cfg.transfer_log, vol.al_extent(), vol.size());
-    let live = Event::Live {
-        sync,
-        peer_primary: peer.has(P_PRIMARY),
-        peer_inconsistent: peer.has(P_INCONSISTENT),
-    };
-    let bytes = weight * vol.with_core(|c| c.bitmap.granularity());
-    vol.with_core(|c| {
+    let tl = TransferLog::new(cfg.transfer_log, vol.al_extent(), vol.size());
+    let session = vol.with_core(|c| c.r.new_session(tl));
+    let peer_h = Peer::new(tx, session.epoch);
+    // The peer is Primary, the peer is Inconsistent.
+    let live = (peer.has(P_PRIMARY), peer.has(P_INCONSISTENT));
+    let bytes = weight * vol.with_core(|c| c.r.bitmap.granularity());
+    let persist = vol.with_core(|c| {
         c.peer = Some(Arc::clone(&peer_h));
-        c.discard_my_data = false;
-        c.split_brain = None;
-        c.last_refusal = None;
-        c.bumped = false;
-        c.sb.flags &= !crate::superblock::FLAG_PEER_OUTDATED;
-        if c.st.role != Role::Primary {
-            c.sb.flags &= !crate::superblock::FLAG_CRASHED_PRIMARY;
-        }
-        let _ = c.st.step(live);
         if sync != Sync::None {
             c.resync = Some((Instant::now(), bytes, 0));
         }
+        c.r.go_live(session, sync, live.0, live.1)
     });
     drop(gate);
     vol.stats.connects.fetch_add(1, Relaxed);
-    // Durable before any resync data moves: the target is Inconsistent on disk, the bitmaps hold
-    // the union.
-    if vol.persist_bitmap().await.is_err() || vol.persist_sb().await.is_err() {
+    if vol.persist(persist).await.is_err() {
         peer_h.tx.close();
         return Err("cannot write metadata".into());
     }
     if sync == Sync::Source {
         let id = random_u64().map_err(|e| format!("no randomness for a sync generation: {e}"))?;
-        let g = vol.with_core(|c| {
-            c.sb.uuids.start_sync_source(id);
-            c.sb.uuids
-        });
+        let g = vol.with_core(|c| c.r.start_sync_source(id));
         let _ = vol.persist_sb().await;
         peer_h.send(small_frame(Kind::SyncUuid, 0, 0, 0, &encode_gens(&g))).await;
         vol.event(format!("resync as source: {bytes} bytes to send to {}", cfg.peer));
@@ -588,7 +549,10 @@ impl Session {
                 _ = tick.tick() => {
                     // A peer that answers pings but not writes (a hung disk) must not stall the
                     // Primary: after `timeout` the link is dropped and the writes go on without it.
-                    let oldest = self.peer.pending.lock().ok().and_then(|m| m.values().map(|w| w.sent).min());
+                    let (oldest, due) = self.vol.with_core(|c| {
+                        let s = c.r.session.as_ref();
+                        (s.and_then(|s| s.oldest()), c.r.flush_due(Instant::now()))
+                    });
                     match live.tick(Instant::now(), ping_out, oldest, cfg.ping_timeout, cfg.timeout) {
                         Verdict::Alive => {}
                         Verdict::NoPong => {
@@ -601,8 +565,8 @@ impl Session {
                     }
                     // The transfer log's bound: acknowledged writes do not wait longer (or pile up
                     // more) than configured for a flush that makes them durable on the peer.
-                    if self.peer.with_tl(|tl| tl.due(Instant::now())) == Some(true) {
-                        self.peer.send_flush(true).await;
+                    if due {
+                        self.vol.send_flush(&self.peer, true).await;
                     }
                     if ping_out.is_none() && last_ping.elapsed() >= cfg.ping_interval {
                         last_ping = Instant::now();
@@ -611,7 +575,7 @@ impl Session {
                     }
                 }
                 _ = changed.changed() => {
-                    if self.vol.with_core(|c| c.st.conn == ConnState::Disconnecting) {
+                    if self.vol.with_core(|c| c.r.st.conn == ConnState::Disconnecting) {
                         self.peer.send(small_frame(Kind::Disconnect, 0, 0, 0, &[])).await;
                         return Ok("disconnected on request (the operator, or the cluster manager after the heartbeat declared the peer dead)".into());
                     }
@@ -705,50 +669,31 @@ impl Session {
                 });
             }
             Kind::RecvAck => {
-                let w = self
-                    .peer
-                    .pending
-                    .lock()
-                    .ok()
-                    .and_then(|mut m| m.get_mut(&h.id).and_then(|w| w.recv.take()));
+                let w = vol.with_core(|c| {
+                    let s = c.r.session.as_mut()?;
+                    s.waiter_mut(h.id).and_then(|w| w.recv.take())
+                });
                 if let Some(tx) = w {
                     let _ = tx.send(());
                 }
             }
             Kind::WriteAck | Kind::FlushAck => {
-                let w = self.peer.pending.lock().ok().and_then(|mut m| m.remove(&h.id));
-                let Some(mut w) = w else {
-                    return Err(format!("peer acknowledged unknown request {}", h.id));
-                };
                 let r = if h.offset == 0 {
                     Ok(())
                 } else {
                     Err(i32::try_from(h.offset).unwrap_or(libc::EIO))
                 };
-                if r.is_err() && w.len > 0 {
-                    vol.with_core(|c| c.bitmap.set_range(w.offset, w.len));
-                }
-                if h.kind == Kind::FlushAck {
-                    // Durable on the peer now: the epochs this flush covers are forgotten (or,
-                    // if it failed, out of sync).
-                    let failed = self.peer.with_tl(|tl| tl.flushed(h.id, r.is_ok()));
-                    vol.with_core(|c| {
-                        for (o, l) in failed.into_iter().flatten() {
-                            c.bitmap.set_range(o, l);
-                        }
-                    });
+                // Held in the transfer log until a flush covers it, or out of sync if it
+                // failed; a flush forgets (or loses) the epochs it covers.
+                let now = Instant::now();
+                let p = vol
+                    .with_core(|c| c.r.peer_acked(h.id, r.is_ok(), now))
+                    .map_err(|e| e.to_string())?;
+                if p.flush {
                     // Extents it unpinned may leave the activity log now.
                     vol.al_wake();
-                } else if r.is_ok() {
-                    // In the peer's cache, not yet on its disk: held until a flush covers it.
-                    self.peer.with_tl(|tl| tl.acked(Instant::now(), w.offset, w.len));
                 }
-                if let Some(tx) = w.recv.take() {
-                    let _ = tx.send(());
-                }
-                if let Some(tx) = w.done.take() {
-                    let _ = tx.send(r);
-                }
+                p.waiter.answer(r);
             }
             Kind::State => {
                 let mut c = Cursor::new(Kind::State, &p);
@@ -758,22 +703,18 @@ impl Session {
                     return Err("peer sent an unknown disk state".into());
                 };
                 let role = if role == 1 { Role::Primary } else { Role::Secondary };
-                vol.with_core(|c| c.st.step(Event::PeerReport { role, disk }))
-                    .map_err(|r| r.to_string())?;
+                vol.with_core(|c| c.r.peer_report(role, disk)).map_err(|r| r.to_string())?;
                 vol.notify();
             }
             Kind::SyncUuid => {
                 let g = decode_gens(&p).map_err(|e| e.to_string())?;
-                if vol.with_core(|c| c.st.conn) != ConnState::SyncTarget {
+                if vol.with_core(|c| c.r.st.conn) != ConnState::SyncTarget {
                     return Err(
                         "peer sent a sync generation while we are not its resync target".into()
                     );
                 }
-                vol.with_core(|c| {
-                    c.sb.uuids.receive_sync_uuid(g.bitmap);
-                    c.sync_source_gens = Some(g);
-                });
-                let _ = vol.persist_sb().await;
+                let p = vol.with_core(|c| c.r.sync_uuid(g)).map_err(|e| e.to_string())?;
+                let _ = vol.persist(p).await;
                 let v = Arc::clone(&vol);
                 let peer = Arc::clone(&self.peer);
                 let inflight = Arc::clone(&self.inflight_rs);
@@ -782,10 +723,10 @@ impl Session {
             Kind::RsRequest => {
                 let len = u32_payload(Kind::RsRequest, &p)?;
                 range_of(&vol, h.offset, len)?;
-                if len > rs_chunk(vol.with_core(|c| c.bitmap.granularity())) {
+                if len > rs_chunk(vol.with_core(|c| c.r.bitmap.granularity())) {
                     return Err("peer asked for an oversized resync block".into());
                 }
-                if vol.with_core(|c| c.st.conn) == ConnState::SyncTarget {
+                if vol.with_core(|c| c.r.st.conn) == ConnState::SyncTarget {
                     return Err(
                         "peer asked us for resync data while we are its resync target".into()
                     );
@@ -828,23 +769,22 @@ impl Session {
                     // flush first), so after its power loss the union of the bitmaps covers it.
                     // The bits go only while the session is live: after a teardown nothing is
                     // cleared.
-                    let g = peer.tl.lock().expect("transfer log poisoned");
-                    if sent && g.is_some() {
+                    if sent {
                         vol.with_core(|c| {
-                            c.bitmap.clear_range(h.offset, len);
-                            if let Some(r) = c.resync.as_mut() {
+                            if c.r.resync_served(peer.epoch, h.offset, len)
+                                && let Some(r) = c.resync.as_mut()
+                            {
                                 r.2 += len;
                             }
                         });
                     }
-                    drop(g);
                 });
             }
             Kind::RsData | Kind::RsSame => {
                 // Resync data only goes to a Secondary that asked for it: a resync target, or
                 // a verify's repair (RsSame only answers a target's checksum request). On a
                 // Primary it would bypass the I/O gate and the activity log.
-                let (role, conn) = vol.with_core(|c| (c.st.role, c.st.conn));
+                let (role, conn) = vol.with_core(|c| (c.r.st.role, c.r.st.conn));
                 let taken = role == Role::Secondary
                     && match h.kind {
                         Kind::RsSame => conn == ConnState::SyncTarget,
@@ -881,7 +821,7 @@ impl Session {
                     drop(lock);
                     if r.is_ok() {
                         vol.with_core(|c| {
-                            c.bitmap.clear_range(h.offset, len);
+                            c.r.resync_applied(h.offset, len);
                             if let Some(r) = c.resync.as_mut() {
                                 r.2 += len;
                             }
@@ -898,16 +838,13 @@ impl Session {
                 });
             }
             Kind::RsDone => {
-                vol.with_core(|c| {
-                    c.st.step(Event::SourceDone)?;
-                    c.bitmap.clear_all();
-                    c.sb.uuids.clear_bitmap();
-                    c.resync = None;
-                    Ok::<_, engine::state::Refusal>(())
-                })
-                .map_err(|r| r.to_string())?;
-                let _ = vol.persist_bitmap().await;
-                let _ = vol.persist_sb().await;
+                let p = vol
+                    .with_core(|c| {
+                        c.resync = None;
+                        c.r.source_done()
+                    })
+                    .map_err(|r| r.to_string())?;
+                let _ = vol.persist(p).await;
                 vol.event("resync finished (source): the peer is UpToDate".into());
                 vol.notify();
             }
@@ -915,7 +852,7 @@ impl Session {
                 let mut c = Cursor::new(Kind::OutOfSync, &p);
                 let len = c.u64().map_err(|e| e.to_string())?;
                 range_of(&vol, h.offset, len)?;
-                vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+                vol.with_core(|c| c.r.bitmap.set_range(h.offset, len));
             }
             Kind::VerifyRequest => {
                 let len = u32_payload(Kind::VerifyRequest, &p)?;
@@ -928,13 +865,14 @@ impl Session {
                         "peer has more than {VERIFY_SERVE_MAX} verify requests outstanding with us"
                     ));
                 };
-                vol.with_core(|c| c.st.step(Event::PeerVerifyStart)).map_err(|r| r.to_string())?;
+                vol.with_core(|c| c.r.st.step(Event::PeerVerifyStart))
+                    .map_err(|r| r.to_string())?;
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
                     // Locked in the task, not the reader (see RsRequest).
                     let _slot = slot;
                     let lock = vol.lock_range(h.offset, len).await;
-                    let g = vol.with_core(|c| c.bitmap.granularity());
+                    let g = vol.with_core(|c| c.r.bitmap.granularity());
                     let n = usize::try_from(len).expect("bounded");
                     let out = match vol.read(h.offset, n).await {
                         Ok(buf) => hashes(&buf, g),
@@ -952,7 +890,7 @@ impl Session {
                 let _ = tx.send(p.to_vec());
             }
             Kind::VerifyDone => {
-                vol.with_core(|c| c.st.step(Event::PeerVerifyEnd)).map_err(|r| r.to_string())?;
+                vol.with_core(|c| c.r.st.step(Event::PeerVerifyEnd)).map_err(|r| r.to_string())?;
                 vol.notify();
             }
             Kind::Refuse => return Err(format!("peer refused: {}", String::from_utf8_lossy(&p))),
@@ -982,7 +920,7 @@ impl Session {
                 // all); drop the link (resync follows).
                 let len = p.len().saturating_sub(digest.size()) as u64;
                 if range_of(&self.vol, h.offset, len).is_ok() {
-                    self.vol.with_core(|c| c.bitmap.set_range(h.offset, len));
+                    self.vol.with_core(|c| c.r.bitmap.set_range(h.offset, len));
                 }
                 Err(e.to_string())
             }
@@ -997,11 +935,8 @@ async fn acknowledge(vol: &Volume, peer: &Peer, h: &Header, len: u64, r: Result<
         // Found by the simulation: a Secondary that stayed UpToDate and Connected after a
         // failed write was a failover target without that block. It is Inconsistent now (on
         // disk), and the session ends so the reconnect resyncs it.
-        vol.with_core(|c| {
-            c.bitmap.set_range(h.offset, len);
-            let _ = c.st.step(Event::LocalWriteFailed);
-        });
-        let _ = vol.persist_sb().await;
+        let p = vol.with_core(|c| c.r.local_write_failed(h.offset, len));
+        let _ = vol.persist(p).await;
         vol.event(format!(
             "a replicated write failed on this disk at {} (errno {e}): Inconsistent until resynced",
             h.offset
@@ -1025,7 +960,7 @@ fn hashes(buf: &[u8], g: u64) -> Vec<u8> {
 async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU64>) {
     let cfg = vol.config().expect("replicated").clone();
     let mut ctl = RateController::new(cfg.resync);
-    let g = vol.with_core(|c| c.bitmap.granularity());
+    let g = vol.with_core(|c| c.r.bitmap.granularity());
     let mut cursor = 0u64;
     let mut tick = tokio::time::interval(TICK);
     let mut budget = 0u64;
@@ -1034,7 +969,7 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
         // in-flight window refills at once instead of once per tick.
         tokio::select! {
             _ = tick.tick() => {
-                if vol.with_core(|c| c.st.conn) != ConnState::SyncTarget {
+                if vol.with_core(|c| c.r.st.conn) != ConnState::SyncTarget {
                     return;
                 }
                 // Up to one request's worth carries over (so a budget just short of a whole
@@ -1053,7 +988,7 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
                 break;
             }
             let next = vol.with_core(|c| {
-                c.bitmap.next_set(cursor).map(|s| (s, c.bitmap.run_end(s, rs_chunk(g) / g)))
+                c.r.bitmap.next_set(cursor).map(|s| (s, c.r.bitmap.run_end(s, rs_chunk(g) / g)))
             });
             let Some((s, e)) = next else { break };
             let (off, len) = (s * g, ((e - s) * g).min(vol.size() - s * g));
@@ -1075,9 +1010,9 @@ async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU6
                 return;
             }
         }
-        let done = vol.with_core(|c| c.bitmap.next_set(cursor).is_none());
+        let done = vol.with_core(|c| c.r.bitmap.next_set(cursor).is_none());
         if done && inflight.load(Relaxed) == 0 {
-            if vol.with_core(|c| c.bitmap.weight()) > 0 {
+            if vol.with_core(|c| c.r.bitmap.weight()) > 0 {
                 cursor = 0; // blocks marked again meanwhile (failed writes): another pass
                 continue;
             }
@@ -1095,16 +1030,13 @@ async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
         peer.tx.close();
         return;
     }
-    vol.with_core(|c| {
-        let _ = c.st.step(Event::TargetDone);
+    let p = vol.with_core(|c| {
         c.resync = None;
-        // The target adopts the generations the source sent with SyncUuid.
-        if let Some(g) = c.sync_source_gens.take() {
-            c.sb.uuids.finish_sync_target(&g);
-        }
+        c.r.target_done()
     });
-    let _ = vol.persist_bitmap().await;
-    let _ = vol.persist_sb().await;
+    // (Refused only when the connection changed meanwhile: the teardown takes over.)
+    let Ok(p) = p else { return };
+    let _ = vol.persist(p).await;
     peer.send(small_frame(Kind::RsDone, 0, 0, 0, &[])).await;
     vol.event("resync finished (target): this node is UpToDate".into());
     vol.send_state().await;
@@ -1115,7 +1047,7 @@ async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
 /// background; progress and findings show in `duet status`.
 pub fn verify(vol: &Arc<Volume>, repair: bool) -> Result<String, super::volume::Refused> {
     let peer = vol.with_core(|c| {
-        c.st.step(Event::VerifyStart)?;
+        c.r.st.step(Event::VerifyStart)?;
         c.verify = Some((Instant::now(), vol.size(), 0));
         c.verify_found.clear();
         Ok::<_, engine::state::Refusal>(c.peer.clone())
@@ -1129,20 +1061,20 @@ pub fn verify(vol: &Arc<Volume>, repair: bool) -> Result<String, super::volume::
 }
 
 async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
-    let g = vol.with_core(|c| c.bitmap.granularity());
+    let g = vol.with_core(|c| c.r.bitmap.granularity());
     let digest = vol.config().expect("replicated").digest;
     let mut off = 0u64;
     let mut found: Vec<(u64, u64)> = Vec::new();
     let size = vol.size();
     while off < size {
-        if vol.with_core(|c| c.st.conn) != ConnState::VerifySource {
+        if vol.with_core(|c| c.r.st.conn) != ConnState::VerifySource {
             vol.event("verify stopped: the connection changed".into());
             return;
         }
         let len = VERIFY_CHUNK.min(size - off);
         let n = usize::try_from(len).expect("bounded");
         let (tx, rx) = oneshot::channel();
-        let id = peer.next_id.fetch_add(1, Relaxed);
+        let id = peer.next_verify.fetch_add(1, Relaxed);
         if let Ok(mut m) = peer.verify.lock() {
             m.insert(id, tx);
         }
@@ -1174,7 +1106,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
                     _ => found.push((bo, bl)),
                 }
                 vol.stats.verify_mismatch_bytes.fetch_add(bl, Relaxed);
-                vol.with_core(|c| c.bitmap.set_range(bo, bl));
+                vol.with_core(|c| c.r.bitmap.set_range(bo, bl));
                 let mut p = BytesMut::new();
                 p.put_u64(bl);
                 peer.send(small_frame(Kind::OutOfSync, 0, 0, bo, &p)).await;
@@ -1193,7 +1125,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
     vol.event(format!("online verify finished: {} out-of-sync ranges, {total} bytes", found.len()));
     if repair && !found.is_empty() {
         // The Primary's data wins; with no Primary, the node that ran verify.
-        let peer_primary = vol.with_core(|c| c.st.peer_role == Some(Role::Primary));
+        let peer_primary = vol.with_core(|c| c.r.st.peer_role == Some(Role::Primary));
         let chunk = rs_chunk(g);
         let pieces = found.iter().flat_map(|&(o, l)| {
             (0..l.div_ceil(chunk)).map(move |i| (o + i * chunk, chunk.min(l - i * chunk)))
@@ -1208,7 +1140,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
                 if let Ok(buf) = vol.read(o, usize::try_from(l).expect("bounded")).await {
                     peer.send(block_frame(Kind::RsData, 0, 0, o, buf, digest)).await;
                     vol.stats.resync_sent_bytes.fetch_add(l, Relaxed);
-                    vol.with_core(|c| c.bitmap.clear_range(o, l));
+                    vol.with_core(|c| c.r.bitmap.clear_range(o, l));
                 }
                 drop(lock);
             }
@@ -1219,7 +1151,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
         ));
     }
     vol.with_core(|c| {
-        let _ = c.st.step(Event::VerifyEnd);
+        let _ = c.r.st.step(Event::VerifyEnd);
         c.verify = None;
     });
     vol.notify();

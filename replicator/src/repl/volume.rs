@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// What a replicated write waits for: receipt (protocol B) and the peer's write.
-type Acks = Option<(Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>)>;
+type Acks = Option<Answers>;
 
 use bytes::BytesMut;
 use tokio::sync::{oneshot, watch};
@@ -30,18 +30,15 @@ use super::handshake::{
 };
 use super::locks::{RangeGuard, RangeLocks};
 use super::meta::{Loaded, Meta, MetaError};
-use super::translog::TransferLog;
 use super::tx::{Cork, Tx};
 use super::wire::{self, Digest, F_FUA, F_HOLE, F_MAY_TRIM, Kind};
 use crate::store::Extent;
 use crate::store::{IoBuf, Store};
-use crate::superblock::{
-    FLAG_CONSISTENT, FLAG_CRASHED_PRIMARY, FLAG_OUTDATED, FLAG_PEER_OUTDATED, FLAG_WAS_PRIMARY,
-    Superblock,
-};
+use crate::superblock::{FLAG_CONSISTENT, Superblock};
+use engine::replica::{Persist, Promotion, Replica};
 
+use engine::state::Event as Ev;
 pub use engine::state::{ConnState, DiskState, Role};
-use engine::state::{Event as Ev, State};
 
 /// Static settings of a replicated volume.
 #[derive(Debug, Clone)]
@@ -109,21 +106,14 @@ pub struct Event {
 /// State under the volume's mutex.
 #[derive(Debug)]
 pub(crate) struct Core {
-    /// Role, disk and connection states: changed only through [`State::step`].
-    pub st: State,
-    pub sb: Superblock,
-    pub bitmap: Bitmap,
-    /// A new current generation was made since the peer was last connected.
-    pub bumped: bool,
-    pub discard_my_data: bool,
-    pub split_brain: Option<String>,
-    pub last_refusal: Option<String>,
+    /// Every replication decision: the engine's pure core (see [`Replica`]).
+    pub r: Replica<Waiter>,
+    /// The live connection's sending side (its session state is `r.session`).
     pub peer: Option<Arc<Peer>>,
+    /// Resync progress for `duet status`: start, bytes to move, bytes moved.
     pub resync: Option<(Instant, u64, u64)>,
     pub verify: Option<(Instant, u64, u64)>,
     pub verify_found: Vec<(u64, u64)>,
-    /// The resync source's generations (from SyncUuid), adopted when the resync finishes.
-    pub sync_source_gens: Option<crate::generation::Generations>,
     pub events: VecDeque<Event>,
 }
 
@@ -193,88 +183,65 @@ pub fn random_u64() -> Result<u64, getrandom::Error> {
 
 pub use super::tx::Frame;
 
-/// Acknowledgements a write waits for.
+/// What waits for the peer's answer to a request (held in the engine's pending table; a
+/// waiter dropped unanswered tells its request that the peer is lost).
 #[derive(Debug)]
 pub(crate) struct Waiter {
-    pub offset: u64,
-    pub len: u64,
-    /// When it was sent (a peer that leaves a request unanswered for `timeout` is dropped).
-    pub sent: Instant,
+    /// The receipt (protocol B).
     pub recv: Option<oneshot::Sender<()>>,
     pub done: Option<oneshot::Sender<Result<(), i32>>>,
 }
 
-/// The live connection, as the write path sees it.
-#[derive(Debug)]
-pub struct Peer {
-    pub(crate) tx: Arc<Tx>,
-    pub(crate) pending: Mutex<HashMap<u64, Waiter>>,
-    pub(crate) next_id: AtomicU64,
-    /// Verify requests waiting for the peer's hashes.
-    pub(crate) verify: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
-    /// What the peer acknowledged and has not yet made durable; `None` once the session is torn
-    /// down (its ranges are then in the bitmap, and nothing may be forgotten any more).
-    pub(crate) tl: Mutex<Option<TransferLog>>,
-}
+/// The receiving ends of a [`Waiter`].
+type Answers = (Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>);
 
-impl Peer {
-    pub(crate) fn new(
-        tx: Arc<Tx>,
-        bound: super::translog::Bound,
-        al_extent: u64,
-        volume: u64,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            tx,
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            verify: Mutex::new(HashMap::new()),
-            tl: Mutex::new(Some(TransferLog::new(bound, al_extent, volume))),
-        })
-    }
-
-    /// Runs `f` on the transfer log while the session is live (`None` after the teardown).
-    pub(crate) fn with_tl<T>(&self, f: impl FnOnce(&mut TransferLog) -> T) -> Option<T> {
-        self.tl.lock().expect("transfer log poisoned").as_mut().map(f)
-    }
-
-    /// Registers a flush and queues it; the open transfer-log epoch is closed first, so
-    /// everything in it was acknowledged before the flush left. `ours`: asked for by the
-    /// transfer log (nobody waits for the answer). `false` when the connection is gone.
-    pub(crate) async fn send_flush(
-        &self,
-        ours: bool,
-    ) -> (bool, Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>) {
-        let (id, recv, done) = self.register(0, 0, false);
-        self.with_tl(|tl| tl.barrier(id, ours));
-        let sent = self.send(small_frame(Kind::Flush, 0, id, 0, &[])).await;
-        (sent, recv, done)
-    }
-
-    /// Queues a frame; `false` when the connection is gone.
-    pub(crate) async fn send(&self, f: Frame) -> bool {
-        self.tx.send(f).await
-    }
-
-    fn register(
-        &self,
-        offset: u64,
-        len: u64,
-        recv: bool,
-    ) -> (u64, Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>) {
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let (rtx, rrx) = if recv {
+impl Waiter {
+    fn new(receipt: bool) -> (Self, Answers) {
+        let (rtx, rrx) = if receipt {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
         } else {
             (None, None)
         };
         let (dtx, drx) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("pending table poisoned")
-            .insert(id, Waiter { offset, len, sent: Instant::now(), recv: rtx, done: Some(dtx) });
-        (id, rrx, drx)
+        (Self { recv: rtx, done: Some(dtx) }, (rrx, drx))
+    }
+
+    /// Delivers the peer's answer.
+    pub(crate) fn answer(mut self, r: Result<(), i32>) {
+        if let Some(tx) = self.recv.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// The live connection's sending side, as the write path sees it.
+#[derive(Debug)]
+pub struct Peer {
+    pub(crate) tx: Arc<Tx>,
+    /// The engine session this connection carries (see `PeerSession::epoch`).
+    pub(crate) epoch: u64,
+    /// Verify requests waiting for the peer's hashes, by id (from `next_verify`).
+    pub(crate) verify: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    pub(crate) next_verify: AtomicU64,
+}
+
+impl Peer {
+    pub(crate) fn new(tx: Arc<Tx>, epoch: u64) -> Arc<Self> {
+        Arc::new(Self {
+            tx,
+            epoch,
+            verify: Mutex::new(HashMap::new()),
+            next_verify: AtomicU64::new(1),
+        })
+    }
+
+    /// Queues a frame; `false` when the connection is gone.
+    pub(crate) async fn send(&self, f: Frame) -> bool {
+        self.tx.send(f).await
     }
 }
 
@@ -352,50 +319,29 @@ impl Volume {
             al_extents: 1,
             uuids: crate::generation::Generations::just_created(),
         };
-        Self::build(
-            None,
-            store,
-            None,
-            size,
-            sb,
-            Bitmap::new(1, 4096),
-            ActivityLog::new(4 << 20, 1),
-            Role::Primary,
-            DiskState::UpToDate,
-        )
+        let r = Replica::standalone(sb, Bitmap::new(1, 4096));
+        Self::build(None, store, None, size, r, ActivityLog::new(4 << 20, 1))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn build(
         cfg: Option<VolumeConfig>,
         store: Arc<Store>,
         meta: Option<Meta>,
         size: u64,
-        sb: Superblock,
-        bitmap: Bitmap,
+        r: Replica<Waiter>,
         al: ActivityLog,
-        role: Role,
-        disk: DiskState,
     ) -> Arc<Self> {
-        let want = cfg.is_some();
         Arc::new(Self {
             cfg,
             store,
             meta,
             size,
             core: Mutex::new(Core {
-                st: State { role, ..State::attached(disk, want) },
-                sb,
-                bitmap,
-                bumped: false,
-                discard_my_data: false,
-                split_brain: None,
-                last_refusal: None,
+                r,
                 peer: None,
                 resync: None,
                 verify: None,
                 verify_found: Vec::new(),
-                sync_source_gens: None,
                 events: VecDeque::new(),
             }),
             al: Mutex::new(al),
@@ -426,33 +372,26 @@ impl Volume {
             path: store.path().to_path_buf(),
             source: std::io::Error::from_raw_os_error(e),
         })?;
-        let Loaded { sb, mut bitmap, al_hot, al_seq } = loaded;
+        let Loaded { sb, bitmap, al_hot, al_seq } = loaded;
         let mut al = ActivityLog::new(u64::from(sb.al_extent_size), sb.al_extents as usize);
         al.set_seq(al_seq);
-        if sb.flags & FLAG_CRASHED_PRIMARY != 0 {
-            for &e in &al_hot {
+        let size = meta.layout.data_size;
+        let hot: Vec<(u64, u64)> = al_hot
+            .iter()
+            .map(|&e| {
                 let (o, l) = al.extent_range(e);
-                bitmap.set_range(o, l.min(meta.layout.data_size.saturating_sub(o)));
-            }
-            let pages: Vec<_> =
-                bitmap.take_dirty().into_iter().map(|i| (i, bitmap.page(i))).collect();
+                (o, l.min(size.saturating_sub(o)))
+            })
+            .collect();
+        let (mut r, persist) = Replica::attach(sb, bitmap, &hot);
+        if persist.bitmap {
+            let bm = &mut r.bitmap;
+            let pages: Vec<_> = bm.take_dirty().into_iter().map(|i| (i, bm.page(i))).collect();
             meta.write_bitmap(&pages)?;
             tracing::warn!(resource = %cfg.resource, extents = al_hot.len(), "this node crashed while Primary: its hot activity-log extents are marked out of sync");
         }
-        let disk = if sb.flags & FLAG_CONSISTENT == 0 {
-            DiskState::Inconsistent
-        } else if sb.flags & FLAG_OUTDATED != 0 {
-            DiskState::Outdated
-        } else if sb.flags & FLAG_PEER_OUTDATED != 0 {
-            // The peer was outdated while we were Primary: nothing newer exists anywhere.
-            DiskState::UpToDate
-        } else {
-            DiskState::Consistent
-        };
-        let size = meta.layout.data_size;
-        let v =
-            Self::build(Some(cfg), store, Some(meta), size, sb, bitmap, al, Role::Secondary, disk);
-        if !al_hot.is_empty() && sb.flags & FLAG_CRASHED_PRIMARY != 0 {
+        let v = Self::build(Some(cfg), store, Some(meta), size, r, al);
+        if persist.bitmap {
             v.event(format!(
                 "attached after a crash as Primary: {} hot extents marked out of sync",
                 al_hot.len()
@@ -482,7 +421,7 @@ impl Volume {
     }
     /// Current role.
     pub fn role(&self) -> Role {
-        self.core.lock().expect("volume state poisoned").st.role
+        self.core.lock().expect("volume state poisoned").r.st.role
     }
     fn protocol(&self) -> Protocol {
         self.cfg.as_ref().map_or(Protocol::C, |c| c.protocol)
@@ -511,20 +450,22 @@ impl Volume {
     pub(crate) async fn persist_sb(&self) -> Result<(), i32> {
         let Some(meta) = &self.meta else { return Ok(()) };
         let _g = self.meta_io.lock().await;
-        let sb = {
-            let mut c = self.core.lock().expect("volume state poisoned");
-            c.sb.sequence += 1;
-            let mut f = c.sb.flags & !(FLAG_CONSISTENT | FLAG_OUTDATED);
-            if c.st.disk >= DiskState::Outdated {
-                f |= FLAG_CONSISTENT;
-            }
-            if c.st.disk == DiskState::Outdated {
-                f |= FLAG_OUTDATED;
-            }
-            c.sb.flags = f;
-            c.sb
-        };
+        let sb = self.core.lock().expect("volume state poisoned").r.next_superblock();
         write_meta(move || meta.write_sb(&sb)).await
+    }
+
+    /// Carries out what a transition asks to make durable, in its order (see [`Persist`]).
+    pub(crate) async fn persist(&self, p: Persist) -> Result<(), i32> {
+        if p.data {
+            self.store.flush().await?;
+        }
+        if p.bitmap {
+            self.persist_bitmap().await?;
+        }
+        if p.superblock {
+            self.persist_sb().await?;
+        }
+        Ok(())
     }
 
     /// Writes the dirty bitmap pages.
@@ -533,7 +474,7 @@ impl Volume {
         let _g = self.meta_io.lock().await;
         let pages: Vec<_> = {
             let mut c = self.core.lock().expect("volume state poisoned");
-            let bm = &mut c.bitmap;
+            let bm = &mut c.r.bitmap;
             bm.take_dirty().into_iter().map(|i| (i, bm.page(i))).collect()
         };
         write_meta(move || meta.write_bitmap(&pages)).await
@@ -554,9 +495,7 @@ impl Volume {
                 // requests are split to fit (see `ActivityLog::pieces`), so some of those end
                 // and free one, and the peer is asked to flush now.
                 Begin::Busy => {
-                    if let Some(p) = self.peer() {
-                        p.with_tl(|t| t.hurry());
-                    }
+                    self.with_core(|c| c.r.hurry());
                     freed.await;
                 }
                 Begin::Need { .. } => {
@@ -581,7 +520,7 @@ impl Volume {
                         Vec::new()
                     } else {
                         let mut c = self.core.lock().expect("volume state poisoned");
-                        let bm = &mut c.bitmap;
+                        let bm = &mut c.r.bitmap;
                         bm.take_dirty().into_iter().map(|i| (i, bm.page(i))).collect()
                     };
                     let (seq, rec) = {
@@ -613,9 +552,9 @@ impl Volume {
         if matches!(&b, Begin::Hot) || matches!(&b, Begin::Need { evict, .. } if evict.is_empty()) {
             return b;
         }
-        let peer = self.core.lock().expect("volume state poisoned").peer.clone();
-        let pinned = |e: u32| peer.as_ref().and_then(|p| p.with_tl(|t| t.pins(e))).unwrap_or(false);
-        self.al.lock().expect("activity log poisoned").begin_unless(offset, len, pinned)
+        // Lock order: the state, then the activity log.
+        let c = self.core.lock().expect("volume state poisoned");
+        self.al.lock().expect("activity log poisoned").begin_unless(offset, len, |e| c.r.pinned(e))
     }
 
     /// Wakes writes waiting for room in the activity log (a peer flush unpinned extents, or
@@ -626,7 +565,7 @@ impl Volume {
 
     /// Bytes of an activity-log extent.
     pub(crate) fn al_extent(&self) -> u64 {
-        u64::from(self.core.lock().expect("volume state poisoned").sb.al_extent_size)
+        u64::from(self.core.lock().expect("volume state poisoned").r.sb.al_extent_size)
     }
 
     /// Before acknowledging a write the peer does not have: a new current generation, durable.
@@ -637,17 +576,7 @@ impl Volume {
             tracing::error!(error = %e, "no randomness for a new generation identifier");
             libc::EIO
         })?;
-        let sb = {
-            let mut c = self.core.lock().expect("volume state poisoned");
-            if c.bumped {
-                return Ok(());
-            }
-            let primary = c.st.role == Role::Primary;
-            c.sb.uuids.new_current(fresh, primary);
-            c.sb.sequence += 1;
-            c.bumped = true;
-            c.sb
-        };
+        let Some(sb) = self.with_core(|c| c.r.new_generation(fresh)) else { return Ok(()) };
         write_meta(move || meta.write_sb(&sb)).await?;
         self.event(format!(
             "new current generation {:#018x} (writing without the peer)",
@@ -658,7 +587,7 @@ impl Volume {
 
     fn mark_out_of_sync(&self, offset: u64, len: u64) {
         if self.meta.is_some() {
-            self.core.lock().expect("volume state poisoned").bitmap.set_range(offset, len);
+            self.core.lock().expect("volume state poisoned").r.written_alone(offset, len);
         }
     }
 
@@ -672,7 +601,7 @@ impl Volume {
     /// The connection writes go to, if any.
     fn peer(&self) -> Option<Arc<Peer>> {
         let c = self.core.lock().expect("volume state poisoned");
-        match c.st.conn {
+        match c.r.st.conn {
             ConnState::Connected
             | ConnState::SyncSource
             | ConnState::SyncTarget
@@ -684,7 +613,7 @@ impl Volume {
 
     fn writable(&self) -> Result<(), i32> {
         let c = self.core.lock().expect("volume state poisoned");
-        if c.st.role != Role::Primary {
+        if c.r.st.role != Role::Primary {
             return Err(libc::EROFS);
         }
         Ok(())
@@ -761,9 +690,30 @@ impl Volume {
         frame: impl FnOnce(u64) -> Frame,
     ) -> Acks {
         let p = peer?;
-        let (id, recv, done) = p.register(offset, len, self.protocol() == Protocol::B);
+        let Some((id, answers)) = self.register(p, offset, len) else {
+            comp.peer_lost();
+            return None;
+        };
         let sent = p.send(frame(id)).await;
-        settle(comp, sent, recv, done)
+        settle(comp, sent.then_some(answers))
+    }
+
+    /// Registers a request with the peer's session; `None` when that session has ended.
+    fn register(&self, p: &Peer, offset: u64, len: u64) -> Option<(u64, Answers)> {
+        let (w, answers) = Waiter::new(self.protocol() == Protocol::B);
+        let now = Instant::now();
+        let id = self.with_core(|c| c.r.register(p.epoch, offset, len, now, w)).ok()?;
+        Some((id, answers))
+    }
+
+    /// Registers a flush with the peer's session and queues it (the open transfer-log epoch
+    /// closes first). `ours`: the transfer log asked for it (nobody waits for the answer).
+    /// `None` when the session has ended or the frame could not be queued.
+    pub(crate) async fn send_flush(&self, p: &Peer, ours: bool) -> Option<Answers> {
+        let (w, answers) = Waiter::new(false);
+        let now = Instant::now();
+        let id = self.with_core(|c| c.r.register_flush(p.epoch, ours, now, w)).ok()?;
+        p.send(small_frame(Kind::Flush, 0, id, 0, &[])).await.then_some(answers)
     }
 
     async fn complete(
@@ -816,8 +766,8 @@ impl Volume {
         let acks = match &peer {
             None => None,
             Some(p) => {
-                let (sent, recv, done) = p.send_flush(false).await;
-                settle(&mut comp, sent, recv, done)
+                let answers = self.send_flush(p, false).await;
+                settle(&mut comp, answers)
             }
         };
         comp.local_done(self.store.flush().await);
@@ -915,30 +865,12 @@ impl Volume {
                 "the kernel gave no randomness for a generation identifier ({e}); not promoted"
             ))
         })?;
-        let (fresh, was) = {
-            let mut c = self.core.lock().expect("volume state poisoned");
-            if c.st.role == Role::Primary {
-                return Ok("already Primary".into());
-            }
-            let was = c.st.disk;
-            let fresh = was == DiskState::Inconsistent && force;
-            c.st.step(Ev::Promote { force })?;
-            c.sb.flags |= FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY;
-            if fresh {
-                // Forced from nothing: a new data history with no bitmap base (the peer gets a
-                // full sync; two nodes forced this way are unrelated, not split).
-                c.sb.uuids = crate::generation::Generations {
-                    current: new_id & !1 | 1,
-                    bitmap: 0,
-                    history: [0, 0],
-                };
-                c.bumped = true;
-            }
-            (fresh, was)
+        let Promotion::Promoted { fresh, was } = self.with_core(|c| c.r.promote(force, new_id))?
+        else {
+            return Ok("already Primary".into());
         };
         if self.persist_sb().await.is_err() {
-            let mut c = self.core.lock().expect("volume state poisoned");
-            let _ = c.st.step(Ev::PromotionFailed { disk: was });
+            self.with_core(|c| c.r.promotion_failed(was));
             return refuse("cannot write the metadata (I/O error); not promoted");
         }
         self.send_state().await;
@@ -971,18 +903,13 @@ impl Volume {
     /// Marks this node's data Outdated (on disk) at the peer's request: its replication link
     /// is down while it still writes, so our data is behind and must not be promoted.
     pub async fn outdate(&self) -> Result<String, Refused> {
-        {
-            let mut c = self.core.lock().expect("volume state poisoned");
-            if self.cfg.is_none() {
-                return refuse("this resource has no peer");
-            }
-            if c.st.step(Ev::Outdate)? == engine::state::Outcome::Unchanged
-                && c.st.disk == DiskState::Inconsistent
-            {
-                return Ok("Inconsistent (already unusable)".into());
-            }
+        if self.cfg.is_none() {
+            return refuse("this resource has no peer");
         }
-        self.persist_sb().await.map_err(|_| Refused("cannot write the metadata".into()))?;
+        let Some(p) = self.with_core(|c| c.r.outdate())? else {
+            return Ok("Inconsistent (already unusable)".into());
+        };
+        self.persist(p).await.map_err(|_| Refused("cannot write the metadata".into()))?;
         self.event("outdated at the peer's request: this data must not be promoted".into());
         self.notify();
         Ok("Outdated".into())
@@ -991,28 +918,18 @@ impl Volume {
     /// Records on disk that the peer's data is Outdated (so after a restart alone this node
     /// knows its data is the newest).
     pub async fn set_peer_outdated(&self) -> Result<(), Refused> {
-        self.with_core(|c| {
-            c.sb.flags |= FLAG_PEER_OUTDATED;
-            let _ = c.st.step(Ev::PeerOutdated);
-        });
-        self.persist_sb().await.map_err(|_| Refused("cannot write the metadata".into()))
+        let p = self.with_core(|c| c.r.peer_outdated());
+        self.persist(p).await.map_err(|_| Refused("cannot write the metadata".into()))
     }
 
     /// `duet secondary`, after the daemon closed the NBD export (nothing in flight).
     pub async fn demote(&self) -> Result<String, Refused> {
-        {
-            let mut c = self.core.lock().expect("volume state poisoned");
-            if c.st.role == Role::Secondary {
-                return Ok("already Secondary".into());
-            }
-            let _ = c.st.step(Ev::Demote);
-            c.sb.flags &= !FLAG_CRASHED_PRIMARY;
+        let Some(p) = self.with_core(|c| c.r.demote()) else {
+            return Ok("already Secondary".into());
+        };
+        if self.persist(p).await.is_err() {
+            tracing::error!("writing data and metadata at demotion failed");
         }
-        if self.store.flush().await.is_err() {
-            tracing::error!("flush at demotion failed");
-        }
-        let _ = self.persist_bitmap().await;
-        let _ = self.persist_sb().await;
         self.send_state().await;
         self.event("demoted to Secondary".into());
         self.notify();
@@ -1022,7 +939,7 @@ impl Volume {
     pub(crate) async fn send_state(&self) {
         let (peer, role, disk) = {
             let c = self.core.lock().expect("volume state poisoned");
-            (c.peer.clone(), c.st.role, c.st.disk)
+            (c.peer.clone(), c.r.st.role, c.r.st.disk)
         };
         if let Some(p) = peer {
             let payload = [u8::from(role == Role::Primary), disk.code()];
@@ -1034,16 +951,16 @@ impl Volume {
     pub(crate) fn params(&self) -> Params {
         let c = self.core.lock().expect("volume state poisoned");
         let mut flags = 0;
-        if c.st.role == Role::Primary {
+        if c.r.st.role == Role::Primary {
             flags |= P_PRIMARY;
         }
-        if c.sb.flags & FLAG_CRASHED_PRIMARY != 0 {
+        if c.r.crashed_primary() {
             flags |= P_CRASHED_PRIMARY;
         }
-        if c.discard_my_data {
+        if c.r.discard_my_data {
             flags |= P_DISCARD_MY_DATA;
         }
-        match c.st.disk {
+        match c.r.st.disk {
             DiskState::Inconsistent => flags |= P_INCONSISTENT,
             DiskState::Outdated => flags |= P_OUTDATED,
             DiskState::Consistent | DiskState::UpToDate => {}
@@ -1051,9 +968,9 @@ impl Volume {
         Params {
             size: self.size,
             fingerprint: self.cfg.as_ref().map_or(0, |c| c.fingerprint),
-            uuids: c.sb.uuids,
+            uuids: c.r.sb.uuids,
             flags,
-            bitmap_weight: c.bitmap.weight(),
+            bitmap_weight: c.r.bitmap.weight(),
         }
     }
 
@@ -1062,14 +979,9 @@ impl Volume {
         if self.cfg.is_none() {
             return refuse("this resource has no peer in the configuration");
         }
-        let mut c = self.core.lock().expect("volume state poisoned");
-        c.st.step(Ev::Connect { discard_my_data })?;
-        c.discard_my_data = discard_my_data;
-        c.split_brain = None;
-        if c.peer.is_some() {
+        if self.with_core(|c| c.r.connect(discard_my_data))? {
             return Ok("already connected".into());
         }
-        drop(c);
         self.notify();
         Ok(if discard_my_data {
             "connecting; this node's changes will be discarded".into()
@@ -1084,7 +996,7 @@ impl Volume {
         let had = {
             let mut c = self.core.lock().expect("volume state poisoned");
             let had = c.peer.is_some();
-            let _ = c.st.step(Ev::DropPeer);
+            let _ = c.r.st.step(Ev::DropPeer);
             had
         };
         if !had {
@@ -1103,7 +1015,7 @@ impl Volume {
     /// `duet disconnect`.
     pub fn disconnect(&self) -> Result<String, Refused> {
         let mut c = self.core.lock().expect("volume state poisoned");
-        let _ = c.st.step(Ev::Disconnect);
+        let _ = c.r.st.step(Ev::Disconnect);
         drop(c);
         self.notify();
         Ok("disconnecting".into())
@@ -1112,16 +1024,11 @@ impl Volume {
     /// `duet invalidate`: every block out of sync, disk Inconsistent; the next connect resyncs
     /// everything from the peer.
     pub async fn invalidate(&self) -> Result<String, Refused> {
-        {
-            let mut c = self.core.lock().expect("volume state poisoned");
-            if self.cfg.is_none() {
-                return refuse("this resource has no peer to resync from");
-            }
-            c.st.step(Ev::Invalidate)?;
-            c.bitmap.set_all();
+        if self.cfg.is_none() {
+            return refuse("this resource has no peer to resync from");
         }
-        let _ = self.persist_bitmap().await;
-        let _ = self.persist_sb().await;
+        let p = self.with_core(|c| c.r.invalidate())?;
+        let _ = self.persist(p).await;
         self.event("invalidated: every block out of sync, full resync from the peer".into());
         self.notify();
         Ok("invalidated; a full resync from the peer follows".into())
@@ -1129,15 +1036,12 @@ impl Volume {
 
     /// At shutdown: flush, write the bitmap, and clear "crashed primary" (this is a clean stop).
     pub async fn close(&self) {
-        let _ = self.store.flush().await;
-        if self.meta.is_some() {
-            let _ = self.persist_bitmap().await;
-            {
-                let mut c = self.core.lock().expect("volume state poisoned");
-                c.sb.flags &= !FLAG_CRASHED_PRIMARY;
-            }
-            let _ = self.persist_sb().await;
+        if self.meta.is_none() {
+            let _ = self.store.flush().await;
+            return;
         }
+        let p = self.with_core(|c| c.r.close());
+        let _ = self.persist(p).await;
     }
 
     // ------------------------------------------------------------------ peer-side apply
@@ -1170,19 +1074,13 @@ impl Volume {
 
 /// Records in `comp` whether a request's frame reached the send queue; the acknowledgements to
 /// wait for when it did.
-fn settle(
-    comp: &mut Completion,
-    sent: bool,
-    recv: Option<oneshot::Receiver<()>>,
-    done: oneshot::Receiver<Result<(), i32>>,
-) -> Acks {
-    if sent {
+fn settle(comp: &mut Completion, answers: Option<Answers>) -> Acks {
+    if answers.is_some() {
         comp.queued();
-        Some((recv, done))
     } else {
         comp.peer_lost();
-        None
     }
+    answers
 }
 
 async fn write_meta(f: impl FnOnce() -> Result<(), MetaError> + Send) -> Result<(), i32> {
@@ -1263,39 +1161,37 @@ impl Volume {
     pub fn summary(&self) -> Summary {
         let c = self.core.lock().expect("volume state poisoned");
         Summary {
-            role: c.st.role,
-            disk: c.st.disk,
-            connection: c.st.conn,
-            peer_disk: c.st.peer_disk,
-            peer_role: if c.peer.is_some() { c.st.peer_role } else { None },
-            out_of_sync_bytes: if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 },
-            generation: c.sb.uuids.current,
+            role: c.r.st.role,
+            disk: c.r.st.disk,
+            connection: c.r.st.conn,
+            peer_disk: c.r.st.peer_disk,
+            peer_role: if c.peer.is_some() { c.r.st.peer_role } else { None },
+            out_of_sync_bytes: if self.meta.is_some() { c.r.bitmap.out_of_sync_bytes() } else { 0 },
+            generation: c.r.sb.uuids.current,
         }
     }
 
     /// What `duet status` shows.
     pub fn status(&self) -> ReplStatus {
-        // Read before the state lock (the transfer log is never locked inside it).
-        let peer = self.core.lock().expect("volume state poisoned").peer.clone();
-        let unflushed = peer.and_then(|p| p.with_tl(|t| t.held_bytes())).unwrap_or(0);
         let c = self.core.lock().expect("volume state poisoned");
-        let oos = if self.meta.is_some() { c.bitmap.out_of_sync_bytes() } else { 0 };
+        let unflushed = c.r.session.as_ref().map_or(0, |s| s.tl.held_bytes());
+        let oos = if self.meta.is_some() { c.r.bitmap.out_of_sync_bytes() } else { 0 };
         let g = |x: u64| format!("{x:016x}");
         ReplStatus {
-            role: c.st.role,
-            disk: c.st.disk,
-            connection: c.st.conn,
-            peer_role: c.st.peer_role,
-            peer_disk: c.st.peer_disk,
+            role: c.r.st.role,
+            disk: c.r.st.disk,
+            connection: c.r.st.conn,
+            peer_role: c.r.st.peer_role,
+            peer_disk: c.r.st.peer_disk,
             out_of_sync_bytes: oos,
-            current_generation: g(c.sb.uuids.current),
-            bitmap_generation: g(c.sb.uuids.bitmap),
-            history: [g(c.sb.uuids.history[0]), g(c.sb.uuids.history[1])],
+            current_generation: g(c.r.sb.uuids.current),
+            bitmap_generation: g(c.r.sb.uuids.bitmap),
+            history: [g(c.r.sb.uuids.history[0]), g(c.r.sb.uuids.history[1])],
             resync: progress(c.resync, oos),
             verify: progress(c.verify, c.verify.map_or(0, |(_, t, d)| t.saturating_sub(d))),
             verify_mismatches: c.verify_found.iter().take(100).copied().collect(),
-            split_brain: c.split_brain.clone(),
-            last_refusal: c.last_refusal.clone(),
+            split_brain: c.r.split_brain.clone(),
+            last_refusal: c.r.last_refusal.clone(),
             frozen: *self.frozen.borrow(),
             sent_data_bytes: self.stats.sent_data_bytes.load(Relaxed),
             received_data_bytes: self.stats.received_data_bytes.load(Relaxed),
