@@ -2,6 +2,10 @@
 //! touching a disk, a socket or a clock.
 //!
 //! What is here:
+//! - [`replica`]: one resource's replication state and every decision on it: each input (a
+//!   write, the peer's answer, a command, the session's start and end, resync frames) is a
+//!   method; what must reach the disk comes back as a `Persist`. The daemon and the simulation
+//!   both run it;
 //! - [`state`]: role, disk and connection states and every transition between them (one
 //!   exhaustive `match`), with typed refusals;
 //! - [`session`]: how a session starts once the handshake agreed;
@@ -13,12 +17,12 @@
 //!   [`ratectl`] (the resync rate controller);
 //! - the codecs: [`wire`] (peer frames), [`handshake`] (its messages and authentication),
 //!   [`superblock`] (metadata);
-//! - [`sim`]: a deterministic simulation of a pair (virtual clock, disks with a volatile write
-//!   cache, a link that delays, cuts and heals, seeded faults) over these parts, run by the
+//! - [`sim`]: a deterministic simulation of a pair of [`replica::Replica`]s (virtual clock, disks
+//!   with a volatile write cache, a link that delays, cuts and heals, seeded faults), run by the
 //!   `duet-sim` binary and the test suite.
 //!
 //! What is not: the executor (`replicator::repl::volume` and `link`) does the I/O, holds the
-//! locks and drives these parts. The crate's `clippy.toml` forbids clocks, sleeps, files and
+//! locks and carries out what the `Replica` returns. The crate's `clippy.toml` forbids clocks, sleeps, files and
 //! sockets here.
 
 pub mod actlog;

@@ -1,0 +1,226 @@
+//! The faults the simulation draws: crashes, power loss, restarts, link cuts and heals, slow and
+//! failing disks, and operator commands at random points.
+
+use super::*;
+
+impl Sim {
+    pub(super) fn crash(&mut self, power: bool) {
+        let i = usize::try_from(self.rand(2)).expect("0 or 1");
+        if !self.n[i].alive {
+            return;
+        }
+        let kind = if power { Fault::PowerLoss } else { Fault::Crash };
+        let name = self.n[i].name;
+        self.fault(kind, name.into());
+        self.kill(i, power);
+    }
+
+    pub(super) fn kill(&mut self, i: usize, power: bool) {
+        self.n[i].die(power);
+        // The client's flushes through it are gone with it.
+        if self.link.live {
+            self.link_lost("the peer died");
+        }
+        if power {
+            self.note_power_loss(i);
+        }
+    }
+
+    /// After node `i` lost power: its own acknowledged, never-flushed writes that did not reach
+    /// its disk are excused (see [`Acked::lost`]); every other acknowledged write is still owed
+    /// (a Secondary's power loss excuses nothing: the transfer log's guarantee).
+    pub(super) fn note_power_loss(&mut self, i: usize) {
+        for b in 0..BLOCKS {
+            let held = self.n[i].disk.read(b);
+            for a in &mut self.acked[idx(b)] {
+                if a.writer == i && !a.flushed && held < a.seq {
+                    a.lost = true;
+                }
+            }
+        }
+    }
+
+    pub(super) fn both_restart(&mut self) {
+        let power = self.chance(500);
+        self.fault(Fault::BothRestart, if power { "power loss" } else { "crash" }.into());
+        for i in 0..2 {
+            if self.n[i].alive {
+                self.kill(i, power);
+            }
+        }
+        for i in 0..2 {
+            self.n[i].restart();
+        }
+    }
+
+    pub(super) fn restart_dead(&mut self) {
+        for i in 0..2 {
+            if !self.n[i].alive {
+                let name = self.n[i].name;
+                self.fault(Fault::Restart, name.into());
+                self.n[i].restart();
+                return;
+            }
+        }
+    }
+
+    pub(super) fn cut(&mut self) {
+        if !self.link.up {
+            return;
+        }
+        self.fault(Fault::Cut, "replication link".into());
+        self.link.up = false;
+        if self.link.live {
+            self.link_lost("link cut");
+        }
+    }
+
+    pub(super) fn heal(&mut self) {
+        if self.link.up {
+            return;
+        }
+        self.fault(Fault::Heal, "replication link".into());
+        self.link.up = true;
+    }
+
+    pub(super) fn slow_disk(&mut self) {
+        let i = usize::try_from(self.rand(2)).expect("0 or 1");
+        let ms = 50 + self.rand(500);
+        self.fault(Fault::SlowDisk, format!("{} for {ms} ms", self.n[i].name));
+        self.n[i].slow_until = self.now_ms + ms;
+    }
+
+    pub(super) fn disk_error(&mut self) {
+        let Some(s) = (0..2).find(|&i| self.n[i].alive && self.n[i].r.st.role == Role::Secondary)
+        else {
+            return;
+        };
+        let name = self.n[s].name;
+        self.fault(Fault::DiskError, format!("{name}: the next replicated write fails"));
+        self.n[s].fail_next_write = true;
+    }
+
+    /// `duet make-master` on the Secondary of a connected, in-sync pair.
+    pub(super) fn switchover(&mut self) {
+        let Some(p) = self.serving() else { return };
+        let s = 1 - p;
+        let synced = self.link.live
+            && self.n[s].alive
+            && self.n[s].r.st.conn == ConnState::Connected
+            && self.n[s].r.st.disk == DiskState::UpToDate;
+        // The export is closed and drained before the demotion (the executor's release).
+        if !synced || self.episode || !self.n[p].quiet() {
+            return;
+        }
+        self.fault(Fault::Switchover, format!("{} → {}", self.n[p].name, self.n[s].name));
+        self.n[p].demote();
+        let report = self.n[p].report();
+        self.send(p, report);
+        // The Secondary promotes once it has heard the demotion (the real manager waits so).
+        self.n[s].promote_after_report = true;
+    }
+
+    pub(super) fn disconnect(&mut self) {
+        let i = usize::try_from(self.rand(2)).expect("0 or 1");
+        if !self.n[i].alive || !self.n[i].r.st.want_connect {
+            return;
+        }
+        self.fault(Fault::Disconnect, self.n[i].name.into());
+        let _ = self.n[i].r.st.step(Event::Disconnect);
+        if self.link.live {
+            self.link_lost("disconnected on request");
+        }
+    }
+
+    pub(super) fn connect(&mut self) {
+        for i in 0..2 {
+            if self.n[i].alive && !self.n[i].r.st.want_connect {
+                self.fault(Fault::Connect, self.n[i].name.into());
+                // A split brain is resolved by the operator: one victim discards its changes
+                // (beta, unless only beta is Primary), demoted first if it is Primary.
+                let victim = if self.n[1].r.st.role == Role::Primary
+                    && self.n[0].r.st.role == Role::Secondary
+                {
+                    0
+                } else {
+                    1
+                };
+                if self.n[i].r.split_brain.is_some()
+                    && i == victim
+                    && self.n[i].r.st.role == Role::Primary
+                {
+                    self.n[i].demote();
+                    self.log(format!("{}: secondary (the split brain's victim)", self.n[i].name));
+                }
+                let discard = self.n[i].r.split_brain.is_some()
+                    && i == victim
+                    && self.n[i].r.st.role == Role::Secondary;
+                self.n[i].connect(discard);
+                return;
+            }
+        }
+    }
+
+    pub(super) fn invalidate(&mut self) {
+        // An operator who knows what it does: on a Secondary connected to an UpToDate peer.
+        let Some(s) = (0..2).find(|&i| {
+            self.n[i].alive
+                && self.n[i].r.st.role == Role::Secondary
+                && self.link.live
+                && self.n[1 - i].r.st.disk == DiskState::UpToDate
+        }) else {
+            return;
+        };
+        if self.n[s].invalidate() {
+            self.fault(Fault::Invalidate, self.n[s].name.into());
+            if self.link.live {
+                self.link_lost("invalidate reconnects");
+            }
+        }
+    }
+
+    /// An operator promotes the Secondary while the link is cut and the Primary lives on: a
+    /// dual-Primary episode that must end in a reported split brain.
+    pub(super) fn partition_promote(&mut self) {
+        let Some(p) = self.serving() else { return };
+        let s = 1 - p;
+        // (An operator forces a node with consistent, if stale, data; forcing an Inconsistent
+        // one starts an unrelated history, which only `create-md --force` undoes.)
+        if self.link.up
+            || !self.n[s].alive
+            || self.n[s].r.st.role == Role::Primary
+            || self.n[s].r.st.disk == DiskState::Inconsistent
+        {
+            return;
+        }
+        let fresh = self.rand(u64::MAX);
+        if self.n[s].promote(true, fresh).is_ok() {
+            self.fault(
+                Fault::PartitionPromote,
+                format!("{} beside {}", self.n[s].name, self.n[p].name),
+            );
+            self.took_over(s);
+            self.episode = true;
+        }
+    }
+
+    /// The cluster manager's failover: the Primary is dead, the Secondary's data is UpToDate.
+    pub(super) fn failover(&mut self) {
+        for s in 0..2 {
+            let p = 1 - s;
+            if self.n[s].alive
+                && !self.n[p].alive
+                && self.n[s].r.st.role == Role::Secondary
+                && self.n[p].was_primary_at_death
+            {
+                let fresh = self.rand(u64::MAX);
+                if self.n[s].promote(false, fresh).is_ok() {
+                    self.took_over(s);
+                    self.n[p].was_primary_at_death = false;
+                    let name = self.n[s].name;
+                    self.log(format!("{name}: took over (failover)"));
+                }
+            }
+        }
+    }
+}

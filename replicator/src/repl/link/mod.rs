@@ -1,0 +1,332 @@
+//! The peer connection driver: connect or accept, authenticate, agree on a plan, exchange
+//! bitmaps, then run the session (replicated writes, acknowledgements, resync, verify, pings)
+//! until it breaks; then tear down (unacknowledged writes marked out of sync) and retry.
+//!
+//! The node whose name sorts first connects; the other accepts. Everything a peer sends is
+//! checked before it is believed: header checksums, lengths, ranges, digests, states.//!
+//! Its parts: [`session`] (the handshake up to a live session, and the session's loop),
+//! [`frames`] (what each frame from the peer does), [`resync`] (the resync as target, and
+//! online verify).
+
+mod frames;
+mod resync;
+mod session;
+
+pub use resync::verify;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{RwLock, Semaphore, oneshot, watch};
+
+use super::handshake::{
+    self, Hello, P_CRASHED_PRIMARY, P_DISCARD_MY_DATA, P_INCONSISTENT, P_PRIMARY, Params, Refusal,
+};
+use super::liveness::{self, Liveness, Verdict};
+use super::policy::{Facts, Plan, plan};
+use super::throttle::Throttle;
+use super::tx::Tx;
+use super::volume::{
+    ConnState, DiskState, Peer, Role, Volume, block_frame, random_bytes, random_u64, small_frame,
+};
+use super::wire::{self, Cursor, F_FUA, F_HOLE, F_LAST, Header, Kind, WireError};
+use crate::generation::{Generations, Side};
+use crate::ratectl::{RateController, TICK};
+use crate::ratelimit::RateLimit;
+use crate::shutdown::stopped;
+use crate::store::IoBuf;
+use engine::replica::Persist;
+use engine::state::{Event, Sync};
+use engine::translog::TransferLog;
+
+/// Largest frame accepted before authentication.
+const HANDSHAKE_MAX: u32 = 64 * 1024;
+/// Largest resync request, bytes (one bitmap bit when the granularity is larger). Bounded in
+/// bytes, not bits: 256 bits of a 64 KiB granularity made 16 MiB requests whose replies
+/// outgrew what a resync tick grants, and the resync stood still.
+const RS_CHUNK_BYTES: u64 = 1 << 20;
+/// Resync requests a peer may have outstanding with us (it keeps at most
+/// [`RS_MAX_INFLIGHT`]): past this it is not following the protocol.
+const RS_SERVE_MAX: u64 = 4 * RS_MAX_INFLIGHT;
+/// Verify requests a peer may have outstanding with us (it sends one at a time).
+const VERIFY_SERVE_MAX: u64 = 16;
+/// Longest the bitmap exchange may take as a whole, in peer timeouts (`timeout_ms`);
+/// application writes wait during it.
+const BITMAP_EXCHANGE_TIMEOUTS: u32 = 5;
+/// Resync requests in flight at most.
+const RS_MAX_INFLIGHT: u64 = 64;
+/// Verify chunk.
+const VERIFY_CHUNK: u64 = 1 << 20;
+/// Longest a batch of received frames keeps its acknowledgements corked.
+const BATCH_SPAN: Duration = Duration::from_millis(20);
+/// Replicated writes a Secondary has handed to its engine and not finished, in KiB: past this,
+/// it reads no more frames (TCP then holds the Primary back), as DRBD's `max-buffers`.
+const APPLY_ROOM_KIB: u32 = 64 * 1024;
+
+type Res<T> = Result<T, String>;
+
+/// Reads frames through a buffer, cancel-safe.
+struct FrameReader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    limit: u32,
+}
+
+impl FrameReader {
+    async fn fill(&mut self, n: usize) -> Res<()> {
+        while self.buf.len() < n {
+            self.buf.reserve(n.max(256 * 1024));
+            let got = self.rd.read_buf(&mut self.buf).await.map_err(|e| format!("read: {e}"))?;
+            if got == 0 {
+                return Err(if self.buf.is_empty() {
+                    "peer closed the connection".into()
+                } else {
+                    format!("peer closed mid-frame ({} bytes of {n})", self.buf.len())
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The next whole frame: header and payload.
+    async fn next(&mut self) -> Res<(Header, BytesMut)> {
+        self.fill(wire::HEADER_LEN).await?;
+        let h =
+            wire::decode_header(&self.buf).map_err(|e| e.to_string())?.expect("header buffered");
+        if h.len > self.limit {
+            return Err(WireError::TooLong(h.len).to_string());
+        }
+        self.fill(wire::HEADER_LEN + h.len as usize).await?;
+        self.buf.advance(wire::HEADER_LEN);
+        let payload = self.buf.split_to(h.len as usize);
+        Ok((h, payload))
+    }
+
+    /// The next frame if it is already whole in the buffer (no read).
+    fn buffered(&mut self) -> Res<Option<(Header, BytesMut)>> {
+        let Some(h) = wire::decode_header(&self.buf).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        if h.len > self.limit {
+            return Err(WireError::TooLong(h.len).to_string());
+        }
+        if self.buf.len() < wire::HEADER_LEN + h.len as usize {
+            return Ok(None);
+        }
+        self.buf.advance(wire::HEADER_LEN);
+        let payload = self.buf.split_to(h.len as usize);
+        Ok(Some((h, payload)))
+    }
+
+    async fn expect(&mut self, kind: Kind, timeout: Duration) -> Res<BytesMut> {
+        let (h, p) = tokio::time::timeout(timeout, self.next())
+            .await
+            .map_err(|_| format!("peer did not send {kind:?} in time"))??;
+        if h.kind == Kind::Refuse {
+            return Err(format!("peer refused: {}", String::from_utf8_lossy(&p)));
+        }
+        if h.kind != kind {
+            return Err(format!("expected {kind:?}, peer sent {:?}", h.kind));
+        }
+        Ok(p)
+    }
+}
+
+async fn send_now(wr: &mut OwnedWriteHalf, kind: Kind, flags: u16, payload: &[u8]) -> Res<()> {
+    let mut b = BytesMut::new();
+    wire::encode(&mut b, kind, flags, 0, 0, payload);
+    wr.write_all(&b).await.map_err(|e| format!("write: {e}"))
+}
+
+/// The link task of one volume: runs until `shutdown`.
+pub async fn run(
+    vol: Arc<Volume>,
+    listener: Option<TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = vol.config().expect("a replicated volume").clone();
+    let connector = cfg.node < cfg.peer;
+    let mut changed = vol.watch();
+    let log = Mutex::new(RateLimit::new(5, Duration::from_secs(30)));
+    let mut failures: u32 = 0;
+    let warn = |what: &str| {
+        if let Some(suppressed) = log.lock().ok().and_then(|mut l| l.allow(Instant::now())) {
+            tracing::warn!(resource = %cfg.resource, peer = %cfg.peer, suppressed, "{what}");
+        }
+    };
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let want = vol.with_core(|c| {
+            let _ = c.r.st.step(Event::Attempt);
+            c.r.st.want_connect
+        });
+        let sock = if !want {
+            // Accept and drop, so the peer sees a refusal rather than a hang.
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = changed.changed() => continue,
+                Some(Ok((s, _))) = accept(listener.as_ref()) => { drop(s); continue; }
+            }
+        } else if connector {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                r = tokio::time::timeout(cfg.timeout, TcpStream::connect(cfg.peer_addr)) => match r {
+                    Ok(Ok(s)) => Some(s),
+                    _ => None,
+                },
+            }
+        } else {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = changed.changed() => continue,
+                Some(r) = accept(listener.as_ref()) => match r {
+                    Ok((s, from)) => {
+                        if from.ip() != cfg.peer_addr.ip() {
+                            warn(&format!("refusing a replication connection from {from}: not the peer's address"));
+                            None
+                        } else { Some(s) }
+                    }
+                    Err(_) => None,
+                },
+            }
+        };
+        failures = failures.saturating_add(1);
+        if let Some(sock) = sock {
+            let _ = sock.set_nodelay(true);
+            match session::session(&vol, sock, &mut shutdown).await {
+                Ok(why) => {
+                    failures = 0;
+                    vol.event(format!("connection closed: {why}"));
+                }
+                Err(e) => {
+                    vol.stats.peer_errors.fetch_add(1, Relaxed);
+                    warn(&format!("replication link: {e}"));
+                    vol.with_core(|c| c.r.last_refusal = Some(e.clone()));
+                }
+            }
+            teardown(&vol).await;
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        // Back off (connect_retry × 1, 2, 4, 8) while attempts keep failing; a local change
+        // (promotion, connect, invalidate) retries at once.
+        let delay = cfg.connect_retry * (1u32 << failures.saturating_sub(1).min(3));
+        changed.borrow_and_update(); // our own teardown's notification is not a reason to hurry
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(delay) => {}
+            _ = changed.changed() => {}
+        }
+    }
+}
+
+async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+    match l {
+        Some(l) => Some(l.accept().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// After a session: writes the peer had not acknowledged are out of sync; state back to
+/// Connecting (or StandAlone).
+async fn teardown(vol: &Arc<Volume>) {
+    // Under one lock: the session's requests and unflushed writes are marked (see
+    // `Replica::teardown`); a write that registers after this finds no session and marks its
+    // own blocks.
+    let (peer, end) = vol.with_core(|c| {
+        c.resync = None;
+        c.verify = None;
+        (c.peer.take(), c.r.teardown())
+    });
+    drop(end.waiters); // their requests see the peer as lost
+    if let Some(p) = peer {
+        p.tx.close();
+        if let Ok(mut v) = p.verify.lock() {
+            v.clear();
+        }
+    }
+    if end.persist.data && vol.store().flush().await.is_err() {
+        tracing::error!(
+            "flush after an interrupted resync failed; the bitmap on disk keeps its bits"
+        );
+        vol.notify();
+        return;
+    }
+    let _ = vol.persist(Persist { data: false, ..end.persist }).await;
+    vol.al_wake();
+    vol.notify();
+}
+
+fn encode_gens(g: &Generations) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    handshake::put_generations(&mut b, g);
+    b.to_vec()
+}
+
+fn decode_gens(p: &[u8]) -> Result<Generations, WireError> {
+    let mut c = Cursor::new(Kind::SyncUuid, p);
+    let g = handshake::get_generations(&mut c)?;
+    c.end()?;
+    Ok(g)
+}
+
+/// One of a bounded number of requests the peer may have outstanding with us.
+struct Slot(Arc<AtomicU64>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicU64>, max: u64) -> Option<Self> {
+        count
+            .fetch_update(Relaxed, Relaxed, |v| (v < max).then_some(v + 1))
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Bytes of one resync request at bitmap granularity `g` (a whole number of bits, at least one).
+fn rs_chunk(g: u64) -> u64 {
+    (RS_CHUNK_BYTES / g).max(1) * g
+}
+
+struct Session {
+    vol: Arc<Volume>,
+    peer: Arc<Peer>,
+    /// Resync and verify requests of the peer being served (see [`RS_SERVE_MAX`]).
+    serving_rs: Arc<AtomicU64>,
+    serving_verify: Arc<AtomicU64>,
+    /// Replicated writes hold the current barrier shared. A peer FLUSH puts a new one in its
+    /// place and waits for the old one exclusively: for exactly the writes received before it,
+    /// while later writes go on (a flush on a slow disk does not stall the link).
+    barrier: Arc<RwLock<()>>,
+    inflight_rs: Arc<AtomicU64>,
+    resync: Option<tokio::task::JoinHandle<()>>,
+    /// Room for writes applied in tasks (see [`APPLY_ROOM_KIB`]).
+    apply_room: Arc<Semaphore>,
+}
+
+fn range_of(vol: &Volume, offset: u64, len: u64) -> Res<()> {
+    if len == 0 || offset.checked_add(len).is_none_or(|e| e > vol.size()) {
+        return Err(format!("peer sent a range outside the volume ({offset}+{len})"));
+    }
+    Ok(())
+}
+
+fn u32_payload(kind: Kind, p: &[u8]) -> Res<u64> {
+    let mut c = Cursor::new(kind, p);
+    let v = c.u32().map_err(|e| e.to_string())?;
+    Ok(u64::from(v))
+}
