@@ -61,6 +61,14 @@ pub enum PeerError {
     NotResyncTarget,
     #[error("peer acknowledged unknown request {0}")]
     UnknownRequest(u64),
+    #[error("peer sent a replicated write to a Primary")]
+    WriteToPrimary,
+    #[error("peer asked us for resync data while we are its resync target")]
+    RequestToTarget,
+    #[error(
+        "peer sent resync data ({what}) to a {role:?} in state {conn:?}; only a Secondary that is a resync or repair target takes it"
+    )]
+    ResyncDataRefused { what: &'static str, role: Role, conn: ConnState },
 }
 
 /// What a session's end leaves to the caller.
@@ -420,6 +428,48 @@ impl<W> Replica<W> {
             self.last_refusal = Some(why);
         }
         let _ = self.st.step(Event::GiveUp);
+    }
+
+    /// A replicated write (Data or Zero) from the peer: only a Secondary applies one.
+    pub fn check_replicated_write(&self) -> Result<(), PeerError> {
+        if self.st.role == Role::Primary {
+            return Err(PeerError::WriteToPrimary);
+        }
+        Ok(())
+    }
+
+    /// A resync request from the peer: served unless we are its target (then it would be
+    /// asking for our older data).
+    pub fn check_resync_request(&self) -> Result<(), PeerError> {
+        if self.st.conn == ConnState::SyncTarget {
+            return Err(PeerError::RequestToTarget);
+        }
+        Ok(())
+    }
+
+    /// Resync data from the peer (`same`: RsSame, "your block already matches"). Only a
+    /// Secondary that asked takes it: a resync target, or a verify's repair (RsSame only answers
+    /// a target's checksum request). On a Primary it would bypass the I/O gate and the activity
+    /// log, and RsSame would clear its out-of-sync bits.
+    pub fn check_resync_data(&self, same: bool) -> Result<(), PeerError> {
+        let conn = self.st.conn;
+        let taken = self.st.role == Role::Secondary
+            && if same {
+                conn == ConnState::SyncTarget
+            } else {
+                matches!(
+                    conn,
+                    ConnState::SyncTarget
+                        | ConnState::Connected
+                        | ConnState::VerifySource
+                        | ConnState::VerifyTarget
+                )
+            };
+        if taken {
+            return Ok(());
+        }
+        let what = if same { "RsSame" } else { "RsData" };
+        Err(PeerError::ResyncDataRefused { what, role: self.st.role, conn })
     }
 
     /// The peer's role and disk state.

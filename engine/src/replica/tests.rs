@@ -368,3 +368,32 @@ fn give_up_reports_and_stands_alone() {
     assert_eq!((r.split_brain.as_deref(), r.last_refusal.as_deref()), (None, Some("unrelated")));
     assert_eq!(r.st.conn, ConnState::StandAlone);
 }
+
+#[test]
+fn frames_a_node_takes_only_in_the_right_state() {
+    let (mut p, _) = primary_live();
+    assert_eq!(p.check_replicated_write(), Err(PeerError::WriteToPrimary));
+    assert!(p.check_resync_request().is_ok(), "a Primary serves resync data");
+    let refused = PeerError::ResyncDataRefused {
+        what: "RsData",
+        role: Role::Primary,
+        conn: ConnState::Connected,
+    };
+    assert_eq!(p.check_resync_data(false), Err(refused));
+    assert!(p.check_resync_data(true).is_err());
+    let _ = p.teardown();
+
+    let mut t = secondary();
+    assert!(t.check_replicated_write().is_ok());
+    assert!(t.check_resync_data(false).is_err(), "not connected: nobody asked");
+    let s = t.new_session(TransferLog::new(bound(), G, SIZE));
+    let _ = t.go_live(s, Sync::Target, true, false);
+    assert_eq!(t.check_resync_request(), Err(PeerError::RequestToTarget));
+    assert!(t.check_resync_data(false).is_ok() && t.check_resync_data(true).is_ok());
+
+    let mut c = up_to_date();
+    let s = c.new_session(TransferLog::new(bound(), G, SIZE));
+    let _ = c.go_live(s, Sync::None, true, false);
+    assert!(c.check_resync_data(false).is_ok(), "a verify's repair");
+    assert!(c.check_resync_data(true).is_err(), "RsSame answers only a target's request");
+}

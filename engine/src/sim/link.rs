@@ -239,7 +239,11 @@ impl Sim {
     pub(super) fn deliver(&mut self, to: usize, m: Msg) {
         match m {
             Msg::Data { id, block, seq } => {
-                let ok = self.n[to].apply_replicated(block, seq);
+                // A frame refused ends the session, as the executor's reader does.
+                let ok = match self.n[to].apply_replicated(block, seq) {
+                    Ok(ok) => ok,
+                    Err(e) => return self.link_lost(&e.to_string()),
+                };
                 self.send(to, Msg::WriteAck { id, ok });
                 if self.n[to].r.st.conn == ConnState::Disconnecting {
                     self.link_lost("a replicated write failed on the Secondary");
@@ -266,12 +270,15 @@ impl Sim {
                     self.flush_acked(fid);
                 }
             }
-            Msg::RsRequest { block } => {
-                if let Some(seq) = self.n[to].serve_resync(block) {
-                    self.send(to, Msg::RsData { block, seq });
+            Msg::RsRequest { block } => match self.n[to].serve_resync(block) {
+                Ok(seq) => self.send(to, Msg::RsData { block, seq }),
+                Err(e) => self.link_lost(&e.to_string()),
+            },
+            Msg::RsData { block, seq } => {
+                if let Err(e) = self.n[to].apply_resync(block, seq) {
+                    self.link_lost(&e.to_string());
                 }
             }
-            Msg::RsData { block, seq } => self.n[to].apply_resync(block, seq),
             Msg::RsDone => {
                 self.n[to].source_done();
             }

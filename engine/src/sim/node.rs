@@ -9,7 +9,7 @@ use crate::actlog::{ActivityLog, Begin};
 use crate::bitmap::Bitmap;
 use crate::generation::{Generations, Side};
 use crate::policy::Facts;
-use crate::replica::{Persist, Promotion, Replica};
+use crate::replica::{PeerError, Persist, Promotion, Replica};
 use crate::state::{ConnState, DiskState, Refusal, Role, Sync};
 use crate::superblock::Superblock;
 use crate::translog::{Bound, TransferLog};
@@ -314,15 +314,16 @@ impl Node {
     }
 
     /// A replicated write on the Secondary (the executor's `handle` for Data).
-    pub(super) fn apply_replicated(&mut self, block: u64, seq: u64) -> bool {
+    pub(super) fn apply_replicated(&mut self, block: u64, seq: u64) -> Result<bool, PeerError> {
+        self.r.check_replicated_write()?;
         if self.fail_next_write {
             self.fail_next_write = false;
             let p = self.r.local_write_failed(off(block), BLOCK);
             self.persist(p);
-            return false;
+            return Ok(false);
         }
         self.disk.write(block, seq);
-        true
+        Ok(true)
     }
 
     // ------------------------------------------------------------------ sessions
@@ -392,24 +393,21 @@ impl Node {
     }
 
     /// A resync request from the target (as source): the block's data; the bit goes.
-    pub(super) fn serve_resync(&mut self, block: u64) -> Option<u64> {
-        if self.r.st.conn == ConnState::SyncTarget {
-            return None;
-        }
+    pub(super) fn serve_resync(&mut self, block: u64) -> Result<u64, PeerError> {
+        self.r.check_resync_request()?;
         let v = self.disk.read(block);
         let epoch = self.epoch();
         self.r.resync_served(epoch, off(block), BLOCK);
-        Some(v)
+        Ok(v)
     }
 
     /// Resync data (as target).
-    pub(super) fn apply_resync(&mut self, block: u64, seq: u64) {
-        if self.r.st.role != Role::Secondary {
-            return;
-        }
+    pub(super) fn apply_resync(&mut self, block: u64, seq: u64) -> Result<(), PeerError> {
+        self.r.check_resync_data(false)?;
         self.disk.write(block, seq);
         self.r.resync_applied(off(block), BLOCK);
         self.rs_inflight.remove(&block);
+        Ok(())
     }
 
     /// Every block is in and nothing in flight (as target).

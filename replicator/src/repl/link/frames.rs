@@ -15,9 +15,7 @@ impl Session {
             }
             Kind::PingAck => {}
             Kind::Data | Kind::Zero => {
-                if vol.role() == Role::Primary {
-                    return Err("peer sent a replicated write to a Primary".into());
-                }
+                vol.with_core(|c| c.r.check_replicated_write()).map_err(|e| e.to_string())?;
                 let (data, len) = if h.kind == Kind::Zero {
                     (None, u32_payload(Kind::Zero, &p)?)
                 } else {
@@ -123,11 +121,6 @@ impl Session {
             }
             Kind::SyncUuid => {
                 let g = decode_gens(&p).map_err(|e| e.to_string())?;
-                if vol.with_core(|c| c.r.st.conn) != ConnState::SyncTarget {
-                    return Err(
-                        "peer sent a sync generation while we are not its resync target".into()
-                    );
-                }
                 let p = vol.with_core(|c| c.r.sync_uuid(g)).map_err(|e| e.to_string())?;
                 let _ = vol.persist(p).await;
                 let v = Arc::clone(&vol);
@@ -141,11 +134,7 @@ impl Session {
                 if len > rs_chunk(vol.with_core(|c| c.r.bitmap.granularity())) {
                     return Err("peer asked for an oversized resync block".into());
                 }
-                if vol.with_core(|c| c.r.st.conn) == ConnState::SyncTarget {
-                    return Err(
-                        "peer asked us for resync data while we are its resync target".into()
-                    );
-                }
+                vol.with_core(|c| c.r.check_resync_request()).map_err(|e| e.to_string())?;
                 let Some(slot) = Slot::take(&self.serving_rs, RS_SERVE_MAX) else {
                     return Err(format!(
                         "peer has more than {RS_SERVE_MAX} resync requests outstanding with us"
@@ -196,27 +185,9 @@ impl Session {
                 });
             }
             Kind::RsData | Kind::RsSame => {
-                // Resync data only goes to a Secondary that asked for it: a resync target, or
-                // a verify's repair (RsSame only answers a target's checksum request). On a
-                // Primary it would bypass the I/O gate and the activity log.
-                let (role, conn) = vol.with_core(|c| (c.r.st.role, c.r.st.conn));
-                let taken = role == Role::Secondary
-                    && match h.kind {
-                        Kind::RsSame => conn == ConnState::SyncTarget,
-                        _ => matches!(
-                            conn,
-                            ConnState::SyncTarget
-                                | ConnState::Connected
-                                | ConnState::VerifySource
-                                | ConnState::VerifyTarget
-                        ),
-                    };
-                if !taken {
-                    return Err(format!(
-                        "peer sent resync data ({:?}) to a {role:?} in state {conn:?}; only a Secondary that is a resync or repair target takes it",
-                        h.kind
-                    ));
-                }
+                // Only to a Secondary that asked (see `Replica::check_resync_data`).
+                let same = h.kind == Kind::RsSame;
+                vol.with_core(|c| c.r.check_resync_data(same)).map_err(|e| e.to_string())?;
                 let (data, len) = if h.kind == Kind::RsSame {
                     (None, u32_payload(Kind::RsSame, &p)?)
                 } else {
@@ -224,7 +195,6 @@ impl Session {
                     (d.map(IoBuf::from_slice), len)
                 };
                 range_of(&vol, h.offset, len)?;
-                let same = h.kind == Kind::RsSame;
                 let lock = vol.lock_range(h.offset, len).await;
                 let inflight = Arc::clone(&self.inflight_rs);
                 tokio::spawn(async move {

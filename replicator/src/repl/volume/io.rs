@@ -157,14 +157,7 @@ impl Volume {
     /// The connection writes go to, if any.
     fn peer(&self) -> Option<Arc<Peer>> {
         let c = self.core.lock().expect("volume state poisoned");
-        match c.r.st.conn {
-            ConnState::Connected
-            | ConnState::SyncSource
-            | ConnState::SyncTarget
-            | ConnState::VerifySource
-            | ConnState::VerifyTarget => c.peer.clone(),
-            ConnState::StandAlone | ConnState::Connecting | ConnState::Disconnecting => None,
-        }
+        if replicating(c.r.st.conn) { c.peer.clone() } else { None }
     }
 
     fn writable(&self) -> Result<(), i32> {
@@ -211,55 +204,40 @@ impl Volume {
         let _al = self.al_begin(offset, len).await?;
         let _range = self.locks.lock(offset, len).await;
         self.app_writes.fetch_add(1, Relaxed);
-        let peer = self.peer();
-        let mut comp = Completion::new(self.protocol(), fua, peer.is_some());
+        let reg = self.register_live(offset, len);
+        let mut comp = Completion::new(self.protocol(), fua, reg.is_some());
         let digest = self.cfg.as_ref().map_or(Digest::Off, |c| c.digest);
         let flags = if fua { F_FUA } else { 0 };
         // One buffer for both: the peer's frame and the local write share it.
         let buf = Arc::new(buf);
-        let acks = self
-            .send_to_peer(peer.as_ref(), &mut comp, offset, len, |id| {
-                block_frame(Kind::Data, flags, id, offset, Arc::clone(&buf), digest)
-            })
-            .await;
-        if let Some(p) = &peer
-            && acks.is_some()
-        {
-            self.stats.sent_data_bytes.fetch_add(len, Relaxed);
-            // In a batch (see `plug`) the frames leave together first; the local copies
-            // follow while the peer makes its own.
-            p.tx.uncorked().await;
+        let mut acks = None;
+        if let Some((p, id, answers)) = reg {
+            let f = block_frame(Kind::Data, flags, id, offset, Arc::clone(&buf), digest);
+            acks = settle(&mut comp, p.send(f).await.then_some(answers));
+            if acks.is_some() {
+                self.stats.sent_data_bytes.fetch_add(len, Relaxed);
+                // In a batch (see `plug`) the frames leave together first; the local copies
+                // follow while the peer makes its own.
+                p.tx.uncorked().await;
+            }
         }
         comp.local_done(self.store.write(offset, buf, fua).await);
         self.complete(comp, acks, offset, len, Some(gate)).await
     }
 
-    /// Registers a request with the peer (if connected) and queues its frame, built with the
-    /// request id; records "queued" or "lost" in `comp`. The acknowledgements to wait for come
-    /// back (a receipt too under protocol B).
-    async fn send_to_peer(
-        &self,
-        peer: Option<&Arc<Peer>>,
-        comp: &mut Completion,
-        offset: u64,
-        len: u64,
-        frame: impl FnOnce(u64) -> Frame,
-    ) -> Acks {
-        let p = peer?;
-        let Some((id, answers)) = self.register(p, offset, len) else {
-            comp.peer_lost();
-            return None;
-        };
-        let sent = p.send(frame(id)).await;
-        settle(comp, sent.then_some(answers))
-    }
-
-    /// Registers a request with the peer's session; `None` when that session has ended.
-    fn register(&self, p: &Peer, offset: u64, len: u64) -> Option<(u64, Answers)> {
+    /// Registers a request with the live session, if any, under one lock: the connection to
+    /// send its frame on, the request id, and the answers to wait for (a receipt too under
+    /// protocol B). `None`: no peer to replicate to.
+    fn register_live(&self, offset: u64, len: u64) -> Option<(Arc<Peer>, u64, Answers)> {
         let (w, answers) = Waiter::new(self.protocol() == Protocol::B);
         let now = Instant::now();
-        let id = self.with_core(|c| c.r.register(p.epoch, offset, len, now, w)).ok()?;
-        Some((id, answers))
+        let mut c = self.core.lock().expect("volume state poisoned");
+        if !replicating(c.r.st.conn) {
+            return None;
+        }
+        let p = c.peer.clone()?;
+        let id = c.r.register(p.epoch, offset, len, now, w).ok()?;
+        Some((p, id, answers))
     }
 
     /// Registers a flush with the peer's session and queues it (the open transfer-log epoch
@@ -369,22 +347,24 @@ impl Volume {
         let gate = Arc::clone(&self.io_gate).read_owned().await;
         let _al = self.al_begin(offset, len).await?;
         let _range = self.locks.lock(offset, len).await;
-        let peer = self.peer();
-        let mut comp = Completion::new(self.protocol(), fua, peer.is_some());
         let local = self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await;
         if local == Err(libc::EOPNOTSUPP) {
             return local; // nothing happened (fast_only); nothing to replicate
         }
+        // Registered only now: a request registered and never sent would wait for an answer
+        // until the link's timeout.
+        let reg = self.register_live(offset, len);
+        let mut comp = Completion::new(self.protocol(), fua, reg.is_some());
         let mut flags = if fua { F_FUA } else { 0 };
         if may_trim {
             flags |= F_MAY_TRIM;
         }
         let l = u32::try_from(len).expect("zero pieces are at most ZERO_PIECE");
-        let acks = self
-            .send_to_peer(peer.as_ref(), &mut comp, offset, len, |id| {
-                small_frame(Kind::Zero, flags, id, offset, &l.to_be_bytes())
-            })
-            .await;
+        let mut acks = None;
+        if let Some((p, id, answers)) = reg {
+            let f = small_frame(Kind::Zero, flags, id, offset, &l.to_be_bytes());
+            acks = settle(&mut comp, p.send(f).await.then_some(answers));
+        }
         comp.local_done(local);
         self.complete(comp, acks, offset, len, Some(gate)).await
     }
@@ -422,4 +402,16 @@ fn settle(comp: &mut Completion, answers: Option<Answers>) -> Acks {
         comp.peer_lost();
     }
     answers
+}
+
+/// New writes go to the peer in this connection state (not while it is being torn down).
+fn replicating(conn: ConnState) -> bool {
+    match conn {
+        ConnState::Connected
+        | ConnState::SyncSource
+        | ConnState::SyncTarget
+        | ConnState::VerifySource
+        | ConnState::VerifyTarget => true,
+        ConnState::StandAlone | ConnState::Connecting | ConnState::Disconnecting => false,
+    }
 }
