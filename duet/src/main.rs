@@ -253,7 +253,8 @@ fn show_events(
     loop {
         match rt.block_on(daemon::call(&sock, control::Command::Events { since_ms })) {
             Ok(v) => {
-                let list: Vec<duet::ha::LogEntry> = serde_json::from_value(v).unwrap_or_default();
+                let list: Vec<duet::events::LogEntry> =
+                    serde_json::from_value(v).unwrap_or_default();
                 for e in &list {
                     println!("{}  {}", status::timestamp(e.at), e.what);
                     // Millisecond cursor: events in the same millisecond as the last printed

@@ -8,8 +8,8 @@ use replicator::superblock::{
     FLAG_CONSISTENT, FLAG_CRASHED_PRIMARY, FLAG_PEER_OUTDATED, FLAG_WAS_PRIMARY,
 };
 
+use crate::config::runtime::{meta_of, node_id};
 use crate::config::{Config, Resource};
-use crate::daemon::{meta_of, node_id};
 
 fn pick<'a>(cfg: &'a Config, resource: Option<&str>) -> Result<Vec<&'a Resource>, ExitCode> {
     match resource {

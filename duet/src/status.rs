@@ -1,6 +1,7 @@
 //! What `duet status` shows: the daemon builds a [`NodeStatus`], sends it as JSON, and the CLI
 //! prints it as JSON (`--json`) or as text ([`render`]).
 
+use heartbeat::receiver::DropCounts;
 use replicator::nbd::server::Snapshot;
 use replicator::repl::volume::ReplStatus;
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,65 @@ pub struct NodeStatus {
     pub resources: Vec<ResourceStatus>,
     /// The cluster manager (when heartbeat links are configured).
     #[serde(default)]
-    pub ha: Option<crate::ha::ClusterStatus>,
+    pub ha: Option<ClusterStatus>,
+}
+
+/// One link as `duet status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub name: String,
+    /// up | late | down | waiting (not heard yet, within initdead).
+    pub state: String,
+    /// Milliseconds since the last authenticated frame.
+    pub last_heard_ms: Option<u64>,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    /// Frames refused on this link (malformed, bad MAC, foreign, replayed).
+    pub dropped: u64,
+    pub send_errors: u64,
+    /// Serial only: bytes skipped as line noise.
+    pub garbage_bytes: u64,
+}
+
+/// The cluster part of `duet status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClusterStatus {
+    pub configured_master: String,
+    /// master | slave (this node).
+    pub running_role: String,
+    /// alive | dead | unknown.
+    pub peer: String,
+    pub peer_role: Option<String>,
+    pub peer_healthy: Option<bool>,
+    pub healthy: bool,
+    pub failback: String,
+    pub fencing: String,
+    /// What the manager is doing, if anything.
+    pub activity: Option<String>,
+    pub links: Vec<LinkStatus>,
+    pub drops: Drops,
+}
+
+/// Dropped frames by reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Drops {
+    pub malformed: u64,
+    pub auth: u64,
+    pub foreign_cluster: u64,
+    pub wrong_node: u64,
+    pub replay: u64,
+}
+
+impl From<DropCounts> for Drops {
+    fn from(d: DropCounts) -> Self {
+        Self {
+            malformed: d.malformed,
+            auth: d.auth,
+            foreign_cluster: d.cluster,
+            wrong_node: d.node,
+            replay: d.replay,
+        }
+    }
 }
 
 /// One resource's state.

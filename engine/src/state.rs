@@ -31,7 +31,36 @@ pub enum DiskState {
     UpToDate,
 }
 
+impl Role {
+    /// The wire code (State frames, heartbeat): 1 Primary, 0 Secondary.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Primary => 1,
+            Self::Secondary => 0,
+        }
+    }
+
+    /// The role of a wire code; `None` for an unknown one.
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(Self::Primary),
+            0 => Some(Self::Secondary),
+            _ => None,
+        }
+    }
+}
+
 impl DiskState {
+    /// Its name, as status shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inconsistent => "Inconsistent",
+            Self::Outdated => "Outdated",
+            Self::Consistent => "Consistent",
+            Self::UpToDate => "UpToDate",
+        }
+    }
+
     /// The wire and status code (State frames, heartbeat).
     pub fn code(self) -> u8 {
         match self {
@@ -76,6 +105,18 @@ pub enum ConnState {
 }
 
 impl ConnState {
+    /// The heartbeat's code: 0 not connected, 1 Connected, 2 SyncSource, 3 SyncTarget, 4 a
+    /// verify running.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::StandAlone | Self::Connecting | Self::Disconnecting => 0,
+            Self::Connected => 1,
+            Self::SyncSource => 2,
+            Self::SyncTarget => 3,
+            Self::VerifySource | Self::VerifyTarget => 4,
+        }
+    }
+
     /// A replication session is live (frames flow to the peer).
     pub fn live(self) -> bool {
         match self {
@@ -419,6 +460,26 @@ impl State {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn codes_round_trip_and_refuse_unknown_values() {
+        for r in [Role::Primary, Role::Secondary] {
+            assert_eq!(Role::from_code(r.code()), Some(r));
+        }
+        assert_eq!(Role::from_code(2), None);
+        for d in [
+            DiskState::Inconsistent,
+            DiskState::Outdated,
+            DiskState::Consistent,
+            DiskState::UpToDate,
+        ] {
+            assert_eq!(DiskState::from_code(d.code()), Some(d));
+            assert_eq!(d.name(), format!("{d:?}"));
+        }
+        assert_eq!(DiskState::from_code(4), None);
+        assert_eq!(ConnState::Disconnecting.code(), 0);
+        assert_eq!(ConnState::VerifyTarget.code(), 4);
+    }
     use super::*;
     use ConnState as C;
     use DiskState as D;

@@ -6,10 +6,13 @@
 //! - [`schedule`]: when announcements go out: a burst, a second burst later, optional periodic
 //!   refresh (pure, time passed in).
 //! - [`agent`]: netlink (address add/delete, MAC set/restore, link lookup) and AF_PACKET sends.
+//! - [`group`]: a node's VIPs as one group (acquire all with announcements and a probe,
+//!   release all), reporting through a callback.
 //!
 //! Acquire and release are idempotent: an address already present is not an error on acquire,
 //! an address already gone is not an error on release.
 
 pub mod agent;
+pub mod group;
 pub mod packets;
 pub mod schedule;

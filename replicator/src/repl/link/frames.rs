@@ -115,7 +115,9 @@ impl Session {
                 let Some(disk) = DiskState::from_code(disk) else {
                     return Err("peer sent an unknown disk state".into());
                 };
-                let role = if role == 1 { Role::Primary } else { Role::Secondary };
+                let Some(role) = Role::from_code(role) else {
+                    return Err("peer sent an unknown role".into());
+                };
                 vol.with_core(|c| c.r.peer_report(role, disk)).map_err(|r| r.to_string())?;
                 vol.notify();
             }

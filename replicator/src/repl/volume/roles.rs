@@ -91,7 +91,7 @@ impl Volume {
             (c.peer.clone(), c.r.st.role, c.r.st.disk)
         };
         if let Some(p) = peer {
-            let payload = [u8::from(role == Role::Primary), disk.code()];
+            let payload = [role.code(), disk.code()];
             p.send(small_frame(Kind::State, 0, 0, 0, &payload)).await;
         }
     }

@@ -1,0 +1,67 @@
+//! `[cluster]` and the per-node overrides.
+
+use super::*;
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Frames from another cluster are dropped.
+    pub name: String,
+    /// Shared secret; required when two nodes are configured.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// The preferred master.
+    pub configured_master: String,
+    /// off | auto.
+    #[serde(default)]
+    pub failback: Failback,
+    /// CLI ↔ daemon socket. Default `/run/duet/duet.sock`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Prometheus endpoint, "" disables. Default `127.0.0.1:9640`.
+    #[serde(default = "default_metrics")]
+    pub metrics_listen: String,
+    /// Threads of the data path (NBD exports, peer links, resync). Default 1: one event loop
+    /// that does a replicated write's steps itself, with no hand-over between threads.
+    #[serde(default = "default_data_threads")]
+    pub data_threads: usize,
+}
+
+/// Most `data_threads` accepted.
+pub const MAX_DATA_THREADS: usize = 64;
+
+fn default_data_threads() -> usize {
+    1
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/duet/duet.sock")
+}
+fn default_metrics() -> String {
+    "127.0.0.1:9640".into()
+}
+
+/// `failback`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    /// The running master stays master.
+    #[default]
+    Off,
+    /// The configured master takes back once in sync.
+    Auto,
+}
+
+/// `[node.NAME]`: per-node overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeOverrides {
+    /// Overrides `cluster.control_socket`.
+    pub control_socket: Option<PathBuf>,
+    /// Overrides `cluster.metrics_listen`.
+    pub metrics_listen: Option<String>,
+    /// Overrides `fencing.delay_ms` for this node (give the nodes different delays so both
+    /// never fence each other at once).
+    pub fence_delay_ms: Option<u64>,
+}

@@ -1,0 +1,92 @@
+//! `[fencing]`, `[health]` and `[[service]]`.
+
+use super::*;
+
+/// dont-care | resource-only | resource-and-stonith.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FencingPolicy {
+    DontCare,
+    #[default]
+    ResourceOnly,
+    ResourceAndStonith,
+}
+
+/// `[fencing]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fencing {
+    pub policy: FencingPolicy,
+    pub fence_command: String,
+    pub delay_ms: u64,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// `[[health.check]]`.
+    pub check: Vec<HealthCheck>,
+}
+
+/// ping | interface | script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Ping,
+    Interface,
+    Script,
+}
+
+/// `[[health.check]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub name: String,
+    pub kind: CheckKind,
+    /// Ping: an IP address; interface: its name; script: the command.
+    pub target: String,
+    #[serde(default = "default_1000")]
+    pub interval_ms: u64,
+    #[serde(default = "default_5")]
+    pub fall: u32,
+    #[serde(default = "default_2")]
+    pub rise: u32,
+}
+
+fn default_1000() -> u64 {
+    1000
+}
+pub(super) fn default_5() -> u32 {
+    5
+}
+fn default_2() -> u32 {
+    2
+}
+
+/// master | slave | both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    #[default]
+    Master,
+    Slave,
+    Both,
+}
+
+/// `[[service]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub start: String,
+    pub stop: String,
+    #[serde(default = "default_30000")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+fn default_30000() -> u64 {
+    30_000
+}

@@ -1,0 +1,158 @@
+//! From a validated configuration to what the runtime needs: the replicator's settings of
+//! each resource, the metadata geometry, node ids, the cluster secret.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use replicator::ratectl;
+use replicator::repl::completion::Protocol;
+use replicator::repl::handshake;
+use replicator::repl::meta::{Geometry, Placement};
+use replicator::repl::policy::Policies;
+use replicator::repl::volume::VolumeConfig;
+use replicator::repl::wire::Digest;
+
+use super::{self as config, Config};
+
+/// Why the runtime cannot be set up from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cluster.secret_file is required for a pair")]
+    NoSecretFile,
+    #[error(
+        "cannot read cluster.secret_file {}: create it with the same content on both nodes (e.g. head -c 32 /dev/urandom | base64 > {})",
+        path.display(),
+        path.display()
+    )]
+    ReadSecret {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cluster.secret_file {} holds {len} bytes: use a secret of at least 8 bytes (e.g. 32 random bytes, base64)",
+        path.display()
+    )]
+    ShortSecret { path: PathBuf, len: usize },
+    #[error("resource {resource}: {why}")]
+    Policies { resource: String, why: String },
+    #[error("resource[{resource}].on.{node}.replication_address = {value:?}")]
+    Address {
+        resource: String,
+        node: String,
+        value: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+}
+
+/// Reads the cluster secret; refuses an empty or unreadable one.
+pub fn read_secret(cfg: &Config) -> Result<Vec<u8>, RuntimeError> {
+    let path = cfg.cluster.secret_file.as_ref().ok_or(RuntimeError::NoSecretFile)?;
+    let s = std::fs::read(path)
+        .map_err(|source| RuntimeError::ReadSecret { path: path.clone(), source })?;
+    let s = s.trim_ascii().to_vec();
+    if s.len() < 8 {
+        return Err(RuntimeError::ShortSecret { path: path.clone(), len: s.len() });
+    }
+    Ok(s)
+}
+
+/// Geometry and placement of a resource's metadata on `node`.
+pub fn meta_of(r: &config::Resource, node: &str) -> (Placement, Geometry) {
+    let on = &r.on[node];
+    let placement = if on.meta == "internal" {
+        Placement::Internal
+    } else {
+        Placement::External(on.meta.clone().into())
+    };
+    let g = Geometry {
+        granularity: r.bitmap_granularity_kib * 1024,
+        al_extent_size: r.activity_log_extent_kib * 1024,
+        al_extents: r.activity_log_extents,
+    };
+    (placement, g)
+}
+
+/// Node id stored in metadata: the node's index in name order.
+pub fn node_id(cfg: &Config, node: &str) -> u32 {
+    cfg.node_names().iter().position(|n| *n == node).map_or(0, |i| u32::try_from(i).unwrap_or(0))
+}
+
+/// The replicator's settings of resource `r` on `node` (its peer is `peer`).
+pub fn volume_config(
+    cfg: &Config,
+    r: &config::Resource,
+    node: &str,
+    peer: &str,
+    secret: &[u8],
+) -> Result<VolumeConfig, RuntimeError> {
+    let policies = Policies::parse(
+        &r.split_brain.after_sb_0pri,
+        &r.split_brain.after_sb_1pri,
+        &r.split_brain.after_sb_2pri,
+    )
+    .map_err(|why| RuntimeError::Policies { resource: r.name.clone(), why })?;
+    let addr = |n: &str| -> Result<SocketAddr, RuntimeError> {
+        let a = r.on[n].replication_address.as_deref().unwrap_or_default();
+        a.parse().map_err(|source| RuntimeError::Address {
+            resource: r.name.clone(),
+            node: n.to_string(),
+            value: a.to_string(),
+            source,
+        })
+    };
+    let protocol = match r.protocol {
+        config::Protocol::A => Protocol::A,
+        config::Protocol::B => Protocol::B,
+        config::Protocol::C => Protocol::C,
+    };
+    let digest = match r.data_integrity {
+        config::DataIntegrity::Off => Digest::Off,
+        config::DataIntegrity::Crc32 => Digest::Crc32,
+        config::DataIntegrity::Sha256 => Digest::Sha256,
+    };
+    let s = &r.resync;
+    let ms = std::time::Duration::from_millis;
+    Ok(VolumeConfig {
+        resource: r.name.clone(),
+        node: node.into(),
+        peer: peer.into(),
+        cluster: cfg.cluster.name.clone(),
+        protocol,
+        digest,
+        fingerprint: handshake::fingerprint(&[
+            &r.name,
+            &format!("{:?}", r.protocol),
+            &r.bitmap_granularity_kib.to_string(),
+            &format!("{:?}", r.data_integrity),
+        ]),
+        policies,
+        resync: ratectl::Settings {
+            mode: if s.mode == config::ResyncMode::Fixed {
+                ratectl::Mode::Fixed
+            } else {
+                ratectl::Mode::Dynamic
+            },
+            rate_kib: s.rate_kib,
+            plan_ahead: ms(s.plan_ahead_ms),
+            fill_target_kib: s.fill_target_kib,
+            delay_target: ms(s.delay_target_ms),
+            max_rate_kib: s.max_rate_kib,
+            min_rate_kib: s.min_rate_kib,
+        },
+        checksum_resync: s.checksum,
+        replication_rate_limit_kib: s.replication_rate_limit_kib,
+        secret: secret.to_vec(),
+        ping_interval: ms(r.peer.ping_interval_ms),
+        ping_timeout: ms(r.peer.ping_timeout_ms),
+        timeout: ms(r.peer.timeout_ms),
+        connect_retry: ms(r.peer.connect_retry_ms),
+        transfer_log: replicator::repl::translog::Bound {
+            interval: ms(r.peer.flush_interval_ms),
+            max_bytes: r.peer.flush_after_kib.saturating_mul(1024),
+        },
+        listen: addr(node)?,
+        peer_addr: addr(peer)?,
+    })
+}

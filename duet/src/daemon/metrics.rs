@@ -1,0 +1,92 @@
+//! The Prometheus metrics endpoint.
+
+use super::*;
+
+/// Prometheus metrics: name, help, type, and how to read the value from a resource's status.
+pub(super) type Metric =
+    (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> Option<u64>);
+pub(super) const METRICS: [Metric; 17] = [
+    ("size_bytes", "Size of the volume.", "gauge", |r| Some(r.size_bytes)),
+    ("nbd_clients", "NBD clients connected.", "gauge", |r| Some(r.stats.clients_connected)),
+    ("nbd_reads_total", "NBD reads served.", "counter", |r| Some(r.stats.reads)),
+    ("nbd_writes_total", "NBD writes served.", "counter", |r| Some(r.stats.writes)),
+    ("nbd_read_bytes_total", "Bytes read by NBD clients.", "counter", |r| Some(r.stats.bytes_read)),
+    ("nbd_written_bytes_total", "Bytes written by NBD clients.", "counter", |r| {
+        Some(r.stats.bytes_written)
+    }),
+    ("nbd_flushes_total", "NBD flushes.", "counter", |r| Some(r.stats.flushes)),
+    ("nbd_request_errors_total", "NBD requests answered with an error.", "counter", |r| {
+        Some(r.stats.request_errors)
+    }),
+    (
+        "nbd_protocol_errors_total",
+        "NBD connections closed for protocol violations.",
+        "counter",
+        |r| Some(r.stats.protocol_errors),
+    ),
+    ("out_of_sync_bytes", "Bytes marked out of sync with the peer.", "gauge", |r| {
+        r.replication.as_ref().map(|x| x.out_of_sync_bytes)
+    }),
+    ("replicated_bytes_total", "Bytes of writes sent to the peer.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.sent_data_bytes)
+    }),
+    ("resync_sent_bytes_total", "Resync bytes sent.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.resync_sent_bytes)
+    }),
+    ("resync_received_bytes_total", "Resync bytes received.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.resync_received_bytes)
+    }),
+    ("peer_connected", "1 when the peer link is up.", "gauge", |r| {
+        r.replication.as_ref().map(|x| {
+            u64::from(!matches!(
+                x.connection,
+                replicator::repl::volume::ConnState::StandAlone
+                    | replicator::repl::volume::ConnState::Connecting
+            ))
+        })
+    }),
+    ("peer_errors_total", "Peer connections dropped for errors or refusals.", "counter", |r| {
+        r.replication.as_ref().map(|x| x.peer_errors)
+    }),
+    (
+        "slow_writes_total",
+        "Page-cache writes that took over 50 ms (a slow disk).",
+        "counter",
+        |r| r.replication.as_ref().map(|x| x.slow_writes),
+    ),
+    (
+        "peer_unflushed_bytes",
+        "Bytes the peer acknowledged that no peer flush covers yet (resynced after its power loss).",
+        "gauge",
+        |r| r.replication.as_ref().map(|x| x.peer_unflushed_bytes),
+    ),
+];
+
+pub(super) async fn serve_metrics(
+    l: TcpListener,
+    state: Arc<State>,
+    mut sd: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = l.accept() => {
+                let Ok((mut s, _)) = r else { continue };
+                let st = Arc::clone(&state);
+                tokio::spawn(async move {
+                    let body = st.metrics().await;
+                    // Read (and ignore) the request head, then answer with the text format.
+                    let mut buf = [0u8; 2048];
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf)).await;
+                    let head = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+            _ = stopped(&mut sd) => return,
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The daemon's wiring: open stores, bind listeners, serve NBD, answer the control socket and
+//! the metrics endpoint, and stop gracefully on SIGTERM/SIGINT.
+//!
+//! Shutdown order, each step's reason:
+//! 1. the shutdown watch flips: NBD listeners stop accepting, clients get `NBD_ESHUTDOWN` for new
+//!    requests while in-flight ones complete (so nothing acknowledged is half-done);
+//! 2. when every NBD connection has ended, each store is fdatasync'd (so every write that was
+//!    acknowledged without FUA/FLUSH still reaches the disk before we exit);
+//! 3. the control socket is removed (so a later `duet status` says "not running" rather than
+//!    "connection refused" on a stale path).
+//!
+//! Its parts: [`node`] (the node's exports and resources, what the HA runtime drives),
+//! [`socket`] (the control socket's server, and the CLI's client), [`metrics`] (the
+//! Prometheus endpoint).
+
+mod metrics;
+mod node;
+mod socket;
+
+use crate::config::runtime::{meta_of, node_id, read_secret, volume_config};
+use metrics::serve_metrics;
+use node::{Group, State};
+pub use socket::{CallError, call};
+use socket::{bind_control, serve_control};
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use replicator::nbd::negotiate::ExportInfo;
+use replicator::nbd::server::{Export, MAX_PAYLOAD, Server, stopped};
+use replicator::repl::link;
+use replicator::repl::meta::Meta;
+use replicator::repl::volume::{Role, Volume};
+use replicator::store::{EngineKind, Store, StoreOptions};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::config::{self, Config};
+use crate::control::{self, Command, Response};
+use crate::status::{NodeStatus, ResourceStatus};
+
+/// Runs the daemon for `node` until SIGTERM/SIGINT. Errors before serving are configuration or
+/// environment problems and carry their reason.
+pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
+    let peer = cfg.peer_of(&node).map(str::to_string);
+    let secret = match &peer {
+        Some(_) => read_secret(&cfg)?,
+        None => Vec::new(),
+    };
+    if peer.is_some() {
+        let mut seen = std::collections::HashSet::new();
+        for r in &cfg.resource {
+            if !seen.insert(&r.nbd_listen) {
+                bail!(
+                    "in a pair every resource needs its own nbd_listen ({} is used twice): an export opens and closes with its resource's role",
+                    r.nbd_listen
+                );
+            }
+        }
+    }
+    let (sd_tx, sd_rx) = watch::channel(false);
+    let mut by_addr: Vec<(SocketAddr, Vec<Export>)> = Vec::new();
+    let mut links = Vec::new();
+    for (i, r) in cfg.resource.iter().enumerate() {
+        let on = &r.on[&node];
+        let engine = match r.io_engine {
+            config::IoEngine::Auto => EngineKind::Auto,
+            config::IoEngine::Uring => EngineKind::Uring,
+            config::IoEngine::Threads => EngineKind::Threads,
+        };
+        let opts = StoreOptions { engine, direct: r.direct_io, read_only: false };
+        let store = Arc::new(Store::open(&on.disk, opts).with_context(|| {
+            format!("resource[{i}] ({}): resource[{i}].on.{node}.disk", r.name)
+        })?);
+        tracing::info!(resource = %r.name, disk = %on.disk.display(), size = store.size(), engine = store.engine_name(), "store opened");
+        let vol = match &peer {
+            None => Volume::standalone(store),
+            Some(p) => {
+                let (placement, g) = meta_of(r, &node);
+                let (meta, loaded) = Meta::open(&on.disk, &placement, g, node_id(&cfg, &node))
+                    .with_context(|| format!("resource {} on {node}: cannot attach the metadata (a new disk needs `duet create-md`)", r.name))?;
+                let vc = volume_config(&cfg, r, &node, p, &secret)?;
+                let listener = if node > *p {
+                    Some(TcpListener::bind(vc.listen).await.with_context(|| {
+                        format!("cannot listen for the peer on {} (resource[{i}].on.{node}.replication_address)", vc.listen)
+                    })?)
+                } else {
+                    None
+                };
+                let vol = Volume::replicated(vc, store, meta, loaded)
+                    .with_context(|| format!("resource {}", r.name))?;
+                links.push(tokio::spawn(link::run(Arc::clone(&vol), listener, sd_rx.clone())));
+                vol
+            }
+        };
+        let info = ExportInfo {
+            name: r.name.clone(),
+            description: format!("duet resource {} on {node}", r.name),
+            size: vol.size(),
+            read_only: false,
+            min_block: vol.store().min_block(),
+            preferred_block: 4096,
+            max_payload: MAX_PAYLOAD,
+        };
+        let export = Export { info, vol, stats: Default::default() };
+        let addr: SocketAddr = r.nbd_listen.parse().expect("validated by Config::validate");
+        match by_addr.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, v)) => v.push(export),
+            None => by_addr.push((addr, vec![export])),
+        }
+    }
+    let groups: Vec<Group> = by_addr
+        .into_iter()
+        .map(|(addr, exports)| Group {
+            addr,
+            data: tokio::runtime::Handle::current(),
+            server: Server::new(exports),
+            serving: tokio::sync::Mutex::new(None),
+        })
+        .collect();
+    for g in &groups {
+        if g.all_primary() {
+            g.open().await?;
+        }
+    }
+    let state = Arc::new(State {
+        cfg: cfg.clone(),
+        node: node.clone(),
+        started: Instant::now(),
+        groups,
+        shutting_down: AtomicBool::new(false),
+        sd: sd_rx.clone(),
+        ha: std::sync::OnceLock::new(),
+    });
+    if peer.is_some() && crate::ha::enabled(&cfg) {
+        let host: Arc<dyn crate::ha::Host> = Arc::clone(&state) as Arc<dyn crate::ha::Host>;
+        let ha = crate::ha::start(&cfg, &node, &secret, host, sd_rx.clone()).await?;
+        let _ = state.ha.set(ha);
+    }
+    let sock_path = cfg.control_socket(&node);
+    let control = bind_control(&sock_path).await?;
+    let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), sd_rx.clone()));
+    let metrics_addr = cfg.metrics_listen(&node);
+    if !metrics_addr.is_empty() {
+        let addr: SocketAddr = metrics_addr.parse().expect("validated by Config::validate");
+        let l = TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen for metrics on {addr} (metrics_listen); set it to \"\" to disable"
+            )
+        })?;
+        tokio::spawn(serve_metrics(l, Arc::clone(&state), sd_rx.clone()));
+    }
+    tracing::info!(node = %node, "duet daemon running");
+
+    wait_for_signal().await?;
+    handover_before_stop(&state).await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    state.shutting_down.store(true, Ordering::Relaxed);
+    for g in &state.groups {
+        let _ = g.serving.lock().await.as_ref().map(|s| s.0.send(true));
+    }
+    for g in &state.groups {
+        g.close().await;
+    }
+    // The peer links say goodbye after the exports are drained (nothing left to replicate).
+    let _ = sd_tx.send(true);
+    for l in links {
+        let _ = l.await;
+    }
+    let mut failed = false;
+    for g in &state.groups {
+        for e in g.server.exports() {
+            e.vol.close().await;
+            if let Err(errno) = e.vol.store().sync_now() {
+                tracing::error!(resource = %e.info.name, errno, "final fdatasync failed");
+                failed = true;
+            }
+        }
+    }
+    let _ = ctl_task.await;
+    let _ = std::fs::remove_file(&sock_path);
+    if failed {
+        bail!("the final flush of a backing store failed; see the log above");
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// A master stopped on purpose (SIGTERM: `systemctl stop`) hands the role to its peer first,
+/// as a make-slave would, so clients move at once instead of after the peer's deadtime. If the
+/// peer cannot take over (unreachable, not in sync), the stop goes on and says why.
+async fn handover_before_stop(state: &State) {
+    use crate::ha::Host as _;
+    let Some(ha) = state.ha.get() else { return };
+    let _ = ha.requests.send(crate::ha::Request::Stopping).await;
+    if !state.volumes().iter().any(|v| v.role() == Role::Primary) {
+        return;
+    }
+    tracing::info!("stopping the master: handing the role to the peer first");
+    ha.events.push("stopping the master: handing the role to the peer first".into());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if ha.requests.send(crate::ha::Request::MakeSlave { reply: tx }).await.is_err() {
+        return;
+    }
+    match tokio::time::timeout(crate::ha::SWITCHOVER_TIMEOUT, rx).await {
+        Ok(Ok(Ok(m))) => tracing::info!("handed over before stopping: {m}"),
+        Ok(Ok(Err(e))) => tracing::warn!("stopping without a handover: {e}"),
+        Ok(Err(_)) | Err(_) => tracing::warn!("stopping without a handover: no answer in time"),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! The node: its NBD exports (one listener per group of resources, open while all of them are
+//! Primary) and resources, as the control socket, the metrics and the HA runtime see them.
+
+use super::metrics::METRICS;
+use super::*;
+
+/// An open export: its stop signal, its task, and the address it is bound to.
+pub(super) type Serving = (watch::Sender<bool>, tokio::task::JoinHandle<()>, SocketAddr);
+
+/// One NBD listener and the resources it exports. It is open while every one of them is
+/// Primary (a single node's resources always are; in a pair each resource has its own listener).
+pub(super) struct Group {
+    pub(super) addr: SocketAddr,
+    /// The data path's runtime.
+    pub(super) data: tokio::runtime::Handle,
+    pub(super) server: Arc<Server>,
+    pub(super) serving: tokio::sync::Mutex<Option<Serving>>,
+}
+
+impl Group {
+    pub(super) fn all_primary(&self) -> bool {
+        self.server.exports().iter().all(|e| e.vol.role() == Role::Primary)
+    }
+
+    /// Opens the export (binds and serves) if it is not open. The listener and its connections
+    /// live on the data path's runtime, whichever thread asks (the cluster manager has its own).
+    pub(super) async fn open(&self) -> anyhow::Result<()> {
+        let mut s = self.serving.lock().await;
+        if s.is_some() {
+            return Ok(());
+        }
+        let names: Vec<String> =
+            self.server.exports().iter().map(|e| e.info.name.clone()).collect();
+        let addr = self.addr;
+        let (tx, rx) = watch::channel(false);
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let server = Arc::clone(&self.server);
+        let task = self.data.spawn(async move {
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = bound_tx.send(listener.local_addr());
+            server.serve(listener, rx).await;
+        });
+        let bound = bound_rx.await.context("the NBD listener's task ended")?.with_context(|| {
+            format!(
+                "cannot listen for NBD on {addr} (nbd_listen of {}): is another server using it?",
+                names.join(", ")
+            )
+        })?;
+        tracing::info!(%bound, exports = ?names, "serving NBD");
+        *s = Some((tx, task, bound));
+        Ok(())
+    }
+
+    /// Closes the export: new requests are refused, in-flight ones finish, clients are gone.
+    pub(super) async fn close(&self) {
+        let taken = self.serving.lock().await.take();
+        if let Some((tx, task, bound)) = taken {
+            let _ = tx.send(true);
+            let _ = task.await;
+            tracing::info!(%bound, "NBD export closed");
+        }
+    }
+
+    pub(super) async fn bound(&self) -> Option<SocketAddr> {
+        self.serving.lock().await.as_ref().map(|s| s.2)
+    }
+}
+
+/// Everything the control socket and metrics need to describe this node.
+pub(super) struct State {
+    pub(super) cfg: Config,
+    pub(super) node: String,
+    pub(super) started: Instant,
+    pub(super) groups: Vec<Group>,
+    pub(super) shutting_down: AtomicBool,
+    pub(super) sd: watch::Receiver<bool>,
+    /// The cluster manager, when heartbeat links are configured.
+    pub(super) ha: std::sync::OnceLock<crate::ha::Ha>,
+}
+
+impl crate::ha::Host for State {
+    fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.cfg
+            .resource
+            .iter()
+            .filter_map(|r| self.find(&r.name).map(|(_, e)| Arc::clone(&e.vol)))
+            .filter(|v| v.config().is_some())
+            .collect()
+    }
+
+    fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            for g in &self.groups {
+                if g.all_primary() && !self.shutting_down.load(Ordering::Relaxed) {
+                    g.open().await.map_err(|e| format!("{e:#}"))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn close_exports(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for g in &self.groups {
+                g.close().await;
+            }
+        })
+    }
+}
+
+impl State {
+    pub(super) fn find(&self, name: &str) -> Option<(&Group, &Export)> {
+        self.groups
+            .iter()
+            .find_map(|g| g.server.exports().iter().find(|e| e.info.name == name).map(|e| (g, e)))
+    }
+
+    pub(super) async fn status(&self) -> NodeStatus {
+        let mut resources = Vec::new();
+        for r in &self.cfg.resource {
+            let Some((g, e)) = self.find(&r.name) else { continue };
+            let bound = g.bound().await;
+            let repl = e.vol.config().map(|_| e.vol.status());
+            let (role, disk, conn) = match &repl {
+                Some(s) => (
+                    format!("{:?}", s.role),
+                    format!("{:?}", s.disk),
+                    format!("{:?}", s.connection),
+                ),
+                None => ("Primary".into(), "UpToDate".into(), "StandAlone".into()),
+            };
+            resources.push(ResourceStatus {
+                name: r.name.clone(),
+                role,
+                disk_state: disk,
+                connection: conn,
+                protocol: format!("{:?}", r.protocol),
+                disk: e.vol.store().path().display().to_string(),
+                size_bytes: e.vol.size(),
+                io_engine: e.vol.store().engine_name().into(),
+                direct_io: e.vol.store().direct(),
+                nbd_listen: bound.map(|a| a.to_string()),
+                exporting: bound.is_some() && !self.shutting_down.load(Ordering::Relaxed),
+                stats: e.stats.snapshot(),
+                replication: repl,
+            });
+        }
+        NodeStatus {
+            node: self.node.clone(),
+            cluster: self.cfg.cluster.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            peer: self.cfg.peer_of(&self.node).map(str::to_string),
+            shutting_down: self.shutting_down.load(Ordering::Relaxed),
+            resources,
+            ha: self.ha.get().map(|h| h.status.lock().expect("status poisoned").clone()),
+        }
+    }
+
+    /// The merged event log: the cluster manager's and every resource's, oldest first.
+    pub(super) fn events(&self, since_ms: u64) -> Vec<crate::events::LogEntry> {
+        let since = since_ms as f64 / 1000.0;
+        let mut all = self.ha.get().map(|h| h.events.since(since)).unwrap_or_default();
+        for r in &self.cfg.resource {
+            let Some((_, e)) = self.find(&r.name) else { continue };
+            if e.vol.config().is_none() {
+                continue;
+            }
+            for ev in e.vol.events() {
+                if ev.at > since {
+                    all.push(crate::events::LogEntry {
+                        at: ev.at,
+                        what: format!("{}: {}", r.name, ev.what),
+                    });
+                }
+            }
+        }
+        all.sort_by(|a, b| a.at.total_cmp(&b.at));
+        all
+    }
+
+    /// make-master / make-slave through the cluster manager.
+    pub(super) async fn switchover(
+        &self,
+        master: bool,
+        force: bool,
+    ) -> Result<serde_json::Value, String> {
+        let ha = self.ha.get().ok_or(
+            "the cluster manager is not running (no [[heartbeat.link]] configured): use `duet primary` / `duet secondary`",
+        )?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = if master {
+            crate::ha::Request::MakeMaster { force, reply: tx }
+        } else {
+            crate::ha::Request::MakeSlave { reply: tx }
+        };
+        ha.requests.send(req).await.map_err(|_| "the cluster manager stopped".to_string())?;
+        match tokio::time::timeout(
+            crate::ha::SWITCHOVER_TIMEOUT + std::time::Duration::from_secs(15),
+            rx,
+        )
+        .await
+        {
+            Ok(Ok(Ok(m))) => Ok(serde_json::json!({ "cluster": m })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err("the cluster manager dropped the request".into()),
+            Err(_) => Err("the switchover did not finish in time; see `duet events`".into()),
+        }
+    }
+
+    pub(super) async fn metrics(&self) -> String {
+        let st = self.status().await;
+        let mut o = String::new();
+        for (name, help, kind, value) in METRICS {
+            o.push_str(&format!("# HELP duet_{name} {help}\n# TYPE duet_{name} {kind}\n"));
+            for r in &st.resources {
+                let Some(v) = value(r) else { continue };
+                o.push_str(&format!(
+                    "duet_{name}{{node=\"{}\",resource=\"{}\"}} {v}\n",
+                    st.node, r.name
+                ));
+            }
+        }
+        o
+    }
+
+    /// Runs a role or connection command on the named resource (or all of them).
+    pub(super) async fn act(
+        &self,
+        resource: Option<&str>,
+        cmd: &Command,
+    ) -> Result<serde_json::Value, String> {
+        let targets: Vec<(&Group, &Export)> = match resource {
+            Some(n) => vec![
+                self.find(n)
+                    .ok_or_else(|| format!("no resource named {n:?} in the configuration"))?,
+            ],
+            None => self
+                .groups
+                .iter()
+                .flat_map(|g| g.server.exports().iter().map(move |e| (g, e)))
+                .collect(),
+        };
+        let mut out = serde_json::Map::new();
+        for (group, e) in targets {
+            let name = e.info.name.clone();
+            if e.vol.config().is_none() {
+                return Err(format!(
+                    "resource {name} has no peer: it is always Primary and replicates nowhere"
+                ));
+            }
+            let r = match cmd {
+                Command::Status
+                | Command::MakeMaster { .. }
+                | Command::MakeSlave
+                | Command::Events { .. } => unreachable!("handled by the caller"),
+                Command::Primary { force, .. } => match e.vol.promote(*force).await {
+                    Ok(msg) => {
+                        if group.all_primary() {
+                            if let Err(err) = group.open().await {
+                                let _ = e.vol.demote().await;
+                                Err(format!("{err:#}; demoted again"))
+                            } else {
+                                Ok(msg)
+                            }
+                        } else {
+                            Ok(msg)
+                        }
+                    }
+                    Err(r) => Err(r.0),
+                },
+                Command::Secondary { .. } => {
+                    group.close().await;
+                    e.vol.demote().await.map_err(|r| r.0)
+                }
+                Command::Connect { discard_my_data, .. } => {
+                    e.vol.connect(*discard_my_data).map_err(|r| r.0)
+                }
+                Command::Disconnect { .. } => e.vol.disconnect().map_err(|r| r.0),
+                Command::Invalidate { .. } => e.vol.invalidate().await.map_err(|r| r.0),
+                Command::Verify { repair, .. } => link::verify(&e.vol, *repair).map_err(|r| r.0),
+            };
+            match r {
+                Ok(msg) => {
+                    out.insert(name, serde_json::Value::String(msg));
+                }
+                Err(why) => return Err(format!("{name}: {why}")),
+            }
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+}

@@ -1,0 +1,400 @@
+//! The HA runtime's loop: one task owns the failure detector, the receiver (authentication,
+//! anti-replay) and the cluster manager, so no decision state is shared; it executes the
+//! manager's actions (fence, promote, VIP, services, export, outdate) and feeds the results
+//! back. The decisions are in [`crate::cluster`]; this module only wires.
+//!
+//! Its parts: [`start`] (the runtime thread and opening everything), [`links`] (heartbeat link
+//! tasks: one reader and one writer per link, so a stuck serial line cannot delay the UDP
+//! link), [`steps`] (fence, services, the shell runner; steps run in spawned tasks and report
+//! back, one at a time), [`probes`] (health checks), [`view`] (the local and peer views and
+//! their wire codes), [`vips`] (the VIPs and their announcements).
+
+mod links;
+mod probes;
+mod start;
+mod steps;
+mod view;
+mod vips;
+
+pub use start::start;
+pub use steps::shell;
+pub use vips::Vips;
+use vips::vips;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use heartbeat::detector::{Detector, Event as DetEvent, LinkState, PeerState, Timing};
+use heartbeat::frame::{self, Control, Frame, ResourceState};
+use heartbeat::receiver::{LogLimiter, Receiver};
+use heartbeat::serial::{Deframer, SerialPort, wrap};
+use heartbeat::udp::UdpLink;
+use replicator::nbd::server::stopped;
+use replicator::repl::volume::{ConnState, DiskState, Role, Volume};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::cluster::health::Hysteresis;
+use crate::cluster::{self, Action, Fencing, Input, LocalView, Manager, Outcome, PeerView, Step};
+use crate::config::{self, Config};
+use crate::events::EventLog;
+use crate::status::{ClusterStatus, LinkStatus};
+
+use links::Link;
+use steps::run_step;
+
+/// How long a fence command may run.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a switchover may take.
+pub const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the HA runtime needs from the daemon.
+pub trait Host: Send + Sync + 'static {
+    /// The replicated volumes, in resource order.
+    fn volumes(&self) -> Vec<Arc<Volume>>;
+    /// Opens every export whose resources are all Primary.
+    fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>>;
+    /// Closes every export, draining in-flight requests.
+    fn close_exports(&self) -> futures_util::future::BoxFuture<'_, ()>;
+}
+
+/// A request from the control socket.
+#[derive(Debug)]
+pub enum Request {
+    MakeMaster {
+        force: bool,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    MakeSlave {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// The daemon is stopping: take nothing over from now on.
+    Stopping,
+}
+
+/// The handle the daemon keeps.
+#[derive(Debug, Clone)]
+pub struct Ha {
+    pub requests: mpsc::Sender<Request>,
+    pub status: Arc<Mutex<ClusterStatus>>,
+    pub events: Arc<EventLog>,
+    /// Keeps the cluster manager's thread running (it stops when this is dropped).
+    _thread: Option<Arc<oneshot::Sender<()>>>,
+}
+
+/// Results coming back to the loop.
+enum Back {
+    Step(Outcome),
+    Outdate { id: u64, mask: u32, ok: bool },
+    Health(usize, bool),
+}
+
+/// Whether `cfg` asks for the cluster manager (heartbeat links configured).
+pub fn enabled(cfg: &Config) -> bool {
+    !cfg.heartbeat.link.is_empty() && cfg.node_names().len() == 2
+}
+
+struct Loop {
+    node: String,
+    peer: String,
+    cfg: Config,
+    key: Vec<u8>,
+    cluster: u64,
+    my_id: u8,
+    boot: u64,
+    seq: u64,
+    det: Detector,
+    rx: Receiver,
+    mgr: Manager,
+    links: Vec<Link>,
+    host: Arc<dyn Host>,
+    vips: Arc<Vips>,
+    back: mpsc::Sender<Back>,
+    replies: HashMap<u64, oneshot::Sender<Result<String, String>>>,
+    next_token: u64,
+    health: Vec<bool>,
+    healthy: bool,
+    peer_view: Option<(PeerView, Instant)>,
+    /// The replicator's state as last read (each tick and after each step).
+    local: LocalView,
+    limiter: LogLimiter,
+    status: Arc<Mutex<ClusterStatus>>,
+    events: Arc<EventLog>,
+    timing: Timing,
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<(usize, Vec<u8>)>,
+        mut requests: mpsc::Receiver<Request>,
+        mut back: mpsc::Receiver<Back>,
+        mut sd: watch::Receiver<bool>,
+    ) {
+        let tick =
+            (self.timing.keepalive / 4).clamp(Duration::from_millis(10), Duration::from_millis(50));
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_send = Instant::now();
+        self.log(format!("cluster manager running: configured master {}, peer {}, {} heartbeat link(s); waiting up to {} ms for the peer", self.cfg.cluster.configured_master, self.peer, self.links.len(), self.timing.initdead.as_millis()));
+        loop {
+            tokio::select! {
+                Some((link, bytes)) = inbox.recv() => self.received(link, &bytes),
+                Some(r) = requests.recv() => {
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    let input = match r {
+                        Request::MakeMaster { force, reply } => {
+                            self.replies.insert(token, reply);
+                            self.log(format!("operator: make-master{}", if force { " --force" } else { "" }));
+                            Input::MakeMaster { token, force }
+                        }
+                        Request::MakeSlave { reply } => {
+                            self.replies.insert(token, reply);
+                            self.log("operator: make-slave".into());
+                            Input::MakeSlave { token }
+                        }
+                        Request::Stopping => Input::Stopping,
+                    };
+                    // Judged on the replicator's state now, not as of the last tick (a stop
+                    // right after a resync finished was refused as "not in sync").
+                    self.refresh_local();
+                    self.feed(input);
+                }
+                Some(b) = back.recv() => match b {
+                    Back::Step(o) => {
+                        self.refresh_local();
+                        self.feed(Input::Done(o));
+                    }
+                    Back::Outdate { id, mask, ok } => self.feed(Input::OutdateDone { id, mask, ok }),
+                    Back::Health(i, ok) => {
+                        if let Some(h) = self.health.get_mut(i) {
+                            *h = ok;
+                        }
+                        self.healthy = self.health.iter().all(|h| *h);
+                        let h = self.healthy;
+                        self.feed(Input::Health(h));
+                    }
+                },
+                _ = ticker.tick() => {
+                    let now = Instant::now();
+                    let ev = self.det.tick(now);
+                    self.detector_events(ev);
+                    self.refresh_local();
+                    self.feed(Input::Tick);
+                    if now >= next_send {
+                        self.send(None);
+                        next_send = now + self.timing.keepalive;
+                    }
+                }
+                _ = stopped(&mut sd) => return,
+            }
+            // After every input, so `duet status` never lags a finished step.
+            self.publish();
+        }
+    }
+
+    fn log(&self, s: String) {
+        tracing::info!(target: "duet::cluster", "{s}");
+        self.events.push(s);
+    }
+
+    fn received(&mut self, link: usize, b: &[u8]) {
+        let now = Instant::now();
+        match self.rx.receive(b) {
+            Ok(f) => {
+                if let Some(l) = self.links.get(link) {
+                    l.counters.frames_in.fetch_add(1, Relaxed);
+                }
+                let ev = self.det.heard(link, now);
+                self.detector_events(ev);
+                let view = view::peer_view(&f);
+                self.peer_view = Some((view, now));
+                self.feed(Input::PeerView(view));
+                if let Some(c) = f.control {
+                    // The peer's requests too are judged on the replicator's state now.
+                    self.refresh_local();
+                    self.feed(Input::Control(c));
+                }
+            }
+            Err(why) => {
+                if let Some(l) = self.links.get(link) {
+                    l.counters.dropped.fetch_add(1, Relaxed);
+                }
+                if let Some(held) = self.limiter.allow(now) {
+                    let name = self.links.get(link).map_or("?", |l| l.name.as_str());
+                    tracing::warn!(link = %name, suppressed = held, "heartbeat frame dropped: {why}");
+                    self.events.push(format!(
+                        "heartbeat frame dropped on {name}: {why}{}",
+                        if held > 0 { format!(" ({held} more not logged)") } else { String::new() }
+                    ));
+                }
+            }
+        }
+    }
+
+    fn detector_events(&mut self, ev: Vec<DetEvent>) {
+        for e in ev {
+            let name = |i: usize| self.links.get(i).map_or("?".to_string(), |l| l.name.clone());
+            match e {
+                DetEvent::LinkUp(i) => self.log(format!("heartbeat link {} is up", name(i))),
+                DetEvent::LinkLate(i, d) => self.log(format!(
+                    "heartbeat link {} silent for {} ms (warntime)",
+                    name(i),
+                    d.as_millis()
+                )),
+                DetEvent::LinkDown(i) => self.log(format!("heartbeat link {} is down", name(i))),
+                DetEvent::PeerAlive => self.feed(Input::Peer(PeerState::Alive)),
+                DetEvent::PeerDead => {
+                    self.peer_view = None;
+                    self.feed(Input::Peer(PeerState::Dead));
+                }
+            }
+        }
+    }
+
+    /// Reads the replicator's state, keeps it for `duet status`, and tells the manager.
+    fn refresh_local(&mut self) {
+        self.local = self.local_view();
+        let l = self.local;
+        self.feed(Input::Local(l));
+    }
+
+    fn local_view(&self) -> LocalView {
+        let summaries: Vec<_> = self.host.volumes().iter().map(|v| v.summary()).collect();
+        view::local_view(&summaries)
+    }
+
+    /// Sends our state (and a control message) on every link.
+    fn send(&mut self, control: Option<Control>) {
+        let resources =
+            self.host.volumes().iter().map(|v| view::resource_state(&v.summary())).collect();
+        for l in &self.links {
+            self.seq += 1;
+            let f = Frame {
+                key_id: 1,
+                node_id: self.my_id,
+                cluster: self.cluster,
+                boot: self.boot,
+                seq: self.seq,
+                health: if self.healthy { 100 } else { 0 },
+                resources: Vec::clone(&resources),
+                control: control.clone(),
+            };
+            if l.out.try_send(f.encode(&self.key)).is_err() {
+                l.counters.send_errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input) {
+        let actions = self.mgr.handle(Instant::now(), input);
+        for a in actions {
+            self.act(a);
+        }
+    }
+
+    fn act(&mut self, a: Action) {
+        match a {
+            Action::Run(step) => {
+                let host = Arc::clone(&self.host);
+                let vips = Arc::clone(&self.vips);
+                let back = self.back.clone();
+                let cfg = self.cfg.clone();
+                let (node, peer) = (self.node.clone(), self.peer.clone());
+                let events = Arc::clone(&self.events);
+                tokio::spawn(async move {
+                    let o = run_step(step, &*host, &vips, &cfg, &node, &peer, &events).await;
+                    let _ = back.send(Back::Step(o)).await;
+                });
+            }
+            Action::Send(c) => self.send(Some(c)),
+            Action::Outdate { id, mask } => {
+                let vols = self.host.volumes();
+                let back = self.back.clone();
+                tokio::spawn(async move {
+                    let mut ok = true;
+                    for (i, v) in vols.iter().enumerate() {
+                        if i < 32 && mask & (1 << i) != 0 {
+                            ok &= v.outdate().await.is_ok();
+                        }
+                    }
+                    let _ = back.send(Back::Outdate { id, mask, ok }).await;
+                });
+            }
+            Action::PeerOutdated { mask } => {
+                let vols = self.host.volumes();
+                tokio::spawn(async move {
+                    for (i, v) in vols.iter().enumerate() {
+                        if i < 32 && mask & (1 << i) != 0 {
+                            let _ = v.set_peer_outdated().await;
+                        }
+                    }
+                });
+            }
+            Action::Reannounce => {
+                let vips = Arc::clone(&self.vips);
+                tokio::spawn(async move { vips.reannounce().await });
+            }
+            Action::Reply { token, result } => {
+                if let Some(r) = self.replies.remove(&token) {
+                    let _ = r.send(result);
+                }
+            }
+            Action::Event(e) => self.log(e),
+        }
+    }
+
+    fn publish(&self) {
+        let now = Instant::now();
+        let links = self
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LinkStatus {
+                name: l.name.clone(),
+                state: match self.det.link(i) {
+                    Some(LinkState::Up) => "up",
+                    Some(LinkState::Late) => "late",
+                    Some(LinkState::Down) => "down",
+                    Some(LinkState::Init) | None => "waiting",
+                }
+                .into(),
+                last_heard_ms: self.det.last_heard(i).map(|t| {
+                    u64::try_from(now.saturating_duration_since(t).as_millis()).unwrap_or(u64::MAX)
+                }),
+                frames_in: l.counters.frames_in.load(Relaxed),
+                frames_out: l.counters.frames_out.load(Relaxed),
+                dropped: l.counters.dropped.load(Relaxed),
+                send_errors: l.counters.send_errors.load(Relaxed),
+                garbage_bytes: l.counters.garbage_bytes.load(Relaxed),
+            })
+            .collect();
+        let lv = self.local;
+        let mut s = self.status.lock().expect("status poisoned");
+        s.running_role = if lv.primary {
+            "master"
+        } else if lv.any_primary {
+            "partly master"
+        } else {
+            "slave"
+        }
+        .into();
+        s.peer = match self.det.peer() {
+            PeerState::Alive => "alive",
+            PeerState::Dead => "dead",
+            PeerState::Unknown => "unknown",
+        }
+        .into();
+        s.peer_role =
+            self.peer_view.map(|(v, _)| if v.primary { "master" } else { "slave" }.to_string());
+        s.peer_healthy = self.peer_view.map(|(v, _)| v.healthy);
+        s.healthy = self.healthy;
+        s.activity = self.mgr.activity();
+        s.links = links;
+        s.drops = self.rx.drops.into();
+    }
+}

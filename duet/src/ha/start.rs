@@ -1,0 +1,193 @@
+//! Starting the HA runtime: its own thread and runtime, the heartbeat links, the VIPs, the
+//! health checks, and the loop.
+
+use super::*;
+use links::{LinkCounters, Transport, spawn_link};
+use probes::health_check;
+
+/// Starts a runtime with one worker on a thread of its own, for the heartbeat and the cluster
+/// manager: the data path copies into the page cache on its own thread and may be held there
+/// (the kernel throttles writers when dirty pages pile up), and heartbeats must not wait for
+/// that. Returns its handle and the sender that stops it when dropped.
+pub(super) fn own_thread() -> anyhow::Result<(tokio::runtime::Handle, oneshot::Sender<()>)> {
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("duet-ha".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("duet-ha")
+                .enable_all()
+                .build();
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = handle_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = handle_tx.send(Ok(rt.handle().clone()));
+            rt.block_on(async {
+                let _ = stop_rx.await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        })
+        .context("cannot start the cluster manager's thread")?;
+    let handle = handle_rx
+        .recv()
+        .context("the cluster manager's thread ended at start")?
+        .context("cannot start the cluster manager's runtime")?;
+    Ok((handle, stop_tx))
+}
+
+/// Opens the links and starts the loop.
+pub async fn start(
+    cfg: &Config,
+    node: &str,
+    secret: &[u8],
+    host: Arc<dyn Host>,
+    sd: watch::Receiver<bool>,
+) -> anyhow::Result<Ha> {
+    let (rt, stop) = own_thread()?;
+    let (cfg, node, secret) = (cfg.clone(), node.to_string(), secret.to_vec());
+    let mut ha = rt
+        .spawn(async move { start_here(&cfg, &node, &secret, host, sd).await })
+        .await
+        .context("the cluster manager's start failed")??;
+    ha._thread = Some(Arc::new(stop));
+    Ok(ha)
+}
+
+/// `start`, on the cluster manager's own runtime: its sockets and tasks live there.
+pub(super) async fn start_here(
+    cfg: &Config,
+    node: &str,
+    secret: &[u8],
+    host: Arc<dyn Host>,
+    sd: watch::Receiver<bool>,
+) -> anyhow::Result<Ha> {
+    let peer = cfg.peer_of(node).context("the cluster manager needs a peer")?.to_string();
+    let h = &cfg.heartbeat;
+    let ms = Duration::from_millis;
+    let timing = Timing {
+        keepalive: ms(h.keepalive_ms),
+        warntime: ms(h.warntime_ms),
+        deadtime: ms(h.deadtime_ms),
+        initdead: ms(h.initdead_ms),
+    };
+    timing.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (in_tx, in_rx) = mpsc::channel::<(usize, Vec<u8>)>(256);
+    let mut links = Vec::new();
+    for (i, l) in h.link.iter().enumerate() {
+        let on =
+            l.on.get(node).with_context(|| format!("heartbeat.link[{i}].on.{node} is missing"))?;
+        let (name, t) = match l.kind {
+            config::LinkKind::Udp => {
+                let parse = |k: &str, v: &Option<String>| -> anyhow::Result<std::net::SocketAddr> {
+                    let v = v.as_deref().unwrap_or_default();
+                    v.parse().with_context(|| format!("heartbeat.link[{i}].on.{node}.{k} = {v:?}"))
+                };
+                let bind = parse("bind", &on.bind)?;
+                let to = parse("peer", &on.peer)?;
+                let u = UdpLink::bind(bind, to)
+                    .await
+                    .with_context(|| format!("heartbeat.link[{i}]"))?;
+                (format!("udp {bind} -> {to}"), Transport::Udp(Arc::new(u)))
+            }
+            config::LinkKind::Serial => {
+                let dev: PathBuf = on
+                    .device
+                    .clone()
+                    .with_context(|| format!("heartbeat.link[{i}].on.{node}.device is missing"))?;
+                let baud = l.baud.unwrap_or(115_200);
+                let rts = l.flow_control == Some(config::FlowControl::Rtscts);
+                let p = SerialPort::open(&dev, baud, rts)
+                    .with_context(|| format!("heartbeat.link[{i}]"))?;
+                (format!("serial {} @{baud}", dev.display()), Transport::Serial(Arc::new(p)))
+            }
+        };
+        let counters = Arc::new(LinkCounters::default());
+        let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(16);
+        spawn_link(
+            i,
+            t,
+            out_rx,
+            in_tx.clone(),
+            Arc::clone(&counters),
+            timing.keepalive,
+            sd.clone(),
+        );
+        links.push(Link { name, out: out_tx, counters });
+    }
+    let fencing = match cfg.fencing.policy {
+        config::FencingPolicy::DontCare => Fencing::DontCare,
+        config::FencingPolicy::ResourceOnly => Fencing::ResourceOnly,
+        config::FencingPolicy::ResourceAndStonith => Fencing::ResourceAndStonith,
+    };
+    let settings = cluster::Settings {
+        configured_master: cfg.cluster.configured_master == node,
+        failback_auto: cfg.cluster.failback == config::Failback::Auto,
+        fencing,
+        fence_command: !cfg.fencing.fence_command.trim().is_empty(),
+        fence_delay: ms(cfg.fence_delay_ms(node)),
+        switchover_timeout: SWITCHOVER_TIMEOUT,
+        resend: timing.keepalive * 2,
+        retry: Duration::from_secs(5).max(timing.deadtime * 2),
+        resources: cfg.resource.len(),
+    };
+    let now = Instant::now();
+    let boot = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let my_id = u8::try_from(crate::config::runtime::node_id(cfg, node)).unwrap_or(0);
+    let peer_id = u8::try_from(crate::config::runtime::node_id(cfg, &peer)).unwrap_or(1);
+    let cluster = frame::cluster_id(&cfg.cluster.name);
+    let (req_tx, req_rx) = mpsc::channel(16);
+    let status = Arc::new(Mutex::new(ClusterStatus {
+        configured_master: cfg.cluster.configured_master.clone(),
+        failback: format!("{:?}", cfg.cluster.failback).to_lowercase(),
+        fencing: format!("{:?}", cfg.fencing.policy),
+        healthy: true,
+        ..Default::default()
+    }));
+    let events = Arc::new(EventLog::default());
+    let vips = Arc::new(vips(cfg, node, &events)?);
+    // A node starts as a slave: a VIP left over from a crash while master goes now.
+    if let Err(e) = vips.down().await {
+        anyhow::bail!("cannot release the VIPs at start: {e}");
+    }
+    let (back_tx, back_rx) = mpsc::channel(64);
+    for (i, c) in cfg.health.check.iter().enumerate() {
+        tokio::spawn(health_check(i, c.clone(), node.to_string(), back_tx.clone(), sd.clone()));
+    }
+    let lp = Loop {
+        node: node.to_string(),
+        peer,
+        cfg: cfg.clone(),
+        key: secret.to_vec(),
+        cluster,
+        my_id,
+        boot,
+        seq: 0,
+        det: Detector::new(timing, links.len(), now),
+        rx: Receiver::new(vec![(1, secret.to_vec())], cluster, peer_id),
+        mgr: Manager::new(settings, now).with_id_seed(boot),
+        links,
+        host,
+        vips: Arc::clone(&vips),
+        back: back_tx,
+        replies: HashMap::new(),
+        next_token: 1,
+        health: vec![true; cfg.health.check.len()],
+        healthy: true,
+        peer_view: None,
+        local: LocalView::default(),
+        limiter: LogLimiter::new(Duration::from_secs(5)),
+        status: Arc::clone(&status),
+        events: Arc::clone(&events),
+        timing,
+    };
+    tokio::spawn(lp.run(in_rx, req_rx, back_rx, sd));
+    Ok(Ha { requests: req_tx, status, events, _thread: None })
+}

@@ -1,0 +1,69 @@
+//! The local and peer views the cluster manager decides on, from the replicator's summaries and
+//! from heartbeat frames, and the state this node sends in its own frames. The codes are the
+//! engine's (`Role::code`, `DiskState::code`, `ConnState::code`), one mapping for the
+//! replication link, the heartbeat and status.
+
+use super::*;
+use replicator::repl::volume::Summary;
+
+/// This node's view: every resource's summary, in resource order.
+pub(super) fn local_view(summaries: &[Summary]) -> LocalView {
+    let any = !summaries.is_empty();
+    let mut v = LocalView {
+        primary: any,
+        any_primary: false,
+        uptodate: any,
+        in_sync: any,
+        resyncing: false,
+        peer_primary: false,
+        disconnected: 0,
+        worst_disk: DiskState::UpToDate.name(),
+    };
+    let mut worst = DiskState::UpToDate;
+    for (i, s) in summaries.iter().enumerate() {
+        let primary = s.role == Role::Primary;
+        v.primary &= primary;
+        v.any_primary |= primary;
+        v.uptodate &= s.disk == DiskState::UpToDate;
+        worst = worst.min(s.disk);
+        v.in_sync &= s.connection == ConnState::Connected
+            && s.peer_disk == Some(DiskState::UpToDate)
+            && s.out_of_sync_bytes == 0;
+        v.resyncing |= matches!(s.connection, ConnState::SyncSource | ConnState::SyncTarget);
+        v.peer_primary |= s.peer_role == Some(Role::Primary);
+        let down = matches!(
+            s.connection,
+            ConnState::StandAlone | ConnState::Connecting | ConnState::Disconnecting
+        );
+        if down && i < 32 {
+            v.disconnected |= 1 << i;
+        }
+    }
+    v.worst_disk = worst.name();
+    v
+}
+
+/// The peer's view, from its authenticated frame.
+pub(super) fn peer_view(f: &Frame) -> PeerView {
+    let n = f.resources.len();
+    let primary = |r: &ResourceState| Role::from_code(r.role) == Some(Role::Primary);
+    PeerView {
+        primary: n > 0 && f.resources.iter().all(primary),
+        any_primary: f.resources.iter().any(primary),
+        uptodate: n > 0
+            && f.resources
+                .iter()
+                .all(|r| DiskState::from_code(r.disk) == Some(DiskState::UpToDate)),
+        healthy: f.health == 100,
+    }
+}
+
+/// What this node sends of one resource.
+pub(super) fn resource_state(s: &Summary) -> ResourceState {
+    ResourceState {
+        role: s.role.code(),
+        disk: s.disk.code(),
+        conn: s.connection.code(),
+        generation: s.generation,
+    }
+}

@@ -1,0 +1,32 @@
+//! This node's VIPs from the configuration (the group itself is the `vip` crate's).
+
+use super::*;
+
+pub use vip::group::Vips;
+
+/// The VIP group of `node`, reporting to `events`.
+pub(super) fn vips(cfg: &Config, node: &str, events: &Arc<EventLog>) -> anyhow::Result<Vips> {
+    let mut specs = Vec::new();
+    for v in &cfg.vip {
+        let mut addrs = Vec::new();
+        for a in std::iter::once(&v.address).chain(&v.aliases) {
+            addrs.push(config::parse_prefix(a).context("validated by Config::validate")?);
+        }
+        specs.push(vip::agent::VipSpec {
+            interface: v.interface.clone(),
+            addrs,
+            mac: if v.mac.is_empty() { None } else { vip::packets::parse_mac(&v.mac) },
+            plan: vip::schedule::Plan {
+                count: v.announce_count,
+                interval: Duration::from_millis(v.announce_interval_ms),
+                repeat_after: Duration::from_millis(v.announce_repeat_after_ms),
+                refresh: Duration::from_millis(v.announce_refresh_ms),
+            },
+        });
+    }
+    let dir =
+        cfg.control_socket(node).parent().map(PathBuf::from).unwrap_or_else(|| "/run/duet".into());
+    let events = Arc::clone(events);
+    let report: vip::group::Report = Arc::new(move |what| events.push(what));
+    Vips::new(specs, dir, node, report).map_err(|e| anyhow::anyhow!("VIP agent: {e}"))
+}
