@@ -26,6 +26,10 @@ struct Args {
     /// The duet binary (release build).
     #[arg(long, default_value = "target/release/duet")]
     duet: PathBuf,
+    /// A second duet binary (an earlier build) to measure against in the same run: servers
+    /// `base-A`, `base-B`, `base-C` are its pairs, and the summary adds duet-X / base-X.
+    #[arg(long)]
+    base: Option<PathBuf>,
     /// Repetitions of every (workload, server) pair.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -125,8 +129,18 @@ const WORKLOADS: [Workload; 4] = [
     Workload { name: "write-4k-qd1", rw: "randwrite", bs: "4k", qd: 1, latency: true },
 ];
 
-const SERVERS: [&str; 7] =
-    ["duet", "duet-A", "duet-B", "duet-C", "nbdkit", "qemu-nbd", "qsd-mirror"];
+const SERVERS: [&str; 10] = [
+    "duet",
+    "duet-A",
+    "duet-B",
+    "duet-C",
+    "base-A",
+    "base-B",
+    "base-C",
+    "nbdkit",
+    "qemu-nbd",
+    "qsd-mirror",
+];
 
 #[derive(Debug, Clone, Serialize)]
 struct Sample {
@@ -179,9 +193,15 @@ impl Drop for Running {
 
 /// A duet pair on loopback: `file` is alpha's disk, a copy of it beta's. Returns when the
 /// initial full sync is done (timed).
-fn start_pair(protocol: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
+fn start_pair(
+    protocol: &str,
+    bin: &Path,
+    args: &Args,
+    file: &Path,
+    port: u16,
+) -> anyhow::Result<Running> {
     std::fs::copy(file, args.dir.join("beta.img")).context("copying the image for beta")?;
-    start_pair_inner(protocol, args, file, port, true)
+    start_pair_inner(protocol, bin, args, file, port, true)
 }
 
 /// A pair whose beta disk already exists, promoted but not waited for.
@@ -191,11 +211,12 @@ fn start_pair_nowait(
     file: &Path,
     port: u16,
 ) -> anyhow::Result<Running> {
-    start_pair_inner(protocol, args, file, port, false)
+    start_pair_inner(protocol, &args.duet, args, file, port, false)
 }
 
 fn start_pair_inner(
     protocol: &str,
+    bin: &Path,
     args: &Args,
     file: &Path,
     port: u16,
@@ -229,7 +250,7 @@ fn start_pair_inner(
         ),
     )?;
     let duet = |node: &str| {
-        let mut c = Command::new(&args.duet);
+        let mut c = Command::new(bin);
         c.arg("--config").arg(&cfg).args(["--node", node]);
         c
     };
@@ -395,7 +416,13 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
 fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
     let null = || Stdio::null();
     let (child, uri) = match server {
-        "duet-A" | "duet-B" | "duet-C" => return start_pair(&server[5..], args, file, port),
+        "duet-A" | "duet-B" | "duet-C" => {
+            return start_pair(&server[5..], &args.duet, args, file, port);
+        }
+        "base-A" | "base-B" | "base-C" => {
+            let Some(bin) = &args.base else { bail!("{server} needs --base BINARY") };
+            return start_pair(&server[5..], bin, args, file, port);
+        }
         "qsd-mirror" => return start_qsd_mirror(file, args, port),
         "duet" => {
             let cfg = args.dir.join("duet.toml");
@@ -569,7 +596,13 @@ fn main() -> anyhow::Result<()> {
     let servers: Vec<&str> = SERVERS
         .iter()
         .copied()
-        .filter(|s| args.servers.is_empty() || args.servers.iter().any(|x| x == s))
+        .filter(|s| {
+            if args.servers.is_empty() {
+                !s.starts_with("base") || args.base.is_some()
+            } else {
+                args.servers.iter().any(|x| x == s)
+            }
+        })
         .collect();
     let workloads: Vec<Workload> = WORKLOADS
         .iter()
@@ -702,8 +735,14 @@ fn main() -> anyhow::Result<()> {
     println!("\nreplication, per-repetition medians (issue 3's targets in brackets)");
     let mut repl = Vec::new();
     for w in &workloads {
-        for p in ["duet-A", "duet-B", "duet-C"] {
-            for peer in ["nbdkit", "qsd-mirror"] {
+        for p in ["duet-A", "duet-B", "duet-C", "base-A", "base-B", "base-C"] {
+            let base = format!("base-{}", &p[5..]);
+            let peers: &[&str] = if p.starts_with("duet") {
+                &["nbdkit", "qsd-mirror", &base]
+            } else {
+                &["nbdkit", "qsd-mirror"]
+            };
+            for &peer in peers {
                 let Some(r) = per_rep(&samples, w.name, p, peer, &|a, b| a.iops / b.iops) else {
                     continue;
                 };

@@ -124,24 +124,36 @@ impl Response {
     }
 }
 
-/// Decodes a request line; errors are the message to send back.
-pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+/// Why a request line was refused (the message sent back).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("request longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("request is not JSON: {0}")]
+    NotJson(String),
+    #[error(
+        "control protocol version {0} is not supported (this daemon speaks {VERSION}); use the duet CLI of the same release"
+    )]
+    Version(u64),
+    #[error("request has no protocol version \"v\"")]
+    NoVersion,
+    #[error("bad request: {0}")]
+    Bad(String),
+}
+
+/// Decodes a request line.
+pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
     if line.len() > MAX_LINE {
-        return Err(format!("request longer than {MAX_LINE} bytes"));
+        return Err(DecodeError::TooLong);
     }
     let value: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
-    let v = value.get("v").and_then(serde_json::Value::as_u64);
-    match v {
+        serde_json::from_slice(line).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
-        Some(v) => {
-            return Err(format!(
-                "control protocol version {v} is not supported (this daemon speaks {VERSION}); use the duet CLI of the same release"
-            ));
-        }
-        None => return Err("request has no protocol version \"v\"".into()),
+        Some(v) => return Err(DecodeError::Version(v)),
+        None => return Err(DecodeError::NoVersion),
     }
-    serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))
+    serde_json::from_value(value).map_err(|e| DecodeError::Bad(e.to_string()))
 }
 
 #[cfg(test)]
@@ -179,9 +191,9 @@ mod tests {
             (br#"{"v":1,"cmd":"make_slave"}"#, "bad request"),
         ];
         for (line, want) in cases {
-            let e = decode_request(line).unwrap_err();
+            let e = decode_request(line).unwrap_err().to_string();
             assert!(e.contains(want), "{line:?}: {e}");
         }
-        assert!(decode_request(&vec![b' '; MAX_LINE + 1]).unwrap_err().contains("longer"));
+        assert_eq!(decode_request(&vec![b' '; MAX_LINE + 1]), Err(DecodeError::TooLong));
     }
 }

@@ -21,3 +21,16 @@ pub mod ha;
 pub mod md;
 pub mod plan;
 pub mod status;
+
+/// An error with its sources, `outer: inner: …` (for messages that leave as one string: a
+/// control reply, an event line).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

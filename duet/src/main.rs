@@ -203,10 +203,19 @@ fn run_daemon(rt: &tokio::runtime::Runtime, cfg: config::Config, node: String) -
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // A panic is a broken invariant: the node stops at once, and the peer takes over, instead
+    // of running on without the task that panicked (tokio would catch it and carry on). The
+    // release profile aborts on panic anyway; this makes every build do so.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("duet: a panic is a broken invariant: stopping this node (abort)");
+        std::process::abort();
+    }));
     match rt.block_on(daemon::run(cfg, node)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("duet: {e:#}");
+            eprintln!("duet: {}", duet::error_chain(&e));
             ExitCode::from(EXIT_RUNTIME)
         }
     }
@@ -259,7 +268,9 @@ fn show_events(
                     println!("{}  {}", status::timestamp(e.at), e.what);
                     // Millisecond cursor: events in the same millisecond as the last printed
                     // one are not printed twice.
-                    since_ms = since_ms.max((e.at * 1000.0) as u64);
+                    let ms = std::time::Duration::try_from_secs_f64(e.at)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    since_ms = since_ms.max(ms);
                 }
             }
             Err(e) => return call_failed(&e),

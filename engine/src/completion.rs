@@ -10,6 +10,8 @@
 //! the range is marked out of sync (the driver must also have a new current generation persisted
 //! before the reply goes out).
 
+use nix::errno::Errno;
+
 /// Replication protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -22,7 +24,7 @@ pub enum Protocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
     /// The reply: the local result.
-    pub result: Result<(), i32>,
+    pub result: Result<(), Errno>,
     /// The range must be marked out of sync (peer absent, lost, or failed).
     pub out_of_sync: bool,
 }
@@ -31,10 +33,10 @@ pub struct Outcome {
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {
     need: Need,
-    local: Option<Result<(), i32>>,
+    local: Option<Result<(), Errno>>,
     queued: bool,
     received: bool,
-    written: Option<Result<(), i32>>,
+    written: Option<Result<(), Errno>>,
     lost: bool,
 }
 
@@ -65,7 +67,7 @@ impl Completion {
             lost: !replicating,
         }
     }
-    pub fn local_done(&mut self, r: Result<(), i32>) {
+    pub fn local_done(&mut self, r: Result<(), Errno>) {
         self.local = Some(r);
     }
     pub fn queued(&mut self) {
@@ -74,7 +76,7 @@ impl Completion {
     pub fn received(&mut self) {
         self.received = true;
     }
-    pub fn written(&mut self, r: Result<(), i32>) {
+    pub fn written(&mut self, r: Result<(), Errno>) {
         self.received = true;
         self.written = Some(r);
     }
@@ -179,12 +181,12 @@ mod tests {
     #[test]
     fn failures() {
         let mut c = Completion::new(C, false, true);
-        c.written(Err(5));
+        c.written(Err(Errno::EIO));
         c.local_done(Ok(()));
         assert_eq!(c.ready(), Some(Outcome { result: Ok(()), out_of_sync: true }));
         let mut c = Completion::new(C, false, true);
         c.written(Ok(()));
-        c.local_done(Err(5));
-        assert_eq!(c.ready(), Some(Outcome { result: Err(5), out_of_sync: true }));
+        c.local_done(Err(Errno::EIO));
+        assert_eq!(c.ready(), Some(Outcome { result: Err(Errno::EIO), out_of_sync: true }));
     }
 }

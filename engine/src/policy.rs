@@ -63,9 +63,37 @@ impl Default for Policies {
     }
 }
 
+/// A split-brain policy value that is not one; the message names the key and the accepted values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error(
+        "after_sb_0pri = {0:?}: not a policy; use disconnect, discard-younger-primary, discard-older-primary, discard-zero-changes, discard-least-changes or discard-node-NAME"
+    )]
+    Sb0(String),
+    #[error(
+        "after_sb_1pri = {0:?}: not a policy; use disconnect, consensus, violently-as0p, discard-secondary or call-pri-lost-after-sb"
+    )]
+    Sb1(String),
+    #[error(
+        "after_sb_2pri = {0:?}: not a policy; use disconnect, violently-as0p or call-pri-lost-after-sb"
+    )]
+    Sb2(String),
+}
+
+/// Why the split-brain policies do not resolve a split brain by themselves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Unresolved {
+    #[error("the split-brain policy does not resolve it")]
+    NoVerdict,
+    #[error(
+        "the policy discards the data of {0}, which is Primary; demote it (`duet secondary`) and run `duet connect --discard-my-data` there"
+    )]
+    PrimaryLoses(String),
+}
+
 impl Policies {
-    /// Parses the three config values; the error names the key and the accepted values.
-    pub fn parse(p0: &str, p1: &str, p2: &str) -> Result<Self, String> {
+    /// Parses the three config values.
+    pub fn parse(p0: &str, p1: &str, p2: &str) -> Result<Self, PolicyError> {
         let p0 = match p0 {
             "disconnect" => Sb0::Disconnect,
             "discard-younger-primary" => Sb0::DiscardYoungerPrimary,
@@ -73,11 +101,7 @@ impl Policies {
             "discard-zero-changes" => Sb0::DiscardZeroChanges,
             "discard-least-changes" => Sb0::DiscardLeastChanges,
             s if s.starts_with("discard-node-") && s.len() > 13 => Sb0::DiscardNode(s[13..].into()),
-            s => {
-                return Err(format!(
-                    "after_sb_0pri = {s:?}: not a policy; use disconnect, discard-younger-primary, discard-older-primary, discard-zero-changes, discard-least-changes or discard-node-NAME"
-                ));
-            }
+            s => return Err(PolicyError::Sb0(s.into())),
         };
         let p1 = match p1 {
             "disconnect" => Sb1::Disconnect,
@@ -85,21 +109,13 @@ impl Policies {
             "violently-as0p" => Sb1::ViolentlyAs0p,
             "discard-secondary" => Sb1::DiscardSecondary,
             "call-pri-lost-after-sb" => Sb1::CallPriLostAfterSb,
-            s => {
-                return Err(format!(
-                    "after_sb_1pri = {s:?}: not a policy; use disconnect, consensus, violently-as0p, discard-secondary or call-pri-lost-after-sb"
-                ));
-            }
+            s => return Err(PolicyError::Sb1(s.into())),
         };
         let p2 = match p2 {
             "disconnect" => Sb2::Disconnect,
             "violently-as0p" => Sb2::ViolentlyAs0p,
             "call-pri-lost-after-sb" => Sb2::CallPriLostAfterSb,
-            s => {
-                return Err(format!(
-                    "after_sb_2pri = {s:?}: not a policy; use disconnect, violently-as0p or call-pri-lost-after-sb"
-                ));
-            }
+            s => return Err(PolicyError::Sb2(s.into())),
         };
         Ok(Self { p0, p1, p2 })
     }
@@ -176,7 +192,7 @@ fn recover_0p(p: &Sb0, me: &Facts, peer: &Facts, resolve: bool) -> Loser {
 }
 
 /// Applies the policy for the number of Primaries; `Err` explains a refusal to resolve.
-fn recover(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> Result<bool, String> {
+fn recover(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> Result<bool, Unresolved> {
     let (mp, pp) = (me.side.primary, peer.side.primary);
     let r0 = || recover_0p(&pol.p0, me, peer, resolve);
     let primary_loses = |me_loses: bool| (me_loses && mp) || (!me_loses && pp);
@@ -195,16 +211,14 @@ fn recover(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> Result<bo
         },
     };
     let Some(me_loses) = r else {
-        return Err("the split-brain policy does not resolve it".into());
+        return Err(Unresolved::NoVerdict);
     };
     if primary_loses(me_loses) {
         // A Primary cannot become a sync target under a mounted filesystem here: DRBD's
         // violently-as0p would overwrite it, call-pri-lost-after-sb would reboot it. duet
         // refuses and says which node must be demoted and discarded.
         let loser = if me_loses { &me.name } else { &peer.name };
-        return Err(format!(
-            "the policy discards the data of {loser}, which is Primary; demote it (`duet secondary`) and run `duet connect --discard-my-data` there"
-        ));
+        return Err(Unresolved::PrimaryLoses(loser.clone()));
     }
     Ok(me_loses)
 }
@@ -246,7 +260,7 @@ pub fn plan(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> (Plan, V
             Err(why) => match discard {
                 (true, false) => Plan::Target { full: false },
                 (false, true) => Plan::Source { full: false },
-                _ => sb(&why),
+                _ => sb(&why.to_string()),
             },
         },
         SplitBrainDisconnect => match discard {
@@ -497,6 +511,7 @@ mod tests {
         assert!(
             Policies::parse("disconnect", "bogus", "disconnect")
                 .unwrap_err()
+                .to_string()
                 .contains("after_sb_1pri")
         );
         assert!(Policies::parse("disconnect", "disconnect", "discard-secondary").is_err());

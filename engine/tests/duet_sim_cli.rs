@@ -1,6 +1,9 @@
 //! `duet-sim` as a user runs it: a few seeds end with the summary line; bad arguments get a
 //! usage message and exit status 2.
 
+// A crate of tests (`tests_outside_test_module` is for tests among library code).
+#![allow(clippy::tests_outside_test_module)]
+
 use std::process::Command;
 
 fn sim(args: &[&str]) -> (Option<i32>, String, String) {

@@ -1,8 +1,6 @@
 //! What happens to received bytes before anyone believes them: decode, pick the key by id,
 //! authenticate, check the cluster and the sender, then the replay window. Every drop is counted
-//! by reason; [`LogLimiter`] keeps a flood of bad frames from flooding the log.
-
-use std::time::{Duration, Instant};
+//! by reason (the runtime logs drops through a rate limiter).
 
 use crate::frame::{Frame, FrameError};
 use crate::replay::{Replay, Window};
@@ -107,34 +105,6 @@ impl Receiver {
     }
 }
 
-/// Lets one log line through per `every`; counts the ones held back.
-#[derive(Debug, Clone)]
-pub struct LogLimiter {
-    every: Duration,
-    last: Option<Instant>,
-    held: u64,
-}
-
-impl LogLimiter {
-    pub fn new(every: Duration) -> Self {
-        Self { every, last: None, held: 0 }
-    }
-
-    /// `Some(n)`: log now, mentioning `n` lines suppressed since the last one; `None`: stay quiet.
-    pub fn allow(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if now.saturating_duration_since(t) < self.every => {
-                self.held += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.held))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,16 +158,5 @@ mod tests {
         // window, or the real peer's next frames would look like replays.
         assert_eq!(r.receive(&frame(1, "c", 1, 1 << 40).encode(b"forged")), Err(Dropped::Auth));
         assert!(r.receive(&frame(1, "c", 1, 11).encode(KEY)).is_ok());
-    }
-
-    #[test]
-    fn the_log_limiter_holds_back_and_counts() {
-        let t = Instant::now();
-        let mut l = LogLimiter::new(Duration::from_secs(1));
-        assert_eq!(l.allow(t), Some(0));
-        assert_eq!(l.allow(t + Duration::from_millis(10)), None);
-        assert_eq!(l.allow(t + Duration::from_millis(900)), None);
-        assert_eq!(l.allow(t + Duration::from_millis(1000)), Some(2));
-        assert_eq!(l.allow(t + Duration::from_millis(1001)), None);
     }
 }

@@ -85,6 +85,8 @@ pub struct PairNode {
     pub nbd_port: u16,
     pub repl_port: u16,
     pub log: PathBuf,
+    /// Extra environment for the daemon (set before `start`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -127,6 +129,7 @@ impl Pair {
                 nbd_port: if o.netns.is_some() { 10809 } else { free_port() },
                 repl_port: if o.netns.is_some() { 7789 } else { free_port() },
                 log: dir.path().join(format!("{name}.log")),
+                env: Vec::new(),
                 child: None,
             }
         };
@@ -293,6 +296,7 @@ replication_address = "{h1}:{r1}"
             .arg(&self.config)
             .args(["--node", self.n[i].name, "daemon"])
             .env("DUET_LOG", std::env::var("DUET_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.n[i].env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0)
@@ -304,6 +308,13 @@ replication_address = "{h1}:{r1}"
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
         assert!(up, "{} did not come up:\n{}", self.n[i].name, self.log_text(i));
+    }
+
+    /// How node `i`'s daemon ended, once it has (`None` while it runs, or if never started).
+    pub fn exit_status(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let st = self.n[i].child.as_mut()?.try_wait().ok().flatten()?;
+        self.n[i].child = None;
+        Some(st)
     }
 
     /// SIGKILL node `i` (a crash).

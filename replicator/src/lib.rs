@@ -15,6 +15,7 @@
 //!   (the metadata superblock codec).
 
 pub use engine::{generation, ratectl, superblock};
+pub mod fault;
 pub mod nbd;
 pub mod ratelimit;
 pub mod repl;

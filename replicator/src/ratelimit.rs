@@ -1,7 +1,37 @@
-//! A log-line rate limiter for lines a client or peer can trigger at will. Pure: the caller passes
-//! `now`.
+//! A log-line rate limiter for lines a client or peer can trigger at will: [`RateLimit`] (pure:
+//! the caller passes `now`), [`Limited`] (shared between tasks, reads the clock), and
+//! [`warn_limited!`](crate::warn_limited), the one way such a line is logged.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Logs a warning that a client or a peer can trigger, through a [`Limited`]: at most its burst
+/// per period, each line with the number suppressed before it (`suppressed`). Fields and the
+/// message follow as in `tracing::warn!`.
+#[macro_export]
+macro_rules! warn_limited {
+    ($limit:expr, $($arg:tt)+) => {
+        if let Some(suppressed) = $limit.allow() {
+            ::tracing::warn!(suppressed, $($arg)+)
+        }
+    };
+}
+
+/// A [`RateLimit`] shared between tasks, on the wall clock.
+#[derive(Debug)]
+pub struct Limited(Mutex<RateLimit>);
+
+impl Limited {
+    /// `burst` lines per `period`.
+    pub fn new(burst: u32, period: Duration) -> Self {
+        Self(Mutex::new(RateLimit::new(burst, period)))
+    }
+
+    /// `Some(n)` if a line may be logged now (`n` suppressed before it); `None` if not.
+    pub fn allow(&self) -> Option<u64> {
+        self.0.lock().ok()?.allow(Instant::now())
+    }
+}
 
 /// Allows `burst` lines per `period`; counts what it suppressed.
 #[derive(Debug)]

@@ -50,7 +50,7 @@ struct Node {
     fence_exit: Option<i32>,
     running: Option<(Step, Instant)>,
     feed: VecDeque<Input>,
-    replies: Vec<(Token, Result<String, String>)>,
+    replies: Vec<(Token, Answer)>,
     promotions: u32,
 }
 
@@ -301,7 +301,7 @@ impl World {
                 me.frozen = false;
                 Outcome::Ok
             }
-            Step::Fence { .. } => Outcome::Fence(me.fence_exit),
+            Step::Fence { .. } => Outcome::Fence(FenceVerdict::from_exit(me.fence_exit)),
             // Only a session with a peer that is really gone ends; the model's replication link
             // already follows the nodes' liveness.
             Step::DropPeer => Outcome::Ok,
@@ -504,7 +504,7 @@ impl World {
         f(self)
     }
 
-    fn command(&mut self, i: usize, make_master: bool, force: bool) -> Result<String, String> {
+    fn command(&mut self, i: usize, make_master: bool, force: bool) -> Answer {
         let token = self.next_token;
         self.next_token += 1;
         let input = if make_master {
@@ -736,10 +736,10 @@ fn make_master_is_refused_during_resync_and_works_in_sync() {
         w.log
     );
     let r = w.command(1, true, false);
-    assert!(r.as_ref().is_err_and(|e| e.contains("resync")), "{r:?}");
+    assert!(matches!(r, Err(Refusal::Stale { why: Stale::Resyncing, .. })), "{r:?}");
     let r = w.command(1, true, true);
     assert!(
-        r.as_ref().is_err_and(|e| e.contains("master")),
+        matches!(r, Err(Refusal::Stale { peer_master: true, .. })),
         "force cannot override a live master: {r:?}"
     );
     assert_eq!(w.master(), Some(0));
@@ -778,7 +778,7 @@ fn make_master_with_an_unreachable_peer_needs_force() {
     w.n[1].disk = Disk::Outdated;
     w.run(ms(3000));
     let r = w.command(1, true, false);
-    assert!(r.as_ref().is_err_and(|e| e.contains("unreachable")), "{r:?}");
+    assert!(r == Err(Refusal::PeerUnreachable), "{r:?}");
     let r = w.command(1, true, true);
     assert!(r.is_ok(), "{r:?}");
     assert!(w.n[1].primary);

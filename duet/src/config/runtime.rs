@@ -35,7 +35,7 @@ pub enum RuntimeError {
     )]
     ShortSecret { path: PathBuf, len: usize },
     #[error("resource {resource}: {why}")]
-    Policies { resource: String, why: String },
+    Policies { resource: String, why: replicator::repl::policy::PolicyError },
     #[error("resource[{resource}].on.{node}.replication_address = {value:?}")]
     Address {
         resource: String,

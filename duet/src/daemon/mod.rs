@@ -13,11 +13,14 @@
 //! [`socket`] (the control socket's server, and the CLI's client), [`metrics`] (the
 //! Prometheus endpoint).
 
+mod error;
 mod metrics;
 mod node;
 mod socket;
 
 use crate::config::runtime::{meta_of, node_id, read_secret, volume_config};
+pub use crate::ha::ExportError;
+pub use error::{CommandError, DaemonError};
 use metrics::serve_metrics;
 use node::{Group, State};
 pub use socket::{CallError, call};
@@ -30,7 +33,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
 use replicator::nbd::negotiate::ExportInfo;
 use replicator::nbd::server::{Export, MAX_PAYLOAD, Server, stopped};
 use replicator::repl::link;
@@ -47,7 +49,8 @@ use crate::status::{NodeStatus, ResourceStatus};
 
 /// Runs the daemon for `node` until SIGTERM/SIGINT. Errors before serving are configuration or
 /// environment problems and carry their reason.
-pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
+    replicator::fault::announce();
     let peer = cfg.peer_of(&node).map(str::to_string);
     let secret = match &peer {
         Some(_) => read_secret(&cfg)?,
@@ -57,10 +60,7 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
         let mut seen = std::collections::HashSet::new();
         for r in &cfg.resource {
             if !seen.insert(&r.nbd_listen) {
-                bail!(
-                    "in a pair every resource needs its own nbd_listen ({} is used twice): an export opens and closes with its resource's role",
-                    r.nbd_listen
-                );
+                return Err(DaemonError::SharedListen(r.nbd_listen.clone()));
             }
         }
     }
@@ -75,8 +75,11 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
             config::IoEngine::Threads => EngineKind::Threads,
         };
         let opts = StoreOptions { engine, direct: r.direct_io, read_only: false };
-        let store = Arc::new(Store::open(&on.disk, opts).with_context(|| {
-            format!("resource[{i}] ({}): resource[{i}].on.{node}.disk", r.name)
+        let store = Arc::new(Store::open(&on.disk, opts).map_err(|source| DaemonError::Store {
+            index: i,
+            name: r.name.clone(),
+            node: node.clone(),
+            source,
         })?);
         tracing::info!(resource = %r.name, disk = %on.disk.display(), size = store.size(), engine = store.engine_name(), "store opened");
         let vol = match &peer {
@@ -84,18 +87,30 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
             Some(p) => {
                 let (placement, g) = meta_of(r, &node);
                 let (meta, loaded) = Meta::open(&on.disk, &placement, g, node_id(&cfg, &node))
-                    .with_context(|| format!("resource {} on {node}: cannot attach the metadata (a new disk needs `duet create-md`)", r.name))?;
+                    .map_err(|source| DaemonError::Meta {
+                        name: r.name.clone(),
+                        node: node.clone(),
+                        source,
+                    })?;
                 let vc = volume_config(&cfg, r, &node, p, &secret)?;
                 let listener = if node > *p {
-                    Some(TcpListener::bind(vc.listen).await.with_context(|| {
-                        format!("cannot listen for the peer on {} (resource[{i}].on.{node}.replication_address)", vc.listen)
+                    Some(TcpListener::bind(vc.listen).await.map_err(|source| {
+                        DaemonError::PeerListen {
+                            addr: vc.listen,
+                            index: i,
+                            node: node.clone(),
+                            source,
+                        }
                     })?)
                 } else {
                     None
                 };
                 let vol = Volume::replicated(vc, store, meta, loaded)
-                    .with_context(|| format!("resource {}", r.name))?;
-                links.push(tokio::spawn(link::run(Arc::clone(&vol), listener, sd_rx.clone())));
+                    .map_err(|source| DaemonError::Volume { name: r.name.clone(), source })?;
+                // Every line the link logs says which resource and which peer.
+                let span = tracing::info_span!("link", resource = %r.name, peer = %p);
+                let run = link::run(Arc::clone(&vol), listener, sd_rx.clone());
+                links.push(tokio::spawn(tracing::Instrument::instrument(run, span)));
                 vol
             }
         };
@@ -149,11 +164,9 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
     let metrics_addr = cfg.metrics_listen(&node);
     if !metrics_addr.is_empty() {
         let addr: SocketAddr = metrics_addr.parse().expect("validated by Config::validate");
-        let l = TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "cannot listen for metrics on {addr} (metrics_listen); set it to \"\" to disable"
-            )
-        })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
         tokio::spawn(serve_metrics(l, Arc::clone(&state), sd_rx.clone()));
     }
     tracing::info!(node = %node, "duet daemon running");
@@ -178,7 +191,7 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
         for e in g.server.exports() {
             e.vol.close().await;
             if let Err(errno) = e.vol.store().sync_now() {
-                tracing::error!(resource = %e.info.name, errno, "final fdatasync failed");
+                tracing::error!(resource = %e.info.name, error = %errno, "final fdatasync failed");
                 failed = true;
             }
         }
@@ -186,7 +199,7 @@ pub async fn run(cfg: Config, node: String) -> anyhow::Result<()> {
     let _ = ctl_task.await;
     let _ = std::fs::remove_file(&sock_path);
     if failed {
-        bail!("the final flush of a backing store failed; see the log above");
+        return Err(DaemonError::FinalFlush);
     }
     tracing::info!("stopped cleanly");
     Ok(())
@@ -215,10 +228,11 @@ async fn handover_before_stop(state: &State) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+async fn wait_for_signal() -> Result<(), DaemonError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -24,7 +24,7 @@ impl Group {
 
     /// Opens the export (binds and serves) if it is not open. The listener and its connections
     /// live on the data path's runtime, whichever thread asks (the cluster manager has its own).
-    pub(super) async fn open(&self) -> anyhow::Result<()> {
+    pub(super) async fn open(&self) -> Result<(), ExportError> {
         let mut s = self.serving.lock().await;
         if s.is_some() {
             return Ok(());
@@ -35,23 +35,25 @@ impl Group {
         let (tx, rx) = watch::channel(false);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let server = Arc::clone(&self.server);
-        let task = self.data.spawn(async move {
-            let listener = match TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = bound_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = bound_tx.send(listener.local_addr());
-            server.serve(listener, rx).await;
-        });
-        let bound = bound_rx.await.context("the NBD listener's task ended")?.with_context(|| {
-            format!(
-                "cannot listen for NBD on {addr} (nbd_listen of {}): is another server using it?",
-                names.join(", ")
-            )
-        })?;
+        let span = tracing::info_span!("nbd", exports = %names.join(","));
+        let task = self.data.spawn(tracing::Instrument::instrument(
+            async move {
+                let listener = match TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = bound_tx.send(listener.local_addr());
+                server.serve(listener, rx).await;
+            },
+            span,
+        ));
+        let bound = bound_rx
+            .await
+            .map_err(|_| ExportError::TaskEnded)?
+            .map_err(|source| ExportError::Listen { addr, names: names.join(", "), source })?;
         tracing::info!(%bound, exports = ?names, "serving NBD");
         *s = Some((tx, task, bound));
         Ok(())
@@ -94,11 +96,11 @@ impl crate::ha::Host for State {
             .collect()
     }
 
-    fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+    fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(async move {
             for g in &self.groups {
                 if g.all_primary() && !self.shutting_down.load(Ordering::Relaxed) {
-                    g.open().await.map_err(|e| format!("{e:#}"))?;
+                    g.open().await?;
                 }
             }
             Ok(())
@@ -191,17 +193,15 @@ impl State {
         &self,
         master: bool,
         force: bool,
-    ) -> Result<serde_json::Value, String> {
-        let ha = self.ha.get().ok_or(
-            "the cluster manager is not running (no [[heartbeat.link]] configured): use `duet primary` / `duet secondary`",
-        )?;
+    ) -> Result<serde_json::Value, CommandError> {
+        let ha = self.ha.get().ok_or(CommandError::NoClusterManager)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let req = if master {
             crate::ha::Request::MakeMaster { force, reply: tx }
         } else {
             crate::ha::Request::MakeSlave { reply: tx }
         };
-        ha.requests.send(req).await.map_err(|_| "the cluster manager stopped".to_string())?;
+        ha.requests.send(req).await.map_err(|_| CommandError::ManagerStopped)?;
         match tokio::time::timeout(
             crate::ha::SWITCHOVER_TIMEOUT + std::time::Duration::from_secs(15),
             rx,
@@ -209,9 +209,9 @@ impl State {
         .await
         {
             Ok(Ok(Ok(m))) => Ok(serde_json::json!({ "cluster": m })),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err("the cluster manager dropped the request".into()),
-            Err(_) => Err("the switchover did not finish in time; see `duet events`".into()),
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(_)) => Err(CommandError::Dropped),
+            Err(_) => Err(CommandError::SwitchoverTimeout),
         }
     }
 
@@ -236,12 +236,11 @@ impl State {
         &self,
         resource: Option<&str>,
         cmd: &Command,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, CommandError> {
         let targets: Vec<(&Group, &Export)> = match resource {
-            Some(n) => vec![
-                self.find(n)
-                    .ok_or_else(|| format!("no resource named {n:?} in the configuration"))?,
-            ],
+            Some(n) => {
+                vec![self.find(n).ok_or_else(|| CommandError::NoSuchResource(n.to_string()))?]
+            }
             None => self
                 .groups
                 .iter()
@@ -252,9 +251,7 @@ impl State {
         for (group, e) in targets {
             let name = e.info.name.clone();
             if e.vol.config().is_none() {
-                return Err(format!(
-                    "resource {name} has no peer: it is always Primary and replicates nowhere"
-                ));
+                return Err(CommandError::NoPeer(name));
             }
             let r = match cmd {
                 Command::Status
@@ -266,7 +263,10 @@ impl State {
                         if group.all_primary() {
                             if let Err(err) = group.open().await {
                                 let _ = e.vol.demote().await;
-                                Err(format!("{err:#}; demoted again"))
+                                return Err(CommandError::ExportAfterPromote {
+                                    resource: name,
+                                    err,
+                                });
                             } else {
                                 Ok(msg)
                             }
@@ -291,7 +291,7 @@ impl State {
                 Ok(msg) => {
                     out.insert(name, serde_json::Value::String(msg));
                 }
-                Err(why) => return Err(format!("{name}: {why}")),
+                Err(why) => return Err(CommandError::Resource { resource: name, why }),
             }
         }
         Ok(serde_json::Value::Object(out))

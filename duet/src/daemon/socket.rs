@@ -2,25 +2,22 @@
 
 use super::*;
 
-pub(super) async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
+pub(super) async fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    let failed =
+        |what| move |source| DaemonError::ControlSocket { what, path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {} for the control socket", dir.display()))?;
+            .map_err(|source| DaemonError::ControlDir { dir: dir.to_path_buf(), source })?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "another duet daemon is running on control socket {}; stop it first, or give this node its own control_socket",
-                path.display()
-            );
+            return Err(DaemonError::ControlInUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale control socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(failed("removing stale"))?;
     }
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    let l = UnixListener::bind(path).map_err(failed("cannot bind"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot set mode 0600 on {}", path.display()))?;
+        .map_err(failed("cannot set mode 0600 on"))?;
     Ok(l)
 }
 
@@ -56,7 +53,7 @@ pub(super) async fn handle_control(s: UnixStream, state: &State) -> std::io::Res
         Err(_) => Response::err("timed out waiting for a request"),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(_)) => match control::decode_request(line.trim_ascii()) {
-            Err(e) => Response::err(e),
+            Err(e) => Response::err(e.to_string()),
             Ok(req) => match &req.cmd {
                 Command::Status => {
                     Response::ok(serde_json::to_value(state.status().await).unwrap_or_default())
@@ -70,15 +67,15 @@ pub(super) async fn handle_control(s: UnixStream, state: &State) -> std::io::Res
                 }
                 Command::MakeMaster { force } => match state.switchover(true, *force).await {
                     Ok(v) => Response::ok(v),
-                    Err(e) => Response::err(e),
+                    Err(e) => Response::err(e.to_string()),
                 },
                 Command::MakeSlave => match state.switchover(false, false).await {
                     Ok(v) => Response::ok(v),
-                    Err(e) => Response::err(e),
+                    Err(e) => Response::err(e.to_string()),
                 },
                 cmd => match state.act(cmd.resource(), cmd).await {
                     Ok(v) => Response::ok(v),
-                    Err(e) => Response::err(e),
+                    Err(e) => Response::err(e.to_string()),
                 },
             },
         },

@@ -16,7 +16,7 @@ mod steps;
 mod view;
 mod vips;
 
-pub use start::start;
+pub use start::{StartError, start};
 pub use steps::shell;
 pub use vips::Vips;
 use vips::vips;
@@ -27,18 +27,20 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use heartbeat::detector::{Detector, Event as DetEvent, LinkState, PeerState, Timing};
 use heartbeat::frame::{self, Control, Frame, ResourceState};
-use heartbeat::receiver::{LogLimiter, Receiver};
+use heartbeat::receiver::Receiver;
 use heartbeat::serial::{Deframer, SerialPort, wrap};
 use heartbeat::udp::UdpLink;
 use replicator::nbd::server::stopped;
+use replicator::ratelimit::Limited;
 use replicator::repl::volume::{ConnState, DiskState, Role, Volume};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cluster::health::Hysteresis;
-use crate::cluster::{self, Action, Fencing, Input, LocalView, Manager, Outcome, PeerView, Step};
+use crate::cluster::{
+    self, Action, FenceVerdict, Fencing, Input, LocalView, Manager, Outcome, PeerView, Step,
+};
 use crate::config::{self, Config};
 use crate::events::EventLog;
 use crate::status::{ClusterStatus, LinkStatus};
@@ -51,12 +53,26 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a switchover may take.
 pub const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why an NBD export could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the NBD listener's task ended")]
+    TaskEnded,
+    #[error("cannot listen for NBD on {addr} (nbd_listen of {names}): is another server using it?")]
+    Listen {
+        addr: std::net::SocketAddr,
+        names: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// What the HA runtime needs from the daemon.
 pub trait Host: Send + Sync + 'static {
     /// The replicated volumes, in resource order.
     fn volumes(&self) -> Vec<Arc<Volume>>;
     /// Opens every export whose resources are all Primary.
-    fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>>;
+    fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), ExportError>>;
     /// Closes every export, draining in-flight requests.
     fn close_exports(&self) -> futures_util::future::BoxFuture<'_, ()>;
 }
@@ -66,10 +82,10 @@ pub trait Host: Send + Sync + 'static {
 pub enum Request {
     MakeMaster {
         force: bool,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<cluster::Answer>,
     },
     MakeSlave {
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<cluster::Answer>,
     },
     /// The daemon is stopping: take nothing over from now on.
     Stopping,
@@ -113,14 +129,14 @@ struct Loop {
     host: Arc<dyn Host>,
     vips: Arc<Vips>,
     back: mpsc::Sender<Back>,
-    replies: HashMap<u64, oneshot::Sender<Result<String, String>>>,
+    replies: HashMap<u64, oneshot::Sender<cluster::Answer>>,
     next_token: u64,
     health: Vec<bool>,
     healthy: bool,
     peer_view: Option<(PeerView, Instant)>,
     /// The replicator's state as last read (each tick and after each step).
     local: LocalView,
-    limiter: LogLimiter,
+    limiter: Limited,
     status: Arc<Mutex<ClusterStatus>>,
     events: Arc<EventLog>,
     timing: Timing,
@@ -224,7 +240,7 @@ impl Loop {
                 if let Some(l) = self.links.get(link) {
                     l.counters.dropped.fetch_add(1, Relaxed);
                 }
-                if let Some(held) = self.limiter.allow(now) {
+                if let Some(held) = self.limiter.allow() {
                     let name = self.links.get(link).map_or("?", |l| l.name.as_str());
                     tracing::warn!(link = %name, suppressed = held, "heartbeat frame dropped: {why}");
                     self.events.push(format!(

@@ -5,11 +5,59 @@ use super::*;
 use links::{LinkCounters, Transport, spawn_link};
 use probes::health_check;
 
+/// Why the HA runtime could not start (each names the setting or the resource to look at).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the cluster manager's thread")]
+    Thread(#[source] std::io::Error),
+    #[error("the cluster manager's thread ended at start")]
+    ThreadEnded,
+    #[error("cannot start the cluster manager's runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("the cluster manager's start failed")]
+    Panicked(#[source] tokio::task::JoinError),
+    #[error("the cluster manager needs a peer")]
+    NoPeer,
+    #[error("heartbeat timing")]
+    Timing(#[source] heartbeat::detector::TimingError),
+    #[error("heartbeat.link[{link}].on.{node} is missing")]
+    NoLinkEnd { link: usize, node: String },
+    #[error("heartbeat.link[{link}].on.{node}.{key} = {value:?}")]
+    Address {
+        link: usize,
+        node: String,
+        key: &'static str,
+        value: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("heartbeat.link[{link}]")]
+    Udp {
+        link: usize,
+        #[source]
+        source: heartbeat::udp::UdpError,
+    },
+    #[error("heartbeat.link[{link}].on.{node}.device is missing")]
+    NoDevice { link: usize, node: String },
+    #[error("heartbeat.link[{link}]")]
+    Serial {
+        link: usize,
+        #[source]
+        source: heartbeat::serial::SerialError,
+    },
+    #[error("VIP agent")]
+    Vips(#[source] vip::agent::VipError),
+    #[error("cannot release the VIPs at start")]
+    VipsDown(#[source] vip::group::Failed),
+    #[error("vip address {0:?}")]
+    VipAddress(String),
+}
+
 /// Starts a runtime with one worker on a thread of its own, for the heartbeat and the cluster
 /// manager: the data path copies into the page cache on its own thread and may be held there
 /// (the kernel throttles writers when dirty pages pile up), and heartbeats must not wait for
 /// that. Returns its handle and the sender that stops it when dropped.
-pub(super) fn own_thread() -> anyhow::Result<(tokio::runtime::Handle, oneshot::Sender<()>)> {
+pub(super) fn own_thread() -> Result<(tokio::runtime::Handle, oneshot::Sender<()>), StartError> {
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     std::thread::Builder::new()
@@ -33,11 +81,9 @@ pub(super) fn own_thread() -> anyhow::Result<(tokio::runtime::Handle, oneshot::S
             });
             rt.shutdown_timeout(Duration::from_secs(1));
         })
-        .context("cannot start the cluster manager's thread")?;
-    let handle = handle_rx
-        .recv()
-        .context("the cluster manager's thread ended at start")?
-        .context("cannot start the cluster manager's runtime")?;
+        .map_err(StartError::Thread)?;
+    let handle =
+        handle_rx.recv().map_err(|_| StartError::ThreadEnded)?.map_err(StartError::Runtime)?;
     Ok((handle, stop_tx))
 }
 
@@ -48,26 +94,26 @@ pub async fn start(
     secret: &[u8],
     host: Arc<dyn Host>,
     sd: watch::Receiver<bool>,
-) -> anyhow::Result<Ha> {
+) -> Result<Ha, StartError> {
     let (rt, stop) = own_thread()?;
     let (cfg, node, secret) = (cfg.clone(), node.to_string(), secret.to_vec());
     let mut ha = rt
         .spawn(async move { start_here(&cfg, &node, &secret, host, sd).await })
         .await
-        .context("the cluster manager's start failed")??;
+        .map_err(StartError::Panicked)??;
     ha._thread = Some(Arc::new(stop));
     Ok(ha)
 }
 
 /// `start`, on the cluster manager's own runtime: its sockets and tasks live there.
-pub(super) async fn start_here(
+async fn start_here(
     cfg: &Config,
     node: &str,
     secret: &[u8],
     host: Arc<dyn Host>,
     sd: watch::Receiver<bool>,
-) -> anyhow::Result<Ha> {
-    let peer = cfg.peer_of(node).context("the cluster manager needs a peer")?.to_string();
+) -> Result<Ha, StartError> {
+    let peer = cfg.peer_of(node).ok_or(StartError::NoPeer)?.to_string();
     let h = &cfg.heartbeat;
     let ms = Duration::from_millis;
     let timing = Timing {
@@ -76,34 +122,41 @@ pub(super) async fn start_here(
         deadtime: ms(h.deadtime_ms),
         initdead: ms(h.initdead_ms),
     };
-    timing.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    timing.validate().map_err(StartError::Timing)?;
     let (in_tx, in_rx) = mpsc::channel::<(usize, Vec<u8>)>(256);
     let mut links = Vec::new();
     for (i, l) in h.link.iter().enumerate() {
         let on =
-            l.on.get(node).with_context(|| format!("heartbeat.link[{i}].on.{node} is missing"))?;
+            l.on.get(node)
+                .ok_or_else(|| StartError::NoLinkEnd { link: i, node: node.to_string() })?;
         let (name, t) = match l.kind {
             config::LinkKind::Udp => {
-                let parse = |k: &str, v: &Option<String>| -> anyhow::Result<std::net::SocketAddr> {
+                let parse = |key: &'static str, v: &Option<String>| {
                     let v = v.as_deref().unwrap_or_default();
-                    v.parse().with_context(|| format!("heartbeat.link[{i}].on.{node}.{k} = {v:?}"))
+                    v.parse::<std::net::SocketAddr>().map_err(|source| StartError::Address {
+                        link: i,
+                        node: node.to_string(),
+                        key,
+                        value: v.to_string(),
+                        source,
+                    })
                 };
                 let bind = parse("bind", &on.bind)?;
                 let to = parse("peer", &on.peer)?;
                 let u = UdpLink::bind(bind, to)
                     .await
-                    .with_context(|| format!("heartbeat.link[{i}]"))?;
+                    .map_err(|source| StartError::Udp { link: i, source })?;
                 (format!("udp {bind} -> {to}"), Transport::Udp(Arc::new(u)))
             }
             config::LinkKind::Serial => {
                 let dev: PathBuf = on
                     .device
                     .clone()
-                    .with_context(|| format!("heartbeat.link[{i}].on.{node}.device is missing"))?;
+                    .ok_or_else(|| StartError::NoDevice { link: i, node: node.to_string() })?;
                 let baud = l.baud.unwrap_or(115_200);
                 let rts = l.flow_control == Some(config::FlowControl::Rtscts);
                 let p = SerialPort::open(&dev, baud, rts)
-                    .with_context(|| format!("heartbeat.link[{i}]"))?;
+                    .map_err(|source| StartError::Serial { link: i, source })?;
                 (format!("serial {} @{baud}", dev.display()), Transport::Serial(Arc::new(p)))
             }
         };
@@ -154,9 +207,7 @@ pub(super) async fn start_here(
     let events = Arc::new(EventLog::default());
     let vips = Arc::new(vips(cfg, node, &events)?);
     // A node starts as a slave: a VIP left over from a crash while master goes now.
-    if let Err(e) = vips.down().await {
-        anyhow::bail!("cannot release the VIPs at start: {e}");
-    }
+    vips.down().await.map_err(StartError::VipsDown)?;
     let (back_tx, back_rx) = mpsc::channel(64);
     for (i, c) in cfg.health.check.iter().enumerate() {
         tokio::spawn(health_check(i, c.clone(), node.to_string(), back_tx.clone(), sd.clone()));
@@ -183,11 +234,12 @@ pub(super) async fn start_here(
         healthy: true,
         peer_view: None,
         local: LocalView::default(),
-        limiter: LogLimiter::new(Duration::from_secs(5)),
+        limiter: Limited::new(1, Duration::from_secs(5)),
         status: Arc::clone(&status),
         events: Arc::clone(&events),
         timing,
     };
-    tokio::spawn(lp.run(in_rx, req_rx, back_rx, sd));
+    let span = tracing::info_span!("ha", node = %node, peer = %lp.peer);
+    tokio::spawn(tracing::Instrument::instrument(lp.run(in_rx, req_rx, back_rx, sd), span));
     Ok(Ha { requests: req_tx, status, events, _thread: None })
 }

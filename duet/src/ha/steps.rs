@@ -31,10 +31,10 @@ pub(super) async fn run_step(
                 ("DUET_RESOURCES", &names.join(" ")),
             ];
             match shell(&cfg.fencing.fence_command, &env, FENCE_TIMEOUT).await {
-                Ok(code) => Outcome::Fence(code),
+                Ok(code) => Outcome::Fence(FenceVerdict::from_exit(code)),
                 Err(e) => {
                     events.push(format!("fence command: {e}"));
-                    Outcome::Fence(None)
+                    Outcome::Fence(FenceVerdict::NotRun)
                 }
             }
         }
@@ -62,7 +62,7 @@ pub(super) async fn run_step(
         }
         Step::ExportOpen => match host.open_exports().await {
             Ok(()) => Outcome::Ok,
-            Err(e) => Outcome::Failed(e),
+            Err(e) => Outcome::Failed(crate::error_chain(&e)),
         },
         Step::ExportClose => {
             host.close_exports().await;
@@ -85,12 +85,12 @@ pub(super) async fn run_step(
             let mut errors = Vec::new();
             for s in cfg.service.iter().rev().filter(|s| s.placement == stop) {
                 if let Err(e) = service(s, &s.stop, "stop", node).await {
-                    errors.push(e);
+                    errors.push(e.to_string());
                 }
             }
             for s in cfg.service.iter().filter(|s| s.placement == start) {
                 if let Err(e) = service(s, &s.start, "start", node).await {
-                    errors.push(e);
+                    errors.push(e.to_string());
                 }
             }
             for e in &errors {
@@ -101,17 +101,32 @@ pub(super) async fn run_step(
     }
 }
 
+/// Why a command of ours (a service's start or stop, the fence command, a probe) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    #[error("cannot run {cmd:?}: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("waiting for {cmd:?}: {source}")]
+    Wait { cmd: String, source: std::io::Error },
+    #[error("{cmd:?} did not finish within {ms} ms; killed")]
+    Timeout { cmd: String, ms: u128 },
+    #[error("service {service}: {what} command exited with {code:?}")]
+    Exit { service: String, what: &'static str, code: Option<i32> },
+    #[error("service {service}: {what} command: {source}")]
+    Service { service: String, what: &'static str, source: Box<ShellError> },
+}
+
 pub(super) async fn service(
     s: &config::Service,
     cmd: &str,
-    what: &str,
+    what: &'static str,
     node: &str,
-) -> Result<(), String> {
+) -> Result<(), ShellError> {
     let env = [("DUET_SERVICE", s.name.as_str()), ("DUET_NODE", node)];
     match shell(cmd, &env, Duration::from_millis(s.timeout_ms)).await {
         Ok(Some(0)) => Ok(()),
-        Ok(code) => Err(format!("service {}: {what} command exited with {code:?}", s.name)),
-        Err(e) => Err(format!("service {}: {what} command: {e}", s.name)),
+        Ok(code) => Err(ShellError::Exit { service: s.name.clone(), what, code }),
+        Err(e) => Err(ShellError::Service { service: s.name.clone(), what, source: Box::new(e) }),
     }
 }
 
@@ -120,19 +135,23 @@ pub async fn shell(
     cmd: &str,
     env: &[(&str, &str)],
     timeout: Duration,
-) -> Result<Option<i32>, String> {
+) -> Result<Option<i32>, ShellError> {
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd).kill_on_drop(true).stdin(std::process::Stdio::null());
     for (k, v) in env {
         c.env(k, v);
     }
-    let mut child = c.spawn().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let cmd = cmd.to_string();
+    let mut child = match c.spawn() {
+        Ok(c) => c,
+        Err(source) => return Err(ShellError::Spawn { cmd, source }),
+    };
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(st)) => Ok(st.code()),
-        Ok(Err(e)) => Err(format!("waiting for {cmd:?}: {e}")),
+        Ok(Err(source)) => Err(ShellError::Wait { cmd, source }),
         Err(_) => {
             let _ = child.kill().await;
-            Err(format!("{cmd:?} did not finish within {} ms; killed", timeout.as_millis()))
+            Err(ShellError::Timeout { cmd, ms: timeout.as_millis() })
         }
     }
 }

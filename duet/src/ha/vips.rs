@@ -5,12 +5,18 @@ use super::*;
 pub use vip::group::Vips;
 
 /// The VIP group of `node`, reporting to `events`.
-pub(super) fn vips(cfg: &Config, node: &str, events: &Arc<EventLog>) -> anyhow::Result<Vips> {
+pub(super) fn vips(
+    cfg: &Config,
+    node: &str,
+    events: &Arc<EventLog>,
+) -> Result<Vips, start::StartError> {
     let mut specs = Vec::new();
     for v in &cfg.vip {
         let mut addrs = Vec::new();
         for a in std::iter::once(&v.address).chain(&v.aliases) {
-            addrs.push(config::parse_prefix(a).context("validated by Config::validate")?);
+            addrs.push(
+                config::parse_prefix(a).ok_or_else(|| start::StartError::VipAddress(a.clone()))?,
+            );
         }
         specs.push(vip::agent::VipSpec {
             interface: v.interface.clone(),
@@ -28,5 +34,5 @@ pub(super) fn vips(cfg: &Config, node: &str, events: &Arc<EventLog>) -> anyhow::
         cfg.control_socket(node).parent().map(PathBuf::from).unwrap_or_else(|| "/run/duet".into());
     let events = Arc::clone(events);
     let report: vip::group::Report = Arc::new(move |what| events.push(what));
-    Vips::new(specs, dir, node, report).map_err(|e| anyhow::anyhow!("VIP agent: {e}"))
+    Vips::new(specs, dir, node, report).map_err(start::StartError::Vips)
 }

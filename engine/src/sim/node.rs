@@ -14,6 +14,17 @@ use crate::state::{ConnState, DiskState, Refusal, Role, Sync};
 use crate::superblock::Superblock;
 use crate::translog::{Bound, TransferLog};
 
+/// Why a simulated client write did not start (logged; the client tries another).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NotStarted {
+    #[error("not Primary")]
+    NotPrimary,
+    #[error("activity log busy (in flight, or pinned until the peer flushes)")]
+    AlBusy,
+    #[error(transparent)]
+    Al(#[from] crate::actlog::AlError),
+}
+
 /// The transfer log's bound in the simulation (shorter than the product's default, so that
 /// both paths, flushed and not, are common).
 const BOUND: Bound = Bound { interval: Duration::from_millis(200), max_bytes: 16 * BLOCK };
@@ -229,9 +240,9 @@ impl Node {
         seq: u64,
         live: bool,
         now: Instant,
-    ) -> Result<Option<u64>, String> {
+    ) -> Result<Option<u64>, NotStarted> {
         if self.r.st.role != Role::Primary {
-            return Err("not Primary".into());
+            return Err(NotStarted::NotPrimary);
         }
         let r = &self.r;
         let b = self.al.begin_unless(off(block), BLOCK, |e| r.pinned(e));
@@ -244,14 +255,12 @@ impl Node {
                     self.persist(Persist { data: true, bitmap: true, superblock: false });
                 }
                 let rec = self.al.record(&add, &evict);
-                self.meta.al_hot = ActivityLog::decode(&rec).map_err(|e| e.to_string())?.1;
+                self.meta.al_hot = ActivityLog::decode(&rec)?.1;
                 self.al.commit(off(block), BLOCK, &add, &evict);
             }
             Begin::Busy => {
                 self.r.hurry();
-                return Err(
-                    "activity log busy (in flight, or pinned until the peer flushes)".into()
-                );
+                return Err(NotStarted::AlBusy);
             }
         }
         self.disk.write(block, seq);

@@ -476,3 +476,60 @@ fn sigterm_of_the_master_hands_over_before_it_stops() {
     assert!(p.wait_synced(Duration::from_secs(60)));
     assert!(p.is_master(1) && !p.is_master(0));
 }
+
+/// A panic in a data task is a broken invariant: the daemon stops at once (abort, not a task
+/// that tokio catches while the node runs on without it), and the peer takes over with every
+/// acknowledged write. The panic is injected (`replicator::fault`, the tests' build only) into
+/// the task serving one client write.
+#[test]
+fn a_panic_in_a_data_task_takes_the_daemon_down_and_the_peer_takes_over() {
+    const AT: u64 = 100 << 20; // outside the writer's log region
+    let mut p = Pair::configure(&PairOpts { ha: Some(HaOpts::default()), ..PairOpts::default() });
+    p.n[0].env.push(("DUET_FAULT_PANIC_WRITE_AT".into(), AT.to_string()));
+    p.start(0);
+    assert!(
+        p.log_text(0).contains("fault injection armed"),
+        "the duet binary under test has no fault injection: build it with the workspace \
+         (`cargo build --workspace`, as scripts/test.sh does), not `cargo build -p duet`"
+    );
+    p.start(1);
+    assert!(wait_until(Duration::from_secs(20), || p.cluster(0)["peer"] == "alive"));
+    p.ok(0, &["make-master", "--force"]);
+    assert!(p.wait_synced(Duration::from_secs(120)), "initial sync: {} / {}", p.repl(0), p.repl(1));
+    assert!(wait_until(Duration::from_secs(10), || p.is_master(0)));
+    let port = p.n[0].nbd_port;
+    let seed = 7100;
+    let w = Writer::start(port, seed);
+    assert!(w.wait_more(200, Duration::from_secs(30)), "writer stalled before the panic");
+    // The write that panics gets no reply: the daemon is gone.
+    let mut r = Raw::transmission(port);
+    r.request(CMD_WRITE, 0, 1, AT, 4096, &[0x5A; 4096]).unwrap();
+    assert!(r.reply().is_err(), "the poisoned write was answered");
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = p.exit_status(0);
+            status.is_some()
+        }),
+        "alpha still runs after a panic in a data task:\n{}",
+        p.log_text(0)
+    );
+    let status = status.expect("exited");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGABRT),
+        "alpha ended with {status:?}, not an abort:\n{}",
+        p.log_text(0)
+    );
+    let log = p.log_text(0);
+    assert!(log.contains("fault injection") && log.contains("stopping this node"), "{log}");
+    assert!(
+        wait_until(Duration::from_secs(20), || p.is_master(1)),
+        "beta did not take over: {}\n{}",
+        p.cluster(1),
+        p.events(1)
+    );
+    assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through the new master");
+    let acked = w.finish();
+    check_log(port, seed, &acked);
+}

@@ -1,8 +1,9 @@
 //! duet integration tests: real daemons, real NBD clients, real files. One binary, one module per
 //! scenario family.
 
-// Test code: a panic is the failure report, and sizes here are small constants.
-#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+// Test code: a panic is the failure report, and sizes here are small constants. This crate is
+// all tests (`tests_outside_test_module` is for tests among library code).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::tests_outside_test_module)]
 
 mod cli;
 mod clients;

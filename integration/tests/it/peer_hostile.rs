@@ -272,6 +272,14 @@ fn hostile_frames_mid_session_drop_the_link_and_write_nothing_of_them() {
     let mut f = BytesMut::new();
     wire::encode(&mut f, Kind::Hello, 0, 0, 0, &[0; 16]);
     cases.push(("a handshake frame mid-session", f, 8192));
+    // A State frame (role, disk) naming a role that does not exist, and one naming a disk
+    // state that does not exist.
+    let mut f = BytesMut::new();
+    wire::encode(&mut f, Kind::State, 0, 0, 0, &[0xEE, 0]);
+    cases.push(("a state frame with an unknown role", f, 8192));
+    let mut f = BytesMut::new();
+    wire::encode(&mut f, Kind::State, 0, 0, 0, &[0, 0xEE]);
+    cases.push(("a state frame with an unknown disk state", f, 8192));
     for (n, (what, bad, bad_at)) in cases.into_iter().enumerate() {
         let errors = p.num(1, "peer_errors");
         let untouched = block(&p, bad_at);

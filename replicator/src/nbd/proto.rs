@@ -128,15 +128,16 @@ pub enum NbdError {
 
 impl NbdError {
     /// Maps an OS errno from the store to the closest NBD error.
-    pub fn from_errno(errno: i32) -> Self {
+    pub fn from_errno(errno: nix::errno::Errno) -> Self {
+        use nix::errno::Errno;
         match errno {
-            libc::EPERM | libc::EACCES | libc::EROFS => Self::Perm,
-            libc::ENOMEM => Self::NoMem,
-            libc::EINVAL => Self::Inval,
-            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => Self::NoSpc,
-            libc::EOVERFLOW => Self::Overflow,
-            libc::EOPNOTSUPP => Self::NotSup,
-            libc::ESHUTDOWN => Self::Shutdown,
+            Errno::EPERM | Errno::EACCES | Errno::EROFS => Self::Perm,
+            Errno::ENOMEM => Self::NoMem,
+            Errno::EINVAL => Self::Inval,
+            Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG => Self::NoSpc,
+            Errno::EOVERFLOW => Self::Overflow,
+            Errno::EOPNOTSUPP => Self::NotSup,
+            Errno::ESHUTDOWN => Self::Shutdown,
             _ => Self::Io,
         }
     }

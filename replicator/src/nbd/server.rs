@@ -8,9 +8,9 @@
 //! whose client does not disconnect within [`SHUTDOWN_GRACE`] is closed.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use super::negotiate::{BASE_ALLOCATION_ID, ExportInfo, Negotiation, Step};
 use super::proto::*;
 use super::request::{Command, Limits, Refusal, validate};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::Limited;
 use crate::repl::volume::Volume;
 use crate::store::IoBuf;
 
@@ -119,18 +119,14 @@ pub struct Export {
 pub struct Server {
     exports: Vec<Export>,
     infos: Vec<ExportInfo>,
-    log_limit: Mutex<RateLimit>,
+    log_limit: Limited,
 }
 
 impl Server {
     /// A server for `exports`.
     pub fn new(exports: Vec<Export>) -> Arc<Self> {
         let infos = exports.iter().map(|e| e.info.clone()).collect();
-        Arc::new(Self {
-            exports,
-            infos,
-            log_limit: Mutex::new(RateLimit::new(10, Duration::from_secs(10))),
-        })
+        Arc::new(Self { exports, infos, log_limit: Limited::new(10, Duration::from_secs(10)) })
     }
 
     /// The exports.
@@ -140,10 +136,7 @@ impl Server {
 
     /// Logs a client-triggerable problem, rate-limited.
     fn log_client(&self, peer: SocketAddr, what: &str) {
-        let allowed = self.log_limit.lock().map(|mut l| l.allow(Instant::now())).ok().flatten();
-        if let Some(suppressed) = allowed {
-            tracing::warn!(%peer, suppressed, "closing NBD connection: {what}");
-        }
+        crate::warn_limited!(self.log_limit, %peer, "closing NBD connection: {what}");
     }
 
     /// Accepts connections until `shutdown` turns true, then waits for every connection to end.
@@ -163,7 +156,9 @@ impl Server {
                             continue;
                         }
                         let srv = Arc::clone(&self);
-                        conns.spawn(srv.connection(sock, peer, for_conns.clone()));
+                        let span = tracing::info_span!("client", %peer);
+                        let conn = srv.connection(sock, peer, for_conns.clone());
+                        conns.spawn(tracing::Instrument::instrument(conn, span));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -211,7 +206,7 @@ impl Server {
         let limits = Limits::new(&export.info, &session);
         if let Err(e) = self.transmit(conn, wr, session.export, limits, sd).await {
             export.stats.protocol_errors.fetch_add(1, Relaxed);
-            self.log_client(peer, &e);
+            self.log_client(peer, &e.to_string());
         }
         export.stats.clients_connected.fetch_sub(1, Relaxed);
     }
@@ -221,29 +216,29 @@ impl Server {
         conn: &mut Reader,
         wr: &mut OwnedWriteHalf,
         sd: &watch::Receiver<bool>,
-    ) -> Result<Option<super::negotiate::Session>, String> {
+    ) -> Result<Option<super::negotiate::Session>, ClientError> {
         let mut out = BytesMut::with_capacity(1024);
         encode_greeting(&mut out);
-        wr.write_all(&out).await.map_err(|e| e.to_string())?;
+        wr.write_all(&out).await?;
         if !conn.fill_timeout(4).await? {
             return Ok(None);
         }
-        let flags = decode_client_flags(&conn.buf).map_err(|e| e.to_string())?.expect("4 bytes");
+        let flags = decode_client_flags(&conn.buf)?.expect("4 bytes");
         conn.buf.advance(4);
         let mut neg = Negotiation::new(&self.infos, flags);
         loop {
             if !conn.fill_timeout(OPTION_HEADER_LEN).await? {
                 return Ok(None);
             }
-            let h = decode_option_header(&conn.buf).map_err(|e| e.to_string())?.expect("16 bytes");
+            let h = decode_option_header(&conn.buf)?.expect("16 bytes");
             if h.len > MAX_OPTION_LEN {
                 let e =
                     ProtoError::OptionTooLong { option: h.option, len: h.len, max: MAX_OPTION_LEN };
-                return Err(e.to_string());
+                return Err(e.into());
             }
             let len = h.len as usize;
             if !conn.fill_timeout(OPTION_HEADER_LEN + len).await? {
-                return Err("client closed in the middle of an option".into());
+                return Err(ClientError::ClosedInOption);
             }
             conn.buf.advance(OPTION_HEADER_LEN);
             let data = conn.buf.split_to(len);
@@ -253,7 +248,7 @@ impl Server {
             }
             out.clear();
             let step = neg.handle(h.option, &data, &mut out);
-            wr.write_all(&out).await.map_err(|e| e.to_string())?;
+            wr.write_all(&out).await?;
             match step {
                 Step::Continue => {}
                 Step::Close => return Ok(None),
@@ -273,7 +268,7 @@ impl Server {
         export: usize,
         limits: Limits,
         mut sd: watch::Receiver<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClientError> {
         let mut inflight = FuturesUnordered::new();
         let mut units: u32 = 0;
         let mut pending: Vec<Reply> = Vec::new();
@@ -359,11 +354,11 @@ impl Server {
         export: usize,
         limits: &Limits,
         shutting: bool,
-    ) -> Result<Taken, String> {
+    ) -> Result<Taken, ClientError> {
         let h = match decode_request(&conn.buf) {
             Ok(Some(h)) => h,
             Ok(None) => unreachable!("the caller checked a whole header is buffered"),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         conn.buf.advance(REQUEST_HEADER_LEN);
         let cmd = if shutting && h.kind != CMD_DISC {
@@ -376,7 +371,7 @@ impl Server {
             Err(r) => {
                 if h.kind == CMD_WRITE {
                     if h.len > MAX_DISCARD {
-                        return Err(format!("write payload of {} bytes is abusive", h.len));
+                        return Err(ClientError::AbusivePayload(h.len));
                     }
                     conn.discard(h.len as usize).await?;
                 }
@@ -457,12 +452,33 @@ impl Server {
                     "I/O error"
                 };
                 if error == NbdError::Io {
-                    tracing::error!(errno, export = %ex.info.name, "backing store I/O error");
+                    tracing::error!(error = %errno, export = %ex.info.name, "backing store I/O error");
                 }
                 Reply::error(h, limits.structured, Refusal { error, reason })
             }
         }
     }
+}
+
+/// Why a client's connection was closed (logged, rate-limited, and counted).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("client closed in the middle of an option")]
+    ClosedInOption,
+    #[error("write payload of {0} bytes is abusive")]
+    AbusivePayload(u32),
+    #[error("truncated frame ({have} of {want} bytes)")]
+    Truncated { have: usize, want: usize },
+    #[error("negotiation timed out")]
+    Timeout,
+    #[error("truncated write payload: {0}")]
+    TruncatedPayload(std::io::Error),
+    #[error("truncated write payload")]
+    PayloadEnded,
 }
 
 /// Reads from a socket through a buffer, so waiting for a header is cancel-safe.
@@ -473,7 +489,7 @@ struct Reader {
 
 impl Reader {
     /// Ensures `n` bytes are buffered. `Ok(false)`: clean EOF with nothing buffered.
-    async fn fill(&mut self, n: usize) -> Result<bool, String> {
+    async fn fill(&mut self, n: usize) -> Result<bool, ClientError> {
         while self.buf.len() < n {
             self.buf.reserve(n.max(64 * 1024));
             let got = match self.rd.read_buf(&mut self.buf).await {
@@ -485,13 +501,13 @@ impl Reader {
                 {
                     0
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             };
             if got == 0 {
                 return if self.buf.is_empty() {
                     Ok(false)
                 } else {
-                    Err(format!("truncated frame ({} of {n} bytes)", self.buf.len()))
+                    Err(ClientError::Truncated { have: self.buf.len(), want: n })
                 };
             }
         }
@@ -500,33 +516,30 @@ impl Reader {
 
     /// Like `fill` with the handshake timeout. `Ok(false)`: the client hung up cleanly between
     /// messages (a TCP health check, a client that changed its mind): not an error.
-    async fn fill_timeout(&mut self, n: usize) -> Result<bool, String> {
+    async fn fill_timeout(&mut self, n: usize) -> Result<bool, ClientError> {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.fill(n)).await {
             Ok(r) => r,
-            Err(_) => Err("negotiation timed out".into()),
+            Err(_) => Err(ClientError::Timeout),
         }
     }
 
     /// Reads a write payload into an aligned buffer.
-    async fn payload(&mut self, len: usize) -> Result<IoBuf, String> {
+    async fn payload(&mut self, len: usize) -> Result<IoBuf, ClientError> {
         let mut b = IoBuf::with_len(len);
         let have = self.buf.len().min(len);
         b[..have].copy_from_slice(&self.buf[..have]);
         self.buf.advance(have);
         if have < len {
-            self.rd
-                .read_exact(&mut b[have..])
-                .await
-                .map_err(|e| format!("truncated write payload: {e}"))?;
+            self.rd.read_exact(&mut b[have..]).await.map_err(ClientError::TruncatedPayload)?;
         }
         Ok(b)
     }
 
     /// Skips a payload we refused.
-    async fn discard(&mut self, mut len: usize) -> Result<(), String> {
+    async fn discard(&mut self, mut len: usize) -> Result<(), ClientError> {
         while len > 0 {
             if self.buf.is_empty() && !self.fill(1).await? {
-                return Err("truncated write payload".into());
+                return Err(ClientError::PayloadEnded);
             }
             let n = self.buf.len().min(len);
             self.buf.advance(n);

@@ -1,6 +1,7 @@
 //! The I/O-engine trait: the store hands an operation and a completion channel to an engine; the
 //! engine performs it in full (short transfers are continued) and reports the outcome.
 
+use nix::errno::Errno;
 use std::fmt::Debug;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -25,7 +26,7 @@ pub enum IoOp {
 #[derive(Debug)]
 pub struct IoDone {
     /// `Ok` when the whole op succeeded, else the errno.
-    pub result: Result<(), i32>,
+    pub result: Result<(), Errno>,
     /// The read's buffer, handed back.
     pub buf: Option<IoBuf>,
 }

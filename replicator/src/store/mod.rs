@@ -8,6 +8,7 @@ mod engine;
 mod threads;
 mod uring;
 
+use nix::errno::Errno;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -154,8 +155,9 @@ impl InlineGate {
     }
 }
 
-fn errno(e: &std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
+/// The errno of an I/O error (EIO when it has none).
+pub(crate) fn errno(e: &std::io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
 }
 
 impl Store {
@@ -250,7 +252,7 @@ impl Store {
     async fn run(&self, op: IoOp) -> IoDone {
         let (tx, rx) = oneshot::channel();
         self.engine.submit(op, tx);
-        rx.await.unwrap_or(IoDone { result: Err(libc::ESHUTDOWN), buf: None })
+        rx.await.unwrap_or(IoDone { result: Err(Errno::ESHUTDOWN), buf: None })
     }
 
     /// Holds submissions back until the guard drops, so a batch of requests costs one syscall.
@@ -260,7 +262,7 @@ impl Store {
     }
 
     /// Reads `len` bytes at `offset`.
-    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, i32> {
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, Errno> {
         let d = self.run(IoOp::Read { offset, buf: IoBuf::with_len(len) }).await;
         d.result.map(|()| d.buf.expect("a read returns its buffer"))
     }
@@ -271,7 +273,7 @@ impl Store {
         offset: u64,
         buf: impl Into<Arc<IoBuf>>,
         fua: bool,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         let buf = buf.into();
         if self.writes_inline(buf.len(), fua) {
             return self.write_now(offset, &buf);
@@ -297,7 +299,7 @@ impl Store {
     }
 
     /// A buffered write, done now in this thread (see [`Store::writes_inline`]).
-    pub fn write_now(&self, offset: u64, data: &[u8]) -> Result<(), i32> {
+    pub fn write_now(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let start = Instant::now();
         let r = threads::pwrite_all(self.file.as_raw_fd(), data, offset, 0);
         let took = start.elapsed();
@@ -313,20 +315,20 @@ impl Store {
     }
 
     /// Makes every completed write durable.
-    pub async fn flush(&self) -> Result<(), i32> {
+    pub async fn flush(&self) -> Result<(), Errno> {
         self.run(IoOp::Flush).await.result
     }
 
-    async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> Result<(), i32> {
+    async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> Result<(), Errno> {
         self.run(IoOp::Fallocate { offset, len, mode }).await.result
     }
 
     /// Discards a range. Unsupported discards are not errors (TRIM is advisory).
-    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), i32> {
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match self.fallocate(offset, len, mode).await {
             Ok(()) => {}
-            Err(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => return Ok(()),
+            Err(Errno::EOPNOTSUPP | Errno::ENOTTY | Errno::EINVAL) => return Ok(()),
             Err(e) => return Err(e),
         }
         if fua { self.flush().await } else { Ok(()) }
@@ -341,7 +343,7 @@ impl Store {
         fua: bool,
         may_trim: bool,
         fast_only: bool,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         let keep = libc::FALLOC_FL_KEEP_SIZE;
         let mut modes = vec![libc::FALLOC_FL_ZERO_RANGE | keep];
         if may_trim {
@@ -354,13 +356,13 @@ impl Store {
                     done = true;
                     break;
                 }
-                Err(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => {}
+                Err(Errno::EOPNOTSUPP | Errno::ENOTTY | Errno::EINVAL) => {}
                 Err(e) => return Err(e),
             }
         }
         if !done {
             if fast_only {
-                return Err(libc::EOPNOTSUPP);
+                return Err(Errno::EOPNOTSUPP);
             }
             let mut at = offset;
             while at < offset + len {
@@ -374,14 +376,14 @@ impl Store {
     }
 
     /// Hints the kernel to read a range ahead.
-    pub fn cache(&self, offset: u64, len: u64) -> Result<(), i32> {
+    pub fn cache(&self, offset: u64, len: u64) -> Result<(), Errno> {
         let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(libc::EINVAL);
+            return Err(Errno::EINVAL);
         };
         // SAFETY: plain syscall on a valid fd; it only schedules readahead.
         let rc =
             unsafe { libc::posix_fadvise(self.file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) };
-        if rc == 0 { Ok(()) } else { Err(rc) }
+        if rc == 0 { Ok(()) } else { Err(Errno::from_raw(rc)) }
     }
 
     /// Allocation of `[offset, offset+len)` as `base:allocation` extents, at most `max` of them
@@ -391,15 +393,15 @@ impl Store {
         offset: u64,
         len: u32,
         max: usize,
-    ) -> Result<Vec<Extent>, i32> {
+    ) -> Result<Vec<Extent>, Errno> {
         let file = Arc::clone(&self.file);
         tokio::task::spawn_blocking(move || allocation(&file, offset, len, max))
             .await
-            .map_err(|_| libc::EIO)?
+            .map_err(|_| Errno::EIO)?
     }
 
     /// fdatasync outside the engine (used at shutdown).
-    pub fn sync_now(&self) -> Result<(), i32> {
+    pub fn sync_now(&self) -> Result<(), Errno> {
         self.file.sync_data().map_err(|e| errno(&e))
     }
 }
@@ -416,8 +418,8 @@ impl Drop for PlugGuard<'_> {
     }
 }
 
-fn seek(fd: i32, offset: u64, whence: i32) -> Result<Option<u64>, i32> {
-    let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+fn seek(fd: i32, offset: u64, whence: i32) -> Result<Option<u64>, Errno> {
+    let off = i64::try_from(offset).map_err(|_| Errno::EINVAL)?;
     // SAFETY: plain syscall on a valid fd.
     let r = unsafe { libc::lseek(fd, off, whence) };
     if r >= 0 {
@@ -425,13 +427,13 @@ fn seek(fd: i32, offset: u64, whence: i32) -> Result<Option<u64>, i32> {
     }
     match std::io::Error::last_os_error().raw_os_error() {
         Some(libc::ENXIO) => Ok(None), // no data (or no hole) after offset
-        Some(e) => Err(e),
-        None => Err(libc::EIO),
+        Some(e) => Err(Errno::from_raw(e)),
+        None => Err(Errno::EIO),
     }
 }
 
 /// SEEK_DATA/SEEK_HOLE walk. Filesystems without support report everything as data.
-fn allocation(file: &File, offset: u64, len: u32, max: usize) -> Result<Vec<Extent>, i32> {
+fn allocation(file: &File, offset: u64, len: u32, max: usize) -> Result<Vec<Extent>, Errno> {
     let fd = file.as_raw_fd();
     let end = offset + u64::from(len);
     let mut out = Vec::new();
@@ -439,7 +441,7 @@ fn allocation(file: &File, offset: u64, len: u32, max: usize) -> Result<Vec<Exte
     while at < end && out.len() < max.max(1) {
         let data = match seek(fd, at, libc::SEEK_DATA) {
             Ok(d) => d,
-            Err(libc::EINVAL | libc::EOPNOTSUPP) => {
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => {
                 return Ok(vec![Extent {
                     len: u32::try_from(end - at).expect("≤ len"), flags: 0
                 }]);

@@ -88,7 +88,7 @@ async fn errors_are_errnos(kind: EngineKind) {
     let (_d, store) = open(kind, 1 << 20, false);
     // The file shrinks under us: reading past the new end is an I/O error, not garbage.
     std::fs::OpenOptions::new().write(true).open(store.path()).unwrap().set_len(4096).unwrap();
-    assert_eq!(store.read(8192, 4096).await.unwrap_err(), libc::EIO);
+    assert_eq!(store.read(8192, 4096).await.unwrap_err(), Errno::EIO);
 }
 
 macro_rules! suite {

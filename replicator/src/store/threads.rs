@@ -2,6 +2,7 @@
 //! Used where io_uring is unavailable (containers with seccomp, `io_uring_disabled`), and tested
 //! with the same suite as the io_uring engine.
 
+use nix::errno::Errno;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -64,7 +65,7 @@ fn run(file: &File, op: IoOp) -> IoDone {
         IoOp::Flush => IoDone { result: errno_of(file.sync_data()), buf: None },
         IoOp::Fallocate { offset, len, mode } => {
             let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-                return IoDone { result: Err(libc::EINVAL), buf: None };
+                return IoDone { result: Err(Errno::EINVAL), buf: None };
             };
             // SAFETY: plain syscall on a valid fd; no memory is passed.
             let rc = unsafe { libc::fallocate(fd, mode, o, l) };
@@ -73,12 +74,12 @@ fn run(file: &File, op: IoOp) -> IoDone {
     }
 }
 
-fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+fn last_errno() -> Errno {
+    Errno::last()
 }
 
-fn errno_of(r: std::io::Result<()>) -> Result<(), i32> {
-    r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+fn errno_of(r: std::io::Result<()>) -> Result<(), Errno> {
+    r.map_err(|e| super::errno(&e))
 }
 
 /// Repeats `op(done, offset)` (a pread/pwrite of the rest) until `len` bytes are transferred.
@@ -86,14 +87,14 @@ fn transfer_all(
     len: usize,
     mut offset: u64,
     mut op: impl FnMut(usize, i64) -> isize,
-) -> Result<(), i32> {
+) -> Result<(), Errno> {
     let mut done = 0;
     while done < len {
-        let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+        let off = i64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match op(done, off) {
-            0 => return Err(libc::EIO), // unexpected end of file: the store shrank
+            0 => return Err(Errno::EIO), // unexpected end of file: the store shrank
             n if n < 0 => match last_errno() {
-                libc::EINTR => continue,
+                Errno::EINTR => continue,
                 e => return Err(e),
             },
             n => {
@@ -106,7 +107,7 @@ fn transfer_all(
     Ok(())
 }
 
-fn pread_all(fd: i32, buf: &mut [u8], offset: u64) -> Result<(), i32> {
+fn pread_all(fd: i32, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
     transfer_all(buf.len(), offset, |done, off| {
         let rest = &mut buf[done..];
         // SAFETY: `rest` is a valid writable region of rest.len() bytes.
@@ -114,7 +115,7 @@ fn pread_all(fd: i32, buf: &mut [u8], offset: u64) -> Result<(), i32> {
     })
 }
 
-pub(super) fn pwrite_all(fd: i32, buf: &[u8], offset: u64, flags: i32) -> Result<(), i32> {
+pub(super) fn pwrite_all(fd: i32, buf: &[u8], offset: u64, flags: i32) -> Result<(), Errno> {
     transfer_all(buf.len(), offset, |done, off| {
         let rest = &buf[done..];
         let iov = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
@@ -131,12 +132,12 @@ impl IoEngine for ThreadsEngine {
     fn submit(&self, op: IoOp, done: oneshot::Sender<IoDone>) {
         let tx = self.tx.lock().expect("io queue lock poisoned");
         let Some(tx) = tx.as_ref() else {
-            let _ = done.send(IoDone { result: Err(libc::ESHUTDOWN), buf: None });
+            let _ = done.send(IoDone { result: Err(Errno::ESHUTDOWN), buf: None });
             return;
         };
         if let Err(e) = tx.send((op, done)) {
             let (_, done) = e.0;
-            let _ = done.send(IoDone { result: Err(libc::ESHUTDOWN), buf: None });
+            let _ = done.send(IoDone { result: Err(Errno::ESHUTDOWN), buf: None });
         }
     }
 }

@@ -13,6 +13,7 @@
 //! (The first version owned the ring in a dedicated thread fed through a channel and an eventfd;
 //! the extra wake-up per batch cost a third of the 4 KiB write rate. See the benchmark notes.)
 
+use nix::errno::Errno;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -332,7 +333,7 @@ impl Ring {
             self.free.push(idx);
             self.in_flight -= 1;
             let result = if res < 0 {
-                Err(-res)
+                Err(Errno::from_raw(-res))
             } else {
                 let n = res.unsigned_abs() as usize;
                 let len = match &slot.op {
@@ -343,7 +344,7 @@ impl Ring {
                 match len {
                     Some(len) => {
                         if n == 0 {
-                            Err(libc::EIO) // end of file inside the export: the store shrank
+                            Err(Errno::EIO) // end of file inside the export: the store shrank
                         } else if slot.progress + n < len {
                             // Short transfer: continue where it stopped.
                             slot.progress += n;

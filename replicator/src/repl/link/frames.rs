@@ -15,7 +15,7 @@ impl Session {
             }
             Kind::PingAck => {}
             Kind::Data | Kind::Zero => {
-                vol.with_core(|c| c.r.check_replicated_write()).map_err(|e| e.to_string())?;
+                vol.with_core(|c| c.r.check_replicated_write())?;
                 let (data, len) = if h.kind == Kind::Zero {
                     (None, u32_payload(Kind::Zero, &p)?)
                 } else {
@@ -47,7 +47,7 @@ impl Session {
                         let room = Arc::clone(&self.apply_room)
                             .acquire_many_owned(kib)
                             .await
-                            .map_err(|_| "apply room closed".to_string())?;
+                            .map_err(|_| LinkError::ApplyRoomClosed)?;
                         let data = data.map(IoBuf::from_slice);
                         tokio::spawn(async move {
                             let r = vol.apply_write(h.offset, data, len, h.flags).await;
@@ -70,7 +70,7 @@ impl Session {
                         Ok(()) => vol.persist_bitmap().await,
                         Err(e) => Err(e),
                     };
-                    let errno = r.err().unwrap_or(0);
+                    let errno = r.err().map_or(0, |e| e as i32);
                     peer.send(small_frame(
                         Kind::FlushAck,
                         0,
@@ -94,14 +94,12 @@ impl Session {
                 let r = if h.offset == 0 {
                     Ok(())
                 } else {
-                    Err(i32::try_from(h.offset).unwrap_or(libc::EIO))
+                    Err(i32::try_from(h.offset).map_or(Errno::EIO, Errno::from_raw))
                 };
                 // Held in the transfer log until a flush covers it, or out of sync if it
                 // failed; a flush forgets (or loses) the epochs it covers.
                 let now = Instant::now();
-                let p = vol
-                    .with_core(|c| c.r.peer_acked(h.id, r.is_ok(), now))
-                    .map_err(|e| e.to_string())?;
+                let p = vol.with_core(|c| c.r.peer_acked(h.id, r.is_ok(), now))?;
                 if p.flush {
                     // Extents it unpinned may leave the activity log now.
                     vol.al_wake();
@@ -110,20 +108,19 @@ impl Session {
             }
             Kind::State => {
                 let mut c = Cursor::new(Kind::State, &p);
-                let (role, disk) =
-                    (c.u8().map_err(|e| e.to_string())?, c.u8().map_err(|e| e.to_string())?);
+                let (role, disk) = (c.u8()?, c.u8()?);
                 let Some(disk) = DiskState::from_code(disk) else {
-                    return Err("peer sent an unknown disk state".into());
+                    return Err(LinkError::UnknownDisk);
                 };
                 let Some(role) = Role::from_code(role) else {
-                    return Err("peer sent an unknown role".into());
+                    return Err(LinkError::UnknownRole);
                 };
-                vol.with_core(|c| c.r.peer_report(role, disk)).map_err(|r| r.to_string())?;
+                vol.with_core(|c| c.r.peer_report(role, disk))?;
                 vol.notify();
             }
             Kind::SyncUuid => {
-                let g = decode_gens(&p).map_err(|e| e.to_string())?;
-                let p = vol.with_core(|c| c.r.sync_uuid(g)).map_err(|e| e.to_string())?;
+                let g = decode_gens(&p)?;
+                let p = vol.with_core(|c| c.r.sync_uuid(g))?;
                 let _ = vol.persist(p).await;
                 let v = Arc::clone(&vol);
                 let peer = Arc::clone(&self.peer);
@@ -134,13 +131,11 @@ impl Session {
                 let len = u32_payload(Kind::RsRequest, &p)?;
                 range_of(&vol, h.offset, len)?;
                 if len > rs_chunk(vol.with_core(|c| c.r.bitmap.granularity())) {
-                    return Err("peer asked for an oversized resync block".into());
+                    return Err(LinkError::OversizedResync);
                 }
-                vol.with_core(|c| c.r.check_resync_request()).map_err(|e| e.to_string())?;
+                vol.with_core(|c| c.r.check_resync_request())?;
                 let Some(slot) = Slot::take(&self.serving_rs, RS_SERVE_MAX) else {
-                    return Err(format!(
-                        "peer has more than {RS_SERVE_MAX} resync requests outstanding with us"
-                    ));
+                    return Err(LinkError::TooManyResync);
                 };
                 let their = if p.len() == 4 + 32 { Some(p[4..].to_vec()) } else { None };
                 let peer = Arc::clone(&self.peer);
@@ -189,7 +184,7 @@ impl Session {
             Kind::RsData | Kind::RsSame => {
                 // Only to a Secondary that asked (see `Replica::check_resync_data`).
                 let same = h.kind == Kind::RsSame;
-                vol.with_core(|c| c.r.check_resync_data(same)).map_err(|e| e.to_string())?;
+                vol.with_core(|c| c.r.check_resync_data(same))?;
                 let (data, len) = if h.kind == Kind::RsSame {
                     (None, u32_payload(Kind::RsSame, &p)?)
                 } else {
@@ -225,19 +220,17 @@ impl Session {
                 });
             }
             Kind::RsDone => {
-                let p = vol
-                    .with_core(|c| {
-                        c.resync = None;
-                        c.r.source_done()
-                    })
-                    .map_err(|r| r.to_string())?;
+                let p = vol.with_core(|c| {
+                    c.resync = None;
+                    c.r.source_done()
+                })?;
                 let _ = vol.persist(p).await;
                 vol.event("resync finished (source): the peer is UpToDate".into());
                 vol.notify();
             }
             Kind::OutOfSync => {
                 let mut c = Cursor::new(Kind::OutOfSync, &p);
-                let len = c.u64().map_err(|e| e.to_string())?;
+                let len = c.u64()?;
                 range_of(&vol, h.offset, len)?;
                 vol.with_core(|c| c.r.bitmap.set_range(h.offset, len));
             }
@@ -245,15 +238,12 @@ impl Session {
                 let len = u32_payload(Kind::VerifyRequest, &p)?;
                 range_of(&vol, h.offset, len)?;
                 if len > VERIFY_CHUNK {
-                    return Err("peer asked to verify an oversized range".into());
+                    return Err(LinkError::OversizedVerify);
                 }
                 let Some(slot) = Slot::take(&self.serving_verify, VERIFY_SERVE_MAX) else {
-                    return Err(format!(
-                        "peer has more than {VERIFY_SERVE_MAX} verify requests outstanding with us"
-                    ));
+                    return Err(LinkError::TooManyVerify);
                 };
-                vol.with_core(|c| c.r.st.step(Event::PeerVerifyStart))
-                    .map_err(|r| r.to_string())?;
+                vol.with_core(|c| c.r.st.step(Event::PeerVerifyStart))?;
                 let peer = Arc::clone(&self.peer);
                 tokio::spawn(async move {
                     // Locked in the task, not the reader (see RsRequest).
@@ -272,18 +262,20 @@ impl Session {
             Kind::VerifyReply => {
                 let tx = self.peer.verify.lock().ok().and_then(|mut m| m.remove(&h.id));
                 let Some(tx) = tx else {
-                    return Err(format!("peer answered unknown verify request {}", h.id));
+                    return Err(LinkError::UnknownVerify(h.id));
                 };
                 let _ = tx.send(p.to_vec());
             }
             Kind::VerifyDone => {
-                vol.with_core(|c| c.r.st.step(Event::PeerVerifyEnd)).map_err(|r| r.to_string())?;
+                vol.with_core(|c| c.r.st.step(Event::PeerVerifyEnd))?;
                 vol.notify();
             }
-            Kind::Refuse => return Err(format!("peer refused: {}", String::from_utf8_lossy(&p))),
+            Kind::Refuse => {
+                return Err(LinkError::PeerRefused(String::from_utf8_lossy(&p).into_owned()));
+            }
             Kind::Disconnect => return Ok(Some("the peer disconnected".into())),
             Kind::Hello | Kind::Auth | Kind::Params | Kind::Bitmap => {
-                return Err(format!("peer sent a handshake frame ({:?}) mid-session", h.kind));
+                return Err(LinkError::HandshakeMidSession(h.kind));
             }
         }
         // A finished resync as target: all blocks in, nothing in flight.
@@ -309,7 +301,7 @@ impl Session {
                 if range_of(&self.vol, h.offset, len).is_ok() {
                     self.vol.with_core(|c| c.r.bitmap.set_range(h.offset, len));
                 }
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }
@@ -317,7 +309,7 @@ impl Session {
 
 /// After applying a replicated write: a failed block is out of sync here; the Primary learns
 /// the outcome.
-async fn acknowledge(vol: &Volume, peer: &Peer, h: &Header, len: u64, r: Result<(), i32>) {
+async fn acknowledge(vol: &Volume, peer: &Peer, h: &Header, len: u64, r: Result<(), Errno>) {
     if let Err(e) = r {
         // Found by the simulation: a Secondary that stayed UpToDate and Connected after a
         // failed write was a failover target without that block. It is Inconsistent now (on
@@ -325,12 +317,12 @@ async fn acknowledge(vol: &Volume, peer: &Peer, h: &Header, len: u64, r: Result<
         let p = vol.with_core(|c| c.r.local_write_failed(h.offset, len));
         let _ = vol.persist(p).await;
         vol.event(format!(
-            "a replicated write failed on this disk at {} (errno {e}): Inconsistent until resynced",
+            "a replicated write failed on this disk at {} ({e}): Inconsistent until resynced",
             h.offset
         ));
         vol.notify();
     }
-    let errno = r.err().unwrap_or(0);
+    let errno = r.err().map_or(0, |e| e as i32);
     peer.send(small_frame(Kind::WriteAck, 0, h.id, errno.unsigned_abs().into(), &[])).await;
 }
 

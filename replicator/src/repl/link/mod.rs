@@ -15,11 +15,12 @@ mod session;
 pub use resync::verify;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
+use nix::errno::Errno;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,10 +39,9 @@ use super::volume::{
 use super::wire::{self, Cursor, F_FUA, F_HOLE, F_LAST, Header, Kind, WireError};
 use crate::generation::{Generations, Side};
 use crate::ratectl::{RateController, TICK};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::Limited;
 use crate::shutdown::stopped;
 use crate::store::IoBuf;
-use engine::replica::Persist;
 use engine::state::{Event, Sync};
 use engine::translog::TransferLog;
 
@@ -69,7 +69,77 @@ const BATCH_SPAN: Duration = Duration::from_millis(20);
 /// it reads no more frames (TCP then holds the Primary back), as DRBD's `max-buffers`.
 const APPLY_ROOM_KIB: u32 = 64 * 1024;
 
-type Res<T> = Result<T, String>;
+type Res<T> = Result<T, LinkError>;
+
+/// Why a replication session ended or never began (`duet status` shows the last one).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("read: {0}")]
+    Read(std::io::Error),
+    #[error("write: {0}")]
+    Write(std::io::Error),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("peer closed mid-frame ({have} bytes of {want})")]
+    ClosedMidFrame { have: usize, want: usize },
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("peer did not send {0:?} in time")]
+    Late(Kind),
+    #[error("peer refused: {0}")]
+    PeerRefused(String),
+    #[error("expected {want:?}, peer sent {got:?}")]
+    Unexpected { want: Kind, got: Kind },
+    /// We refused the peer in the handshake (and told it why).
+    #[error(transparent)]
+    Handshake(#[from] Refusal),
+    /// A frame the peer may not send in this state.
+    #[error(transparent)]
+    Frame(#[from] engine::replica::PeerError),
+    #[error(transparent)]
+    State(#[from] engine::state::Refusal),
+    #[error("no randomness for {0}: {1}")]
+    NoRandomness(&'static str, getrandom::Error),
+    /// The generations say: not now (the plan's reason).
+    #[error("{0}")]
+    Retry(String),
+    #[error("peer did not send its bitmap in time")]
+    BitmapLate,
+    #[error(
+        "the bitmap exchange took longer than {0:?} ({BITMAP_EXCHANGE_TIMEOUTS} x timeout_ms); writes go on, the link retries"
+    )]
+    BitmapExchange(Duration),
+    #[error("cannot write metadata")]
+    Metadata,
+    #[error("peer did not answer a ping within {0:?}")]
+    NoPong(Duration),
+    #[error(
+        "peer left a request unanswered for more than {0:?} (timeout_ms); dropping the link, its writes are marked out of sync"
+    )]
+    Unanswered(Duration),
+    #[error("connection lost (send failed)")]
+    SendFailed,
+    #[error("apply room closed")]
+    ApplyRoomClosed,
+    #[error("peer sent an unknown disk state")]
+    UnknownDisk,
+    #[error("peer sent an unknown role")]
+    UnknownRole,
+    #[error("peer sent a range outside the volume ({offset}+{len})")]
+    OutsideVolume { offset: u64, len: u64 },
+    #[error("peer asked for an oversized resync block")]
+    OversizedResync,
+    #[error("peer has more than {RS_SERVE_MAX} resync requests outstanding with us")]
+    TooManyResync,
+    #[error("peer asked to verify an oversized range")]
+    OversizedVerify,
+    #[error("peer has more than {VERIFY_SERVE_MAX} verify requests outstanding with us")]
+    TooManyVerify,
+    #[error("peer answered unknown verify request {0}")]
+    UnknownVerify(u64),
+    #[error("peer sent a handshake frame ({0:?}) mid-session")]
+    HandshakeMidSession(Kind),
+}
 
 /// Reads frames through a buffer, cancel-safe.
 struct FrameReader {
@@ -82,12 +152,12 @@ impl FrameReader {
     async fn fill(&mut self, n: usize) -> Res<()> {
         while self.buf.len() < n {
             self.buf.reserve(n.max(256 * 1024));
-            let got = self.rd.read_buf(&mut self.buf).await.map_err(|e| format!("read: {e}"))?;
+            let got = self.rd.read_buf(&mut self.buf).await.map_err(LinkError::Read)?;
             if got == 0 {
                 return Err(if self.buf.is_empty() {
-                    "peer closed the connection".into()
+                    LinkError::Closed
                 } else {
-                    format!("peer closed mid-frame ({} bytes of {n})", self.buf.len())
+                    LinkError::ClosedMidFrame { have: self.buf.len(), want: n }
                 });
             }
         }
@@ -97,10 +167,9 @@ impl FrameReader {
     /// The next whole frame: header and payload.
     async fn next(&mut self) -> Res<(Header, BytesMut)> {
         self.fill(wire::HEADER_LEN).await?;
-        let h =
-            wire::decode_header(&self.buf).map_err(|e| e.to_string())?.expect("header buffered");
+        let h = wire::decode_header(&self.buf)?.expect("header buffered");
         if h.len > self.limit {
-            return Err(WireError::TooLong(h.len).to_string());
+            return Err(WireError::TooLong(h.len).into());
         }
         self.fill(wire::HEADER_LEN + h.len as usize).await?;
         self.buf.advance(wire::HEADER_LEN);
@@ -110,11 +179,11 @@ impl FrameReader {
 
     /// The next frame if it is already whole in the buffer (no read).
     fn buffered(&mut self) -> Res<Option<(Header, BytesMut)>> {
-        let Some(h) = wire::decode_header(&self.buf).map_err(|e| e.to_string())? else {
+        let Some(h) = wire::decode_header(&self.buf)? else {
             return Ok(None);
         };
         if h.len > self.limit {
-            return Err(WireError::TooLong(h.len).to_string());
+            return Err(WireError::TooLong(h.len).into());
         }
         if self.buf.len() < wire::HEADER_LEN + h.len as usize {
             return Ok(None);
@@ -127,12 +196,12 @@ impl FrameReader {
     async fn expect(&mut self, kind: Kind, timeout: Duration) -> Res<BytesMut> {
         let (h, p) = tokio::time::timeout(timeout, self.next())
             .await
-            .map_err(|_| format!("peer did not send {kind:?} in time"))??;
+            .map_err(|_| LinkError::Late(kind))??;
         if h.kind == Kind::Refuse {
-            return Err(format!("peer refused: {}", String::from_utf8_lossy(&p)));
+            return Err(LinkError::PeerRefused(String::from_utf8_lossy(&p).into_owned()));
         }
         if h.kind != kind {
-            return Err(format!("expected {kind:?}, peer sent {:?}", h.kind));
+            return Err(LinkError::Unexpected { want: kind, got: h.kind });
         }
         Ok(p)
     }
@@ -141,7 +210,7 @@ impl FrameReader {
 async fn send_now(wr: &mut OwnedWriteHalf, kind: Kind, flags: u16, payload: &[u8]) -> Res<()> {
     let mut b = BytesMut::new();
     wire::encode(&mut b, kind, flags, 0, 0, payload);
-    wr.write_all(&b).await.map_err(|e| format!("write: {e}"))
+    wr.write_all(&b).await.map_err(LinkError::Write)
 }
 
 /// The link task of one volume: runs until `shutdown`.
@@ -153,13 +222,9 @@ pub async fn run(
     let cfg = vol.config().expect("a replicated volume").clone();
     let connector = cfg.node < cfg.peer;
     let mut changed = vol.watch();
-    let log = Mutex::new(RateLimit::new(5, Duration::from_secs(30)));
+    let log = Limited::new(5, Duration::from_secs(30));
     let mut failures: u32 = 0;
-    let warn = |what: &str| {
-        if let Some(suppressed) = log.lock().ok().and_then(|mut l| l.allow(Instant::now())) {
-            tracing::warn!(resource = %cfg.resource, peer = %cfg.peer, suppressed, "{what}");
-        }
-    };
+    let warn = |what: &str| crate::warn_limited!(log, "{what}");
     loop {
         if *shutdown.borrow() {
             return;
@@ -209,7 +274,7 @@ pub async fn run(
                 Err(e) => {
                     vol.stats.peer_errors.fetch_add(1, Relaxed);
                     warn(&format!("replication link: {e}"));
-                    vol.with_core(|c| c.r.last_refusal = Some(e.clone()));
+                    vol.with_core(|c| c.r.last_refusal = Some(e.to_string()));
                 }
             }
             teardown(&vol).await;
@@ -254,14 +319,10 @@ async fn teardown(vol: &Arc<Volume>) {
             v.clear();
         }
     }
-    if end.persist.data && vol.store().flush().await.is_err() {
-        tracing::error!(
-            "flush after an interrupted resync failed; the bitmap on disk keeps its bits"
-        );
-        vol.notify();
-        return;
+    // Data first: a failed flush leaves the bitmap on disk with its bits.
+    if let Err(e) = vol.persist(end.persist).await {
+        tracing::error!(error = %e, "making the end of the session durable failed");
     }
-    let _ = vol.persist(Persist { data: false, ..end.persist }).await;
     vol.al_wake();
     vol.notify();
 }
@@ -320,13 +381,13 @@ struct Session {
 
 fn range_of(vol: &Volume, offset: u64, len: u64) -> Res<()> {
     if len == 0 || offset.checked_add(len).is_none_or(|e| e > vol.size()) {
-        return Err(format!("peer sent a range outside the volume ({offset}+{len})"));
+        return Err(LinkError::OutsideVolume { offset, len });
     }
     Ok(())
 }
 
 fn u32_payload(kind: Kind, p: &[u8]) -> Res<u64> {
     let mut c = Cursor::new(kind, p);
-    let v = c.u32().map_err(|e| e.to_string())?;
+    let v = c.u32()?;
     Ok(u64::from(v))
 }

@@ -74,7 +74,7 @@ async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
     // The resynced blocks are durable before this node calls itself UpToDate on disk and the
     // source forgets them.
     if let Err(e) = vol.store().flush().await {
-        tracing::error!(errno = e, "flush at the end of the resync failed; dropping the link");
+        tracing::error!(error = %e, "flush at the end of the resync failed; dropping the link");
         peer.tx.close();
         return;
     }

@@ -15,8 +15,7 @@ pub(super) async fn session(
     let t = cfg.timeout;
 
     // 1. Hello both ways.
-    let challenge =
-        random_bytes::<32>().map_err(|e| format!("no randomness for a challenge: {e}"))?;
+    let challenge = random_bytes::<32>().map_err(|e| LinkError::NoRandomness("a challenge", e))?;
     let hello = Hello {
         version: wire::VERSION,
         features: handshake::FEATURES,
@@ -28,8 +27,8 @@ pub(super) async fn session(
     let mut b = BytesMut::new();
     hello.encode(&mut b);
     send_now(&mut wr, Kind::Hello, 0, &b).await?;
-    let theirs = Hello::decode(&r.expect(Kind::Hello, t).await?).map_err(|e| e.to_string())?;
-    let refuse = |e: Refusal| e.to_string();
+    let theirs = Hello::decode(&r.expect(Kind::Hello, t).await?)?;
+    let refuse = LinkError::Handshake;
     if let Err(e) = handshake::check_hello(&theirs, &cfg.cluster, &cfg.peer, &cfg.resource) {
         let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
@@ -55,7 +54,7 @@ pub(super) async fn session(
     let mut b = BytesMut::new();
     mine.encode(&mut b);
     send_now(&mut wr, Kind::Params, 0, &b).await?;
-    let peer = Params::decode(&r.expect(Kind::Params, t).await?).map_err(|e| e.to_string())?;
+    let peer = Params::decode(&r.expect(Kind::Params, t).await?)?;
     if let Err(e) = handshake::check_params(&mine, &peer) {
         let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
@@ -90,7 +89,7 @@ pub(super) async fn session(
             vol.with_core(|c| c.r.give_up(false, why.clone()));
             return Ok(format!("refused: {why}; StandAlone"));
         }
-        Plan::Retry(why) => return Err(why.clone()),
+        Plan::Retry(why) => return Err(LinkError::Retry(why.clone())),
         Plan::NoSync | Plan::Source { .. } | Plan::Target { .. } => {}
     }
     vol.with_core(|c| engine::session::apply_fixup(&mut c.r.sb.uuids, verdict.fixup));
@@ -110,22 +109,19 @@ pub(super) async fn session(
             send_now(&mut wr, Kind::Bitmap, if from.is_none() { F_LAST } else { 0 }, &b).await?;
         }
         loop {
-            let (h, p) = tokio::time::timeout(t, r.next())
-                .await
-                .map_err(|_| "peer did not send its bitmap in time".to_string())??;
+            let (h, p) =
+                tokio::time::timeout(t, r.next()).await.map_err(|_| LinkError::BitmapLate)??;
             if h.kind != Kind::Bitmap {
-                return Err(format!("expected Bitmap, peer sent {:?}", h.kind));
+                return Err(LinkError::Unexpected { want: Kind::Bitmap, got: h.kind });
             }
-            vol.with_core(|c| c.r.bitmap.apply_runs(&p)).map_err(|e| e.to_string())?;
+            vol.with_core(|c| c.r.bitmap.apply_runs(&p))?;
             if h.flags & F_LAST != 0 {
                 return Ok(());
             }
         }
     };
     let most = t * BITMAP_EXCHANGE_TIMEOUTS;
-    tokio::time::timeout(most, exchange).await.map_err(|_| {
-        format!("the bitmap exchange took longer than {most:?} ({BITMAP_EXCHANGE_TIMEOUTS} x timeout_ms); writes go on, the link retries")
-    })??;
+    tokio::time::timeout(most, exchange).await.map_err(|_| LinkError::BitmapExchange(most))??;
     let weight = vol.with_core(|c| {
         if full {
             c.r.bitmap.set_all();
@@ -160,10 +156,10 @@ pub(super) async fn session(
     vol.stats.connects.fetch_add(1, Relaxed);
     if vol.persist(persist).await.is_err() {
         peer_h.tx.close();
-        return Err("cannot write metadata".into());
+        return Err(LinkError::Metadata);
     }
     if sync == Sync::Source {
-        let id = random_u64().map_err(|e| format!("no randomness for a sync generation: {e}"))?;
+        let id = random_u64().map_err(|e| LinkError::NoRandomness("a sync generation", e))?;
         let g = vol.with_core(|c| c.r.start_sync_source(id));
         let _ = vol.persist_sb().await;
         peer_h.send(small_frame(Kind::SyncUuid, 0, 0, 0, &encode_gens(&g))).await;
@@ -237,12 +233,9 @@ impl Session {
                     match live.tick(Instant::now(), ping_out, oldest, cfg.ping_timeout, cfg.timeout) {
                         Verdict::Alive => {}
                         Verdict::NoPong => {
-                            return Err(format!("peer did not answer a ping within {:?}", cfg.ping_timeout));
+                            return Err(LinkError::NoPong(cfg.ping_timeout));
                         }
-                        Verdict::Unanswered => return Err(format!(
-                            "peer left a request unanswered for more than {:?} (timeout_ms); dropping the link, its writes are marked out of sync",
-                            cfg.timeout
-                        )),
+                        Verdict::Unanswered => return Err(LinkError::Unanswered(cfg.timeout)),
                     }
                     // The transfer log's bound: acknowledged writes do not wait longer (or pile up
                     // more) than configured for a flush that makes them durable on the peer.
@@ -265,7 +258,7 @@ impl Session {
                     self.peer.send(small_frame(Kind::Disconnect, 0, 0, 0, &[])).await;
                     return Ok("shutting down".into());
                 }
-                _ = &mut writer => return Err("connection lost (send failed)".into()),
+                _ = &mut writer => return Err(LinkError::SendFailed),
             }
         }
     }

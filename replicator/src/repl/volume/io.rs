@@ -37,7 +37,7 @@ impl Drop for AlRef<'_> {
 }
 impl Volume {
     /// Makes `[offset, offset+len)` hot in the activity log (durably) and takes a reference.
-    async fn al_begin(&self, offset: u64, len: u64) -> Result<AlRef<'_>, i32> {
+    async fn al_begin(&self, offset: u64, len: u64) -> Result<AlRef<'_>, Errno> {
         if self.meta.is_none() {
             return Ok(AlRef { v: self, offset, len: 0 });
         }
@@ -125,12 +125,12 @@ impl Volume {
     }
 
     /// Before acknowledging a write the peer does not have: a new current generation, durable.
-    async fn ensure_new_generation(&self) -> Result<(), i32> {
+    async fn ensure_new_generation(&self) -> Result<(), Errno> {
         let Some(meta) = &self.meta else { return Ok(()) };
         let _g = self.meta_io.lock().await;
         let fresh = random_u64().map_err(|e| {
             tracing::error!(error = %e, "no randomness for a new generation identifier");
-            libc::EIO
+            Errno::EIO
         })?;
         let Some(sb) = self.with_core(|c| c.r.new_generation(fresh)) else { return Ok(()) };
         write_meta(move || meta.write_sb(&sb)).await?;
@@ -160,10 +160,10 @@ impl Volume {
         if replicating(c.r.st.conn) { c.peer.clone() } else { None }
     }
 
-    fn writable(&self) -> Result<(), i32> {
+    fn writable(&self) -> Result<(), Errno> {
         let c = self.core.lock().expect("volume state poisoned");
         if c.r.st.role != Role::Primary {
-            return Err(libc::EROFS);
+            return Err(Errno::EROFS);
         }
         Ok(())
     }
@@ -171,7 +171,7 @@ impl Volume {
     // ------------------------------------------------------------------ the NBD-facing I/O
 
     /// Reads locally.
-    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, i32> {
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, Errno> {
         self.store.read(offset, len).await
     }
 
@@ -185,7 +185,8 @@ impl Volume {
     }
 
     /// A replicated write, answered under the protocol's completion rule (once every piece is).
-    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
+    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), Errno> {
+        crate::fault::write(offset);
         let Some(pieces) = self.pieces(offset, buf.len() as u64) else {
             return self.write_piece(offset, buf, fua).await;
         };
@@ -197,7 +198,7 @@ impl Volume {
         Ok(())
     }
 
-    async fn write_piece(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), i32> {
+    async fn write_piece(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<(), Errno> {
         self.writable()?;
         let gate = Arc::clone(&self.io_gate).read_owned().await;
         let len = buf.len() as u64;
@@ -229,14 +230,15 @@ impl Volume {
     /// send its frame on, the request id, and the answers to wait for (a receipt too under
     /// protocol B). `None`: no peer to replicate to.
     fn register_live(&self, offset: u64, len: u64) -> Option<(Arc<Peer>, u64, Answers)> {
-        let (w, answers) = Waiter::new(self.protocol() == Protocol::B);
-        let now = Instant::now();
+        let receipt = self.protocol() == Protocol::B;
         let mut c = self.core.lock().expect("volume state poisoned");
         if !replicating(c.r.st.conn) {
             return None;
         }
         let p = c.peer.clone()?;
-        let id = c.r.register(p.epoch, offset, len, now, w).ok()?;
+        // Built only once there is a session to wait on (no allocation when alone).
+        let (w, answers) = Waiter::new(receipt);
+        let id = c.r.register(p.epoch, offset, len, Instant::now(), w).ok()?;
         Some((p, id, answers))
     }
 
@@ -257,7 +259,7 @@ impl Volume {
         offset: u64,
         len: u64,
         gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         let mut acks = acks;
         loop {
             if let Some(out) = comp.ready() {
@@ -294,7 +296,7 @@ impl Volume {
     }
 
     /// FLUSH: durable locally, and on the peer for B and C (and for A once queued).
-    pub async fn flush(&self) -> Result<(), i32> {
+    pub async fn flush(&self) -> Result<(), Errno> {
         let peer = self.peer();
         let mut comp = Completion::new(self.protocol(), true, peer.is_some());
         let acks = match &peer {
@@ -317,7 +319,7 @@ impl Volume {
         fua: bool,
         may_trim: bool,
         fast_only: bool,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         let pieces = self.pieces(offset, len).unwrap_or_else(|| vec![(offset, len)]);
         for (o, l) in pieces {
             // A Zero frame carries a 32-bit length: pieces of at most ZERO_PIECE.
@@ -342,13 +344,13 @@ impl Volume {
         fua: bool,
         may_trim: bool,
         fast_only: bool,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         self.writable()?;
         let gate = Arc::clone(&self.io_gate).read_owned().await;
         let _al = self.al_begin(offset, len).await?;
         let _range = self.locks.lock(offset, len).await;
         let local = self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await;
-        if local == Err(libc::EOPNOTSUPP) {
+        if local == Err(Errno::EOPNOTSUPP) {
             return local; // nothing happened (fast_only); nothing to replicate
         }
         // Registered only now: a request registered and never sent would wait for an answer
@@ -370,7 +372,7 @@ impl Volume {
     }
 
     /// TRIM (see [`Volume::zero`]); a single-node volume just punches a hole.
-    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), i32> {
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
         if self.meta.is_none() {
             return self.store.trim(offset, len, fua).await;
         }
@@ -378,7 +380,7 @@ impl Volume {
     }
 
     /// Readahead hint.
-    pub fn cache(&self, offset: u64, len: u64) -> Result<(), i32> {
+    pub fn cache(&self, offset: u64, len: u64) -> Result<(), Errno> {
         self.store.cache(offset, len)
     }
 
@@ -388,7 +390,7 @@ impl Volume {
         offset: u64,
         len: u32,
         max: usize,
-    ) -> Result<Vec<Extent>, i32> {
+    ) -> Result<Vec<Extent>, Errno> {
         self.store.block_status(offset, len, max).await
     }
 }

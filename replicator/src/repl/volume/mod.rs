@@ -22,6 +22,7 @@ mod status;
 pub use io::VolumePlug;
 pub use status::{ReplStatus, Summary};
 
+use nix::errno::Errno;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -194,11 +195,11 @@ pub use super::tx::Frame;
 pub(crate) struct Waiter {
     /// The receipt (protocol B).
     pub recv: Option<oneshot::Sender<()>>,
-    pub done: Option<oneshot::Sender<Result<(), i32>>>,
+    pub done: Option<oneshot::Sender<Result<(), Errno>>>,
 }
 
 /// The receiving ends of a [`Waiter`].
-type Answers = (Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), i32>>);
+type Answers = (Option<oneshot::Receiver<()>>, oneshot::Receiver<Result<(), Errno>>);
 
 impl Waiter {
     fn new(receipt: bool) -> (Self, Answers) {
@@ -213,7 +214,7 @@ impl Waiter {
     }
 
     /// Delivers the peer's answer.
-    pub(crate) fn answer(mut self, r: Result<(), i32>) {
+    pub(crate) fn answer(mut self, r: Result<(), Errno>) {
         if let Some(tx) = self.recv.take() {
             let _ = tx.send(());
         }
@@ -349,7 +350,7 @@ impl Volume {
         // by the simulation: a later power loss lost writes the generations called in sync).
         store.sync_now().map_err(|e| MetaError::Io {
             path: store.path().to_path_buf(),
-            source: std::io::Error::from_raw_os_error(e),
+            source: std::io::Error::from_raw_os_error(e as i32),
         })?;
         let Loaded { sb, bitmap, al_hot, al_seq } = loaded;
         let mut al = ActivityLog::new(u64::from(sb.al_extent_size), sb.al_extents as usize);
@@ -426,7 +427,7 @@ impl Volume {
     // ------------------------------------------------------------------ metadata
 
     /// Writes the superblock from the in-memory state (flags follow role and disk state).
-    pub(crate) async fn persist_sb(&self) -> Result<(), i32> {
+    pub(crate) async fn persist_sb(&self) -> Result<(), Errno> {
         let Some(meta) = &self.meta else { return Ok(()) };
         let _g = self.meta_io.lock().await;
         let sb = self.core.lock().expect("volume state poisoned").r.next_superblock();
@@ -434,7 +435,7 @@ impl Volume {
     }
 
     /// Carries out what a transition asks to make durable, in its order (see [`Persist`]).
-    pub(crate) async fn persist(&self, p: Persist) -> Result<(), i32> {
+    pub(crate) async fn persist(&self, p: Persist) -> Result<(), Errno> {
         if p.data {
             self.store.flush().await?;
         }
@@ -448,7 +449,7 @@ impl Volume {
     }
 
     /// Writes the dirty bitmap pages.
-    pub(crate) async fn persist_bitmap(&self) -> Result<(), i32> {
+    pub(crate) async fn persist_bitmap(&self) -> Result<(), Errno> {
         let Some(meta) = &self.meta else { return Ok(()) };
         let _g = self.meta_io.lock().await;
         let pages: Vec<_> = {
@@ -468,7 +469,7 @@ impl Volume {
         data: Option<IoBuf>,
         len: u64,
         flags: u16,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         let fua = flags & F_FUA != 0;
         match data {
             Some(buf) => self.store.write(offset, buf, fua).await,
@@ -487,11 +488,11 @@ impl Volume {
     }
 }
 
-async fn write_meta(f: impl FnOnce() -> Result<(), MetaError> + Send) -> Result<(), i32> {
+async fn write_meta(f: impl FnOnce() -> Result<(), MetaError> + Send) -> Result<(), Errno> {
     // Metadata writes are few (AL transactions, role changes); doing them on this thread keeps
     // the ordering obvious. block_in_place lets the runtime move other tasks off this worker.
     tokio::task::block_in_place(f).map_err(|e| {
         tracing::error!(error = %e, "metadata write failed");
-        libc::EIO
+        Errno::EIO
     })
 }

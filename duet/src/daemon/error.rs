@@ -1,0 +1,114 @@
+//! The daemon's errors: why it could not start or stop cleanly (configuration or environment,
+//! each naming the key or the resource), and why a control command was refused.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use replicator::repl::meta::MetaError;
+use replicator::store::StoreError;
+
+use crate::cluster::Refusal;
+use crate::config::runtime::RuntimeError;
+use crate::ha::{ExportError, StartError};
+
+/// Why the daemon could not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] RuntimeError),
+    #[error(
+        "in a pair every resource needs its own nbd_listen ({0} is used twice): an export opens and closes with its resource's role"
+    )]
+    SharedListen(String),
+    #[error("resource[{index}] ({name}): resource[{index}].on.{node}.disk")]
+    Store {
+        index: usize,
+        name: String,
+        node: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error(
+        "resource {name} on {node}: cannot attach the metadata (a new disk needs `duet create-md`)"
+    )]
+    Meta {
+        name: String,
+        node: String,
+        #[source]
+        source: MetaError,
+    },
+    #[error(
+        "cannot listen for the peer on {addr} (resource[{index}].on.{node}.replication_address)"
+    )]
+    PeerListen {
+        addr: SocketAddr,
+        index: usize,
+        node: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("resource {name}")]
+    Volume {
+        name: String,
+        #[source]
+        source: MetaError,
+    },
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Ha(#[from] StartError),
+    #[error("cannot create {} for the control socket", .dir.display())]
+    ControlDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another duet daemon is running on control socket {}; stop it first, or give this node its own control_socket",
+        .0.display()
+    )]
+    ControlInUse(PathBuf),
+    #[error("{what} control socket {}", .path.display())]
+    ControlSocket {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for metrics on {addr} (metrics_listen); set it to \"\" to disable")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing the {0} handler")]
+    Signal(&'static str, #[source] std::io::Error),
+    #[error("the final flush of a backing store failed; see the log above")]
+    FinalFlush,
+}
+
+/// Why a control command was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(
+        "the cluster manager is not running (no [[heartbeat.link]] configured): use `duet primary` / `duet secondary`"
+    )]
+    NoClusterManager,
+    #[error("the cluster manager stopped")]
+    ManagerStopped,
+    #[error("the cluster manager dropped the request")]
+    Dropped,
+    #[error("the switchover did not finish in time; see `duet events`")]
+    SwitchoverTimeout,
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("no resource named {0:?} in the configuration")]
+    NoSuchResource(String),
+    #[error("resource {0} has no peer: it is always Primary and replicates nowhere")]
+    NoPeer(String),
+    /// The replicator refused (its message says why and what to do).
+    #[error("{resource}: {why}")]
+    Resource { resource: String, why: String },
+    #[error("{resource}: {}; demoted again", crate::error_chain(.err))]
+    ExportAfterPromote { resource: String, err: ExportError },
+}
