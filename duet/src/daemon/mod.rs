@@ -107,8 +107,9 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
                 };
                 let vol = Volume::replicated(vc, store, meta, loaded)
                     .map_err(|source| DaemonError::Volume { name: r.name.clone(), source })?;
-                // Every line the link logs says which resource and which peer.
-                let span = tracing::info_span!("link", resource = %r.name, peer = %p);
+                // Every line the link logs says which resource and which peer (an error-level
+                // span: enabled whatever DUET_LOG lets through, so its fields always show).
+                let span = tracing::error_span!("link", resource = %r.name, peer = %p);
                 let run = link::run(Arc::clone(&vol), listener, sd_rx.clone());
                 links.push(tokio::spawn(tracing::Instrument::instrument(run, span)));
                 vol

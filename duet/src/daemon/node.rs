@@ -35,7 +35,7 @@ impl Group {
         let (tx, rx) = watch::channel(false);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let server = Arc::clone(&self.server);
-        let span = tracing::info_span!("nbd", exports = %names.join(","));
+        let span = tracing::error_span!("nbd", exports = %names.join(","));
         let task = self.data.spawn(tracing::Instrument::instrument(
             async move {
                 let listener = match TcpListener::bind(addr).await {

@@ -239,7 +239,7 @@ async fn start_here(
         events: Arc::clone(&events),
         timing,
     };
-    let span = tracing::info_span!("ha", node = %node, peer = %lp.peer);
+    let span = tracing::error_span!("ha", node = %node, peer = %lp.peer);
     tokio::spawn(tracing::Instrument::instrument(lp.run(in_rx, req_rx, back_rx, sd), span));
     Ok(Ha { requests: req_tx, status, events, _thread: None })
 }

@@ -58,6 +58,20 @@ fn ha_pair_with(ha: HaOpts, o: PairOpts) -> Pair {
     p
 }
 
+/// Beta becomes the running master by itself, the writer `w` (reconnecting to the same port,
+/// now beta's) goes on through it, and every write it saw acknowledged reads back.
+fn beta_takes_over_with_every_acknowledged_write(p: &Pair, w: Writer, port: u16, seed: u64) {
+    assert!(
+        wait_until(Duration::from_secs(20), || p.is_master(1)),
+        "beta did not take over: {}\n{}",
+        p.cluster(1),
+        p.events(1)
+    );
+    assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through the new master");
+    let acked = w.finish();
+    check_log(port, seed, &acked);
+}
+
 fn links_up(p: &Pair, i: usize) -> bool {
     let c = p.cluster(i);
     c["links"].as_array().is_some_and(|l| !l.is_empty() && l.iter().all(|x| x["state"] == "up"))
@@ -113,16 +127,7 @@ fn sigkill_of_the_master_during_writes_the_slave_takes_over_by_itself() {
     let w = Writer::start(port, seed);
     assert!(w.wait_more(200, Duration::from_secs(30)), "writer stalled before the crash");
     p.kill(0);
-    assert!(
-        wait_until(Duration::from_secs(20), || p.is_master(1)),
-        "beta did not take over: {}\n{}",
-        p.cluster(1),
-        p.events(1)
-    );
-    // The writer reconnects to beta and goes on.
-    assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through the new master");
-    let acked = w.finish();
-    check_log(port, seed, &acked);
+    beta_takes_over_with_every_acknowledged_write(&p, w, port, seed);
     let o = fio(&uri, &["--rw=randwrite", "--verify_only"]);
     assert!(
         o.status.success() && !verify_errors(&o),
@@ -523,13 +528,5 @@ fn a_panic_in_a_data_task_takes_the_daemon_down_and_the_peer_takes_over() {
     );
     let log = p.log_text(0);
     assert!(log.contains("fault injection") && log.contains("stopping this node"), "{log}");
-    assert!(
-        wait_until(Duration::from_secs(20), || p.is_master(1)),
-        "beta did not take over: {}\n{}",
-        p.cluster(1),
-        p.events(1)
-    );
-    assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through the new master");
-    let acked = w.finish();
-    check_log(port, seed, &acked);
+    beta_takes_over_with_every_acknowledged_write(&p, w, port, seed);
 }

@@ -156,7 +156,7 @@ impl Server {
                             continue;
                         }
                         let srv = Arc::clone(&self);
-                        let span = tracing::info_span!("client", %peer);
+                        let span = tracing::error_span!("client", %peer);
                         let conn = srv.connection(sock, peer, for_conns.clone());
                         conns.spawn(tracing::Instrument::instrument(conn, span));
                     }
