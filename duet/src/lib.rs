@@ -23,14 +23,40 @@ pub mod plan;
 pub mod status;
 
 /// An error with its sources, `outer: inner: …` (for messages that leave as one string: a
-/// control reply, an event line).
+/// control reply, an event line, the daemon's last words). A source whose message already ends
+/// the text is not repeated: some errors (the store's, the metadata's) name their source in
+/// their own message as well.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let m = c.to_string();
+        if !s.ends_with(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open {path}: {source}")]
+    struct Says {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("resource vol0")]
+    struct Outer(#[source] Says);
+
+    #[test]
+    fn a_chain_names_each_source_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let m = super::error_chain(&Outer(Says { path: "/x", source: io }));
+        assert_eq!(m, "resource vol0: cannot open /x: entity not found");
+    }
 }

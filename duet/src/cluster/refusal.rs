@@ -33,10 +33,10 @@ pub enum Refusal {
     Stopping,
     #[error("a switchover is already running; see `duet status`")]
     SwitchoverRunning,
-    /// The local data is not fit; `peer_master`: the peer is master (nothing overrides that),
-    /// `force`: the operator already forced.
-    #[error("refused: {why}{}", stale_hint(*peer_master, *force))]
-    Stale { why: Stale, peer_master: bool, force: bool },
+    /// The local data is not fit; `peer_master`: the peer is master, and not even `--force`
+    /// overrides that (otherwise `--force` would have promoted).
+    #[error("refused: {why}{}", stale_hint(*peer_master))]
+    Stale { why: Stale, peer_master: bool },
     #[error(
         "refused: the peer has not been heard yet (waiting up to initdead_ms); try again in a moment, or if you know the peer is down, run `duet make-master --force`"
     )]
@@ -79,11 +79,9 @@ pub enum Refusal {
     UnhealthyToo,
 }
 
-fn stale_hint(peer_master: bool, force: bool) -> &'static str {
+fn stale_hint(peer_master: bool) -> &'static str {
     if peer_master {
         " (--force cannot help while the peer is master: it would throw away the master's newer writes)"
-    } else if force {
-        ""
     } else {
         "; --force promotes anyway"
     }

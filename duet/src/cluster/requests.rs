@@ -144,7 +144,7 @@ impl Manager {
                 if let Some(why) = stale
                     && (peer_master || !force)
                 {
-                    return self.finish(origin, Err(Refusal::Stale { why, peer_master, force }));
+                    return self.finish(origin, Err(Refusal::Stale { why, peer_master }));
                 }
                 if peer_master {
                     let id = self.id();

@@ -14,8 +14,8 @@ pub enum StartError {
     ThreadEnded,
     #[error("cannot start the cluster manager's runtime")]
     Runtime(#[source] std::io::Error),
-    #[error("the cluster manager's start failed")]
-    Panicked(#[source] tokio::task::JoinError),
+    #[error("the cluster manager's start task ended")]
+    Task(#[source] tokio::task::JoinError),
     #[error("the cluster manager needs a peer")]
     NoPeer,
     #[error("heartbeat timing")]
@@ -100,7 +100,7 @@ pub async fn start(
     let mut ha = rt
         .spawn(async move { start_here(&cfg, &node, &secret, host, sd).await })
         .await
-        .map_err(StartError::Panicked)??;
+        .map_err(StartError::Task)??;
     ha._thread = Some(Arc::new(stop));
     Ok(ha)
 }
