@@ -4,6 +4,10 @@ use std::fmt::Write as _;
 
 use crate::config::{Config, LinkKind};
 
+fn or_unknown(a: Option<std::net::SocketAddr>) -> String {
+    a.map_or_else(|| "?".into(), |a| a.to_string())
+}
+
 /// Describes every node's part.
 pub fn describe(cfg: &Config) -> String {
     let mut o = String::new();
@@ -20,12 +24,10 @@ pub fn describe(cfg: &Config) -> String {
     for n in &nodes {
         let _ = writeln!(o, "\nnode {n}:");
         let _ = writeln!(o, "  control socket {}", cfg.control_socket(n).display());
-        let m = cfg.metrics_listen(n);
-        let _ = writeln!(
-            o,
-            "  metrics {}",
-            if m.is_empty() { "disabled".to_string() } else { format!("on http://{m}/metrics") }
-        );
+        let _ = match cfg.metrics_listen(n) {
+            None => writeln!(o, "  metrics disabled"),
+            Some(m) => writeln!(o, "  metrics on http://{m}/metrics"),
+        };
         let peer = cfg.peer_of(n);
         for r in &cfg.resource {
             let on = &r.on[*n];
@@ -53,8 +55,8 @@ pub fn describe(cfg: &Config) -> String {
                         r.name,
                         r.nbd_listen,
                         r.protocol,
-                        on.replication_address.as_deref().unwrap_or("?"),
-                        r.on[p].replication_address.as_deref().unwrap_or("?")
+                        or_unknown(on.replication_address),
+                        or_unknown(r.on[p].replication_address)
                     );
                 }
             }
@@ -65,8 +67,8 @@ pub fn describe(cfg: &Config) -> String {
                 LinkKind::Udp => writeln!(
                     o,
                     "  heartbeat link {i}: udp {} -> {}",
-                    on.bind.as_deref().unwrap_or("?"),
-                    on.peer.as_deref().unwrap_or("?")
+                    or_unknown(on.bind),
+                    or_unknown(on.peer)
                 ),
                 LinkKind::Serial => writeln!(
                     o,
@@ -83,7 +85,7 @@ pub fn describe(cfg: &Config) -> String {
                 "  when master, holds VIP {} on {}{}",
                 v.address,
                 v.interface,
-                if v.mac.is_empty() { String::new() } else { format!(" with MAC {}", v.mac) }
+                v.mac.map(|m| format!(" with MAC {m}")).unwrap_or_default()
             );
         }
     }

@@ -21,7 +21,7 @@ pub struct Cluster {
     pub control_socket: PathBuf,
     /// Prometheus endpoint, "" disables. Default `127.0.0.1:9640`.
     #[serde(default = "default_metrics")]
-    pub metrics_listen: String,
+    pub metrics_listen: Listen,
     /// Threads of the data path (NBD exports, peer links, resync). Default 1: one event loop
     /// that does a replicated write's steps itself, with no hand-over between threads.
     #[serde(default = "default_data_threads")]
@@ -38,8 +38,8 @@ fn default_data_threads() -> usize {
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/duet/duet.sock")
 }
-fn default_metrics() -> String {
-    "127.0.0.1:9640".into()
+fn default_metrics() -> Listen {
+    Listen::At(SocketAddr::from(([127, 0, 0, 1], 9640)))
 }
 
 /// `failback`.
@@ -60,7 +60,7 @@ pub struct NodeOverrides {
     /// Overrides `cluster.control_socket`.
     pub control_socket: Option<PathBuf>,
     /// Overrides `cluster.metrics_listen`.
-    pub metrics_listen: Option<String>,
+    pub metrics_listen: Option<Listen>,
     /// Overrides `fencing.delay_ms` for this node (give the nodes different delays so both
     /// never fence each other at once).
     pub fence_delay_ms: Option<u64>,

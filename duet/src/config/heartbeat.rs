@@ -66,11 +66,20 @@ pub struct Link {
 #[serde(deny_unknown_fields)]
 pub struct LinkOn {
     /// UDP: local address.
-    pub bind: Option<String>,
+    #[serde(default, deserialize_with = "syntax::socket_opt")]
+    pub bind: Option<SocketAddr>,
     /// UDP: the peer's address.
-    pub peer: Option<String>,
+    #[serde(default, deserialize_with = "syntax::socket_opt")]
+    pub peer: Option<SocketAddr>,
     /// Serial: device path.
     pub device: Option<PathBuf>,
+}
+
+impl LinkOn {
+    /// A udp link's two ends (`bind`, `peer`), both required by validation.
+    pub fn udp(&self) -> Option<(SocketAddr, SocketAddr)> {
+        Some((self.bind?, self.peer?))
+    }
 }
 
 impl Config {
@@ -149,10 +158,16 @@ impl Config {
                 };
                 match l.kind {
                     LinkKind::Udp => {
-                        let b = on.bind.as_deref().unwrap_or("");
-                        let p = on.peer.as_deref().unwrap_or("");
-                        socket_addr(&kn("bind"), b)?;
-                        socket_addr(&kn("peer"), p)?;
+                        for (key, v) in [("bind", on.bind), ("peer", on.peer)] {
+                            if v.is_none() {
+                                return Err(invalid(
+                                    kn(key),
+                                    "",
+                                    "missing; a udp link needs both ends",
+                                    "e.g. bind = \"192.0.2.1:694\", peer = \"192.0.2.2:694\"",
+                                ));
+                            }
+                        }
                         if on.device.is_some() {
                             return Err(invalid(
                                 kn("device"),

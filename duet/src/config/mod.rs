@@ -1,6 +1,8 @@
 //! The configuration file (`duet.example.toml` is the contract): serde structs that refuse unknown
 //! keys, documented defaults, and a `validate()` whose errors name the key, the bad value and the
-//! fix.//!
+//! fix. Addresses, prefixes and MACs are typed as the file is read ([`syntax`]): a bad one is a
+//! parse error at its line, and the runtime takes the values as they are, parsing nothing again.
+//!
 //! By section: [`cluster`] (`[cluster]` and the node overrides), [`resource`]
 //! (`[[resource]]` with its peer timers, resync and split-brain policies), [`heartbeat`],
 //! [`ha`] (fencing, health checks, services), [`vip`]; each with its validation. The
@@ -11,12 +13,14 @@ mod ha;
 mod heartbeat;
 mod resource;
 pub mod runtime;
+mod syntax;
 mod vip;
 
 pub use cluster::*;
 pub use ha::*;
 pub use heartbeat::*;
 pub use resource::*;
+pub use syntax::{IpPrefix, Listen, Mac};
 pub use vip::*;
 
 use replicator::repl::policy::{SB0_NAMES as SB0, SB1_NAMES as SB1, SB2_NAMES as SB2};
@@ -89,12 +93,6 @@ fn valid_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn socket_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse().map_err(|_| {
-        invalid(key, v, "not an address:port", "write it as 192.0.2.1:10809 or [2001:db8::1]:10809")
-    })
-}
-
 fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
     if v == 0 {
         Err(invalid(key, v, "must be greater than 0", "set a positive value"))
@@ -155,12 +153,13 @@ impl Config {
         self.node.get(node).and_then(|n| n.fence_delay_ms).unwrap_or(self.fencing.delay_ms)
     }
 
-    /// Metrics address of `node` ("" disables).
-    pub fn metrics_listen(&self, node: &str) -> String {
+    /// Metrics address of `node` (`None`: "" turned it off).
+    pub fn metrics_listen(&self, node: &str) -> Option<SocketAddr> {
         self.node
             .get(node)
-            .and_then(|n| n.metrics_listen.clone())
-            .unwrap_or_else(|| self.cluster.metrics_listen.clone())
+            .and_then(|n| n.metrics_listen)
+            .unwrap_or(self.cluster.metrics_listen)
+            .addr()
     }
 
     /// Picks this node: `--node`, else the hostname.
@@ -279,14 +278,6 @@ impl Config {
                     "e.g. /run/duet/duet.sock",
                 ));
             }
-            if let Some(m) = &o.metrics_listen
-                && !m.is_empty()
-            {
-                socket_addr(&format!("node.{n}.metrics_listen"), m)?;
-            }
-        }
-        if !c.metrics_listen.is_empty() {
-            socket_addr("cluster.metrics_listen", &c.metrics_listen)?;
         }
         if self.resource.is_empty() {
             return Err(invalid(
@@ -381,32 +372,6 @@ impl Config {
                     &v.interface,
                     "not an interface name",
                     "e.g. interface = \"eth0\"",
-                ));
-            }
-            if parse_prefix(&v.address).is_none() {
-                return Err(invalid(
-                    k("address"),
-                    &v.address,
-                    "not ADDRESS/PREFIX",
-                    "e.g. \"192.0.2.100/24\" or \"2001:db8::100/64\"",
-                ));
-            }
-            for (j, a) in v.aliases.iter().enumerate() {
-                if parse_prefix(a).is_none() {
-                    return Err(invalid(
-                        format!("vip[{i}].aliases[{j}]"),
-                        a,
-                        "not ADDRESS/PREFIX",
-                        "e.g. \"192.0.2.101/24\"",
-                    ));
-                }
-            }
-            if !v.mac.is_empty() && !valid_mac(&v.mac) {
-                return Err(invalid(
-                    k("mac"),
-                    &v.mac,
-                    "not a unicast MAC address",
-                    "use \"\" or a locally administered unicast MAC such as \"02:00:5e:00:01:01\"",
                 ));
             }
             positive(&k("announce_interval_ms"), v.announce_interval_ms)?;

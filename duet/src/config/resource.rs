@@ -14,6 +14,17 @@ pub enum Protocol {
     C,
 }
 
+impl Protocol {
+    /// The name in the peer handshake's configuration fingerprint.
+    pub fn fingerprint_name(self) -> &'static str {
+        match self {
+            Protocol::A => "A",
+            Protocol::B => "B",
+            Protocol::C => "C",
+        }
+    }
+}
+
 /// `io_engine`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,6 +51,18 @@ pub enum DataIntegrity {
     Sha256,
 }
 
+impl DataIntegrity {
+    /// The name in the peer handshake's configuration fingerprint (the names of releases that
+    /// hashed the Debug text, so a rolling upgrade still connects).
+    pub fn fingerprint_name(self) -> &'static str {
+        match self {
+            DataIntegrity::Off => "Off",
+            DataIntegrity::Crc32 => "Crc32",
+            DataIntegrity::Sha256 => "Sha256",
+        }
+    }
+}
+
 /// `[[resource]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,8 +73,8 @@ pub struct Resource {
     #[serde(default)]
     pub protocol: Protocol,
     /// Where the running master serves NBD. Default `0.0.0.0:10809`.
-    #[serde(default = "default_nbd_listen")]
-    pub nbd_listen: String,
+    #[serde(default = "default_nbd_listen", deserialize_with = "syntax::socket")]
+    pub nbd_listen: SocketAddr,
     /// auto | uring | threads.
     #[serde(default)]
     pub io_engine: IoEngine,
@@ -84,8 +107,8 @@ pub struct Resource {
     pub peer: PeerTimers,
 }
 
-fn default_nbd_listen() -> String {
-    "0.0.0.0:10809".into()
+fn default_nbd_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 10809))
 }
 fn default_4() -> u32 {
     4
@@ -107,7 +130,8 @@ pub struct ResourceOn {
     #[serde(default = "default_meta")]
     pub meta: String,
     /// This node's end of the peer link; required with two nodes.
-    pub replication_address: Option<String>,
+    #[serde(default, deserialize_with = "syntax::socket_opt")]
+    pub replication_address: Option<SocketAddr>,
 }
 
 fn default_meta() -> String {
@@ -228,7 +252,6 @@ impl Config {
                 "give each [[resource]] its own name",
             ));
         }
-        socket_addr(&k("nbd_listen"), &r.nbd_listen)?;
         let g = r.bitmap_granularity_kib;
         if !g.is_power_of_two() || !(4..=1024).contains(&g) {
             return Err(invalid(
@@ -293,7 +316,7 @@ impl Config {
                 ));
             }
             match (&on.replication_address, self.node.len()) {
-                (Some(a), _) => addrs.push(socket_addr(&kn("replication_address"), a)?),
+                (Some(a), _) => addrs.push(*a),
                 (None, 2) => {
                     return Err(invalid(
                         kn("replication_address"),

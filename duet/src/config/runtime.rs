@@ -36,14 +36,8 @@ pub enum RuntimeError {
     ShortSecret { path: PathBuf, len: usize },
     #[error("resource {resource}: {why}")]
     Policies { resource: String, why: replicator::repl::policy::PolicyError },
-    #[error("resource[{resource}].on.{node}.replication_address = {value:?}")]
-    Address {
-        resource: String,
-        node: String,
-        value: String,
-        #[source]
-        source: std::net::AddrParseError,
-    },
+    #[error("resource {resource} on {node} has no replication_address; a pair needs one")]
+    NoAddress { resource: String, node: String },
 }
 
 /// Reads the cluster secret; refuses an empty or unreadable one.
@@ -94,12 +88,9 @@ pub fn volume_config(
     )
     .map_err(|why| RuntimeError::Policies { resource: r.name.clone(), why })?;
     let addr = |n: &str| -> Result<SocketAddr, RuntimeError> {
-        let a = r.on[n].replication_address.as_deref().unwrap_or_default();
-        a.parse().map_err(|source| RuntimeError::Address {
+        r.on.get(n).and_then(|on| on.replication_address).ok_or_else(|| RuntimeError::NoAddress {
             resource: r.name.clone(),
             node: n.to_string(),
-            value: a.to_string(),
-            source,
         })
     };
     let protocol = match r.protocol {
@@ -123,9 +114,9 @@ pub fn volume_config(
         digest,
         fingerprint: handshake::fingerprint(&[
             &r.name,
-            &format!("{:?}", r.protocol),
+            r.protocol.fingerprint_name(),
             &r.bitmap_granularity_kib.to_string(),
-            &format!("{:?}", r.data_integrity),
+            r.data_integrity.fingerprint_name(),
         ]),
         policies,
         resync: ratectl::Settings {

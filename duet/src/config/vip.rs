@@ -1,4 +1,4 @@
-//! `[[vip]]`, and the address and MAC syntax it uses.
+//! `[[vip]]` (its address and MAC syntaxes are in [`super::syntax`]).
 
 use super::ha::default_5;
 use super::*;
@@ -8,11 +8,12 @@ use super::*;
 #[serde(deny_unknown_fields)]
 pub struct Vip {
     pub interface: String,
-    pub address: String,
+    pub address: IpPrefix,
     #[serde(default)]
-    pub aliases: Vec<String>,
-    #[serde(default)]
-    pub mac: String,
+    pub aliases: Vec<IpPrefix>,
+    /// `""` (the default): the interface keeps its own MAC.
+    #[serde(default, deserialize_with = "syntax::mac_or_none")]
+    pub mac: Option<Mac>,
     #[serde(default = "default_5")]
     pub announce_count: u32,
     #[serde(default = "default_200")]
@@ -28,20 +29,4 @@ fn default_200() -> u64 {
 }
 fn default_5000() -> u64 {
     5000
-}
-
-/// Parses `ADDR/PREFIX`.
-pub fn parse_prefix(v: &str) -> Option<(IpAddr, u8)> {
-    let (a, p) = v.split_once('/')?;
-    let ip: IpAddr = a.parse().ok()?;
-    let p: u8 = p.parse().ok()?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (p <= max).then_some((ip, p))
-}
-
-pub(super) fn valid_mac(s: &str) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6
-        && parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
-        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
 }

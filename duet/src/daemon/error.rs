@@ -19,7 +19,7 @@ pub enum DaemonError {
     #[error(
         "in a pair every resource needs its own nbd_listen ({0} is used twice): an export opens and closes with its resource's role"
     )]
-    SharedListen(String),
+    SharedListen(std::net::SocketAddr),
     #[error("resource[{index}] ({name}): resource[{index}].on.{node}.disk")]
     Store {
         index: usize,

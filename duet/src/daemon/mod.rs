@@ -60,7 +60,7 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
         let mut seen = std::collections::HashSet::new();
         for r in &cfg.resource {
             if !seen.insert(&r.nbd_listen) {
-                return Err(DaemonError::SharedListen(r.nbd_listen.clone()));
+                return Err(DaemonError::SharedListen(r.nbd_listen));
             }
         }
     }
@@ -125,7 +125,7 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
             max_payload: MAX_PAYLOAD,
         };
         let export = Export { info, vol, stats: Default::default() };
-        let addr: SocketAddr = r.nbd_listen.parse().expect("validated by Config::validate");
+        let addr = r.nbd_listen;
         match by_addr.iter_mut().find(|(a, _)| *a == addr) {
             Some((_, v)) => v.push(export),
             None => by_addr.push((addr, vec![export])),
@@ -162,9 +162,7 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
     let sock_path = cfg.control_socket(&node);
     let control = bind_control(&sock_path).await?;
     let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), sd_rx.clone()));
-    let metrics_addr = cfg.metrics_listen(&node);
-    if !metrics_addr.is_empty() {
-        let addr: SocketAddr = metrics_addr.parse().expect("validated by Config::validate");
+    if let Some(addr) = cfg.metrics_listen(&node) {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| DaemonError::Metrics { addr, source })?;

@@ -22,15 +22,8 @@ pub enum StartError {
     Timing(#[source] heartbeat::detector::TimingError),
     #[error("heartbeat.link[{link}].on.{node} is missing")]
     NoLinkEnd { link: usize, node: String },
-    #[error("heartbeat.link[{link}].on.{node}.{key} = {value:?}")]
-    Address {
-        link: usize,
-        node: String,
-        key: &'static str,
-        value: String,
-        #[source]
-        source: std::net::AddrParseError,
-    },
+    #[error("heartbeat.link[{link}].on.{node} needs both bind and peer for a udp link")]
+    NoUdpEnds { link: usize, node: String },
     #[error("heartbeat.link[{link}]")]
     Udp {
         link: usize,
@@ -49,8 +42,6 @@ pub enum StartError {
     Vips(#[source] vip::agent::VipError),
     #[error("cannot release the VIPs at start")]
     VipsDown(#[source] vip::group::Failed),
-    #[error("vip address {0:?}")]
-    VipAddress(String),
 }
 
 /// Starts a runtime with one worker on a thread of its own, for the heartbeat and the cluster
@@ -131,18 +122,9 @@ async fn start_here(
                 .ok_or_else(|| StartError::NoLinkEnd { link: i, node: node.to_string() })?;
         let (name, t) = match l.kind {
             config::LinkKind::Udp => {
-                let parse = |key: &'static str, v: &Option<String>| {
-                    let v = v.as_deref().unwrap_or_default();
-                    v.parse::<std::net::SocketAddr>().map_err(|source| StartError::Address {
-                        link: i,
-                        node: node.to_string(),
-                        key,
-                        value: v.to_string(),
-                        source,
-                    })
-                };
-                let bind = parse("bind", &on.bind)?;
-                let to = parse("peer", &on.peer)?;
+                let (bind, to) = on
+                    .udp()
+                    .ok_or_else(|| StartError::NoUdpEnds { link: i, node: node.to_string() })?;
                 let u = UdpLink::bind(bind, to)
                     .await
                     .map_err(|source| StartError::Udp { link: i, source })?;

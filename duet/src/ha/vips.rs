@@ -12,16 +12,12 @@ pub(super) fn vips(
 ) -> Result<Vips, start::StartError> {
     let mut specs = Vec::new();
     for v in &cfg.vip {
-        let mut addrs = Vec::new();
-        for a in std::iter::once(&v.address).chain(&v.aliases) {
-            addrs.push(
-                config::parse_prefix(a).ok_or_else(|| start::StartError::VipAddress(a.clone()))?,
-            );
-        }
+        let addrs =
+            std::iter::once(&v.address).chain(&v.aliases).map(|p| (p.addr, p.len)).collect();
         specs.push(vip::agent::VipSpec {
             interface: v.interface.clone(),
             addrs,
-            mac: if v.mac.is_empty() { None } else { vip::packets::parse_mac(&v.mac) },
+            mac: v.mac.map(|m| m.0),
             plan: vip::schedule::Plan {
                 count: v.announce_count,
                 interval: Duration::from_millis(v.announce_interval_ms),

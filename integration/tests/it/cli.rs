@@ -24,7 +24,7 @@ fn broken_configs_fail_before_anything_starts() {
             "bad address",
             "nbd_listen = \"127.0.0.1:",
             "nbd_listen = \"127.0.0.1.1:",
-            "resource[0].nbd_listen",
+            "is not an address:port",
         ),
         ("bad protocol", "direct_io = false", "direct_io = false\nprotocol = \"Z\"", "protocol"),
         ("bad engine", "io_engine = \"auto\"", "io_engine = \"spdk\"", "io_engine"),
