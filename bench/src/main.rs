@@ -129,11 +129,12 @@ const WORKLOADS: [Workload; 4] = [
     Workload { name: "write-4k-qd1", rw: "randwrite", bs: "4k", qd: 1, latency: true },
 ];
 
-const SERVERS: [&str; 10] = [
+const SERVERS: [&str; 11] = [
     "duet",
     "duet-A",
     "duet-B",
     "duet-C",
+    "duet-C-plain",
     "base-A",
     "base-B",
     "base-C",
@@ -223,6 +224,11 @@ fn start_pair_inner(
     wait: bool,
 ) -> anyhow::Result<Running> {
     let d = &args.dir;
+    // "C-plain": protocol C with link_encryption = false (authenticated, not encrypted).
+    let (protocol, cluster_extra) = match protocol.strip_suffix("-plain") {
+        Some(p) => (p, "link_encryption = false\n"),
+        None => (protocol, ""),
+    };
     let beta = d.join("beta.img");
     std::fs::write(d.join("secret"), "bench-secret-0123456789")?;
     let rate = if args.resync_rate_kib == 0 {
@@ -234,7 +240,7 @@ fn start_pair_inner(
     std::fs::write(
         &cfg,
         format!(
-            "[cluster]\nname = \"bench\"\nsecret_file = \"{secret}\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nmetrics_listen = \"\"\n\
+            "[cluster]\nname = \"bench\"\nsecret_file = \"{secret}\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nmetrics_listen = \"\"\n{cluster_extra}\
              [node.alpha]\n[node.beta]\ncontrol_socket = \"{d}/beta.sock\"\n\
              [[resource]]\nname = \"vol0\"\nprotocol = \"{protocol}\"\nio_engine = \"{engine}\"\nnbd_listen = \"127.0.0.1:{port}\"\n\
              [resource.on.alpha]\ndisk = \"{a}\"\nreplication_address = \"127.0.0.1:{r0}\"\n\
@@ -416,7 +422,7 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
 fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
     let null = || Stdio::null();
     let (child, uri) = match server {
-        "duet-A" | "duet-B" | "duet-C" => {
+        "duet-A" | "duet-B" | "duet-C" | "duet-C-plain" => {
             return start_pair(&server[5..], &args.duet, args, file, port);
         }
         "base-A" | "base-B" | "base-C" => {
@@ -741,7 +747,9 @@ fn main() -> anyhow::Result<()> {
     for w in &workloads {
         for p in ["duet-A", "duet-B", "duet-C", "base-A", "base-B", "base-C"] {
             let base = format!("base-{}", &p[5..]);
-            let peers: &[&str] = if p.starts_with("duet") {
+            let peers: &[&str] = if p == "duet-C" {
+                &["nbdkit", "qsd-mirror", &base, "duet-C-plain"]
+            } else if p.starts_with("duet") {
                 &["nbdkit", "qsd-mirror", &base]
             } else {
                 &["nbdkit", "qsd-mirror"]

@@ -297,7 +297,7 @@ pub fn render(s: &NodeStatus) -> String {
             }
             let _ = writeln!(
                 o,
-                "  replicated {}, received {}; resync sent {}, received {}, skipped by checksum {}; {} connects, {} peer errors, {} activity-log transactions, {} slow disk writes; {} acknowledged by the peer, not yet flushed there",
+                "  replicated {}, received {}; resync sent {}, received {}, skipped by checksum {}; {} connects, {} peer errors ({} failed authentication), {} connections from foreign addresses refused, {} activity-log transactions, {} slow disk writes; {} acknowledged by the peer, not yet flushed there",
                 bytes(x.sent_data_bytes),
                 bytes(x.received_data_bytes),
                 bytes(x.resync_sent_bytes),
@@ -305,6 +305,8 @@ pub fn render(s: &NodeStatus) -> String {
                 bytes(x.resync_same_bytes),
                 x.connects,
                 x.peer_errors,
+                x.peer_auth_failures,
+                x.foreign_connections,
                 x.al_transactions,
                 x.slow_writes,
                 bytes(x.peer_unflushed_bytes)

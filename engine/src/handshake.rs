@@ -3,21 +3,24 @@
 //! [`check_params`] whether the two sides may replicate at all.
 //!
 //! Authentication is mutual HMAC-SHA256 challenge/response over the cluster secret: each side
-//! sends a fresh 32-byte challenge and proves it knows the secret by MAC-ing both challenges and
-//! its own name. A peer without the secret learns nothing and gets no data; a recorded handshake
-//! cannot be replayed because the challenges are fresh.
+//! sends a fresh 32-byte challenge and proves it knows the secret by MAC-ing both challenges,
+//! the cluster and resource names and both node names. A peer without the secret learns nothing
+//! and gets no data; a recorded handshake cannot be replayed because the challenges are fresh.
+//! Everything after the two tags travels sealed under keys derived from the same inputs
+//! ([`crate::seal`]): the handshake authenticates the peer once, the seal every frame after.
 
 use bytes::{BufMut, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::generation::Generations;
+use crate::seal::Protection;
 use crate::wire::{Cursor, Kind, VERSION, WireError, put_string};
 
 /// Features this build understands (bit set). None are optional yet; the field exists so a
 /// later build can refuse or adapt with a clear message instead of misreading frames.
 pub const FEATURES: u64 = 0;
-const AUTH_CONTEXT: &[u8] = b"duet-peer-auth-v1";
+const AUTH_CONTEXT: &[u8] = b"duet-peer-auth-v2";
 
 /// First frame in each direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +31,8 @@ pub struct Hello {
     pub node: String,
     pub resource: String,
     pub challenge: [u8; 32],
+    /// [`Protection::code`]: whether the sender encrypts (`link_encryption`).
+    pub protection: u8,
 }
 
 impl Hello {
@@ -38,6 +43,7 @@ impl Hello {
         put_string(out, &self.node);
         put_string(out, &self.resource);
         out.put_slice(&self.challenge);
+        out.put_u8(self.protection);
     }
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
         let mut c = Cursor::new(Kind::Hello, b);
@@ -47,8 +53,9 @@ impl Hello {
         let node = c.string(256)?;
         let resource = c.string(256)?;
         let challenge = c.bytes(32)?.try_into().expect("32 bytes");
+        let protection = c.u8()?;
         c.end()?;
-        Ok(Self { version, features, cluster, node, resource, challenge })
+        Ok(Self { version, features, cluster, node, resource, challenge, protection })
     }
 }
 
@@ -66,6 +73,11 @@ pub enum Refusal {
     #[error("peer offers resource {got:?} on this address, expected {want:?}")]
     Resource { got: String, want: String },
     #[error(
+        "peer has link_encryption = {}, this node {}; set the same in [cluster] on both nodes",
+        peer_encrypts(*.0), peer_encrypts(*.1)
+    )]
+    Protection(u8, u8),
+    #[error(
         "peer failed authentication: wrong cluster secret (secret_file must be identical on both nodes)"
     )]
     Auth,
@@ -79,49 +91,56 @@ pub enum Refusal {
     Size { mine: u64, peer: u64 },
 }
 
-/// The tag a node sends to prove it knows `secret`: MAC over both challenges and its name.
-pub fn auth_tag(
-    secret: &[u8],
-    cluster: &str,
-    peer_challenge: &[u8; 32],
-    my_challenge: &[u8; 32],
-    my_node: &str,
-) -> [u8; 32] {
+fn peer_encrypts(code: u8) -> &'static str {
+    match Protection::from_code(code) {
+        Some(Protection::Encrypt) => "true",
+        Some(Protection::Authenticate) => "false",
+        None => "unknown",
+    }
+}
+
+/// What one side's tag covers: the link's names, who proves, and both challenges.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthInput<'a> {
+    pub cluster: &'a str,
+    pub resource: &'a str,
+    /// The node that sends the tag, and its challenge.
+    pub prover: &'a str,
+    pub prover_challenge: &'a [u8; 32],
+    /// The node that checks it, and its challenge.
+    pub verifier: &'a str,
+    pub verifier_challenge: &'a [u8; 32],
+}
+
+fn auth_mac(secret: &[u8], a: &AuthInput<'_>) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
     mac.update(AUTH_CONTEXT);
-    mac.update(&(cluster.len() as u64).to_be_bytes());
-    mac.update(cluster.as_bytes());
-    mac.update(peer_challenge);
-    mac.update(my_challenge);
-    mac.update(my_node.as_bytes());
-    mac.finalize().into_bytes().into()
+    for s in [a.cluster, a.resource, a.prover, a.verifier] {
+        mac.update(&(s.len() as u64).to_be_bytes());
+        mac.update(s.as_bytes());
+    }
+    mac.update(a.verifier_challenge);
+    mac.update(a.prover_challenge);
+    mac
+}
+
+/// The tag a node sends to prove it knows `secret`.
+pub fn auth_tag(secret: &[u8], a: &AuthInput<'_>) -> [u8; 32] {
+    auth_mac(secret, a).finalize().into_bytes().into()
 }
 
 /// Checks the peer's tag in constant time.
-pub fn verify_tag(
-    secret: &[u8],
-    cluster: &str,
-    my_challenge: &[u8; 32],
-    peer_challenge: &[u8; 32],
-    peer_node: &str,
-    tag: &[u8],
-) -> Result<(), Refusal> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
-    mac.update(AUTH_CONTEXT);
-    mac.update(&(cluster.len() as u64).to_be_bytes());
-    mac.update(cluster.as_bytes());
-    mac.update(my_challenge);
-    mac.update(peer_challenge);
-    mac.update(peer_node.as_bytes());
-    mac.verify_slice(tag).map_err(|_| Refusal::Auth)
+pub fn verify_tag(secret: &[u8], a: &AuthInput<'_>, tag: &[u8]) -> Result<(), Refusal> {
+    auth_mac(secret, a).verify_slice(tag).map_err(|_| Refusal::Auth)
 }
 
-/// Checks the peer's Hello against what we expect.
+/// Checks the peer's Hello against what we expect (`protection`: ours).
 pub fn check_hello(
     h: &Hello,
     cluster: &str,
     peer_node: &str,
     resource: &str,
+    protection: Protection,
 ) -> Result<(), Refusal> {
     if h.version != VERSION {
         return Err(Refusal::Version(h.version));
@@ -134,6 +153,9 @@ pub fn check_hello(
     }
     if h.resource != resource {
         return Err(Refusal::Resource { got: h.resource.clone(), want: resource.into() });
+    }
+    if h.protection != protection.code() {
+        return Err(Refusal::Protection(h.protection, protection.code()));
     }
     Ok(())
 }
@@ -246,6 +268,7 @@ mod tests {
             node: "alpha".into(),
             resource: "vol0".into(),
             challenge: [7; 32],
+            protection: Protection::Encrypt.code(),
         }
     }
 
@@ -258,28 +281,54 @@ mod tests {
         for n in 0..b.len() {
             assert!(Hello::decode(&b[..n]).is_err(), "prefix {n}");
         }
-        check_hello(&h, "c", "alpha", "vol0").unwrap();
-        assert!(matches!(check_hello(&h, "d", "alpha", "vol0"), Err(Refusal::Cluster(_))));
-        assert!(matches!(check_hello(&h, "c", "beta", "vol0"), Err(Refusal::Node { .. })));
-        assert!(matches!(check_hello(&h, "c", "alpha", "vol1"), Err(Refusal::Resource { .. })));
+        let e = Protection::Encrypt;
+        check_hello(&h, "c", "alpha", "vol0", e).unwrap();
+        assert!(matches!(check_hello(&h, "d", "alpha", "vol0", e), Err(Refusal::Cluster(_))));
+        assert!(matches!(check_hello(&h, "c", "beta", "vol0", e), Err(Refusal::Node { .. })));
+        assert!(matches!(check_hello(&h, "c", "alpha", "vol1", e), Err(Refusal::Resource { .. })));
         let old = Hello { version: 0, ..hello() };
-        assert_eq!(check_hello(&old, "c", "alpha", "vol0"), Err(Refusal::Version(0)));
+        assert_eq!(check_hello(&old, "c", "alpha", "vol0", e), Err(Refusal::Version(0)));
+        let plain = check_hello(&h, "c", "alpha", "vol0", Protection::Authenticate).unwrap_err();
+        assert_eq!(
+            plain.to_string(),
+            "peer has link_encryption = true, this node false; set the same in [cluster] on both nodes"
+        );
     }
 
     #[test]
     fn auth_is_mutual_and_bound_to_everything() {
         let (ca, cb) = ([1u8; 32], [2u8; 32]);
-        // alpha proves itself to beta: MAC(peer_challenge = cb, my_challenge = ca, "alpha").
-        let tag = auth_tag(b"s3cret", "c", &cb, &ca, "alpha");
-        verify_tag(b"s3cret", "c", &cb, &ca, "alpha", &tag).unwrap();
-        assert_eq!(verify_tag(b"wrong", "c", &cb, &ca, "alpha", &tag), Err(Refusal::Auth));
-        assert_eq!(verify_tag(b"s3cret", "x", &cb, &ca, "alpha", &tag), Err(Refusal::Auth));
-        assert_eq!(verify_tag(b"s3cret", "c", &ca, &cb, "alpha", &tag), Err(Refusal::Auth));
-        assert_eq!(verify_tag(b"s3cret", "c", &cb, &ca, "beta", &tag), Err(Refusal::Auth));
-        assert_eq!(verify_tag(b"s3cret", "c", &cb, &ca, "alpha", &tag[..31]), Err(Refusal::Auth));
-        // A reflected tag (beta's own challenge order) does not pass.
-        let reflected = auth_tag(b"s3cret", "c", &ca, &cb, "alpha");
-        assert_eq!(verify_tag(b"s3cret", "c", &cb, &ca, "alpha", &reflected), Err(Refusal::Auth));
+        // alpha proves itself to beta.
+        let a = AuthInput {
+            cluster: "c",
+            resource: "vol0",
+            prover: "alpha",
+            prover_challenge: &ca,
+            verifier: "beta",
+            verifier_challenge: &cb,
+        };
+        let tag = auth_tag(b"s3cret", &a);
+        verify_tag(b"s3cret", &a, &tag).unwrap();
+        assert_eq!(verify_tag(b"wrong", &a, &tag), Err(Refusal::Auth));
+        assert_eq!(verify_tag(b"s3cret", &a, &tag[..31]), Err(Refusal::Auth));
+        for other in [
+            AuthInput { cluster: "x", ..a },
+            AuthInput { resource: "vol1", ..a },
+            AuthInput { prover: "alphx", ..a },
+            AuthInput { verifier: "betx", ..a },
+            AuthInput { prover_challenge: &cb, ..a },
+            AuthInput { verifier_challenge: &ca, ..a },
+            // A reflected tag (beta's own side of the exchange) does not pass.
+            AuthInput {
+                prover: "beta",
+                verifier: "alpha",
+                prover_challenge: &cb,
+                verifier_challenge: &ca,
+                ..a
+            },
+        ] {
+            assert_eq!(verify_tag(b"s3cret", &other, &tag), Err(Refusal::Auth), "{other:?}");
+        }
     }
 
     fn params(size: u64, flags: u32) -> Params {

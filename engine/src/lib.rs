@@ -34,6 +34,7 @@ pub mod liveness;
 pub mod policy;
 pub mod ratectl;
 pub mod replica;
+pub mod seal;
 pub mod session;
 pub mod sim;
 pub mod state;

@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 /// "DUP1".
 pub const MAGIC: u32 = 0x4455_5031;
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Header length.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted (a block of data plus a digest, or a bitmap chunk).

@@ -6,6 +6,7 @@ pub mod lab;
 pub mod pair;
 pub mod pty;
 pub mod rawnbd;
+pub mod relay;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};

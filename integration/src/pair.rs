@@ -24,6 +24,8 @@ pub struct PairOpts {
     pub peer: String,
     /// Heartbeat links and the cluster manager (None: manual roles only).
     pub ha: Option<HaOpts>,
+    /// Extra `[cluster]` lines (`link_encryption = false`).
+    pub cluster_extra: String,
     /// Run the two daemons inside these network namespaces (the lab): replication and the UDP
     /// heartbeat on the dedicated link, NBD on every address of the node.
     pub netns: Option<[String; 2]>,
@@ -71,6 +73,7 @@ impl Default for PairOpts {
             resync: "rate_kib = 512000\nmin_rate_kib = 20480".into(),
             peer: "ping_interval_ms = 500\nping_timeout_ms = 2000\nconnect_retry_ms = 200".into(),
             ha: None,
+            cluster_extra: String::new(),
             netns: None,
         }
     }
@@ -87,6 +90,9 @@ pub struct PairNode {
     pub log: PathBuf,
     /// Extra environment for the daemon (set before `start`).
     pub env: Vec<(String, String)>,
+    /// A config file of this node's own instead of the shared one (see
+    /// [`Pair::route_peer_through`]).
+    pub config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -130,6 +136,7 @@ impl Pair {
                 repl_port: if o.netns.is_some() { 7789 } else { free_port() },
                 log: dir.path().join(format!("{name}.log")),
                 env: Vec::new(),
+                config: None,
                 child: None,
             }
         };
@@ -173,6 +180,7 @@ configured_master = "alpha"
 failback = "{failback}"
 control_socket = "{s0}"
 metrics_listen = ""
+{cluster_extra}
 
 [node.alpha]
 [node.beta]
@@ -222,6 +230,7 @@ replication_address = "{h1}:{r1}"
             h0 = if o.netns.is_some() { crate::lab::DEDICATED[0] } else { "127.0.0.1" },
             h1 = if o.netns.is_some() { crate::lab::DEDICATED[1] } else { "127.0.0.1" },
             ha = ha_text,
+            cluster_extra = o.cluster_extra,
         );
         // Both nodes share one nbd_listen port number in the file; the node that is Primary
         // binds it. On one host only one can be Primary at a time, which the tests respect
@@ -252,10 +261,28 @@ replication_address = "{h1}:{r1}"
         p
     }
 
+    /// The config file node `i` runs with.
+    pub fn config_of(&self, i: usize) -> &std::path::Path {
+        self.n[i].config.as_deref().unwrap_or(&self.config)
+    }
+
+    /// Gives node `i` a config of its own in which the other node's replication address is
+    /// `127.0.0.1:port` (a relay the test runs there), everything else as shared.
+    pub fn route_peer_through(&mut self, i: usize, port: u16) {
+        let other = self.n[1 - i].repl_port;
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        let from = format!("replication_address = \"127.0.0.1:{other}\"");
+        assert!(text.contains(&from), "no loopback replication address to reroute");
+        let path = self.dir.path().join(format!("{}.toml", self.n[i].name));
+        let to = format!("replication_address = \"127.0.0.1:{port}\"");
+        std::fs::write(&path, text.replace(&from, &to)).expect("config of one node");
+        self.n[i].config = Some(path);
+    }
+
     /// A `duet` CLI command for node `i`.
     pub fn cli(&self, i: usize) -> Command {
         let mut c = Command::new(duet_bin());
-        c.arg("--config").arg(&self.config).args(["--node", self.n[i].name]);
+        c.arg("--config").arg(self.config_of(i)).args(["--node", self.n[i].name]);
         c
     }
 
@@ -293,7 +320,7 @@ replication_address = "{h1}:{r1}"
         };
         let child = cmd
             .arg("--config")
-            .arg(&self.config)
+            .arg(self.config_of(i))
             .args(["--node", self.n[i].name, "daemon"])
             .env("DUET_LOG", std::env::var("DUET_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .envs(self.n[i].env.iter().map(|(k, v)| (k, v)))

@@ -26,6 +26,14 @@ pub struct Cluster {
     /// that does a replicated write's steps itself, with no hand-over between threads.
     #[serde(default = "default_data_threads")]
     pub data_threads: usize,
+    /// Encrypt the replication links (AES-256-GCM). `false` keeps every frame authenticated
+    /// but sends the data in the clear (a crossover cable). Default true; both nodes must agree.
+    #[serde(default = "default_true")]
+    pub link_encryption: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Most `data_threads` accepted.

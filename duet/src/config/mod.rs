@@ -117,13 +117,16 @@ impl Config {
                 let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
                 format!("line {line} (`{snippet}`): ")
             });
+            let m = e.message().trim_end();
+            // The value syntaxes' own messages already say what to write ("...; write it as").
+            let hint = if m.contains("; ") {
+                ""
+            } else {
+                "; check the key names and value types against duet.example.toml"
+            };
             ConfigError::Parse {
                 path: path.to_owned(),
-                reason: format!(
-                    "{}{}; check the key names and value types against duet.example.toml",
-                    at.unwrap_or_default(),
-                    e.message().trim_end()
-                ),
+                reason: format!("{}{m}{hint}", at.unwrap_or_default()),
             }
         })?;
         cfg.validate()?;

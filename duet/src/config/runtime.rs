@@ -135,6 +135,11 @@ pub fn volume_config(
         checksum_resync: s.checksum,
         replication_rate_limit_kib: s.replication_rate_limit_kib,
         secret: secret.to_vec(),
+        protection: if cfg.cluster.link_encryption {
+            replicator::repl::seal::Protection::Encrypt
+        } else {
+            replicator::repl::seal::Protection::Authenticate
+        },
         ping_interval: ms(r.peer.ping_interval_ms),
         ping_timeout: ms(r.peer.ping_timeout_ms),
         timeout: ms(r.peer.timeout_ms),

@@ -5,7 +5,7 @@ use super::*;
 /// Prometheus metrics: name, help, type, and how to read the value from a resource's status.
 pub(super) type Metric =
     (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> Option<u64>);
-pub(super) const METRICS: [Metric; 17] = [
+pub(super) const METRICS: [Metric; 19] = [
     ("size_bytes", "Size of the volume.", "gauge", |r| Some(r.size_bytes)),
     ("nbd_clients", "NBD clients connected.", "gauge", |r| Some(r.stats.clients_connected)),
     ("nbd_reads_total", "NBD reads served.", "counter", |r| Some(r.stats.reads)),
@@ -48,6 +48,18 @@ pub(super) const METRICS: [Metric; 17] = [
     ("peer_errors_total", "Peer connections dropped for errors or refusals.", "counter", |r| {
         r.replication.as_ref().map(|x| x.peer_errors)
     }),
+    (
+        "peer_auth_failures_total",
+        "Peer connections dropped because the peer's bytes failed authentication (tampering or a wrong secret).",
+        "counter",
+        |r| r.replication.as_ref().map(|x| x.peer_auth_failures),
+    ),
+    (
+        "foreign_connections_total",
+        "Connections to the replication port from another address than the peer's (dropped).",
+        "counter",
+        |r| r.replication.as_ref().map(|x| x.foreign_connections),
+    ),
     (
         "slow_writes_total",
         "Page-cache writes that took over 50 ms (a slow disk).",

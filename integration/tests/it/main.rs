@@ -11,6 +11,7 @@ mod engine;
 mod failover;
 mod hostile;
 mod lab;
+mod link_security;
 mod peer_hostile;
 mod replication;
 mod shutdown;

@@ -1,6 +1,8 @@
 //! A hostile peer on the replication port: garbage, another cluster, the wrong secret, bad and
-//! truncated frames, oversized frames, a smaller volume. Each is refused and logged; nothing is
-//! written; the daemon keeps running and later pairs with the real peer.
+//! truncated frames, oversized frames, a smaller volume, frames without the link's seal. Each is
+//! refused and logged; nothing is written; the daemon keeps running and later pairs with the real
+//! peer. Past the handshake this peer holds the secret and seals its frames as a real one does
+//! ([`replicator::repl::seal`]): what it sends is hostile in content, not in form.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,26 +12,48 @@ use bytes::BytesMut;
 use integration::pair::{Pair, PairOpts};
 use integration::wait_until;
 use replicator::generation::Generations;
-use replicator::repl::handshake::{self, Hello, Params};
+use replicator::repl::handshake::{self, AuthInput, Hello, Params};
+use replicator::repl::seal::{self, KeyInput, Opener, Protection, Sealer};
 use replicator::repl::wire::{self, Kind};
 
 struct Conn {
     s: TcpStream,
+    /// Once authenticated: our frames sealed, theirs opened.
+    keys: Option<(Sealer, Opener)>,
 }
 
 impl Conn {
     fn open(port: u16) -> Self {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Self { s }
+        Self { s, keys: None }
+    }
+    /// A frame's bytes as they go out (sealed once authenticated).
+    fn seal(&mut self, frame: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self.keys.as_mut() {
+            Some((s, _)) => s.seal_head(frame, 0, &mut out),
+            None => out.extend_from_slice(frame),
+        }
+        out
     }
     fn send(&mut self, kind: Kind, payload: &[u8]) {
         let mut b = BytesMut::new();
         wire::encode(&mut b, kind, 0, 0, 0, payload);
-        let _ = self.s.write_all(&b);
+        let out = self.seal(&b);
+        let _ = self.s.write_all(&out);
     }
     /// The next frame, or None when the daemon closed the connection.
     fn frame(&mut self) -> Option<(Kind, Vec<u8>)> {
+        if let Some((_, o)) = self.keys.as_mut() {
+            let mut b = vec![0u8; seal::PREFIX_LEN];
+            self.s.read_exact(&mut b).ok()?;
+            let n = Opener::frame_len(&b, wire::MAX_PAYLOAD).ok()??;
+            b.resize(n, 0);
+            self.s.read_exact(&mut b[seal::PREFIX_LEN..]).ok()?;
+            let f = o.open(&mut b, wire::MAX_PAYLOAD).ok()?;
+            return Some((f.header.kind, b[f.payload].to_vec()));
+        }
         let mut h = [0u8; wire::HEADER_LEN];
         self.s.read_exact(&mut h).ok()?;
         let hd = wire::decode_header(&h).unwrap().unwrap();
@@ -63,20 +87,49 @@ fn hello(cluster: &str) -> Hello {
         node: "alpha".into(),
         resource: "vol0".into(),
         challenge: [9; 32],
+        protection: Protection::Encrypt.code(),
     }
 }
 
-/// Hello and Auth with `secret`; returns the connection ready for Params.
-fn authenticated(port: u16, secret: &[u8]) -> Conn {
+/// Hello and Auth with `secret` as "alpha"; returns the connection and beta's challenge.
+fn authenticate(port: u16, secret: &[u8]) -> (Conn, [u8; 32]) {
     let mut c = Conn::open(port);
     let theirs = c.their_hello();
     let mine = hello("itest-pair");
     let mut b = BytesMut::new();
     mine.encode(&mut b);
     c.send(Kind::Hello, &b);
-    let tag =
-        handshake::auth_tag(secret, "itest-pair", &theirs.challenge, &mine.challenge, "alpha");
+    let tag = handshake::auth_tag(
+        secret,
+        &AuthInput {
+            cluster: "itest-pair",
+            resource: "vol0",
+            prover: "alpha",
+            prover_challenge: &mine.challenge,
+            verifier: "beta",
+            verifier_challenge: &theirs.challenge,
+        },
+    );
     c.send(Kind::Auth, &tag);
+    (c, theirs.challenge)
+}
+
+/// Authenticated with the right secret, beta's Auth read, the link's keys on: ready for Params.
+fn authenticated(port: u16, secret: &[u8]) -> Conn {
+    let (mut c, theirs) = authenticate(port, secret);
+    let (k, _) = c.frame().unwrap();
+    assert_eq!(k, Kind::Auth);
+    let keys = seal::derive(&KeyInput {
+        secret,
+        cluster: "itest-pair",
+        resource: "vol0",
+        me: "alpha",
+        peer: "beta",
+        my_challenge: &[9; 32],
+        peer_challenge: &theirs,
+        protection: Protection::Encrypt,
+    });
+    c.keys = Some((keys.send, keys.recv));
     c
 }
 
@@ -84,8 +137,6 @@ fn authenticated(port: u16, secret: &[u8]) -> Conn {
 /// and sends an empty bitmap: the session is live after this.
 fn in_session(port: u16, secret: &[u8], flags: u32, what: &str) -> Conn {
     let mut c = authenticated(port, secret);
-    let (k, _) = c.frame().unwrap();
-    assert_eq!(k, Kind::Auth, "{what}");
     let (k, theirs) = c.frame().unwrap();
     assert_eq!(k, Kind::Params, "{what}");
     let theirs = Params::decode(&theirs).unwrap();
@@ -95,7 +146,8 @@ fn in_session(port: u16, secret: &[u8], flags: u32, what: &str) -> Conn {
     c.send(Kind::Params, &b);
     let mut f = BytesMut::new();
     wire::encode(&mut f, Kind::Bitmap, wire::F_LAST, 0, 0, &[]);
-    c.s.write_all(&f).unwrap();
+    let out = c.seal(&f);
+    c.s.write_all(&out).unwrap();
     c
 }
 
@@ -122,18 +174,25 @@ fn hostile_peers_are_refused_and_nothing_is_written() {
     c.send(Kind::Hello, &b);
     assert!(c.refusal().contains("cluster"));
 
-    // The wrong secret.
-    let mut c = authenticated(port, b"not the secret");
+    // The wrong secret (the refusal comes before any key is in use: in the clear).
+    let (mut c, _) = authenticate(port, b"not the secret");
     let why = c.refusal();
     assert!(why.contains("authentication"), "{why}");
 
-    // Right secret, then a frame whose header checksum is broken.
+    // Right secret, then a sealed frame whose header checksum is broken.
     let mut c = authenticated(port, secret);
-    let (k, _) = c.frame().unwrap();
-    assert_eq!(k, Kind::Auth);
     let mut f = BytesMut::new();
     wire::encode(&mut f, Kind::Params, 0, 0, 0, &[0; 60]);
     f[10] ^= 0xff;
+    let out = c.seal(&f);
+    c.s.write_all(&out).unwrap();
+    assert_eq!(c.refusal(), "");
+
+    // Right secret, then a well-formed Params frame without the seal (what anyone on the
+    // wire could inject): refused as a forgery.
+    let mut c = authenticated(port, secret);
+    let mut f = BytesMut::new();
+    wire::encode(&mut f, Kind::Params, 0, 0, 0, &[0; 60]);
     c.s.write_all(&f).unwrap();
     assert_eq!(c.refusal(), "");
 
@@ -156,7 +215,6 @@ fn hostile_peers_are_refused_and_nothing_is_written() {
 
     // Authenticated, claiming to be Primary of a volume larger than ours.
     let mut c = authenticated(port, secret);
-    let _ = c.frame().unwrap(); // their Auth
     let (k, theirs) = c.frame().unwrap();
     assert_eq!(k, Kind::Params);
     let theirs = Params::decode(&theirs).unwrap();
@@ -175,17 +233,19 @@ fn hostile_peers_are_refused_and_nothing_is_written() {
 
     // A data frame right after authentication (skipping Params): refused.
     let mut c = authenticated(port, secret);
-    let _ = c.frame().unwrap();
     c.send(Kind::Data, &[0xAB; 4096]);
     let _ = c.refusal();
 
     // The daemon is fine, counted every attempt, logged them (rate-limited), wrote nothing.
-    assert!(wait_until(Duration::from_secs(10), || p.num(1, "peer_errors") >= 7), "{}", p.repl(1));
+    assert!(wait_until(Duration::from_secs(10), || p.num(1, "peer_errors") >= 8), "{}", p.repl(1));
+    // The wrong secret and the unsealed frame failed authentication (the sealed frame with a
+    // broken header did not: it was sealed with the right key).
+    assert_eq!(p.num(1, "peer_auth_failures"), 2, "{}", p.repl(1));
     assert_eq!(p.digest(1, size), before, "a hostile peer changed the disk");
     let log = p.log_text(1);
     assert!(log.contains("replication link"), "{log}");
     let lines = log.lines().filter(|l| l.contains("replication link")).count();
-    assert!(lines <= 6, "{lines} log lines for 8 attempts: not rate-limited\n{log}");
+    assert!(lines <= 6, "{lines} log lines for 9 attempts: not rate-limited\n{log}");
     assert_eq!(p.repl(1)["connection"], "Connecting");
 
     // And the real peer still pairs with it.
@@ -209,10 +269,9 @@ fn a_peer_that_never_acknowledges_is_dropped_after_the_timeout() {
     // Same generations, not Primary: the plan is "in sync".
     let c = in_session(p.n[1].repl_port, secret, 0, "silent peer");
     // Answer pings from a thread; swallow everything else.
-    let reader = c.s.try_clone().unwrap();
-    reader.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let pinger = std::thread::spawn(move || {
-        let mut conn = Conn { s: reader };
+        let mut conn = c;
         let mut data = 0;
         while let Some((k, _)) = conn.frame() {
             match k {
@@ -234,7 +293,6 @@ fn a_peer_that_never_acknowledges_is_dropped_after_the_timeout() {
     assert!(!live(&st), "{st}");
     assert_eq!(st["out_of_sync_bytes"], 4096, "{st}");
     assert!(st["last_refusal"].as_str().unwrap_or_default().contains("unanswered"), "{st}");
-    drop(c);
     assert_eq!(pinger.join().unwrap(), 1, "the peer saw the write");
 }
 
@@ -257,30 +315,34 @@ fn hostile_frames_mid_session_drop_the_link_and_write_nothing_of_them() {
     let data_frame = |f: &mut BytesMut, id: u64, at: u64, payload: &[u8]| {
         wire::encode(f, Kind::Data, 0, id, at, payload);
     };
-    // (what, the bad frame's bytes, the offset it names)
-    let mut cases: Vec<(&str, BytesMut, u64)> = Vec::new();
+    // (what, the bad frame's bytes, the offset it names, sealed as the link's frames are)
+    let mut cases: Vec<(&str, BytesMut, u64, bool)> = Vec::new();
     let mut f = BytesMut::new();
     data_frame(&mut f, 2, 8192, &data(0xBB));
     f[12] ^= 0x01; // header checksum no longer matches
-    cases.push(("broken header checksum", f, 8192));
+    cases.push(("broken header checksum", f, 8192, true));
     let mut f = BytesMut::new();
     data_frame(&mut f, 2, size, &data(0xBB));
-    cases.push(("range past the end of the volume", f, size)); // where the metadata lies
+    cases.push(("range past the end of the volume", f, size, true)); // where the metadata lies
     let mut f = BytesMut::new();
     wire::encode_header(&mut f, Kind::Data, 0, 2, 8192, u32::MAX);
-    cases.push(("oversized frame", f, 8192));
+    cases.push(("oversized frame", f, 8192, true));
     let mut f = BytesMut::new();
     wire::encode(&mut f, Kind::Hello, 0, 0, 0, &[0; 16]);
-    cases.push(("a handshake frame mid-session", f, 8192));
+    cases.push(("a handshake frame mid-session", f, 8192, true));
     // A State frame (role, disk) naming a role that does not exist, and one naming a disk
     // state that does not exist.
     let mut f = BytesMut::new();
     wire::encode(&mut f, Kind::State, 0, 0, 0, &[0xEE, 0]);
-    cases.push(("a state frame with an unknown role", f, 8192));
+    cases.push(("a state frame with an unknown role", f, 8192, true));
     let mut f = BytesMut::new();
     wire::encode(&mut f, Kind::State, 0, 0, 0, &[0, 0xEE]);
-    cases.push(("a state frame with an unknown disk state", f, 8192));
-    for (n, (what, bad, bad_at)) in cases.into_iter().enumerate() {
+    cases.push(("a state frame with an unknown disk state", f, 8192, true));
+    // A well-formed data frame without the seal: what an attacker on the wire would inject.
+    let mut f = BytesMut::new();
+    data_frame(&mut f, 2, 8192, &data(0xBB));
+    cases.push(("an injected data frame", f, 8192, false));
+    for (n, (what, bad, bad_at, sealed)) in cases.into_iter().enumerate() {
         let errors = p.num(1, "peer_errors");
         let untouched = block(&p, bad_at);
         // A Primary with good data and the same history: beta follows it as sync target.
@@ -290,9 +352,10 @@ fn hostile_frames_mid_session_drop_the_link_and_write_nothing_of_them() {
         };
         assert!(wait_until(Duration::from_secs(10), || live(&p.repl(1))), "{what}: {}", p.repl(1));
         let good = u8::try_from(0x10 + n).unwrap();
-        let mut batch = BytesMut::new();
-        data_frame(&mut batch, 1, 0, &data(good));
-        batch.extend_from_slice(&bad);
+        let mut good_frame = BytesMut::new();
+        data_frame(&mut good_frame, 1, 0, &data(good));
+        let mut batch = c.seal(&good_frame);
+        batch.extend_from_slice(&if sealed { c.seal(&bad) } else { bad.to_vec() });
         c.s.write_all(&batch).unwrap();
         // The link is dropped, counted, and the daemon is still there to tell.
         assert!(
@@ -350,7 +413,8 @@ fn resync_frames_sent_to_a_primary_are_refused() {
             Kind::RsData => wire::encode(&mut f, kind, 0, 0, at, &[0xEE; 4096]),
             _ => wire::encode(&mut f, kind, 0, 0, 0, &4096u32.to_be_bytes()),
         }
-        c.s.write_all(&f).unwrap();
+        let out = c.seal(&f);
+        c.s.write_all(&out).unwrap();
         assert!(
             wait_until(Duration::from_secs(10), || p.num(1, "peer_errors") > errors),
             "{kind:?}: {}",
@@ -376,10 +440,12 @@ fn resync_frames_sent_to_a_primary_are_refused() {
 fn a_flood_of_resync_requests_is_bounded() {
     let (p, mut c) = primary_with_hostile_secondary(0);
     let errors = p.num(1, "peer_errors");
-    let mut batch = BytesMut::new();
+    let mut batch = Vec::new();
     for i in 0..2000u64 {
         let at = (i % 100) * (1 << 20);
-        wire::encode(&mut batch, Kind::RsRequest, 0, i, at, &(1u32 << 20).to_be_bytes());
+        let mut f = BytesMut::new();
+        wire::encode(&mut f, Kind::RsRequest, 0, i, at, &(1u32 << 20).to_be_bytes());
+        batch.extend_from_slice(&c.seal(&f));
     }
     c.s.write_all(&batch).unwrap();
     assert!(
@@ -410,8 +476,6 @@ fn a_trickled_bitmap_exchange_ends_at_its_deadline() {
     p.ok(1, &["connect"]);
     let errors = p.num(1, "peer_errors");
     let mut c = authenticated(p.n[1].repl_port, b"correct horse battery staple");
-    let (k, _) = c.frame().unwrap();
-    assert_eq!(k, Kind::Auth);
     let (k, theirs) = c.frame().unwrap();
     assert_eq!(k, Kind::Params);
     let theirs = Params::decode(&theirs).unwrap();
@@ -419,13 +483,13 @@ fn a_trickled_bitmap_exchange_ends_at_its_deadline() {
     Params { flags: 0, bitmap_weight: 0, ..theirs }.encode(&mut b);
     c.send(Kind::Params, &b);
     // Never the last bitmap frame, one every 300 ms (each within timeout_ms).
-    let s = c.s.try_clone().unwrap();
     let trickle = std::thread::spawn(move || {
-        let mut s = s;
+        let mut c = c;
         for _ in 0..100 {
             let mut f = BytesMut::new();
             wire::encode(&mut f, Kind::Bitmap, 0, 0, 0, &[]);
-            if s.write_all(&f).is_err() {
+            let out = c.seal(&f);
+            if c.s.write_all(&out).is_err() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -447,6 +511,5 @@ fn a_trickled_bitmap_exchange_ends_at_its_deadline() {
     let why = p.repl(1)["last_refusal"].as_str().unwrap_or_default().to_string();
     assert!(why.contains("bitmap exchange took longer"), "{why}");
     assert_eq!(writer.join().unwrap(), 0, "the held write completes");
-    drop(c);
     trickle.join().unwrap();
 }

@@ -8,7 +8,7 @@
 //! replicated volume: write path, roles, resync and verify bookkeeping) and [`link`] (the TCP
 //! peer connection).
 
-pub use engine::{actlog, bitmap, completion, handshake, liveness, policy, translog, wire};
+pub use engine::{actlog, bitmap, completion, handshake, liveness, policy, seal, translog, wire};
 pub mod link;
 pub mod locks;
 pub mod meta;

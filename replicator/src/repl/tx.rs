@@ -8,6 +8,9 @@
 //! *corked* (the NBD server starting a batch of requests), frames only queue; the last uncork
 //! writes them all with one `writev`.
 //!
+//! Frames are sealed ([`engine::seal`]) as they are queued, under the queue's lock, so their
+//! sequence numbers follow the order they leave in.
+//!
 //! With a cap on replication traffic (`replication_rate_limit_kib`) every frame goes through the
 //! flusher, which paces the bytes.
 //!
@@ -25,6 +28,7 @@ use tokio::sync::Notify;
 
 use super::throttle::Throttle;
 use bytes::BytesMut;
+use engine::seal::{Protection, Sealer, TAG_LEN};
 
 use crate::store::IoBuf;
 
@@ -45,9 +49,32 @@ pub const CORK_MAX: usize = 256 << 10;
 /// Slices handed to one `writev`.
 const IOV_MAX: usize = 64;
 
+/// A frame as it goes out: sealed head, block data (as it is, or encrypted), the data's tag.
+#[derive(Debug)]
+struct Wire {
+    head: Vec<u8>,
+    data: Option<Arc<IoBuf>>,
+    tag: Option<[u8; TAG_LEN]>,
+}
+
+impl Wire {
+    fn parts(&self) -> [&[u8]; 3] {
+        [
+            &self.head,
+            self.data.as_deref().map_or(&[][..], |d| &d[..]),
+            self.tag.as_ref().map_or(&[][..], |t| &t[..]),
+        ]
+    }
+    fn len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Frame>,
+    queue: VecDeque<Wire>,
+    /// Seals each frame as it is queued (`None`: sent as it is, in the queue's own tests).
+    sealer: Option<Sealer>,
     /// Bytes of the front frame already written.
     front_done: usize,
     /// Bytes queued (not yet written).
@@ -72,8 +99,32 @@ pub struct Tx {
     room: Notify,
 }
 
-fn frame_len(f: &Frame) -> usize {
-    f.head.len() + f.data.as_ref().map_or(0, |d| d.len())
+impl State {
+    /// The frame as it goes out, sealed in order.
+    fn seal(&mut self, f: Frame) -> Wire {
+        let Some(s) = self.sealer.as_mut() else {
+            return Wire { head: f.head.to_vec(), data: f.data, tag: None };
+        };
+        let body = f.data.as_ref().map_or(0, |d| d.len());
+        let mut head = Vec::new();
+        s.seal_head(&f.head, body, &mut head);
+        let (data, tag) = match f.data {
+            None => (None, None),
+            Some(d) => match s.protection() {
+                Protection::Authenticate => {
+                    let tag = s.tag_body(&d);
+                    (Some(d), Some(tag))
+                }
+                // The block is shared with its local write: encrypted in a copy of its own.
+                Protection::Encrypt => {
+                    let mut c = IoBuf::from_slice(&d);
+                    let tag = s.seal_body(&mut c);
+                    (Some(Arc::new(c)), Some(tag))
+                }
+            },
+        };
+        Wire { head, data, tag }
+    }
 }
 
 impl Tx {
@@ -82,9 +133,10 @@ impl Tx {
     pub fn start(
         sock: OwnedWriteHalf,
         cap: Option<Throttle>,
+        sealer: Option<Sealer>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let tx = Arc::new(Self {
-            st: Mutex::new(State::default()),
+            st: Mutex::new(State { sealer, ..State::default() }),
             sock,
             paced: cap.is_some(),
             kick: Notify::new(),
@@ -112,9 +164,9 @@ impl Tx {
                     return false;
                 }
                 if st.bytes < QUEUE_LIMIT || st.queue.is_empty() {
-                    let f = f.take().expect("pushed once");
-                    st.bytes += frame_len(&f);
-                    st.queue.push_back(f);
+                    let w = st.seal(f.take().expect("pushed once"));
+                    st.bytes += w.len();
+                    st.queue.push_back(w);
                     if st.corks == 0 || st.bytes >= CORK_MAX {
                         self.push_out(&mut st);
                     }
@@ -164,7 +216,7 @@ impl Tx {
             let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(IOV_MAX);
             let (mut skip, mut room) = (st.front_done, max);
             'frames: for f in &st.queue {
-                for part in [&f.head[..], f.data.as_deref().map_or(&[][..], |d| &d[..])] {
+                for part in f.parts() {
                     if skip >= part.len() {
                         skip -= part.len();
                         continue;
@@ -190,7 +242,7 @@ impl Tx {
             max = max.saturating_sub(n);
             let mut left = n;
             while left > 0 {
-                let rest = frame_len(st.queue.front().expect("wrote queued bytes")) - st.front_done;
+                let rest = st.queue.front().expect("wrote queued bytes").len() - st.front_done;
                 if left >= rest {
                     left -= rest;
                     st.queue.pop_front();
@@ -334,7 +386,7 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
         let (rd, wr) = a.into_split();
-        let (tx, flusher) = Tx::start(wr, cap);
+        let (tx, flusher) = Tx::start(wr, cap, None);
         (tx, flusher, b, rd)
     }
 

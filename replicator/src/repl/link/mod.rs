@@ -31,6 +31,7 @@ use super::handshake::{
 };
 use super::liveness::{self, Liveness, Verdict};
 use super::policy::{Facts, Plan, plan};
+use super::seal::{self, KeyInput, Opener, SealError, Sealer};
 use super::throttle::Throttle;
 use super::tx::Tx;
 use super::volume::{
@@ -59,6 +60,8 @@ const VERIFY_SERVE_MAX: u64 = 16;
 /// Longest the bitmap exchange may take as a whole, in peer timeouts (`timeout_ms`);
 /// application writes wait during it.
 const BITMAP_EXCHANGE_TIMEOUTS: u32 = 5;
+/// Pause after a failed accept (EMFILE and the like).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Resync requests in flight at most.
 const RS_MAX_INFLIGHT: u64 = 64;
 /// Verify chunk.
@@ -139,13 +142,32 @@ pub enum LinkError {
     UnknownVerify(u64),
     #[error("peer sent a handshake frame ({0:?}) mid-session")]
     HandshakeMidSession(Kind),
+    /// A sealed frame failed: the link is under attack, or broken in a way checksums miss.
+    #[error(transparent)]
+    Sealed(#[from] SealError),
 }
 
-/// Reads frames through a buffer, cancel-safe.
+impl LinkError {
+    /// Whether the peer's bytes failed authentication (counted apart: someone may be tampering
+    /// with the link).
+    pub fn is_forgery(&self) -> bool {
+        // A bad frame inside a good seal came from the key holder: a broken peer, not a forger.
+        matches!(
+            self,
+            LinkError::Sealed(SealError::Auth | SealError::Length { .. })
+                | LinkError::Handshake(Refusal::Auth)
+        )
+    }
+}
+
+/// Reads frames through a buffer, cancel-safe: a frame is taken (and opened) only once all of
+/// it is buffered.
 struct FrameReader {
     rd: OwnedReadHalf,
     buf: BytesMut,
     limit: u32,
+    /// After the challenge/response: every frame is sealed.
+    opener: Option<Opener>,
 }
 
 impl FrameReader {
@@ -164,33 +186,49 @@ impl FrameReader {
         Ok(())
     }
 
-    /// The next whole frame: header and payload.
-    async fn next(&mut self) -> Res<(Header, BytesMut)> {
-        self.fill(wire::HEADER_LEN).await?;
-        let h = wire::decode_header(&self.buf)?.expect("header buffered");
-        if h.len > self.limit {
-            return Err(WireError::TooLong(h.len).into());
+    /// The whole size of the frame at the front of the buffer, once known.
+    fn frame_len(&self) -> Res<Option<usize>> {
+        if self.opener.is_some() {
+            return Ok(Opener::frame_len(&self.buf, self.limit)?);
         }
-        self.fill(wire::HEADER_LEN + h.len as usize).await?;
-        self.buf.advance(wire::HEADER_LEN);
-        let payload = self.buf.split_to(h.len as usize);
-        Ok((h, payload))
-    }
-
-    /// The next frame if it is already whole in the buffer (no read).
-    fn buffered(&mut self) -> Res<Option<(Header, BytesMut)>> {
         let Some(h) = wire::decode_header(&self.buf)? else {
             return Ok(None);
         };
         if h.len > self.limit {
             return Err(WireError::TooLong(h.len).into());
         }
-        if self.buf.len() < wire::HEADER_LEN + h.len as usize {
-            return Ok(None);
+        Ok(Some(wire::HEADER_LEN + h.len as usize))
+    }
+
+    /// Takes the frame of `n` bytes at the front of the buffer: header and payload.
+    fn take(&mut self, n: usize) -> Res<(Header, BytesMut)> {
+        let mut f = self.buf.split_to(n);
+        let Some(o) = self.opener.as_mut() else {
+            let h = wire::decode_header(&f)?.expect("header buffered");
+            f.advance(wire::HEADER_LEN);
+            return Ok((h, f));
+        };
+        let opened = o.open(&mut f, self.limit)?;
+        f.truncate(opened.payload.end);
+        f.advance(opened.payload.start);
+        Ok((opened.header, f))
+    }
+
+    /// The next whole frame: header and payload.
+    async fn next(&mut self) -> Res<(Header, BytesMut)> {
+        let head = if self.opener.is_some() { seal::PREFIX_LEN } else { wire::HEADER_LEN };
+        self.fill(head).await?;
+        let n = self.frame_len()?.expect("length buffered");
+        self.fill(n).await?;
+        self.take(n)
+    }
+
+    /// The next frame if it is already whole in the buffer (no read).
+    fn buffered(&mut self) -> Res<Option<(Header, BytesMut)>> {
+        match self.frame_len()? {
+            Some(n) if self.buf.len() >= n => self.take(n).map(Some),
+            _ => Ok(None),
         }
-        self.buf.advance(wire::HEADER_LEN);
-        let payload = self.buf.split_to(h.len as usize);
-        Ok(Some((h, payload)))
     }
 
     async fn expect(&mut self, kind: Kind, timeout: Duration) -> Res<BytesMut> {
@@ -207,10 +245,25 @@ impl FrameReader {
     }
 }
 
-async fn send_now(wr: &mut OwnedWriteHalf, kind: Kind, flags: u16, payload: &[u8]) -> Res<()> {
+/// Writes one frame before the session is live (sealed once the keys exist).
+async fn send_now(
+    wr: &mut OwnedWriteHalf,
+    sealer: Option<&mut Sealer>,
+    kind: Kind,
+    flags: u16,
+    payload: &[u8],
+) -> Res<()> {
     let mut b = BytesMut::new();
     wire::encode(&mut b, kind, flags, 0, 0, payload);
-    wr.write_all(&b).await.map_err(LinkError::Write)
+    let out = match sealer {
+        None => b.to_vec(),
+        Some(s) => {
+            let mut out = Vec::new();
+            s.seal_head(&b, 0, &mut out);
+            out
+        }
+    };
+    wr.write_all(&out).await.map_err(LinkError::Write)
 }
 
 /// The link task of one volume: runs until `shutdown`.
@@ -255,11 +308,25 @@ pub async fn run(
                 Some(r) = accept(listener.as_ref()) => match r {
                     Ok((s, from)) => {
                         if from.ip() != cfg.peer_addr.ip() {
+                            // Dropped and counted, and nothing else: it is no failed attempt of
+                            // the peer's, so it must not delay the peer's next one.
+                            drop(s);
+                            vol.stats.foreign_connections.fetch_add(1, Relaxed);
                             warn(&format!("refusing a replication connection from {from}: not the peer's address"));
-                            None
-                        } else { Some(s) }
+                            continue;
+                        }
+                        Some(s)
                     }
-                    Err(_) => None,
+                    Err(e) => {
+                        // Out of descriptors or memory: a breath before the next accept, so
+                        // the loop does not spin.
+                        warn(&format!("accepting a replication connection failed: {e}"));
+                        tokio::select! {
+                            _ = stopped(&mut shutdown) => return,
+                            _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                        }
+                        continue;
+                    }
                 },
             }
         };
@@ -273,6 +340,9 @@ pub async fn run(
                 }
                 Err(e) => {
                     vol.stats.peer_errors.fetch_add(1, Relaxed);
+                    if e.is_forgery() {
+                        vol.stats.peer_auth_failures.fetch_add(1, Relaxed);
+                    }
                     warn(&format!("replication link: {e}"));
                     vol.with_core(|c| c.r.last_refusal = Some(e.to_string()));
                 }
@@ -282,9 +352,16 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
-        // Back off (connect_retry × 1, 2, 4, 8) while attempts keep failing; a local change
-        // (promotion, connect, invalidate) retries at once.
-        let delay = cfg.connect_retry * (1u32 << failures.saturating_sub(1).min(3));
+        // The connector backs off (connect_retry × 1, 2, 4, 8) while attempts keep failing; a
+        // local change (promotion, connect, invalidate) retries at once. The acceptor does not:
+        // the peer paces its own attempts, and a pause here would only make it wait (a failed
+        // handshake, which anyone who reaches the port can cause, delayed the real peer's
+        // reconnection by the whole backoff).
+        let delay = if connector {
+            cfg.connect_retry * (1u32 << failures.saturating_sub(1).min(3))
+        } else {
+            Duration::ZERO
+        };
         changed.borrow_and_update(); // our own teardown's notification is not a reason to hurry
         tokio::select! {
             _ = stopped(&mut shutdown) => return,

@@ -11,7 +11,12 @@ pub(super) async fn session(
 ) -> Res<String> {
     let cfg = vol.config().expect("replicated").clone();
     let (rd, mut wr) = sock.into_split();
-    let mut r = FrameReader { rd, buf: BytesMut::with_capacity(256 * 1024), limit: HANDSHAKE_MAX };
+    let mut r = FrameReader {
+        rd,
+        buf: BytesMut::with_capacity(256 * 1024),
+        limit: HANDSHAKE_MAX,
+        opener: None,
+    };
     let t = cfg.timeout;
 
     // 1. Hello both ways.
@@ -23,40 +28,63 @@ pub(super) async fn session(
         node: cfg.node.clone(),
         resource: cfg.resource.clone(),
         challenge,
+        protection: cfg.protection.code(),
     };
     let mut b = BytesMut::new();
     hello.encode(&mut b);
-    send_now(&mut wr, Kind::Hello, 0, &b).await?;
+    send_now(&mut wr, None, Kind::Hello, 0, &b).await?;
     let theirs = Hello::decode(&r.expect(Kind::Hello, t).await?)?;
     let refuse = LinkError::Handshake;
-    if let Err(e) = handshake::check_hello(&theirs, &cfg.cluster, &cfg.peer, &cfg.resource) {
-        let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
+    if let Err(e) =
+        handshake::check_hello(&theirs, &cfg.cluster, &cfg.peer, &cfg.resource, cfg.protection)
+    {
+        let _ = send_now(&mut wr, None, Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
     }
-    // 2. Mutual authentication.
-    let tag =
-        handshake::auth_tag(&cfg.secret, &cfg.cluster, &theirs.challenge, &challenge, &cfg.node);
-    send_now(&mut wr, Kind::Auth, 0, &tag).await?;
+    // 2. Mutual authentication, bound to the cluster, the resource and both names.
+    let mine = handshake::AuthInput {
+        cluster: &cfg.cluster,
+        resource: &cfg.resource,
+        prover: &cfg.node,
+        prover_challenge: &challenge,
+        verifier: &cfg.peer,
+        verifier_challenge: &theirs.challenge,
+    };
+    send_now(&mut wr, None, Kind::Auth, 0, &handshake::auth_tag(&cfg.secret, &mine)).await?;
     let their_tag = r.expect(Kind::Auth, t).await?;
-    if let Err(e) = handshake::verify_tag(
-        &cfg.secret,
-        &cfg.cluster,
-        &challenge,
-        &theirs.challenge,
-        &cfg.peer,
-        &their_tag,
-    ) {
-        let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
+    let peers = handshake::AuthInput {
+        prover: &cfg.peer,
+        prover_challenge: &theirs.challenge,
+        verifier: &cfg.node,
+        verifier_challenge: &challenge,
+        ..mine
+    };
+    if let Err(e) = handshake::verify_tag(&cfg.secret, &peers, &their_tag) {
+        let _ = send_now(&mut wr, None, Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
     }
+    // From here every frame is sealed, both ways.
+    let keys = seal::derive(&KeyInput {
+        secret: &cfg.secret,
+        cluster: &cfg.cluster,
+        resource: &cfg.resource,
+        me: &cfg.node,
+        peer: &cfg.peer,
+        my_challenge: &challenge,
+        peer_challenge: &theirs.challenge,
+        protection: cfg.protection,
+    });
+    let mut sealer = keys.send;
+    r.opener = Some(keys.recv);
     // 3. Parameters and the plan.
     let mine = vol.params();
     let mut b = BytesMut::new();
     mine.encode(&mut b);
-    send_now(&mut wr, Kind::Params, 0, &b).await?;
+    send_now(&mut wr, Some(&mut sealer), Kind::Params, 0, &b).await?;
     let peer = Params::decode(&r.expect(Kind::Params, t).await?)?;
     if let Err(e) = handshake::check_params(&mine, &peer) {
-        let _ = send_now(&mut wr, Kind::Refuse, 0, e.to_string().as_bytes()).await;
+        let _ =
+            send_now(&mut wr, Some(&mut sealer), Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
     }
     let facts = |name: &str, p: &Params| Facts {
@@ -106,7 +134,8 @@ pub(super) async fn session(
         while let Some(f) = from {
             let mut b = BytesMut::new();
             from = vol.with_core(|c| c.r.bitmap.encode_runs(f, 4096, &mut b));
-            send_now(&mut wr, Kind::Bitmap, if from.is_none() { F_LAST } else { 0 }, &b).await?;
+            let last = if from.is_none() { F_LAST } else { 0 };
+            send_now(&mut wr, Some(&mut sealer), Kind::Bitmap, last, &b).await?;
         }
         loop {
             let (h, p) =
@@ -138,7 +167,7 @@ pub(super) async fn session(
         unreachable!("plans that do not go live returned above")
     };
     // 5. Go live.
-    let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib));
+    let (tx, writer) = Tx::start(wr, Throttle::new(cfg.replication_rate_limit_kib), Some(sealer));
     let tl = TransferLog::new(cfg.transfer_log, vol.al_extent(), vol.size());
     let session = vol.with_core(|c| c.r.new_session(tl));
     let peer_h = Peer::new(tx, session.epoch);

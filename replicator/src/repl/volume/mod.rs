@@ -65,6 +65,9 @@ pub struct VolumeConfig {
     /// Cap on everything sent to the peer, KiB/s (0: none).
     pub replication_rate_limit_kib: u64,
     pub secret: Vec<u8>,
+    /// After the handshake: frames encrypted and authenticated, or authenticated only
+    /// (`link_encryption`).
+    pub protection: super::seal::Protection,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub timeout: Duration,
@@ -85,6 +88,10 @@ pub struct ReplStats {
     pub resync_same_bytes: AtomicU64,
     pub al_transactions: AtomicU64,
     pub peer_errors: AtomicU64,
+    /// Connections to the replication port from another address than the peer's (dropped).
+    pub foreign_connections: AtomicU64,
+    /// Of those, sessions ended by a frame (or handshake tag) that failed authentication.
+    pub peer_auth_failures: AtomicU64,
     pub connects: AtomicU64,
     pub verify_mismatch_bytes: AtomicU64,
 }

@@ -29,6 +29,14 @@ pub struct ReplStatus {
     pub al_transactions: u64,
     pub connects: u64,
     pub peer_errors: u64,
+    /// Of `peer_errors`, those where the peer's bytes failed authentication (tampering, or a
+    /// wrong secret).
+    #[serde(default)]
+    pub peer_auth_failures: u64,
+    /// Connections to the replication port from another address than the peer's (dropped at
+    /// once; they delay nothing).
+    #[serde(default)]
+    pub foreign_connections: u64,
     /// Page-cache writes that took over 50 ms (a slow disk): each sent this node's writes past
     /// its data thread for a second.
     pub slow_writes: u64,
@@ -111,6 +119,8 @@ impl Volume {
             al_transactions: self.stats.al_transactions.load(Relaxed),
             connects: self.stats.connects.load(Relaxed),
             peer_errors: self.stats.peer_errors.load(Relaxed),
+            peer_auth_failures: self.stats.peer_auth_failures.load(Relaxed),
+            foreign_connections: self.stats.foreign_connections.load(Relaxed),
             slow_writes: self.store.slow_inline_writes(),
             peer_unflushed_bytes: unflushed,
             events: c.events.iter().rev().take(20).rev().cloned().collect(),
