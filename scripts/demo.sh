@@ -102,7 +102,7 @@ HA="${DEMO_HB_PORT:-7694}"
 HB=$((HA + 1))
 step "part 2: a replicating pair, alpha and beta, on loopback (two daemons, two 128 MiB files)"
 truncate -s 128M "$P/alpha.img" "$P/beta.img"
-head -c 32 /dev/urandom | base64 >"$P/secret"
+(umask 077 && head -c 32 /dev/urandom | base64 >"$P/secret")
 # The serial heartbeat: a null-modem cable between two pseudo-terminals.
 socat "pty,raw,echo=0,link=$P/ttyA" "pty,raw,echo=0,link=$P/ttyB" &
 SOCAT=$!
@@ -114,6 +114,7 @@ name = "demo-pair"
 secret_file = "$P/secret"
 configured_master = "alpha"
 control_socket = "$P/alpha.sock"
+state_dir = "$P/state"
 metrics_listen = ""
 
 [node.alpha]

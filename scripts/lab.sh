@@ -51,13 +51,14 @@ PIDS+=($!); disown $!
 for _ in $(seq 50); do [ -e "$W/ttyA" ] && [ -e "$W/ttyB" ] && break; sleep 0.1; done
 
 truncate -s 128M "$W/alpha.img" "$W/beta.img"
-head -c 32 /dev/urandom | base64 >"$W/secret"
+(umask 077 && head -c 32 /dev/urandom | base64 >"$W/secret")
 cat >"$W/duet.toml" <<TOML
 [cluster]
 name = "lab"
 secret_file = "$W/secret"
 configured_master = "alpha"
 control_socket = "$W/alpha.sock"
+state_dir = "$W/state"
 metrics_listen = ""
 
 [node.alpha]

@@ -231,6 +231,10 @@ fn start_pair_inner(
     };
     let beta = d.join("beta.img");
     std::fs::write(d.join("secret"), "bench-secret-0123456789")?;
+    std::fs::set_permissions(
+        d.join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let rate = if args.resync_rate_kib == 0 {
         "mode = \"fixed\"\nrate_kib = 100000000".to_string()
     } else {

@@ -60,6 +60,10 @@ fn one(duet: &Path, dir: &Path, keepalive: u64, deadtime: u64) -> anyhow::Result
         f.set_len(64 << 20)?;
     }
     std::fs::write(dir.join("secret"), "takeover-bench-secret")?;
+    std::fs::set_permissions(
+        dir.join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let serial_link = if serial {
         format!(
             "[[heartbeat.link]]\nkind = \"serial\"\n[heartbeat.link.on.alpha]\ndevice = \"{}\"\n[heartbeat.link.on.beta]\ndevice = \"{}\"\n",
@@ -74,7 +78,7 @@ fn one(duet: &Path, dir: &Path, keepalive: u64, deadtime: u64) -> anyhow::Result
     std::fs::write(
         &cfg,
         format!(
-            "[cluster]\nname = \"takeover\"\nsecret_file = \"{d}/secret\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nmetrics_listen = \"\"\n\
+            "[cluster]\nname = \"takeover\"\nsecret_file = \"{d}/secret\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nstate_dir = \"{d}/state\"\nmetrics_listen = \"\"\n\
              [node.alpha]\n[node.beta]\ncontrol_socket = \"{d}/beta.sock\"\n\
              [[resource]]\nname = \"vol0\"\nnbd_listen = \"127.0.0.1:{nbd}\"\n\
              [resource.on.alpha]\ndisk = \"{d}/alpha.img\"\nreplication_address = \"127.0.0.1:{r0}\"\n\

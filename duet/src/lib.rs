@@ -20,6 +20,7 @@ pub mod events;
 pub mod ha;
 pub mod md;
 pub mod plan;
+pub mod state;
 pub mod status;
 
 /// An error with its sources, `outer: inner: …` (for messages that leave as one string: a

@@ -3,7 +3,7 @@
 //! by reason (the runtime logs drops through a rate limiter).
 
 use crate::frame::{Frame, FrameError};
-use crate::replay::{Replay, Window};
+use crate::replay::{Checkpoint, Replay, STRIDE, Window};
 
 /// Why a received frame was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +52,10 @@ pub struct Receiver {
     cluster: u64,
     peer: u8,
     window: Window,
+    /// The checkpoint on disk, and one the caller must make durable before acting on the frame
+    /// just accepted.
+    durable: Option<Checkpoint>,
+    due: Option<Checkpoint>,
     /// Counted drops.
     pub drops: DropCounts,
     /// Frames accepted.
@@ -67,8 +71,34 @@ impl Receiver {
             cluster,
             peer,
             window: Window::default(),
+            durable: None,
+            due: None,
             drops: DropCounts::default(),
             accepted: 0,
+        }
+    }
+
+    /// After a restart: the sender's window as the checkpoint on disk left it.
+    #[must_use]
+    pub fn resume(mut self, c: Option<Checkpoint>) -> Self {
+        if let Some(c) = c {
+            self.window = Window::resume(c);
+            self.durable = Some(c);
+        }
+        self
+    }
+
+    /// A checkpoint to make durable before acting on the frame just accepted (then pass it to
+    /// [`Receiver::made_durable`]); `None` when the one on disk covers it.
+    pub fn checkpoint_due(&self) -> Option<Checkpoint> {
+        self.due
+    }
+
+    /// The checkpoint is on disk.
+    pub fn made_durable(&mut self, c: Checkpoint) {
+        self.durable = Some(c);
+        if self.due == Some(c) {
+            self.due = None;
         }
     }
 
@@ -101,6 +131,10 @@ impl Receiver {
             return Err(Dropped::Node(f.node_id));
         }
         self.window.accept(f.boot, f.seq).map_err(Dropped::Replay)?;
+        let covered = self.durable.is_some_and(|d| d.boot == f.boot && f.seq <= d.ceiling);
+        if !covered {
+            self.due = Some(Checkpoint { boot: f.boot, ceiling: f.seq.saturating_add(STRIDE) });
+        }
         Ok(f)
     }
 }
@@ -127,6 +161,35 @@ mod tests {
 
     fn rx() -> Receiver {
         Receiver::new(vec![(1, KEY.to_vec())], cluster_id("c"), 1)
+    }
+
+    /// A checkpoint is due before the first frame of a boot and then once per STRIDE frames; a
+    /// receiver resumed from it refuses every frame it had accepted.
+    #[test]
+    fn checkpoints_cover_every_accepted_frame_across_a_restart() {
+        let mut r = rx();
+        let mut written = Vec::new();
+        for seq in 1..=40 {
+            r.receive(&frame(1, "c", 9, seq).encode(KEY)).unwrap();
+            if let Some(c) = r.checkpoint_due() {
+                assert!(c.ceiling >= seq && c.boot == 9);
+                r.made_durable(c);
+                written.push(c);
+            }
+            assert_eq!(r.checkpoint_due(), None);
+        }
+        assert_eq!(written.len(), 5, "{written:?}");
+        let last = *written.last().unwrap();
+        let mut again = rx().resume(Some(last));
+        for seq in 1..=40 {
+            let e = again.receive(&frame(1, "c", 9, seq).encode(KEY)).unwrap_err();
+            assert!(matches!(e, Dropped::Replay(_)), "seq {seq}: {e:?}");
+        }
+        assert_eq!(again.drops.replay, 40);
+        // Live frames beyond the ceiling are heard, and a new boot at once.
+        assert!(again.receive(&frame(1, "c", 9, last.ceiling + 1).encode(KEY)).is_ok());
+        assert!(again.receive(&frame(1, "c", 10, 0).encode(KEY)).is_ok());
+        assert_eq!(again.checkpoint_due(), Some(Checkpoint { boot: 10, ceiling: STRIDE }));
     }
 
     #[test]

@@ -6,6 +6,18 @@
 
 /// How many sequence numbers below the highest the window remembers.
 pub const WINDOW: u64 = 128;
+/// How far ahead of the newest accepted sequence a [`Checkpoint`] reaches: one durable write per
+/// this many frames, and at most this many live frames refused after the receiver restarts.
+pub const STRIDE: u64 = 8;
+
+/// What a receiver keeps on disk about a sender, so its window survives a restart: frames of
+/// `boot` up to `ceiling` are refused after it (every frame accepted before was below it), and
+/// frames of older boots always are. Made durable before a frame it covers is acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub boot: u64,
+    pub ceiling: u64,
+}
 
 /// Why a frame was refused as a replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +41,12 @@ pub struct Window {
 }
 
 impl Window {
+    /// The window after a restart: everything of the checkpoint's boot up to its ceiling, and
+    /// every older boot, is a replay.
+    pub fn resume(c: Checkpoint) -> Self {
+        Self { state: Some((c.boot, c.ceiling, u128::MAX)) }
+    }
+
     /// Checks a frame's (boot, seq) and records it if accepted. Call only for authenticated
     /// frames, so a forged frame cannot move the window.
     pub fn accept(&mut self, boot: u64, seq: u64) -> Result<(), Replay> {
@@ -92,6 +110,20 @@ mod tests {
         assert_eq!(w.accept(6, 1), Ok(()), "the peer restarted");
         assert_eq!(w.accept(5, 1001), Err(Replay::OldBoot { got: 5, current: 6 }));
         assert_eq!(w.boot(), Some(6));
+    }
+
+    #[test]
+    fn a_resumed_window_refuses_what_the_checkpoint_covers() {
+        let c = Checkpoint { boot: 7, ceiling: 40 };
+        let mut w = Window::resume(c);
+        assert_eq!(w.accept(6, 1000), Err(Replay::OldBoot { got: 6, current: 7 }));
+        assert_eq!(w.accept(7, 33), Err(Replay::Duplicate { got: 33 }));
+        assert_eq!(w.accept(7, 40), Err(Replay::Duplicate { got: 40 }));
+        assert_eq!(w.accept(7, 1), Err(Replay::Duplicate { got: 1 }));
+        assert_eq!(w.accept(7, 41), Ok(()));
+        assert_eq!(w.accept(7, 39), Err(Replay::Duplicate { got: 39 }), "still covered");
+        let mut w = Window::resume(c);
+        assert_eq!(w.accept(8, 0), Ok(()), "the sender restarted too");
     }
 
     #[test]

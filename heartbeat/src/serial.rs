@@ -185,8 +185,12 @@ impl SerialPort {
         use nix::fcntl::{OFlag, open};
         use nix::sys::stat::Mode;
         let speed = baud(rate)?;
-        let fd = open(path, OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK, Mode::empty())
-            .map_err(|e| SerialError::Open(path.into(), e))?;
+        let fd = open(
+            path,
+            OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SerialError::Open(path.into(), e))?;
         let cfg = |e| SerialError::Configure(path.into(), e);
         let mut t = termios::tcgetattr(&fd).map_err(cfg)?;
         termios::cfmakeraw(&mut t);

@@ -125,6 +125,8 @@ impl Pair {
             .expect("tempdir");
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "correct horse battery staple\n").expect("secret");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("secret mode");
         let node = |name: &'static str| {
             let disk = dir.path().join(format!("{name}.img"));
             std::fs::File::create(&disk).and_then(|f| f.set_len(o.size)).expect("disk");
@@ -179,6 +181,7 @@ secret_file = "{secret}"
 configured_master = "alpha"
 failback = "{failback}"
 control_socket = "{s0}"
+state_dir = "{state}"
 metrics_listen = ""
 {cluster_extra}
 
@@ -231,6 +234,7 @@ replication_address = "{h1}:{r1}"
             h1 = if o.netns.is_some() { crate::lab::DEDICATED[1] } else { "127.0.0.1" },
             ha = ha_text,
             cluster_extra = o.cluster_extra,
+            state = dir.path().join("state").display(),
         );
         // Both nodes share one nbd_listen port number in the file; the node that is Primary
         // binds it. On one host only one can be Primary at a time, which the tests respect

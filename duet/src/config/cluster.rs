@@ -30,6 +30,14 @@ pub struct Cluster {
     /// but sends the data in the clear (a crossover cable). Default true; both nodes must agree.
     #[serde(default = "default_true")]
     pub link_encryption: bool,
+    /// Where the node keeps what must survive a restart (the heartbeat's boot counter and the
+    /// peer's replay checkpoint). Default `/var/lib/duet`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/duet")
 }
 
 fn default_true() -> bool {

@@ -262,6 +262,14 @@ impl Config {
                 "1 suits one or two resources; add threads for many busy resources",
             ));
         }
+        if !c.state_dir.is_absolute() {
+            return Err(invalid(
+                "cluster.state_dir",
+                c.state_dir.display(),
+                "must be an absolute path",
+                "e.g. /var/lib/duet",
+            ));
+        }
         if c.control_socket.as_os_str().is_empty() || !c.control_socket.is_absolute() {
             return Err(invalid(
                 "cluster.control_socket",

@@ -20,7 +20,7 @@ pub enum RuntimeError {
     #[error("cluster.secret_file is required for a pair")]
     NoSecretFile,
     #[error(
-        "cannot read cluster.secret_file {}: create it with the same content on both nodes (e.g. head -c 32 /dev/urandom | base64 > {})",
+        "cannot read cluster.secret_file {}: create it with the same content on both nodes (e.g. (umask 077 && head -c 32 /dev/urandom | base64 > {}))",
         path.display(),
         path.display()
     )]
@@ -34,17 +34,30 @@ pub enum RuntimeError {
         path.display()
     )]
     ShortSecret { path: PathBuf, len: usize },
+    #[error(
+        "cluster.secret_file {} has mode {mode:04o}: group or others can read the key of every link; chmod 600 {}",
+        path.display(),
+        path.display()
+    )]
+    SecretMode { path: PathBuf, mode: u32 },
     #[error("resource {resource}: {why}")]
     Policies { resource: String, why: replicator::repl::policy::PolicyError },
     #[error("resource {resource} on {node} has no replication_address; a pair needs one")]
     NoAddress { resource: String, node: String },
 }
 
-/// Reads the cluster secret; refuses an empty or unreadable one.
+/// Reads the cluster secret; refuses an empty or unreadable one, and one that group or others
+/// may read.
 pub fn read_secret(cfg: &Config) -> Result<Vec<u8>, RuntimeError> {
     let path = cfg.cluster.secret_file.as_ref().ok_or(RuntimeError::NoSecretFile)?;
-    let s = std::fs::read(path)
-        .map_err(|source| RuntimeError::ReadSecret { path: path.clone(), source })?;
+    let read_err = |source| RuntimeError::ReadSecret { path: path.clone(), source };
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(path).map_err(read_err)?.permissions(),
+    ) & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(RuntimeError::SecretMode { path: path.clone(), mode });
+    }
+    let s = std::fs::read(path).map_err(read_err)?;
     let s = s.trim_ascii().to_vec();
     if s.len() < 8 {
         return Err(RuntimeError::ShortSecret { path: path.clone(), len: s.len() });

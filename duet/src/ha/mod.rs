@@ -222,6 +222,18 @@ impl Loop {
         let now = Instant::now();
         match self.rx.receive(b) {
             Ok(f) => {
+                // Durable before the frame is acted on: after a restart it is a replay.
+                if let Some(c) = self.rx.checkpoint_due() {
+                    let dir = &self.cfg.cluster.state_dir;
+                    match crate::state::save_checkpoint(dir, &self.node, &self.peer, c) {
+                        Ok(()) => self.rx.made_durable(c),
+                        Err(e) => {
+                            if let Some(held) = self.limiter.allow() {
+                                tracing::error!(suppressed = held, "{}", crate::error_chain(&e));
+                            }
+                        }
+                    }
+                }
                 if let Some(l) = self.links.get(link) {
                     l.counters.frames_in.fetch_add(1, Relaxed);
                 }

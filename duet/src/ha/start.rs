@@ -40,6 +40,8 @@ pub enum StartError {
     },
     #[error("VIP agent")]
     Vips(#[source] vip::agent::VipError),
+    #[error("heartbeat state")]
+    State(#[source] crate::state::StateError),
     #[error("cannot release the VIPs at start")]
     VipsDown(#[source] vip::group::Failed),
 }
@@ -172,9 +174,16 @@ async fn start_here(
         resources: cfg.resource.len(),
     };
     let now = Instant::now();
-    let boot = SystemTime::now()
+    // The boot generation is a counter on disk, durable before the first frame: a restart is
+    // always newer, whatever the clock did. The peer's checkpoint makes a frame recorded before
+    // our restart a replay still.
+    let dir = &cfg.cluster.state_dir;
+    crate::state::ensure_dir(dir).map_err(StartError::State)?;
+    let clock = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let boot = crate::state::next_boot(dir, node, clock).map_err(StartError::State)?;
+    let checkpoint = crate::state::load_checkpoint(dir, node, &peer).map_err(StartError::State)?;
     let my_id = u8::try_from(crate::config::runtime::node_id(cfg, node)).unwrap_or(0);
     let peer_id = u8::try_from(crate::config::runtime::node_id(cfg, &peer)).unwrap_or(1);
     let cluster = frame::cluster_id(&cfg.cluster.name);
@@ -204,7 +213,7 @@ async fn start_here(
         boot,
         seq: 0,
         det: Detector::new(timing, links.len(), now),
-        rx: Receiver::new(vec![(1, secret.to_vec())], cluster, peer_id),
+        rx: Receiver::new(vec![(1, secret.to_vec())], cluster, peer_id).resume(checkpoint),
         mgr: Manager::new(settings, now).with_id_seed(boot),
         links,
         host,

@@ -131,27 +131,95 @@ pub(super) async fn service(
 }
 
 /// Runs `sh -c cmd` with a timeout; the exit code (None: killed by a signal).
+///
+/// The hook runs in a process group of its own, and a timeout kills the group: what the shell
+/// started (an `ipmitool`, an `ssh`) dies with it, so a retry never runs beside a fence still
+/// going. It inherits descriptors 0-2 only (stdin is /dev/null): no socket, serial port or
+/// disk of the daemon's.
 pub async fn shell(
     cmd: &str,
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Option<i32>, ShellError> {
     let mut c = tokio::process::Command::new("/bin/sh");
-    c.arg("-c").arg(cmd).kill_on_drop(true).stdin(std::process::Stdio::null());
+    c.arg("-c").arg(cmd).kill_on_drop(true).stdin(std::process::Stdio::null()).process_group(0);
     for (k, v) in env {
         c.env(k, v);
+    }
+    // SAFETY: the closure runs in the child between fork and exec and makes one
+    // async-signal-safe system call; it touches no memory of the parent's.
+    unsafe {
+        c.pre_exec(|| {
+            // Every descriptor from 3 up closes at exec, whoever opened it without O_CLOEXEC.
+            let r = libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
     }
     let cmd = cmd.to_string();
     let mut child = match c.spawn() {
         Ok(c) => c,
         Err(source) => return Err(ShellError::Spawn { cmd, source }),
     };
+    let group = child.id().and_then(|p| i32::try_from(p).ok()).map(nix::unistd::Pid::from_raw);
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(st)) => Ok(st.code()),
         Ok(Err(source)) => Err(ShellError::Wait { cmd, source }),
         Err(_) => {
+            if let Some(g) = group {
+                let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+            }
             let _ = child.kill().await;
             Err(ShellError::Timeout { cmd, ms: timeout.as_millis() })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(marker: &str) -> bool {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+    }
+
+    /// A fence hook that starts a long command and times out: the command dies with the shell.
+    #[tokio::test]
+    async fn a_timed_out_hook_leaves_nothing_behind() {
+        // A marker no other process has in its command line.
+        let marker = format!("600.{}", std::process::id());
+        let cmd = format!("sleep {marker} & sleep {marker}; true");
+        let r = shell(&cmd, &[], Duration::from_millis(300)).await;
+        assert!(matches!(r, Err(ShellError::Timeout { .. })), "{r:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while running(&marker) {
+            assert!(std::time::Instant::now() < deadline, "a sleep {marker} outlived its hook");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A hook sees descriptors 0-2 and nothing of the daemon's, even one opened without
+    /// O_CLOEXEC.
+    #[tokio::test]
+    async fn a_hook_inherits_only_the_standard_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let leak = nix::fcntl::open(
+            &dir.path().join("leak"),
+            nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_RDWR,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        let out = dir.path().join("fds");
+        let o = out.display().to_string();
+        // `exec >` moves the shell's stdout for good (no saved copy); then ls, a child, lists
+        // the shell's descriptors (its own directory descriptor is in its own process).
+        let list = "exec > \"$OUT\"; ls /proc/$$/fd";
+        let code = shell(list, &[("OUT", &o)], Duration::from_secs(10)).await.unwrap();
+        assert_eq!(code, Some(0));
+        let fds: Vec<String> =
+            std::fs::read_to_string(&out).unwrap().split_whitespace().map(String::from).collect();
+        assert_eq!(fds, ["0", "1", "2"], "descriptor {leak:?} of the daemon's leaked");
     }
 }

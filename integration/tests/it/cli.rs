@@ -168,16 +168,22 @@ fn refusals_for_unreachable_daemon_second_daemon_and_busy_port() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
     assert!(stderr_of(&o).contains("cannot reach the duet daemon"), "{}", stderr_of(&o));
     n.spawn();
-    // A second daemon on the same control socket is refused, and the first keeps running.
+    // A second daemon on the same disk (and control socket) is refused, naming the holder, and
+    // the first keeps running.
     let o = run(n.cli().arg("daemon"), MIN);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr_of(&o);
-    assert!(e.contains("cannot listen for NBD") || e.contains("another duet daemon"), "{e}");
+    assert!(e.contains("is in use by pid"), "{e}");
     assert!(n.alive());
     assert_eq!(n.status()["node"], "alpha");
-    // A different control socket but the same NBD port: the port is named.
+    // A different control socket and disk but the same NBD port: the port is named.
     let cfg2 = n.dir.path().join("second.toml");
-    let text = std::fs::read_to_string(&n.config).unwrap().replace("duet.sock", "second.sock");
+    let disk2 = n.dir.path().join("second.img");
+    std::fs::copy(&n.disk, &disk2).unwrap();
+    let text = std::fs::read_to_string(&n.config)
+        .unwrap()
+        .replace("duet.sock", "second.sock")
+        .replace(&n.disk.display().to_string(), &disk2.display().to_string());
     let text = text
         .replace(&format!("127.0.0.1:{}\"\n\n[node", n.metrics_port), "\"\n\n[node")
         .replace("metrics_listen = \"127.0.0.1:\"", "metrics_listen = \"\"");

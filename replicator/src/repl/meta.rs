@@ -86,6 +86,9 @@ pub enum MetaError {
         "metadata already exists on {path} (node id {node}, current generation {current:#x}); pass --force to overwrite it (the next connect does a full resync)"
     )]
     Exists { path: PathBuf, node: u32, current: u64 },
+    /// A daemon (or another `create-md`) holds the disk or the metadata file.
+    #[error(transparent)]
+    Busy(#[from] crate::store::lock::Busy),
 }
 
 impl Layout {
@@ -196,6 +199,18 @@ impl Meta {
         let layout = Layout::compute(size, placement, g)
             .map_err(|(size, need)| MetaError::TooSmall { path: disk.to_owned(), size, need })?;
         let (file, path) = Self::open_file(disk, placement, true)?;
+        // Not while anyone serves this disk: a daemon holds the disk (and its external
+        // metadata) locked; the disk's lock is probed through a file of its own.
+        crate::store::lock::exclusive(&file, &path)?;
+        let _disk = match placement {
+            Placement::Internal => None,
+            Placement::External(_) => {
+                let d = File::open(disk)
+                    .map_err(|source| MetaError::Open { path: disk.to_owned(), source })?;
+                crate::store::lock::exclusive(&d, disk)?;
+                Some(d)
+            }
+        };
         let me = Self { file, path, layout };
         if !force && let Ok(sb) = me.read_sb() {
             {
@@ -255,6 +270,11 @@ impl Meta {
         node_id: u32,
     ) -> Result<(Self, Loaded), MetaError> {
         let (me, sb) = Self::attach(disk, placement, g)?;
+        // External metadata is held as the disk is (internal metadata is on the disk, whose
+        // store holds it).
+        if matches!(placement, Placement::External(_)) {
+            crate::store::lock::exclusive(&me.file, &me.path)?;
+        }
         let layout = me.layout;
         if sb.node_id != node_id {
             return Err(MetaError::Foreign { path: me.path, found: sb.node_id, want: node_id });

@@ -5,6 +5,7 @@
 
 mod buf;
 mod engine;
+pub mod lock;
 mod threads;
 mod uring;
 
@@ -71,6 +72,9 @@ pub enum StoreError {
     /// The engine could not start.
     #[error("cannot start the {engine} I/O engine: {source}")]
     Engine { engine: &'static str, source: std::io::Error },
+    /// Another process (or another open) holds the store.
+    #[error(transparent)]
+    Busy(#[from] lock::Busy),
 }
 
 /// How to open a store.
@@ -174,6 +178,10 @@ impl Store {
         let block_device = ft.is_block_device();
         if !ft.is_file() && !block_device {
             return Err(StoreError::NotFileOrDevice { path: path.to_owned() });
+        }
+        // A writer holds the disk for as long as it is open.
+        if !opts.read_only {
+            lock::exclusive(&file, path)?;
         }
         // SEEK_END gives the size of regular files and block devices alike.
         // SAFETY: plain syscall on a valid fd.

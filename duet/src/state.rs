@@ -1,0 +1,186 @@
+//! What a node keeps in `state_dir` (default `/var/lib/duet`) across restarts, each file written
+//! atomically (a temporary file, fsync, rename, fsync of the directory) and never through a
+//! symbolic link:
+//!
+//! - `NODE.boot`: the heartbeat boot counter, incremented and made durable before the first
+//!   frame of a run, so a restart always sends a newer boot than any frame recorded before it,
+//!   whatever the clock says.
+//! - `NODE.peer-PEER`: the peer's last [`Checkpoint`] (boot, ceiling), so a frame recorded before
+//!   this node restarted is still a replay after it.
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use heartbeat::replay::Checkpoint;
+
+/// A state file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write state file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read state file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state file {path} holds {text:?}, not what duet writes there; remove it to start over"
+    )]
+    Garbled { path: PathBuf, text: String },
+}
+
+/// The state directory, created (0700) if missing.
+pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StateError::Dir { path: dir.to_owned(), source })
+}
+
+/// Replaces `path` with `bytes` atomically and durably; a symbolic link at `path` is replaced,
+/// never followed, and the temporary file is created fresh (O_EXCL, O_NOFOLLOW).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let err = |source| StateError::Write { path: path.to_owned(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(err)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+}
+
+/// Reads a state file (`None` when there is none), refusing to follow a link.
+fn read(path: &Path) -> Result<Option<String>, StateError> {
+    use std::io::Read as _;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
+    let mut f = match f {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Read { path: path.to_owned(), source }),
+    };
+    let mut s = String::new();
+    f.read_to_string(&mut s)
+        .map_err(|source| StateError::Read { path: path.to_owned(), source })?;
+    Ok(Some(s))
+}
+
+fn garbled(path: &Path, text: &str) -> StateError {
+    StateError::Garbled { path: path.to_owned(), text: text.chars().take(64).collect() }
+}
+
+fn boot_file(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.boot"))
+}
+
+fn peer_file(dir: &Path, node: &str, peer: &str) -> PathBuf {
+    dir.join(format!("{node}.peer-{peer}"))
+}
+
+/// The boot generation of this run: one more than the last, durable before it is returned.
+/// The first run starts from the wall clock in microseconds, above any boot generation an
+/// earlier release (which sent the clock itself) may have left in a peer's memory.
+pub fn next_boot(dir: &Path, node: &str, now_micros: u64) -> Result<u64, StateError> {
+    let path = boot_file(dir, node);
+    let last = match read(&path)? {
+        None => None,
+        Some(t) => Some(t.trim().parse::<u64>().map_err(|_| garbled(&path, &t))?),
+    };
+    let boot = match last {
+        Some(b) => b.checked_add(1).ok_or_else(|| garbled(&path, &b.to_string()))?,
+        None => now_micros.max(1),
+    };
+    write_atomic(&path, format!("{boot}\n").as_bytes())?;
+    Ok(boot)
+}
+
+/// The peer's checkpoint from the last run, if any.
+pub fn load_checkpoint(
+    dir: &Path,
+    node: &str,
+    peer: &str,
+) -> Result<Option<Checkpoint>, StateError> {
+    let path = peer_file(dir, node, peer);
+    let Some(t) = read(&path)? else { return Ok(None) };
+    let mut it = t.split_whitespace().map(str::parse::<u64>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(boot)), Some(Ok(ceiling)), None) => Ok(Some(Checkpoint { boot, ceiling })),
+        _ => Err(garbled(&path, &t)),
+    }
+}
+
+/// Makes the peer's checkpoint durable.
+pub fn save_checkpoint(
+    dir: &Path,
+    node: &str,
+    peer: &str,
+    c: Checkpoint,
+) -> Result<(), StateError> {
+    write_atomic(&peer_file(dir, node, peer), format!("{} {}\n", c.boot, c.ceiling).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boots_count_up_from_the_clock_once_and_never_follow_it_after() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(next_boot(d.path(), "alpha", 1_000_000).unwrap(), 1_000_000);
+        // The clock went back an hour: the counter does not care.
+        assert_eq!(next_boot(d.path(), "alpha", 1).unwrap(), 1_000_001);
+        assert_eq!(next_boot(d.path(), "alpha", 5_000_000).unwrap(), 1_000_002);
+        assert_eq!(next_boot(d.path(), "beta", 7).unwrap(), 7, "per node");
+        std::fs::write(d.path().join("alpha.boot"), "twelve").unwrap();
+        let e = next_boot(d.path(), "alpha", 1).unwrap_err().to_string();
+        assert!(e.contains("alpha.boot") && e.contains("twelve"), "{e}");
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_garbage_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(load_checkpoint(d.path(), "a", "b").unwrap(), None);
+        let c = Checkpoint { boot: 42, ceiling: 9 };
+        save_checkpoint(d.path(), "a", "b", c).unwrap();
+        assert_eq!(load_checkpoint(d.path(), "a", "b").unwrap(), Some(c));
+        for bad in ["", "1", "1 2 3", "x 2", "-1 2"] {
+            std::fs::write(d.path().join("a.peer-b"), bad).unwrap();
+            assert!(load_checkpoint(d.path(), "a", "b").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_link_in_place_of_a_state_file_is_replaced_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join("a.boot")).unwrap();
+        assert!(next_boot(d.path(), "a", 5).is_err(), "read through a link");
+        std::fs::remove_file(d.path().join("a.boot")).unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join("a.peer-b")).unwrap();
+        save_checkpoint(d.path(), "a", "b", Checkpoint { boot: 1, ceiling: 2 }).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!d.path().join("a.peer-b").is_symlink());
+    }
+}
