@@ -91,6 +91,64 @@ impl Command {
     }
 }
 
+/// What a command needs of its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Looks: status, events.
+    Read,
+    /// Changes something.
+    Admin,
+}
+
+impl Command {
+    /// What the command needs: `status` and `events` only look; everything else acts.
+    pub fn needs(&self) -> Access {
+        match self {
+            Self::Status | Self::Events { .. } => Access::Read,
+            _ => Access::Admin,
+        }
+    }
+}
+
+/// A caller on the control socket: its uid and every group it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// Who may do what: root and the daemon's own user always; members of `admin` anything; members
+/// of `read` status and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub owner: u32,
+    pub admin: Option<u32>,
+    pub read: Option<u32>,
+}
+
+impl Policy {
+    /// Whether `c` may run a command that needs `need`; the refusal says what would allow it.
+    pub fn check(&self, c: &Caller, need: Access) -> Result<(), String> {
+        let member = |g: Option<u32>| g.is_some_and(|g| c.groups.contains(&g));
+        if c.uid == 0 || c.uid == self.owner || member(self.admin) {
+            return Ok(());
+        }
+        if need == Access::Read && member(self.read) {
+            return Ok(());
+        }
+        Err(match need {
+            Access::Admin => format!(
+                "permission denied: uid {} may not change anything here; run as root or as a member of the admin_group",
+                c.uid
+            ),
+            Access::Read => format!(
+                "permission denied: uid {} may not read this daemon's state; run as root or as a member of the read_group or admin_group",
+                c.uid
+            ),
+        })
+    }
+}
+
 /// A response from the daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
@@ -160,6 +218,37 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_lets_root_the_owner_and_the_groups_do_what_they_may() {
+        let p = Policy { owner: 500, admin: Some(10), read: Some(20) };
+        let who = |uid, groups: &[u32]| Caller { uid, groups: groups.to_vec() };
+        for (c, read, admin) in [
+            (who(0, &[]), true, true),
+            (who(500, &[]), true, true),
+            (who(1000, &[10]), true, true),
+            (who(1000, &[20]), true, false),
+            (who(1000, &[30, 20]), true, false),
+            (who(1000, &[30]), false, false),
+            (who(1000, &[]), false, false),
+        ] {
+            assert_eq!(p.check(&c, Access::Read).is_ok(), read, "{c:?}");
+            assert_eq!(p.check(&c, Access::Admin).is_ok(), admin, "{c:?}");
+        }
+        let none = Policy { owner: 0, admin: None, read: None };
+        assert!(none.check(&who(1000, &[0]), Access::Read).is_err(), "group 0 is not root");
+        let e = p.check(&who(1000, &[20]), Access::Admin).unwrap_err();
+        assert!(e.contains("uid 1000") && e.contains("admin_group"), "{e}");
+        assert_eq!(Command::Status.needs(), Access::Read);
+        assert_eq!(Command::Events { since_ms: 0 }.needs(), Access::Read);
+        for c in [
+            Command::MakeSlave,
+            Command::MakeMaster { force: false },
+            Command::Invalidate { resource: None },
+        ] {
+            assert_eq!(c.needs(), Access::Admin, "{c:?}");
+        }
+    }
 
     #[test]
     fn round_trip() {

@@ -34,6 +34,12 @@ pub struct Cluster {
     /// peer's replay checkpoint). Default `/var/lib/duet`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Members of this group may run every command on the control socket ("" : root only).
+    #[serde(default)]
+    pub admin_group: String,
+    /// Members of this group may run `status` and `events` ("" : root and admin_group only).
+    #[serde(default)]
+    pub read_group: String,
 }
 
 fn default_state_dir() -> PathBuf {

@@ -262,6 +262,18 @@ impl Config {
                 "1 suits one or two resources; add threads for many busy resources",
             ));
         }
+        for (key, g) in
+            [("cluster.admin_group", &c.admin_group), ("cluster.read_group", &c.read_group)]
+        {
+            if !g.is_empty() && !valid_name(g) {
+                return Err(invalid(
+                    key,
+                    g,
+                    "not a group name",
+                    "name a group of /etc/group, e.g. \"duet-admin\", or \"\" for root only",
+                ));
+            }
+        }
         if !c.state_dir.is_absolute() {
             return Err(invalid(
                 "cluster.state_dir",

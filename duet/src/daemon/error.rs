@@ -68,6 +68,8 @@ pub enum DaemonError {
         .0.display()
     )]
     ControlInUse(PathBuf),
+    #[error("{key} = {name:?}: no such group; create it (groupadd {name}) or set \"\"")]
+    NoGroup { key: &'static str, name: String },
     #[error("{what} control socket {}", .path.display())]
     ControlSocket {
         what: &'static str,

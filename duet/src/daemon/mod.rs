@@ -47,10 +47,29 @@ use crate::config::{self, Config};
 use crate::control::{self, Command, Response};
 use crate::status::{NodeStatus, ResourceStatus};
 
+/// Who may use the control socket: root, the daemon's own user, and the configured groups.
+fn control_policy(cfg: &Config) -> Result<control::Policy, DaemonError> {
+    let gid = |key: &'static str, name: &str| -> Result<Option<u32>, DaemonError> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Ok(Some(g.gid.as_raw())),
+            _ => Err(DaemonError::NoGroup { key, name: name.to_string() }),
+        }
+    };
+    Ok(control::Policy {
+        owner: nix::unistd::geteuid().as_raw(),
+        admin: gid("cluster.admin_group", &cfg.cluster.admin_group)?,
+        read: gid("cluster.read_group", &cfg.cluster.read_group)?,
+    })
+}
+
 /// Runs the daemon for `node` until SIGTERM/SIGINT. Errors before serving are configuration or
 /// environment problems and carry their reason.
 pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
     replicator::fault::announce();
+    let policy = control_policy(&cfg)?;
     let peer = cfg.peer_of(&node).map(str::to_string);
     let secret = match &peer {
         Some(_) => read_secret(&cfg)?,
@@ -160,8 +179,8 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
         let _ = state.ha.set(ha);
     }
     let sock_path = cfg.control_socket(&node);
-    let control = bind_control(&sock_path).await?;
-    let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), sd_rx.clone()));
+    let control = bind_control(&sock_path, policy.admin.is_some() || policy.read.is_some()).await?;
+    let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), policy, sd_rx.clone()));
     if let Some(addr) = cfg.metrics_listen(&node) {
         let l = TcpListener::bind(addr)
             .await

@@ -2,7 +2,10 @@
 
 use super::*;
 
-pub(super) async fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the control socket: mode 0600 (root and the daemon's user only), or 0666 when groups
+/// may use it (each caller is then checked by its credentials, [`control::Policy`]). The socket
+/// appears at its path with its mode set: bound under a temporary name, chmod-ed, renamed.
+pub(super) async fn bind_control(path: &Path, shared: bool) -> Result<UnixListener, DaemonError> {
     let failed =
         |what| move |source| DaemonError::ControlSocket { what, path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
@@ -15,24 +18,40 @@ pub(super) async fn bind_control(path: &Path) -> Result<UnixListener, DaemonErro
         }
         std::fs::remove_file(path).map_err(failed("removing stale"))?;
     }
-    let l = UnixListener::bind(path).map_err(failed("cannot bind"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(failed("cannot set mode 0600 on"))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(failed("cannot bind"))?;
+    let mode = if shared { 0o666 } else { 0o600 };
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(failed("cannot set the mode of"))?;
+    std::fs::rename(&tmp, path).map_err(failed("cannot move into place"))?;
     Ok(l)
 }
 
 pub(super) async fn serve_control(
     l: UnixListener,
     state: Arc<State>,
+    policy: control::Policy,
     mut sd: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             r = l.accept() => {
-                let Ok((s, _)) = r else { continue };
+                let s = match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors: a breath, not a spin.
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let st = Arc::clone(&state);
                 tokio::spawn(async move {
-                    let _ = handle_control(s, &st).await;
+                    let caller = caller_of(&s);
+                    let _ = handle_control(s, &st, policy, caller).await;
                 });
             }
             _ = stopped(&mut sd) => return,
@@ -40,7 +59,27 @@ pub(super) async fn serve_control(
     }
 }
 
-pub(super) async fn handle_control(s: UnixStream, state: &State) -> std::io::Result<()> {
+/// The caller's uid and groups (its primary group and, if it has a passwd entry, every group
+/// /etc/group gives it); `None` when the kernel does not say.
+fn caller_of(s: &UnixStream) -> Option<control::Caller> {
+    let cred = s.peer_cred().ok()?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    let mut groups = vec![gid];
+    if let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        && let Ok(name) = std::ffi::CString::new(u.name)
+        && let Ok(gs) = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+    {
+        groups.extend(gs.iter().map(|g| g.as_raw()));
+    }
+    Some(control::Caller { uid, groups })
+}
+
+pub(super) async fn handle_control(
+    s: UnixStream,
+    state: &State,
+    policy: control::Policy,
+    caller: Option<control::Caller>,
+) -> std::io::Result<()> {
     let (rd, mut wr) = s.into_split();
     let mut line = Vec::new();
     let mut rd = BufReader::new(rd).take(control::MAX_LINE as u64 + 1);
@@ -54,35 +93,44 @@ pub(super) async fn handle_control(s: UnixStream, state: &State) -> std::io::Res
         Ok(Err(e)) => return Err(e),
         Ok(Ok(_)) => match control::decode_request(line.trim_ascii()) {
             Err(e) => Response::err(e.to_string()),
-            Ok(req) => match &req.cmd {
-                Command::Status => {
-                    Response::ok(serde_json::to_value(state.status().await).unwrap_or_default())
-                }
-                cmd if *state.sd.borrow() => {
-                    let _ = cmd;
-                    Response::err("the daemon is shutting down")
-                }
-                Command::Events { since_ms } => {
-                    Response::ok(serde_json::to_value(state.events(*since_ms)).unwrap_or_default())
-                }
-                Command::MakeMaster { force } => match state.switchover(true, *force).await {
-                    Ok(v) => Response::ok(v),
-                    Err(e) => Response::err(e.to_string()),
-                },
-                Command::MakeSlave => match state.switchover(false, false).await {
-                    Ok(v) => Response::ok(v),
-                    Err(e) => Response::err(e.to_string()),
-                },
-                cmd => match state.act(cmd.resource(), cmd).await {
-                    Ok(v) => Response::ok(v),
-                    Err(e) => Response::err(e.to_string()),
-                },
+            Ok(req) => match caller.as_ref().map(|c| policy.check(c, req.cmd.needs())) {
+                None => Response::err("permission denied: the caller's credentials are unknown"),
+                Some(Err(why)) => Response::err(why),
+                Some(Ok(())) => answer(&req.cmd, state).await,
             },
         },
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
     wr.write_all(&out).await
+}
+
+/// The daemon's answer to a command its caller may run.
+async fn answer(cmd: &Command, state: &State) -> Response {
+    match cmd {
+        Command::Status => {
+            Response::ok(serde_json::to_value(state.status().await).unwrap_or_default())
+        }
+        cmd if *state.sd.borrow() => {
+            let _ = cmd;
+            Response::err("the daemon is shutting down")
+        }
+        Command::Events { since_ms } => {
+            Response::ok(serde_json::to_value(state.events(*since_ms)).unwrap_or_default())
+        }
+        Command::MakeMaster { force } => match state.switchover(true, *force).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Command::MakeSlave => match state.switchover(false, false).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e.to_string()),
+        },
+        cmd => match state.act(cmd.resource(), cmd).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e.to_string()),
+        },
+    }
 }
 
 /// Sends one request to the daemon of `node` and returns its result.

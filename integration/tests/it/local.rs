@@ -71,3 +71,78 @@ fn a_second_daemon_and_create_md_on_a_disk_in_use_are_refused() {
     p.stop(0);
     p.ok(0, &["create-md", "--force"]);
 }
+
+/// A system user the test creates (and removes), in a group of its own name.
+struct TestUser {
+    name: &'static str,
+    uid: u32,
+    gid: u32,
+}
+
+impl TestUser {
+    fn create(name: &'static str) -> Self {
+        let _ = std::process::Command::new("/usr/sbin/useradd")
+            .args(["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin"])
+            .arg(name)
+            .status();
+        let u = nix::unistd::User::from_name(name).unwrap().expect("the test user exists");
+        Self { name, uid: u.uid.as_raw(), gid: u.gid.as_raw() }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("/usr/sbin/userdel").arg(self.name).status();
+        let _ = std::process::Command::new("/usr/sbin/groupdel").arg(self.name).status();
+    }
+}
+
+/// With `read_group` set, a member gets status and events but no command that changes
+/// anything, and a uid in no group gets nothing; without groups the socket is root's alone.
+#[test]
+fn an_unprivileged_caller_reads_the_status_and_changes_nothing() {
+    use std::os::unix::process::CommandExt;
+    if !integration::is_root("creating a user and running the CLI as it") {
+        return;
+    }
+    // Without groups: 0600, root only.
+    let mut plain = Pair::configure(&PairOpts::default());
+    plain.start(0);
+    let mode = std::fs::metadata(&plain.n[0].socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    plain.stop(0);
+
+    let user = TestUser::create("duet-itest-ro");
+    let mut p = Pair::configure(&PairOpts {
+        cluster_extra: format!("read_group = \"{}\"", user.name),
+        ..PairOpts::default()
+    });
+    // The user can reach the config and the socket (the secret stays root's).
+    std::fs::set_permissions(p.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&p.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    p.start(0);
+    let as_user = |uid: u32, gid: u32, args: &[&str]| {
+        let mut c = p.cli(0);
+        c.args(args).uid(uid).gid(gid);
+        run(&mut c, Duration::from_secs(20))
+    };
+    let o = as_user(user.uid, user.gid, &["status", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["node"], "alpha");
+    assert!(as_user(user.uid, user.gid, &["events"]).status.success());
+    for cmd in [&["make-master"][..], &["primary", "--force"], &["disconnect"], &["invalidate"]] {
+        let o = as_user(user.uid, user.gid, cmd);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{cmd:?} ran for a reader");
+        assert!(e.contains("permission denied") && e.contains("admin_group"), "{cmd:?}: {e}");
+    }
+    assert_eq!(p.repl(0)["role"], "Secondary", "a reader changed the role");
+    assert_eq!(p.repl(0)["connection"], "Connecting", "a reader disconnected the link");
+    // A uid in neither group (no passwd entry at all) reads nothing.
+    let o = as_user(64_999, 64_999, &["status"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("permission denied"), "{e}");
+    // Root still does everything.
+    p.ok(0, &["primary", "--force"]);
+}
