@@ -126,9 +126,22 @@ pub struct Policy {
     pub read: Option<u32>,
 }
 
+/// A caller refused: what it asked needs more than it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error(
+        "permission denied: uid {0} may not change anything here; run as root or as a member of the admin_group"
+    )]
+    Admin(u32),
+    #[error(
+        "permission denied: uid {0} may not read this daemon's state; run as root or as a member of the read_group or admin_group"
+    )]
+    Read(u32),
+}
+
 impl Policy {
     /// Whether `c` may run a command that needs `need`; the refusal says what would allow it.
-    pub fn check(&self, c: &Caller, need: Access) -> Result<(), String> {
+    pub fn check(&self, c: &Caller, need: Access) -> Result<(), Denied> {
         let member = |g: Option<u32>| g.is_some_and(|g| c.groups.contains(&g));
         if c.uid == 0 || c.uid == self.owner || member(self.admin) {
             return Ok(());
@@ -137,14 +150,8 @@ impl Policy {
             return Ok(());
         }
         Err(match need {
-            Access::Admin => format!(
-                "permission denied: uid {} may not change anything here; run as root or as a member of the admin_group",
-                c.uid
-            ),
-            Access::Read => format!(
-                "permission denied: uid {} may not read this daemon's state; run as root or as a member of the read_group or admin_group",
-                c.uid
-            ),
+            Access::Admin => Denied::Admin(c.uid),
+            Access::Read => Denied::Read(c.uid),
         })
     }
 }
@@ -237,7 +244,7 @@ mod tests {
         }
         let none = Policy { owner: 0, admin: None, read: None };
         assert!(none.check(&who(1000, &[0]), Access::Read).is_err(), "group 0 is not root");
-        let e = p.check(&who(1000, &[20]), Access::Admin).unwrap_err();
+        let e = p.check(&who(1000, &[20]), Access::Admin).unwrap_err().to_string();
         assert!(e.contains("uid 1000") && e.contains("admin_group"), "{e}");
         assert_eq!(Command::Status.needs(), Access::Read);
         assert_eq!(Command::Events { since_ms: 0 }.needs(), Access::Read);

@@ -387,8 +387,21 @@ impl Config {
             }
             positive(&k("timeout_ms"), s.timeout_ms)?;
         }
+        let mut moved_macs = BTreeMap::new();
         for (i, v) in self.vip.iter().enumerate() {
             let k = |f: &str| format!("vip[{i}].{f}");
+            // An interface has one MAC: two VIPs moving theirs onto it would fight over it (and
+            // over the saved original).
+            if v.mac.is_some()
+                && let Some(j) = moved_macs.insert(v.interface.clone(), i)
+            {
+                return Err(invalid(
+                    k("mac"),
+                    v.mac.map(|m| m.to_string()).unwrap_or_default(),
+                    &format!("vip[{j}] already moves a MAC onto interface {}", v.interface),
+                    "give one VIP per interface the mac (the others follow it), or use another interface",
+                ));
+            }
             if v.interface.trim().is_empty() || v.interface.len() > 15 {
                 return Err(invalid(
                     k("interface"),

@@ -9,10 +9,21 @@ use serde::{Deserialize, Deserializer, de::Error as _};
 
 use super::{IpAddr, SocketAddr};
 
-const ADDR_FIX: &str = "write it as 192.0.2.1:10809 or [2001:db8::1]:10809";
+/// A value that is not what its key takes (the parse error at its line says which).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyntaxError {
+    #[error("{0:?} is not an address:port; write it as 192.0.2.1:10809 or [2001:db8::1]:10809")]
+    Address(String),
+    #[error("{0:?} is not ADDRESS/PREFIX; write e.g. \"192.0.2.100/24\" or \"2001:db8::100/64\"")]
+    Prefix(String),
+    #[error(
+        "{0:?} is not a unicast MAC address; use \"\" or a locally administered unicast MAC such as \"02:00:5e:00:01:01\""
+    )]
+    Mac(String),
+}
 
-fn parse_socket(v: &str) -> Result<SocketAddr, String> {
-    v.parse().map_err(|_| format!("{v:?} is not an address:port; {ADDR_FIX}"))
+fn parse_socket(v: &str) -> Result<SocketAddr, SyntaxError> {
+    v.parse().map_err(|_| SyntaxError::Address(v.to_string()))
 }
 
 /// `ADDRESS:PORT`.
@@ -66,14 +77,10 @@ pub struct IpPrefix {
 }
 
 impl FromStr for IpPrefix {
-    type Err = String;
+    type Err = SyntaxError;
 
-    fn from_str(v: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "{v:?} is not ADDRESS/PREFIX; write e.g. \"192.0.2.100/24\" or \"2001:db8::100/64\""
-            )
-        };
+    fn from_str(v: &str) -> Result<Self, SyntaxError> {
+        let bad = || SyntaxError::Prefix(v.to_string());
         let (a, p) = v.split_once('/').ok_or_else(bad)?;
         let addr: IpAddr = a.parse().map_err(|_| bad())?;
         let len: u8 = p.parse().map_err(|_| bad())?;
@@ -102,15 +109,12 @@ impl<'de> Deserialize<'de> for IpPrefix {
 pub struct Mac(pub [u8; 6]);
 
 impl FromStr for Mac {
-    type Err = String;
+    type Err = SyntaxError;
 
-    fn from_str(v: &str) -> Result<Self, String> {
+    fn from_str(v: &str) -> Result<Self, SyntaxError> {
         match vip::packets::parse_mac(v) {
             Some(m) if m[0] & 1 == 0 => Ok(Mac(m)),
-            _ => Err(format!(
-                "{v:?} is not a unicast MAC address; use \"\" or a locally administered unicast \
-                 MAC such as \"02:00:5e:00:01:01\""
-            )),
+            _ => Err(SyntaxError::Mac(v.to_string())),
         }
     }
 }

@@ -206,6 +206,12 @@ fn broken_configs_name_the_key() {
             "(`mac = \"01:00:5e:00:00:01\"`): \"01:00:5e:00:00:01\" is not a unicast MAC address",
         ),
         (
+            "two vips moving a mac onto one interface",
+            "[node.alpha]",
+            "[node.alpha]\n[[vip]]\ninterface = \"eth0\"\naddress = \"192.0.2.1/24\"\nmac = \"02:00:5e:00:01:01\"\n[[vip]]\ninterface = \"eth0\"\naddress = \"192.0.2.2/24\"\nmac = \"02:00:5e:00:01:02\"",
+            "vip[1].mac = 02:00:5e:00:01:02: vip[0] already moves a MAC onto interface eth0",
+        ),
+        (
             "serial baud",
             "[node.alpha]",
             "[node.alpha]\n[[heartbeat.link]]\nkind = \"serial\"\nbaud = 1234\n[heartbeat.link.on.alpha]\ndevice = \"/dev/ttyS0\"",

@@ -95,7 +95,7 @@ pub(super) async fn handle_control(
             Err(e) => Response::err(e.to_string()),
             Ok(req) => match caller.as_ref().map(|c| policy.check(c, req.cmd.needs())) {
                 None => Response::err("permission denied: the caller's credentials are unknown"),
-                Some(Err(why)) => Response::err(why),
+                Some(Err(why)) => Response::err(why.to_string()),
                 Some(Ok(())) => answer(&req.cmd, state).await,
             },
         },

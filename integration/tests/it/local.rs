@@ -7,19 +7,25 @@ use std::time::Duration;
 use integration::pair::{Pair, PairOpts};
 use integration::{duet_bin, run};
 
+/// `duet --config CONFIG --node alpha ARGS`, run to its end: its exit status and stderr.
+fn alpha_with(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let o = run(
+        std::process::Command::new(duet_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["--node", "alpha"])
+            .args(args),
+        Duration::from_secs(20),
+    );
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
 #[test]
 fn a_secret_that_others_can_read_is_refused() {
     let p = Pair::configure(&PairOpts::default());
     std::fs::set_permissions(&p.secret, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = run(
-        std::process::Command::new(duet_bin())
-            .arg("--config")
-            .arg(&p.config)
-            .args(["--node", "alpha", "daemon"]),
-        Duration::from_secs(20),
-    );
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "the daemon started with a 0644 secret");
+    let (ok, e) = alpha_with(&p.config, &["daemon"]);
+    assert!(!ok, "the daemon started with a 0644 secret");
     assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
     assert!(!p.n[0].socket.exists(), "it got as far as its control socket");
 }
@@ -31,15 +37,8 @@ fn a_second_daemon_and_create_md_on_a_disk_in_use_are_refused() {
     let pid = p.status(0)["pid"].as_u64();
     let before = p.ok(0, &["dump-md"]);
     // A second daemon for the same node (the same disk).
-    let o = run(
-        std::process::Command::new(duet_bin())
-            .arg("--config")
-            .arg(&p.config)
-            .args(["--node", "alpha", "daemon"]),
-        Duration::from_secs(20),
-    );
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "a second daemon started on a disk in use");
+    let (ok, e) = alpha_with(&p.config, &["daemon"]);
+    assert!(!ok, "a second daemon started on a disk in use");
     assert!(e.contains("is in use by pid") && e.contains("(duet)"), "{e}");
     if let Some(pid) = pid {
         assert!(e.contains(&format!("pid {pid} ")), "the holder is not named: {e}");
@@ -53,17 +52,8 @@ fn a_second_daemon_and_create_md_on_a_disk_in_use_are_refused() {
     let sock = p.n[0].socket.display().to_string();
     let other = p.dir.path().join("other.toml");
     std::fs::write(&other, text.replace(&sock, &format!("{sock}.other"))).unwrap();
-    let o = run(
-        std::process::Command::new(duet_bin()).arg("--config").arg(&other).args([
-            "--node",
-            "alpha",
-            "create-md",
-            "--force",
-        ]),
-        Duration::from_secs(20),
-    );
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "create-md overwrote the metadata of a disk in use");
+    let (ok, e) = alpha_with(&other, &["create-md", "--force"]);
+    assert!(!ok, "create-md overwrote the metadata of a disk in use");
     assert!(e.contains("is in use by pid") && e.contains("(duet)"), "{e}");
     // The running daemon and its metadata are untouched; with it stopped, create-md works.
     assert_eq!(p.ok(0, &["dump-md"]), before);
