@@ -238,8 +238,9 @@ pub fn render(s: &NodeStatus) -> String {
         let c = &r.stats;
         let _ = writeln!(
             o,
-            "  clients {} connected ({} since start); reads {} ({}), writes {} ({}), flushes {}, trims {}, zeroes {}; errors: {} request, {} protocol",
+            "  clients {} connected, {} negotiating ({} since start); reads {} ({}), writes {} ({}), flushes {}, trims {}, zeroes {}; errors: {} request, {} protocol",
             c.clients_connected,
+            c.clients_negotiating,
             c.clients_total,
             c.reads,
             bytes(c.bytes_read),

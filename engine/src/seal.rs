@@ -153,14 +153,18 @@ pub fn derive(k: &KeyInput<'_>) -> Keys {
     let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt);
     Keys {
         send: Sealer {
-            key: direction_key(k, &salt, k.me, k.peer),
-            seq: 0,
-            protection: k.protection,
+            d: Direction {
+                key: direction_key(k, &salt, k.me, k.peer),
+                seq: 0,
+                protection: k.protection,
+            },
         },
         recv: Opener {
-            key: direction_key(k, &salt, k.peer, k.me),
-            seq: 0,
-            protection: k.protection,
+            d: Direction {
+                key: direction_key(k, &salt, k.peer, k.me),
+                seq: 0,
+                protection: k.protection,
+            },
         },
     }
 }
@@ -173,26 +177,32 @@ fn nonce(seq: &mut u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
-/// The sending direction: seals records in order.
-pub struct Sealer {
+/// One direction's key and where its sequence stands (the key is left out of Debug).
+struct Direction {
     key: LessSafeKey,
     seq: u64,
     protection: Protection,
 }
 
-impl std::fmt::Debug for Sealer {
+impl std::fmt::Debug for Direction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer")
+        f.debug_struct("Direction")
             .field("seq", &self.seq)
             .field("protection", &self.protection)
-            .finish()
+            .finish_non_exhaustive()
     }
+}
+
+/// The sending direction: seals records in order.
+#[derive(Debug)]
+pub struct Sealer {
+    d: Direction,
 }
 
 impl Sealer {
     /// What the records protect.
     pub fn protection(&self) -> Protection {
-        self.protection
+        self.d.protection
     }
 
     /// Appends the prefix and the sealed head of a frame whose body (sealed next, with
@@ -219,20 +229,21 @@ impl Sealer {
     /// The tag of a body sent as it is ([`Protection::Authenticate`] only: nothing to encrypt,
     /// so no copy of the block).
     pub fn tag_body(&mut self, body: &[u8]) -> [u8; TAG_LEN] {
-        debug_assert_eq!(self.protection, Protection::Authenticate);
+        debug_assert_eq!(self.d.protection, Protection::Authenticate);
         let tag = self
+            .d
             .key
-            .seal_in_place_separate_tag(nonce(&mut self.seq), Aad::from(body), &mut [])
+            .seal_in_place_separate_tag(nonce(&mut self.d.seq), Aad::from(body), &mut [])
             .expect("sealing fails only for records beyond the AEAD's limit");
         tag.as_ref().try_into().expect("both AEADs have 16-byte tags")
     }
 
     fn seal(&mut self, bytes: &mut [u8]) -> aead::Tag {
-        let n = nonce(&mut self.seq);
-        match self.protection {
-            Protection::Encrypt => self.key.seal_in_place_separate_tag(n, Aad::empty(), bytes),
+        let n = nonce(&mut self.d.seq);
+        match self.d.protection {
+            Protection::Encrypt => self.d.key.seal_in_place_separate_tag(n, Aad::empty(), bytes),
             Protection::Authenticate => {
-                self.key.seal_in_place_separate_tag(n, Aad::from(&*bytes), &mut [])
+                self.d.key.seal_in_place_separate_tag(n, Aad::from(&*bytes), &mut [])
             }
         }
         .expect("sealing fails only for records beyond the AEAD's limit")
@@ -249,19 +260,9 @@ pub struct Opened {
 }
 
 /// The receiving direction: opens records in order.
+#[derive(Debug)]
 pub struct Opener {
-    key: LessSafeKey,
-    seq: u64,
-    protection: Protection,
-}
-
-impl std::fmt::Debug for Opener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Opener")
-            .field("seq", &self.seq)
-            .field("protection", &self.protection)
-            .finish()
-    }
+    d: Direction,
 }
 
 impl Opener {
@@ -310,17 +311,19 @@ impl Opener {
     }
 
     fn open_record(&mut self, record: &mut [u8]) -> Result<(), SealError> {
-        let n = nonce(&mut self.seq);
+        let n = nonce(&mut self.d.seq);
         let split = record.len() - TAG_LEN;
-        match self.protection {
+        match self.d.protection {
             Protection::Encrypt => self
+                .d
                 .key
                 .open_in_place(n, Aad::empty(), record)
                 .map(|_| ())
                 .map_err(|_| SealError::Auth),
             Protection::Authenticate => {
                 let (bytes, tag) = record.split_at_mut(split);
-                self.key
+                self.d
+                    .key
                     .open_in_place(n, Aad::from(&*bytes), tag)
                     .map(|_| ())
                     .map_err(|_| SealError::Auth)

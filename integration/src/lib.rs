@@ -55,6 +55,17 @@ pub fn is_root(why: &str) -> bool {
     root
 }
 
+/// A TCP connection to `127.0.0.1:port` from the loopback address `127.0.0.<last>` (all of
+/// 127/8 is loopback on Linux): a client on "another host" for the server's per-address checks.
+pub fn tcp_from(last: u8, port: u16) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let s = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(s.as_raw_fd(), &SockaddrIn::new(127, 0, 0, last, 0))?;
+    connect(s.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port))?;
+    Ok(TcpStream::from(s))
+}
+
 /// A port that was free a moment ago on 127.0.0.1, and that this process has not handed out
 /// before: the kernel may return a port just released by a previous `bind(0)`, and two nodes
 /// of one pair given the same port was a test flake ("both nodes use the same address").

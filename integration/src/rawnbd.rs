@@ -32,7 +32,15 @@ pub struct OptReply {
 impl Raw {
     /// Connects and reads the 18-byte greeting.
     pub fn connect(port: u16) -> Self {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        Self::over(TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+    }
+
+    /// Connects from `127.0.0.<last>` (see [`crate::tcp_from`]) and reads the greeting.
+    pub fn connect_from(last: u8, port: u16) -> Self {
+        Self::over(crate::tcp_from(last, port).expect("connect from another loopback address"))
+    }
+
+    fn over(s: TcpStream) -> Self {
         s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
         let mut r = Self { s };
         let mut g = [0u8; 18];

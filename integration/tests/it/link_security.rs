@@ -256,10 +256,5 @@ fn foreign_connections_do_not_delay_the_real_peer() {
 
 /// A TCP connection to `to` from 127.0.0.2 (loopback, not the peer's 127.0.0.1), closed at once.
 fn connect_from_elsewhere(to: SocketAddr) -> bool {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
-    use std::os::fd::AsRawFd;
-    let s = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).unwrap();
-    bind(s.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 2, 0)).unwrap();
-    let SocketAddr::V4(to) = to else { unreachable!("loopback v4") };
-    connect(s.as_raw_fd(), &SockaddrIn::from(to)).is_ok()
+    integration::tcp_from(2, to.port()).is_ok()
 }

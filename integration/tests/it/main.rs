@@ -14,6 +14,7 @@ mod hostile;
 mod lab;
 mod link_security;
 mod local;
+mod nbd_limits;
 mod peer_hostile;
 mod replication;
 mod shutdown;

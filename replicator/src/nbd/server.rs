@@ -41,6 +41,12 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Connections served at once; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 128;
+/// Connections from one address at once: one source that opens connections and idles cannot
+/// take every slot (a client reconnecting after a failover gets in).
+pub const MAX_PER_SOURCE: usize = 16;
+/// How long a client may leave replies unread (its receive window full) before it is
+/// disconnected: a client that stops reading pins no buffers and holds up no demotion.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(30);
 /// Per-connection budget of in-flight buffer memory, in 4 KiB units (64 MiB).
 const INFLIGHT_UNITS: u32 = 16 * 1024;
 /// Requests taken from the buffer before pending replies are written.
@@ -54,6 +60,8 @@ const MAX_EXTENTS: usize = 1024;
 #[derive(Debug, Default)]
 pub struct Stats {
     pub clients_connected: AtomicU64,
+    /// Connections still negotiating (counted on the listener's first export).
+    pub clients_negotiating: AtomicU64,
     pub clients_total: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
@@ -70,6 +78,8 @@ pub struct Stats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub clients_connected: u64,
+    #[serde(default)]
+    pub clients_negotiating: u64,
     pub clients_total: u64,
     pub reads: u64,
     pub writes: u64,
@@ -87,6 +97,7 @@ impl Stats {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             clients_connected: self.clients_connected.load(Relaxed),
+            clients_negotiating: self.clients_negotiating.load(Relaxed),
             clients_total: self.clients_total.load(Relaxed),
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),
@@ -147,6 +158,7 @@ impl Server {
     ) {
         let mut conns = JoinSet::new();
         let for_conns = shutdown.clone();
+        let sources = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
@@ -155,10 +167,20 @@ impl Server {
                             self.log_client(peer, "too many connections");
                             continue;
                         }
+                        let Some(slot) = SourceSlot::take(&sources, peer.ip()) else {
+                            self.log_client(peer, &format!("more than {MAX_PER_SOURCE} connections from this address"));
+                            continue;
+                        };
                         let srv = Arc::clone(&self);
                         let span = tracing::error_span!("client", %peer);
                         let conn = srv.connection(sock, peer, for_conns.clone());
-                        conns.spawn(tracing::Instrument::instrument(conn, span));
+                        conns.spawn(tracing::Instrument::instrument(
+                            async move {
+                                conn.await;
+                                drop(slot);
+                            },
+                            span,
+                        ));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -183,11 +205,18 @@ impl Server {
         let (rd, mut wr) = sock.into_split();
         let mut conn = Reader { rd, buf: BytesMut::with_capacity(256 * 1024) };
         let mut sd_neg = sd.clone();
+        let negotiating = self.exports.first().map(|e| &e.stats.clients_negotiating);
+        if let Some(n) = negotiating {
+            n.fetch_add(1, Relaxed);
+        }
         // A client still negotiating when shutdown begins has nothing in flight: hang up.
         let negotiated = tokio::select! {
             r = self.negotiate(&mut conn, &mut wr, &sd) => r,
             _ = stopped(&mut sd_neg) => Ok(None),
         };
+        if let Some(n) = negotiating {
+            n.fetch_sub(1, Relaxed);
+        }
         let session = match negotiated {
             Ok(Some(s)) => s,
             Ok(None) => return,
@@ -219,7 +248,7 @@ impl Server {
     ) -> Result<Option<super::negotiate::Session>, ClientError> {
         let mut out = BytesMut::with_capacity(1024);
         encode_greeting(&mut out);
-        wr.write_all(&out).await?;
+        written(wr, &out).await?;
         if !conn.fill_timeout(4).await? {
             return Ok(None);
         }
@@ -248,7 +277,7 @@ impl Server {
             }
             out.clear();
             let step = neg.handle(h.option, &data, &mut out);
-            wr.write_all(&out).await?;
+            written(wr, &out).await?;
             match step {
                 Step::Continue => {}
                 Step::Close => return Ok(None),
@@ -314,8 +343,12 @@ impl Server {
                 break end;
             }
             let room = units < INFLIGHT_UNITS;
-            if !pending.is_empty() && send_replies(&mut wr, &mut out, &mut pending).await.is_err() {
-                break Ok(()); // the client went away; nothing left to answer
+            if !pending.is_empty() {
+                match send_bounded(&mut wr, &mut out, &mut pending, &sd, shutting_since).await {
+                    Ok(()) => {}
+                    Err(Unsent::Io) => break Ok(()), // the client went away; nothing to answer
+                    Err(Unsent::Stalled) => break Err(ClientError::Stalled(REPLY_DEADLINE)),
+                }
             }
             let grace = shutting_since.map(|t| t + SHUTDOWN_GRACE);
             tokio::select! {
@@ -338,13 +371,16 @@ impl Server {
                 }
             }
         };
-        // Finish what is in flight; answer it if the client still listens.
+        // Finish what is in flight; answer it if the client still listens (and reads).
         while let Some((reply, _)) = inflight.next().await {
             pending.push(reply);
         }
-        let _ = send_replies(&mut wr, &mut out, &mut pending).await;
-        let _ = wr.shutdown().await;
-        result
+        let sent = send_bounded(&mut wr, &mut out, &mut pending, &sd, shutting_since).await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, wr.shutdown()).await;
+        match (result, sent) {
+            (Ok(()), Err(Unsent::Stalled)) => Err(ClientError::Stalled(REPLY_DEADLINE)),
+            (r, _) => r,
+        }
     }
 
     /// Decodes, validates and (for writes) reads the payload of the next buffered request.
@@ -479,6 +515,90 @@ pub enum ClientError {
     TruncatedPayload(std::io::Error),
     #[error("truncated write payload")]
     PayloadEnded,
+    #[error(
+        "the client read none of its replies for {0:?} (or past the shutdown grace): disconnected"
+    )]
+    Stalled(Duration),
+}
+
+/// A negotiation reply written within [`HANDSHAKE_TIMEOUT`] (a client that reads nothing does
+/// not hold its slot).
+async fn written(wr: &mut OwnedWriteHalf, out: &[u8]) -> Result<(), ClientError> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, wr.write_all(out)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ClientError::Timeout),
+    }
+}
+
+/// Why replies were not all written.
+enum Unsent {
+    /// The connection failed: the client is gone.
+    Io,
+    /// The client stopped reading: past [`REPLY_DEADLINE`], or past the grace once shutdown
+    /// began.
+    Stalled,
+}
+
+/// [`send_replies`], bounded: a client that reads nothing cannot hold its connection (and so
+/// a demotion, a switchover or SIGTERM) longer than [`REPLY_DEADLINE`], nor past
+/// [`SHUTDOWN_GRACE`] once shutdown began, even if it began during the write.
+async fn send_bounded(
+    wr: &mut OwnedWriteHalf,
+    out: &mut BytesMut,
+    pending: &mut Vec<Reply>,
+    sd: &watch::Receiver<bool>,
+    shutting_since: Option<tokio::time::Instant>,
+) -> Result<(), Unsent> {
+    let mut sd = sd.clone();
+    let grace = async {
+        let since = match shutting_since {
+            Some(t) => t,
+            None => {
+                stopped(&mut sd).await;
+                tokio::time::Instant::now()
+            }
+        };
+        tokio::time::sleep_until(since + SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = send_replies(wr, out, pending) => r.map_err(|_| Unsent::Io),
+        () = tokio::time::sleep(REPLY_DEADLINE) => Err(Unsent::Stalled),
+        () = grace => Err(Unsent::Stalled),
+    }
+}
+
+/// One of the [`MAX_PER_SOURCE`] connections an address may hold; given back when dropped.
+struct SourceSlot {
+    sources: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    fn take(
+        sources: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut m = sources.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self { sources: Arc::clone(sources), ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.sources.lock()
+            && let Some(n) = m.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Reads from a socket through a buffer, so waiting for a header is cancel-safe.
