@@ -560,7 +560,10 @@ async fn send_bounded(
         };
         tokio::time::sleep_until(since + SHUTDOWN_GRACE).await;
     };
+    // Biased: the write is polled first, and when the socket takes it at once (the common
+    // case) the timers are never polled, so never registered.
     tokio::select! {
+        biased;
         r = send_replies(wr, out, pending) => r.map_err(|_| Unsent::Io),
         () = tokio::time::sleep(REPLY_DEADLINE) => Err(Unsent::Stalled),
         () = grace => Err(Unsent::Stalled),
