@@ -74,17 +74,32 @@ pub(super) const METRICS: [Metric; 19] = [
     ),
 ];
 
+/// Metrics connections served at once.
+const METRICS_CONNECTIONS: usize = 8;
+
 pub(super) async fn serve_metrics(
     l: TcpListener,
     state: Arc<State>,
     mut sd: watch::Receiver<bool>,
 ) {
+    // A scrape at a time is the norm; a flood gets a few slots and the rest are closed at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
         tokio::select! {
             r = l.accept() => {
-                let Ok((mut s, _)) = r else { continue };
+                let mut s = match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors: a breath, not a spin that starves the data path.
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
                 let st = Arc::clone(&state);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let body = st.metrics().await;
                     // Read (and ignore) the request head, then answer with the text format.
                     let mut buf = [0u8; 2048];
@@ -93,9 +108,12 @@ pub(super) async fn serve_metrics(
                         "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                         body.len()
                     );
-                    let _ = s.write_all(head.as_bytes()).await;
-                    let _ = s.write_all(body.as_bytes()).await;
-                    let _ = s.shutdown().await;
+                    let answer = async {
+                        s.write_all(head.as_bytes()).await?;
+                        s.write_all(body.as_bytes()).await?;
+                        s.shutdown().await
+                    };
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), answer).await;
                 });
             }
             _ = stopped(&mut sd) => return,
