@@ -42,8 +42,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Connections served at once; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 128;
 /// Connections from one address at once: one source that opens connections and idles cannot
-/// take every slot (a client reconnecting after a failover gets in).
-pub const MAX_PER_SOURCE: usize = 16;
+/// take every slot (a client reconnecting after a failover gets in). Half of them, not fewer: a
+/// hypervisor host with several multi-connection disks is one address with many connections.
+pub const MAX_PER_SOURCE: usize = MAX_CONNECTIONS / 2;
 /// How long a client may leave replies unread (its receive window full) before it is
 /// disconnected: a client that stops reading pins no buffers and holds up no demotion.
 pub const REPLY_DEADLINE: Duration = Duration::from_secs(30);
