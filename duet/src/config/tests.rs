@@ -259,6 +259,30 @@ fn broken_configs_name_the_key() {
             "metrics_listen = \"\"\ndata_threads = -1",
             "data_threads",
         ),
+        (
+            "relative state dir",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\nstate_dir = \"var/lib/duet\"",
+            "cluster.state_dir = var/lib/duet: must be an absolute path",
+        ),
+        (
+            "group name with a space",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\nadmin_group = \"duet admins\"",
+            "cluster.admin_group = duet admins: not a group name",
+        ),
+        (
+            "read group not a string",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\nread_group = 7",
+            "read_group",
+        ),
+        (
+            "link encryption not a boolean",
+            "metrics_listen = \"\"",
+            "metrics_listen = \"\"\nlink_encryption = \"yes\"",
+            "link_encryption",
+        ),
         ("three nodes", "[node.alpha]", "[node.alpha]\n[node.beta]\n[node.gamma]", "node"),
         ("pair without secret", "[node.alpha]", "[node.alpha]\n[node.beta]", "cluster.secret_file"),
     ];

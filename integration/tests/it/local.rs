@@ -30,6 +30,19 @@ fn a_secret_that_others_can_read_is_refused() {
     assert!(!p.n[0].socket.exists(), "it got as far as its control socket");
 }
 
+/// A group that does not exist stops the daemon before it opens anything, naming the key.
+#[test]
+fn an_unknown_control_group_is_refused_at_start() {
+    let p = Pair::configure(&PairOpts {
+        cluster_extra: "admin_group = \"duet-no-such-group\"".into(),
+        ..PairOpts::default()
+    });
+    let (ok, e) = alpha_with(&p.config, &["daemon"]);
+    assert!(!ok, "the daemon started with an unknown admin_group");
+    assert!(e.contains("cluster.admin_group") && e.contains("no such group"), "{e}");
+    assert!(!p.n[0].socket.exists());
+}
+
 #[test]
 fn a_second_daemon_and_create_md_on_a_disk_in_use_are_refused() {
     let mut p = Pair::configure(&PairOpts::default());
