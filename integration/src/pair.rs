@@ -283,6 +283,18 @@ replication_address = "{h1}:{r1}"
         self.n[i].config = Some(path);
     }
 
+    /// Node `i`'s first UDP heartbeat link on loopback: (its bind port, its peer port).
+    pub fn udp_ends(&self, i: usize) -> (u16, u16) {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        let key = format!("[heartbeat.link.on.{}]\nbind = \"127.0.0.1:", self.n[i].name);
+        let at = text.find(&key).expect("a udp link on loopback") + key.len();
+        let port = |t: &str| t.split('"').next().and_then(|p| p.parse().ok()).expect("a port");
+        let bind = port(&text[at..]);
+        let key = "peer = \"127.0.0.1:";
+        let at = at + text[at..].find(key).expect("its peer") + key.len();
+        (bind, port(&text[at..]))
+    }
+
     /// A `duet` CLI command for node `i`.
     pub fn cli(&self, i: usize) -> Command {
         let mut c = Command::new(duet_bin());

@@ -50,7 +50,7 @@ pub(super) async fn serve_control(
                 };
                 let st = Arc::clone(&state);
                 tokio::spawn(async move {
-                    let caller = caller_of(&s);
+                    let caller = caller_of(&s, &policy);
                     let _ = handle_control(s, &st, policy, caller).await;
                 });
             }
@@ -60,12 +60,16 @@ pub(super) async fn serve_control(
 }
 
 /// The caller's uid and groups (its primary group and, if it has a passwd entry, every group
-/// /etc/group gives it); `None` when the kernel does not say.
-fn caller_of(s: &UnixStream) -> Option<control::Caller> {
+/// /etc/group gives it); `None` when the kernel does not say. The groups are looked up only
+/// when they can matter: root and the daemon's own user need none, nor does a policy with none.
+fn caller_of(s: &UnixStream, policy: &control::Policy) -> Option<control::Caller> {
     let cred = s.peer_cred().ok()?;
     let (uid, gid) = (cred.uid(), cred.gid());
     let mut groups = vec![gid];
-    if let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+    let matters =
+        uid != 0 && uid != policy.owner && (policy.admin.is_some() || policy.read.is_some());
+    if matters
+        && let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         && let Ok(name) = std::ffi::CString::new(u.name)
         && let Ok(gs) = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
     {

@@ -276,19 +276,11 @@ fn replication_link_cut_outdates_the_slave_over_the_heartbeat() {
     assert_eq!(p.repl(1)["disk"], "Outdated");
 }
 
-fn udp_port(p: &Pair, node: usize) -> u16 {
-    let text = std::fs::read_to_string(&p.config).unwrap();
-    let name = p.n[node].name;
-    let key = format!("[heartbeat.link.on.{name}]\nbind = \"127.0.0.1:");
-    let at = text.find(&key).expect("udp link") + key.len();
-    text[at..].split('"').next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn hostile_heartbeat_frames_are_dropped_and_counted() {
     use heartbeat::frame::{Frame, ResourceState, cluster_id};
     let p = ha_pair(HaOpts::default());
-    let target = udp_port(&p, 0);
+    let target = p.udp_ends(0).0;
     let secret = b"correct horse battery staple";
     let frame = |cluster: &str, node: u8, boot: u64, key: &[u8]| {
         Frame {

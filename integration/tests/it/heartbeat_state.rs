@@ -10,17 +10,6 @@ use std::time::Duration;
 use integration::pair::{HaOpts, Pair, PairOpts};
 use integration::wait_until;
 
-fn udp_ports(p: &Pair) -> (u16, u16) {
-    let text = std::fs::read_to_string(&p.config).unwrap();
-    let key = "[heartbeat.link.on.alpha]\nbind = \"127.0.0.1:";
-    let at = text.find(key).expect("udp link") + key.len();
-    let bind: u16 = text[at..].split('"').next().unwrap().parse().unwrap();
-    let key = "peer = \"127.0.0.1:";
-    let at = at + text[at..].find(key).unwrap() + key.len();
-    let peer: u16 = text[at..].split('"').next().unwrap().parse().unwrap();
-    (bind, peer)
-}
-
 /// A pair with a UDP heartbeat only, alpha the master, both hearing each other.
 fn pair(reroute: impl FnOnce(&mut Pair)) -> Pair {
     let ha = HaOpts { serial: false, ..HaOpts::default() };
@@ -97,7 +86,7 @@ fn a_recorded_frame_is_a_replay_after_either_node_restarts() {
     let mut beta_port = 0;
     let mut forward = None;
     let mut p = pair(|p| {
-        let (alpha_bind, beta_bind) = udp_ports(p);
+        let (alpha_bind, beta_bind) = p.udp_ends(0);
         beta_port = beta_bind;
         let text = std::fs::read_to_string(&p.config).unwrap();
         let from = format!(

@@ -255,14 +255,11 @@ async fn send_now(
 ) -> Res<()> {
     let mut b = BytesMut::new();
     wire::encode(&mut b, kind, flags, 0, 0, payload);
-    let out = match sealer {
-        None => b.to_vec(),
-        Some(s) => {
-            let mut out = Vec::new();
-            s.seal_head(&b, 0, &mut out);
-            out
-        }
+    let Some(s) = sealer else {
+        return wr.write_all(&b).await.map_err(LinkError::Write);
     };
+    let mut out = Vec::new();
+    s.seal_head(&b, 0, &mut out);
     wr.write_all(&out).await.map_err(LinkError::Write)
 }
 
