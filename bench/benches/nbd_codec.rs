@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 use criterion::{Criterion, criterion_group, criterion_main};
-use replicator::nbd::negotiate::{ExportInfo, Negotiation, Session};
+use replicator::nbd::negotiate::{ExportInfo, Negotiation, Session, Tls};
 use replicator::nbd::proto::*;
 use replicator::nbd::request::{Limits, validate};
 use std::hint::black_box;
@@ -74,7 +74,11 @@ fn codec(c: &mut Criterion) {
     c.bench_function("negotiate structured + GO", |b| {
         b.iter(|| {
             let mut out = BytesMut::with_capacity(512);
-            let mut n = Negotiation::new(&exports, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+            let mut n = Negotiation::new(
+                &exports,
+                FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES,
+                Tls::Unavailable,
+            );
             n.handle(OPT_STRUCTURED_REPLY, &[], &mut out);
             n.handle(OPT_GO, black_box(&go), &mut out)
         })

@@ -195,10 +195,16 @@ fn call_failed(e: &daemon::CallError) -> ExitCode {
 }
 
 fn run_daemon(rt: &tokio::runtime::Runtime, cfg: config::Config, node: String) -> ExitCode {
+    // rustls logs every client's quirks (GnuTLS sends an IP address as SNI) at WARN: only its
+    // errors are shown unless DUET_LOG names it.
+    let mut spec = std::env::var("DUET_LOG").unwrap_or_else(|_| "info".into());
+    if !spec.contains("rustls") {
+        spec.push_str(",rustls=error");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DUET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_new(&spec)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

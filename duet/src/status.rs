@@ -238,10 +238,14 @@ pub fn render(s: &NodeStatus) -> String {
         let c = &r.stats;
         let _ = writeln!(
             o,
-            "  clients {} connected, {} negotiating ({} since start); reads {} ({}), writes {} ({}), flushes {}, trims {}, zeroes {}; errors: {} request, {} protocol",
+            "  clients {} connected, {} negotiating ({} since start, {} over TLS; {} refused, {} TLS failures, {} idle closed); reads {} ({}), writes {} ({}), flushes {}, trims {}, zeroes {}; errors: {} request, {} protocol",
             c.clients_connected,
             c.clients_negotiating,
             c.clients_total,
+            c.tls_sessions,
+            c.clients_refused,
+            c.tls_failures,
+            c.idle_disconnects,
             c.reads,
             bytes(c.bytes_read),
             c.writes,

@@ -7,6 +7,7 @@ pub mod pair;
 pub mod pty;
 pub mod rawnbd;
 pub mod relay;
+pub mod tls;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -166,11 +167,13 @@ pub struct NodeOpts {
     pub engine: &'static str,
     /// `direct_io`.
     pub direct: bool,
+    /// TOML appended after the resource's `[resource.on.alpha]` (e.g. a `[resource.nbd]`).
+    pub resource_extra: String,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        Self { size: 256 << 20, engine: "auto", direct: false }
+        Self { size: 256 << 20, engine: "auto", direct: false, resource_extra: String::new() }
     }
 }
 
@@ -221,11 +224,13 @@ direct_io = {direct}
 
 [resource.on.alpha]
 disk = "{disk}"
+{extra}
 "#,
                 sock = socket.display(),
                 engine = opts.engine,
                 direct = opts.direct,
-                disk = disk.display()
+                disk = disk.display(),
+                extra = opts.resource_extra
             ),
         )
         .expect("write config");

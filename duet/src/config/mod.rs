@@ -11,6 +11,7 @@
 mod cluster;
 mod ha;
 mod heartbeat;
+mod nbd;
 mod resource;
 pub mod runtime;
 mod syntax;
@@ -19,6 +20,7 @@ mod vip;
 pub use cluster::*;
 pub use ha::*;
 pub use heartbeat::*;
+pub use nbd::*;
 pub use resource::*;
 pub use syntax::{IpPrefix, Listen, Mac};
 pub use vip::*;
@@ -313,6 +315,21 @@ impl Config {
         let mut seen = BTreeSet::new();
         for (i, r) in self.resource.iter().enumerate() {
             self.validate_resource(i, r, &mut seen)?;
+            r.nbd.validate(i)?;
+            // Resources on one listener share its policy.
+            if let Some(j) = self.resource[..i]
+                .iter()
+                .position(|o| o.nbd_listen == r.nbd_listen && o.nbd != r.nbd)
+            {
+                return Err(invalid(
+                    format!("resource[{i}].nbd"),
+                    r.nbd_listen,
+                    &format!(
+                        "resource[{j}] serves NBD on the same address with other [resource.nbd] settings"
+                    ),
+                    "give resources that share nbd_listen the same [resource.nbd], or each its own nbd_listen",
+                ));
+            }
         }
         self.validate_heartbeat()?;
         let f = &self.fencing;

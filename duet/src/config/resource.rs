@@ -105,6 +105,9 @@ pub struct Resource {
     /// `[resource.peer]`.
     #[serde(default)]
     pub peer: PeerTimers,
+    /// `[resource.nbd]`.
+    #[serde(default)]
+    pub nbd: Nbd,
 }
 
 fn default_nbd_listen() -> SocketAddr {

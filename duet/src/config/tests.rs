@@ -30,6 +30,7 @@ fn example_contract_parses_and_validates() {
     assert_eq!(cfg.resource[0].resync.min_rate_kib, 20_480);
     assert_eq!(cfg.heartbeat.link.len(), 2);
     assert_eq!(cfg.peer_of("alpha"), Some("beta"));
+    assert_eq!(cfg.resource[0].nbd, Nbd::default(), "the example shows every default");
 }
 
 #[test]
@@ -46,6 +47,62 @@ fn single_node_defaults() {
     assert!(cfg.pick_node(Some("beta"), "x").unwrap_err().to_string().contains("--node"));
     let e = cfg.pick_node(None, "gamma").unwrap_err().to_string();
     assert!(e.contains("hostname") && e.contains("gamma") && e.contains("--node"), "{e}");
+}
+
+#[test]
+fn nbd_section_is_typed_and_checked() {
+    let with =
+        |nbd: &str| {
+            parse(&SINGLE.replace(
+                "[resource.on.alpha]",
+                &format!("[resource.nbd]\n{nbd}\n[resource.on.alpha]"),
+            ))
+        };
+    let cfg = with("tls = \"require\"\ntls_cert = \"/etc/duet/c.pem\"\ntls_key = \"/etc/duet/k.pem\"\nallow = [\"10.0.0.0/8\", \"::1/128\"]\nidle_timeout_ms = 60000").unwrap();
+    let n = &cfg.resource[0].nbd;
+    assert_eq!(n.tls, TlsMode::Require);
+    let files = n.tls_files().unwrap();
+    assert_eq!(files.cert, PathBuf::from("/etc/duet/c.pem"));
+    assert_eq!(files.client_ca, None);
+    let p = n.policy(None);
+    assert_eq!(p.allow.len(), 2);
+    assert!(p.allow[0].contains("10.1.2.3".parse().unwrap()));
+    assert!(!p.allow[0].contains("11.0.0.1".parse().unwrap()));
+    assert_eq!(p.idle_timeout, Some(std::time::Duration::from_secs(60)));
+    assert_eq!(with("").unwrap().resource[0].nbd.tls_files(), None);
+    for (nbd, key, word) in [
+        ("tls = \"maybe\"", "tls", "maybe"),
+        ("tls = \"require\"", "nbd.tls_cert", "missing"),
+        ("tls = \"require\"\ntls_cert = \"/c.pem\"", "nbd.tls_key", "missing"),
+        ("tls_cert = \"/c.pem\"", "nbd.tls_cert", "tls = \"off\""),
+        (
+            "tls = \"optional\"\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"",
+            "nbd.tls_cert",
+            "absolute",
+        ),
+        ("allow = [\"10.0.0.0\"]", "allow", "10.0.0.0"),
+        ("allow = [\"10.0.0.0/33\"]", "allow", "10.0.0.0/33"),
+        ("allow = \"10.0.0.0/8\"", "allow", "sequence"),
+        ("idle_timeout_ms = 10", "nbd.idle_timeout_ms", "0 (never)"),
+        ("reply_deadline_ms = 0", "nbd.reply_deadline_ms", "1000"),
+        ("max_connections = 0", "nbd.max_connections", "4096"),
+        ("max_connections = 10\nmax_per_source = 20", "nbd.max_per_source", "max_connections"),
+        ("max_per_source = -1", "max_per_source", "-1"),
+        ("bogus = 1", "bogus", "bogus"),
+    ] {
+        let e = with(nbd).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(word), "{nbd}: {e}");
+    }
+}
+
+#[test]
+fn resources_sharing_a_listener_share_its_nbd_policy() {
+    let two = format!(
+        "{SINGLE}\n[[resource]]\nname = \"vol1\"\nnbd_listen = \"127.0.0.1:10809\"\n[resource.nbd]\nidle_timeout_ms = 5000\n[resource.on.alpha]\ndisk = \"/tmp/duet-test/vol1.img\"\n"
+    );
+    let e = parse(&two).unwrap_err().to_string();
+    assert!(e.contains("resource[1].nbd") && e.contains("same address"), "{e}");
+    assert!(parse(&two.replace("idle_timeout_ms = 5000", "")).is_ok());
 }
 
 /// Each broken config: (what to change, key the message must name, a word of the value/fix).

@@ -20,6 +20,13 @@ pub enum DaemonError {
         "in a pair every resource needs its own nbd_listen ({0} is used twice): an export opens and closes with its resource's role"
     )]
     SharedListen(std::net::SocketAddr),
+    #[error("resource[{index}] ({name}): resource[{index}].nbd")]
+    Tls {
+        index: usize,
+        name: String,
+        #[source]
+        source: Box<replicator::nbd::tls::TlsError>,
+    },
     #[error("resource[{index}] ({name}): resource[{index}].on.{node}.disk")]
     Store {
         index: usize,

@@ -5,7 +5,7 @@ use super::*;
 /// Prometheus metrics: name, help, type, and how to read the value from a resource's status.
 pub(super) type Metric =
     (&'static str, &'static str, &'static str, fn(&ResourceStatus) -> Option<u64>);
-pub(super) const METRICS: [Metric; 19] = [
+pub(super) const METRICS: [Metric; 23] = [
     ("size_bytes", "Size of the volume.", "gauge", |r| Some(r.size_bytes)),
     ("nbd_clients", "NBD clients connected.", "gauge", |r| Some(r.stats.clients_connected)),
     ("nbd_reads_total", "NBD reads served.", "counter", |r| Some(r.stats.reads)),
@@ -23,6 +23,24 @@ pub(super) const METRICS: [Metric; 19] = [
         "NBD connections closed for protocol violations.",
         "counter",
         |r| Some(r.stats.protocol_errors),
+    ),
+    (
+        "nbd_refused_total",
+        "NBD connections closed at accept (an address outside allow, or over a connection limit).",
+        "counter",
+        |r| Some(r.stats.clients_refused),
+    ),
+    ("nbd_tls_sessions_total", "NBD connections upgraded to TLS.", "counter", |r| {
+        Some(r.stats.tls_sessions)
+    }),
+    ("nbd_tls_failures_total", "NBD TLS handshakes that failed.", "counter", |r| {
+        Some(r.stats.tls_failures)
+    }),
+    (
+        "nbd_idle_disconnects_total",
+        "NBD connections closed after idle_timeout_ms.",
+        "counter",
+        |r| Some(r.stats.idle_disconnects),
     ),
     ("out_of_sync_bytes", "Bytes marked out of sync with the peer.", "gauge", |r| {
         r.replication.as_ref().map(|x| x.out_of_sync_bytes)

@@ -83,8 +83,19 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
             }
         }
     }
+    // TLS certificates are read before any disk is opened: a wrong path stops the start early.
+    let mut nbd_policies = Vec::new();
+    for (i, r) in cfg.resource.iter().enumerate() {
+        let tls = match r.nbd.tls_files() {
+            None => None,
+            Some(files) => Some(replicator::nbd::tls::server_config(&files).map_err(|source| {
+                DaemonError::Tls { index: i, name: r.name.clone(), source: Box::new(source) }
+            })?),
+        };
+        nbd_policies.push(r.nbd.policy(tls));
+    }
     let (sd_tx, sd_rx) = watch::channel(false);
-    let mut by_addr: Vec<(SocketAddr, Vec<Export>)> = Vec::new();
+    let mut by_addr: Vec<(SocketAddr, replicator::nbd::server::Policy, Vec<Export>)> = Vec::new();
     let mut links = Vec::new();
     for (i, r) in cfg.resource.iter().enumerate() {
         let on = &r.on[&node];
@@ -145,17 +156,17 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
         };
         let export = Export { info, vol, stats: Default::default() };
         let addr = r.nbd_listen;
-        match by_addr.iter_mut().find(|(a, _)| *a == addr) {
-            Some((_, v)) => v.push(export),
-            None => by_addr.push((addr, vec![export])),
+        match by_addr.iter_mut().find(|(a, _, _)| *a == addr) {
+            Some((_, _, v)) => v.push(export),
+            None => by_addr.push((addr, nbd_policies[i].clone(), vec![export])),
         }
     }
     let groups: Vec<Group> = by_addr
         .into_iter()
-        .map(|(addr, exports)| Group {
+        .map(|(addr, policy, exports)| Group {
             addr,
             data: tokio::runtime::Handle::current(),
-            server: Server::new(exports),
+            server: Server::new(exports, policy),
             serving: tokio::sync::Mutex::new(None),
         })
         .collect();

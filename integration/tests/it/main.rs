@@ -15,6 +15,7 @@ mod lab;
 mod link_security;
 mod local;
 mod nbd_limits;
+mod nbd_tls;
 mod peer_hostile;
 mod replication;
 mod shutdown;

@@ -5,3 +5,4 @@ pub mod negotiate;
 pub mod proto;
 pub mod request;
 pub mod server;
+pub mod tls;

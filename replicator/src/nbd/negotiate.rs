@@ -72,6 +72,23 @@ pub enum Step {
     Close,
     /// Enter transmission with this session.
     Transmit(Session),
+    /// The ACK of `NBD_OPT_STARTTLS` was produced: write it, run the TLS handshake, and
+    /// negotiate again over TLS with [`Negotiation::new`] and [`Tls::Established`] (the spec:
+    /// nothing negotiated before the upgrade carries over).
+    StartTls,
+}
+
+/// Where a connection stands with TLS (the spec's NOTLS, SELECTIVETLS and FORCEDTLS modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// The server has no TLS (NOTLS): `NBD_OPT_STARTTLS` is unsupported.
+    Unavailable,
+    /// TLS is the client's choice (`tls = "optional"`).
+    Offered,
+    /// Nothing but `NBD_OPT_STARTTLS` (and ABORT) before TLS (FORCEDTLS, `tls = "require"`).
+    Required,
+    /// The upgrade is done: this negotiation runs over TLS.
+    Established,
 }
 
 /// Negotiation state of one connection.
@@ -83,17 +100,26 @@ pub struct Negotiation<'a> {
     /// Export index and whether base:allocation was selected by the last SET_META_CONTEXT.
     meta: Option<(usize, bool)>,
     shutting_down: bool,
+    tls: Tls,
 }
 
 impl<'a> Negotiation<'a> {
-    /// Starts negotiation after the client's flags were read.
-    pub fn new(exports: &'a [ExportInfo], client_flags: u32) -> Self {
+    /// Starts negotiation after the client's flags were read. A client that did not answer
+    /// fixed newstyle cannot be offered TLS (the spec keeps it in NOTLS mode); if TLS is
+    /// required it gets no export.
+    pub fn new(exports: &'a [ExportInfo], client_flags: u32, tls: Tls) -> Self {
+        let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
+        let tls = match tls {
+            Tls::Offered if !fixed => Tls::Unavailable,
+            t => t,
+        };
         Self {
             exports,
             no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
             structured: false,
             meta: None,
             shutting_down: false,
+            tls,
         }
     }
 
@@ -111,6 +137,24 @@ impl<'a> Negotiation<'a> {
 
     /// Handles one option; appends the reply bytes to `out`.
     pub fn handle(&mut self, option: u32, data: &[u8], out: &mut BytesMut) -> Step {
+        if option == OPT_STARTTLS {
+            return self.starttls(data, out);
+        }
+        if self.tls == Tls::Required {
+            // FORCEDTLS: every other option is refused, EXPORT_NAME (which cannot be refused)
+            // closes the connection. ABORT is still honoured: it costs nothing.
+            return match option {
+                OPT_EXPORT_NAME => Step::Close,
+                OPT_ABORT => {
+                    encode_option_reply(out, option, REP_ACK, &[]);
+                    Step::Close
+                }
+                _ => {
+                    encode_option_reply(out, option, REP_ERR_TLS_REQD, b"TLS is required");
+                    Step::Continue
+                }
+            };
+        }
         match option {
             OPT_EXPORT_NAME => self.export_name(data, out),
             OPT_ABORT => {
@@ -148,6 +192,22 @@ impl<'a> Negotiation<'a> {
                 Step::Continue
             }
         }
+    }
+
+    fn starttls(&mut self, data: &[u8], out: &mut BytesMut) -> Step {
+        let (kind, why): (u32, &[u8]) = match self.tls {
+            Tls::Unavailable => (REP_ERR_UNSUP, b"option not supported"),
+            Tls::Established => (REP_ERR_INVALID, b"TLS is already in use"),
+            Tls::Offered | Tls::Required if !data.is_empty() => {
+                (REP_ERR_INVALID, b"STARTTLS takes no data")
+            }
+            Tls::Offered | Tls::Required => {
+                encode_option_reply(out, OPT_STARTTLS, REP_ACK, &[]);
+                return Step::StartTls;
+            }
+        };
+        encode_option_reply(out, OPT_STARTTLS, kind, why);
+        Step::Continue
     }
 
     fn export_name(&mut self, data: &[u8], out: &mut BytesMut) -> Step {
@@ -336,7 +396,8 @@ mod tests {
     #[test]
     fn go_known_export_sends_info_and_acks() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        let mut n =
+            Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, Tls::Unavailable);
         let mut out = BytesMut::new();
         let step = n.handle(OPT_GO, &go_data("vol0", &[INFO_NAME, INFO_DESCRIPTION]), &mut out);
         assert_eq!(
@@ -358,7 +419,7 @@ mod tests {
     #[test]
     fn default_export_is_the_first() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         let mut out = BytesMut::new();
         assert!(matches!(n.handle(OPT_GO, &go_data("", &[]), &mut out), Step::Transmit(_)));
     }
@@ -366,7 +427,7 @@ mod tests {
     #[test]
     fn unknown_export_refused_and_negotiation_continues() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         let mut out = BytesMut::new();
         assert_eq!(n.handle(OPT_GO, &go_data("nope", &[]), &mut out), Step::Continue);
         assert_eq!(replies(&out)[0].1, REP_ERR_UNKNOWN);
@@ -381,7 +442,7 @@ mod tests {
     #[test]
     fn malformed_go_is_invalid() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         for bad in [vec![], vec![0, 0, 0, 9, b'v'], {
             let mut d = go_data("vol0", &[1]);
             d.push(0);
@@ -396,7 +457,7 @@ mod tests {
     #[test]
     fn unknown_option_unsupported_then_continue() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         let mut out = BytesMut::new();
         for opt in [OPT_STARTTLS, 4, 11, 0xdead_beef] {
             out.clear();
@@ -409,11 +470,12 @@ mod tests {
     fn export_name_with_and_without_zeroes() {
         let ex = exports();
         let mut out = BytesMut::new();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         assert!(matches!(n.handle(OPT_EXPORT_NAME, b"vol0", &mut out), Step::Transmit(_)));
         assert_eq!(out.len(), 8 + 2 + 124);
         out.clear();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        let mut n =
+            Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, Tls::Unavailable);
         assert!(matches!(n.handle(OPT_EXPORT_NAME, b"vol0", &mut out), Step::Transmit(_)));
         assert_eq!(out.len(), 10);
     }
@@ -421,7 +483,7 @@ mod tests {
     #[test]
     fn list_and_abort() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         let mut out = BytesMut::new();
         assert_eq!(n.handle(OPT_LIST, &[], &mut out), Step::Continue);
         let r = replies(&out);
@@ -439,7 +501,7 @@ mod tests {
     #[test]
     fn meta_context_needs_structured_and_selects_base_allocation() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         let mut out = BytesMut::new();
         n.handle(OPT_SET_META_CONTEXT, &meta_data("vol0", &[BASE_ALLOCATION]), &mut out);
         assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
@@ -473,7 +535,7 @@ mod tests {
     #[test]
     fn failed_set_meta_context_clears_selection() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         let mut out = BytesMut::new();
         n.handle(OPT_STRUCTURED_REPLY, &[], &mut out);
         n.handle(OPT_SET_META_CONTEXT, &meta_data("vol0", &[BASE_ALLOCATION]), &mut out);
@@ -490,11 +552,77 @@ mod tests {
     #[test]
     fn shutdown_refuses_go() {
         let ex = exports();
-        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Unavailable);
         n.set_shutting_down();
         let mut out = BytesMut::new();
         assert_eq!(n.handle(OPT_GO, &go_data("vol0", &[]), &mut out), Step::Continue);
         assert_eq!(replies(&out).last().unwrap().1, REP_ERR_SHUTDOWN);
+        assert_eq!(n.handle(OPT_EXPORT_NAME, b"vol0", &mut BytesMut::new()), Step::Close);
+    }
+
+    #[test]
+    fn forced_tls_refuses_everything_but_starttls_and_abort() {
+        let ex = exports();
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Required);
+        let mut out = BytesMut::new();
+        for (opt, data) in [
+            (OPT_GO, go_data("vol0", &[])),
+            (OPT_INFO, go_data("vol0", &[])),
+            (OPT_LIST, vec![]),
+            (OPT_STRUCTURED_REPLY, vec![]),
+            (OPT_SET_META_CONTEXT, meta_data("vol0", &[BASE_ALLOCATION])),
+            (0xdead_beef, vec![1, 2]),
+        ] {
+            out.clear();
+            assert_eq!(n.handle(opt, &data, &mut out), Step::Continue, "{opt}");
+            assert_eq!(replies(&out), vec![(opt, REP_ERR_TLS_REQD, b"TLS is required".to_vec())]);
+        }
+        out.clear();
+        assert_eq!(n.handle(OPT_EXPORT_NAME, b"vol0", &mut out), Step::Close);
+        assert!(out.is_empty(), "EXPORT_NAME has no error reply: the connection closes");
+        assert_eq!(n.handle(OPT_ABORT, &[], &mut out), Step::Close);
+        assert_eq!(replies(&out)[0].1, REP_ACK);
+        // STARTTLS with data is invalid; without, it is acknowledged.
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Required);
+        out.clear();
+        assert_eq!(n.handle(OPT_STARTTLS, b"x", &mut out), Step::Continue);
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        out.clear();
+        assert_eq!(n.handle(OPT_STARTTLS, &[], &mut out), Step::StartTls);
+        assert_eq!(replies(&out), vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+    }
+
+    #[test]
+    fn optional_tls_serves_plain_clients_and_upgrades_on_request() {
+        let ex = exports();
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Offered);
+        let mut out = BytesMut::new();
+        assert_eq!(n.handle(OPT_STARTTLS, &[], &mut out), Step::StartTls);
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Offered);
+        assert!(matches!(n.handle(OPT_GO, &go_data("vol0", &[]), &mut out), Step::Transmit(_)));
+    }
+
+    #[test]
+    fn after_the_upgrade_starttls_is_invalid_and_the_rest_works() {
+        let ex = exports();
+        let mut n = Negotiation::new(&ex, FLAG_C_FIXED_NEWSTYLE, Tls::Established);
+        let mut out = BytesMut::new();
+        assert_eq!(n.handle(OPT_STARTTLS, &[], &mut out), Step::Continue);
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        out.clear();
+        assert!(matches!(n.handle(OPT_GO, &go_data("vol0", &[]), &mut out), Step::Transmit(_)));
+        assert!(!replies(&out).iter().any(|r| r.1 == REP_ERR_TLS_REQD));
+    }
+
+    #[test]
+    fn a_client_without_fixed_newstyle_is_never_offered_tls() {
+        let ex = exports();
+        let mut n = Negotiation::new(&ex, 0, Tls::Offered);
+        let mut out = BytesMut::new();
+        assert_eq!(n.handle(OPT_STARTTLS, &[], &mut out), Step::Continue);
+        assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
+        // With TLS required such a client gets no export at all.
+        let mut n = Negotiation::new(&ex, 0, Tls::Required);
         assert_eq!(n.handle(OPT_EXPORT_NAME, b"vol0", &mut BytesMut::new()), Step::Close);
     }
 }

@@ -15,13 +15,13 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::negotiate::{BASE_ALLOCATION_ID, ExportInfo, Negotiation, Step};
+use super::negotiate::{BASE_ALLOCATION_ID, ExportInfo, Negotiation, Session, Step, Tls};
 use super::proto::*;
 use super::request::{Command, Limits, Refusal, validate};
 use crate::ratelimit::Limited;
@@ -39,14 +39,16 @@ pub const MAX_DISCARD: u32 = 64 << 20;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection may stay open after shutdown began.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed at accept.
+/// Connections served at once by default; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 128;
-/// Connections from one address at once: one source that opens connections and idles cannot
-/// take every slot (a client reconnecting after a failover gets in). Half of them, not fewer: a
-/// hypervisor host with several multi-connection disks is one address with many connections.
+/// Connections from one address at once by default: one source that opens connections and
+/// idles cannot take every slot (a client reconnecting after a failover gets in). Half of them,
+/// not fewer: a hypervisor host with several multi-connection disks is one address with many
+/// connections.
 pub const MAX_PER_SOURCE: usize = MAX_CONNECTIONS / 2;
 /// How long a client may leave replies unread (its receive window full) before it is
-/// disconnected: a client that stops reading pins no buffers and holds up no demotion.
+/// disconnected, by default: a client that stops reading pins no buffers and holds up no
+/// demotion.
 pub const REPLY_DEADLINE: Duration = Duration::from_secs(30);
 /// Per-connection budget of in-flight buffer memory, in 4 KiB units (64 MiB).
 const INFLIGHT_UNITS: u32 = 16 * 1024;
@@ -73,6 +75,16 @@ pub struct Stats {
     pub zeroes: AtomicU64,
     pub request_errors: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Connections closed at accept: an address outside `allow`, or over a connection limit
+    /// (counted on the listener's first export).
+    pub clients_refused: AtomicU64,
+    /// Connections upgraded to TLS.
+    pub tls_sessions: AtomicU64,
+    /// TLS handshakes that failed (a bad or missing client certificate, a client that does not
+    /// trust ours, a timeout).
+    pub tls_failures: AtomicU64,
+    /// Connections closed after `idle_timeout_ms` without a request.
+    pub idle_disconnects: AtomicU64,
 }
 
 /// Counter values at one moment: a plain copy of [`Stats`] (what `duet status` shows).
@@ -91,6 +103,14 @@ pub struct Snapshot {
     pub zeroes: u64,
     pub request_errors: u64,
     pub protocol_errors: u64,
+    #[serde(default)]
+    pub clients_refused: u64,
+    #[serde(default)]
+    pub tls_sessions: u64,
+    #[serde(default)]
+    pub tls_failures: u64,
+    #[serde(default)]
+    pub idle_disconnects: u64,
 }
 
 impl Stats {
@@ -109,6 +129,10 @@ impl Stats {
             zeroes: self.zeroes.load(Relaxed),
             request_errors: self.request_errors.load(Relaxed),
             protocol_errors: self.protocol_errors.load(Relaxed),
+            clients_refused: self.clients_refused.load(Relaxed),
+            tls_sessions: self.tls_sessions.load(Relaxed),
+            tls_failures: self.tls_failures.load(Relaxed),
+            idle_disconnects: self.idle_disconnects.load(Relaxed),
         }
     }
 }
@@ -126,19 +150,135 @@ pub struct Export {
     pub stats: Stats,
 }
 
+/// An IP network of the client allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    /// The network's address (bits past `len` are ignored).
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl Network {
+    /// Whether `ip` lies in this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let bits = |a: u128, width: u32| {
+            let len = u32::from(self.len).min(width);
+            if len == 0 { 0 } else { a >> (width - len) }
+        };
+        match (self.addr.to_canonical(), ip.to_canonical()) {
+            (V4(n), V4(a)) => {
+                bits(u128::from(n.to_bits()), 32) == bits(u128::from(a.to_bits()), 32)
+            }
+            (V6(n), V6(a)) => bits(n.to_bits(), 128) == bits(a.to_bits(), 128),
+            _ => false,
+        }
+    }
+}
+
+/// TLS of one listener.
+#[derive(Clone)]
+pub enum TlsPolicy {
+    /// No TLS: `NBD_OPT_STARTTLS` is unsupported.
+    Off,
+    /// Clients may upgrade.
+    Optional(tokio_rustls::TlsAcceptor),
+    /// Clients must upgrade before anything else.
+    Require(tokio_rustls::TlsAcceptor),
+}
+
+impl std::fmt::Debug for TlsPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsPolicy::Off => "Off",
+            TlsPolicy::Optional(_) => "Optional",
+            TlsPolicy::Require(_) => "Require",
+        })
+    }
+}
+
+impl TlsPolicy {
+    /// `Optional` or `Require` with `config`.
+    pub fn new(required: bool, config: Arc<rustls::ServerConfig>) -> Self {
+        let a = tokio_rustls::TlsAcceptor::from(config);
+        if required { TlsPolicy::Require(a) } else { TlsPolicy::Optional(a) }
+    }
+
+    fn mode(&self) -> Tls {
+        match self {
+            TlsPolicy::Off => Tls::Unavailable,
+            TlsPolicy::Optional(_) => Tls::Offered,
+            TlsPolicy::Require(_) => Tls::Required,
+        }
+    }
+
+    fn acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        match self {
+            TlsPolicy::Off => None,
+            TlsPolicy::Optional(a) | TlsPolicy::Require(a) => Some(a),
+        }
+    }
+}
+
+/// What one listener admits and how long it waits (`[resource.nbd]`).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// TLS.
+    pub tls: TlsPolicy,
+    /// Client networks let in; empty: every address.
+    pub allow: Vec<Network>,
+    /// A connection with nothing in flight that sends no request for this long is closed;
+    /// `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// How long a client may leave its replies unread.
+    pub reply_deadline: Duration,
+    /// Connections at once.
+    pub max_connections: usize,
+    /// Connections from one address at once.
+    pub max_per_source: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            tls: TlsPolicy::Off,
+            allow: Vec::new(),
+            idle_timeout: None,
+            reply_deadline: REPLY_DEADLINE,
+            max_connections: MAX_CONNECTIONS,
+            max_per_source: MAX_PER_SOURCE,
+        }
+    }
+}
+
+impl Policy {
+    fn admits(&self, ip: std::net::IpAddr) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(ip))
+    }
+}
+
 /// The exports of one listener.
 #[derive(Debug)]
 pub struct Server {
     exports: Vec<Export>,
     infos: Vec<ExportInfo>,
+    policy: Policy,
     log_limit: Limited,
 }
 
 impl Server {
-    /// A server for `exports`.
-    pub fn new(exports: Vec<Export>) -> Arc<Self> {
+    /// A server for `exports` under `policy`.
+    pub fn new(exports: Vec<Export>, policy: Policy) -> Arc<Self> {
         let infos = exports.iter().map(|e| e.info.clone()).collect();
-        Arc::new(Self { exports, infos, log_limit: Limited::new(10, Duration::from_secs(10)) })
+        let log_limit = Limited::new(10, Duration::from_secs(10));
+        Arc::new(Self { exports, infos, policy, log_limit })
+    }
+
+    /// Counts on the listener's first export (connection-level events before an export is
+    /// chosen).
+    fn listener_stats(&self) -> Option<&Stats> {
+        self.exports.first().map(|e| &e.stats)
     }
 
     /// The exports.
@@ -164,12 +304,22 @@ impl Server {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((sock, peer)) => {
-                        if conns.len() >= MAX_CONNECTIONS {
-                            self.log_client(peer, "too many connections");
+                        let refused = |why: &str| {
+                            if let Some(st) = self.listener_stats() {
+                                st.clients_refused.fetch_add(1, Relaxed);
+                            }
+                            self.log_client(peer, why);
+                        };
+                        if !self.policy.admits(peer.ip()) {
+                            refused("the address is not in the allow list");
                             continue;
                         }
-                        let Some(slot) = SourceSlot::take(&sources, peer.ip()) else {
-                            self.log_client(peer, &format!("more than {MAX_PER_SOURCE} connections from this address"));
+                        if conns.len() >= self.policy.max_connections {
+                            refused("too many connections");
+                            continue;
+                        }
+                        let Some(slot) = SourceSlot::take(&sources, peer.ip(), self.policy.max_per_source) else {
+                            refused(&format!("more than {} connections from this address", self.policy.max_per_source));
                             continue;
                         };
                         let srv = Arc::clone(&self);
@@ -203,62 +353,139 @@ impl Server {
         sd: watch::Receiver<bool>,
     ) {
         let _ = sock.set_nodelay(true);
-        let (rd, mut wr) = sock.into_split();
-        let mut conn = Reader { rd, buf: BytesMut::with_capacity(256 * 1024) };
         let mut sd_neg = sd.clone();
-        let negotiating = self.exports.first().map(|e| &e.stats.clients_negotiating);
+        let negotiating = self.listener_stats().map(|s| &s.clients_negotiating);
         if let Some(n) = negotiating {
             n.fetch_add(1, Relaxed);
         }
         // A client still negotiating when shutdown begins has nothing in flight: hang up.
         let negotiated = tokio::select! {
-            r = self.negotiate(&mut conn, &mut wr, &sd) => r,
+            r = self.handshake(sock, &sd) => r,
             _ = stopped(&mut sd_neg) => Ok(None),
         };
         if let Some(n) = negotiating {
             n.fetch_sub(1, Relaxed);
         }
-        let session = match negotiated {
-            Ok(Some(s)) => s,
-            Ok(None) => return,
+        match negotiated {
+            Ok(Some(Ready::Plain(conn, wr, session))) => {
+                self.session(conn, wr, session, peer, sd).await;
+            }
+            Ok(Some(Ready::Tls(conn, wr, session))) => {
+                self.session(conn, wr, session, peer, sd).await;
+            }
+            Ok(None) => {}
             Err(e) => {
-                if let Some(ex) = self.exports.first() {
-                    ex.stats.protocol_errors.fetch_add(1, Relaxed);
+                if let Some(st) = self.listener_stats() {
+                    st.protocol_errors.fetch_add(1, Relaxed);
                 }
                 self.log_client(peer, &format!("during negotiation: {e}"));
-                return;
             }
-        };
+        }
+    }
+
+    async fn session<R, W>(
+        &self,
+        conn: Reader<R>,
+        wr: W,
+        session: Session,
+        peer: SocketAddr,
+        sd: watch::Receiver<bool>,
+    ) where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let export = &self.exports[session.export];
         export.stats.clients_connected.fetch_add(1, Relaxed);
         export.stats.clients_total.fetch_add(1, Relaxed);
         tracing::debug!(%peer, export = %export.info.name, structured = session.structured, "NBD client connected");
         let limits = Limits::new(&export.info, &session);
-        if let Err(e) = self.transmit(conn, wr, session.export, limits, sd).await {
-            export.stats.protocol_errors.fetch_add(1, Relaxed);
-            self.log_client(peer, &e.to_string());
+        match self.transmit(conn, wr, session.export, limits, sd).await {
+            Ok(Ended::Normally) => {}
+            Ok(Ended::Idle) => {
+                export.stats.idle_disconnects.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, "NBD client idle past idle_timeout_ms: disconnected");
+            }
+            Err(e) => {
+                export.stats.protocol_errors.fetch_add(1, Relaxed);
+                self.log_client(peer, &e.to_string());
+            }
         }
         export.stats.clients_connected.fetch_sub(1, Relaxed);
     }
 
-    async fn negotiate(
+    /// The greeting, the options, and the TLS upgrade if the client asks for it.
+    async fn handshake(
         &self,
-        conn: &mut Reader,
-        wr: &mut OwnedWriteHalf,
+        sock: TcpStream,
         sd: &watch::Receiver<bool>,
-    ) -> Result<Option<super::negotiate::Session>, ClientError> {
+    ) -> Result<Option<Ready>, ClientError> {
+        let (rd, mut wr) = sock.into_split();
+        let mut conn = Reader::new(rd);
         let mut out = BytesMut::with_capacity(1024);
         encode_greeting(&mut out);
-        written(wr, &out).await?;
+        written(&mut wr, &out).await?;
         if !conn.fill_timeout(4).await? {
             return Ok(None);
         }
         let flags = decode_client_flags(&conn.buf)?.expect("4 bytes");
         conn.buf.advance(4);
-        let mut neg = Negotiation::new(&self.infos, flags);
+        let mut neg = Negotiation::new(&self.infos, flags, self.policy.tls.mode());
+        match self.options(&mut conn, &mut wr, &mut neg, sd).await? {
+            Negotiated::Session(s) => return Ok(Some(Ready::Plain(conn, wr, s))),
+            Negotiated::Close => return Ok(None),
+            Negotiated::StartTls => {}
+        }
+        // A client waits for the ACK before its ClientHello: bytes already here broke that rule.
+        if !conn.buf.is_empty() {
+            return Err(ClientError::EarlyTlsData);
+        }
+        let acceptor = self.policy.tls.acceptor().expect("STARTTLS is acknowledged only with TLS");
+        let sock = conn.rd.reunite(wr).expect("the two halves of one socket");
+        let failed = || {
+            if let Some(st) = self.listener_stats() {
+                st.tls_failures.fetch_add(1, Relaxed);
+            }
+        };
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                failed();
+                return Err(ClientError::Tls(e));
+            }
+            Err(_) => {
+                failed();
+                return Err(ClientError::Timeout);
+            }
+        };
+        if let Some(st) = self.listener_stats() {
+            st.tls_sessions.fetch_add(1, Relaxed);
+        }
+        let (rd, mut wr) = tokio::io::split(tls);
+        let mut conn = Reader::new(rd);
+        let mut neg = Negotiation::new(&self.infos, flags, Tls::Established);
+        match self.options(&mut conn, &mut wr, &mut neg, sd).await? {
+            Negotiated::Session(s) => Ok(Some(Ready::Tls(conn, wr, s))),
+            Negotiated::Close => Ok(None),
+            Negotiated::StartTls => unreachable!("an established TLS session refuses STARTTLS"),
+        }
+    }
+
+    /// Option haggling until transmission, a close, or a TLS upgrade.
+    async fn options<R, W>(
+        &self,
+        conn: &mut Reader<R>,
+        wr: &mut W,
+        neg: &mut Negotiation<'_>,
+        sd: &watch::Receiver<bool>,
+    ) -> Result<Negotiated, ClientError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut out = BytesMut::with_capacity(1024);
         loop {
             if !conn.fill_timeout(OPTION_HEADER_LEN).await? {
-                return Ok(None);
+                return Ok(Negotiated::Close);
             }
             let h = decode_option_header(&conn.buf)?.expect("16 bytes");
             if h.len > MAX_OPTION_LEN {
@@ -281,8 +508,9 @@ impl Server {
             written(wr, &out).await?;
             match step {
                 Step::Continue => {}
-                Step::Close => return Ok(None),
-                Step::Transmit(s) => return Ok(Some(s)),
+                Step::Close => return Ok(Negotiated::Close),
+                Step::Transmit(s) => return Ok(Negotiated::Session(s)),
+                Step::StartTls => return Ok(Negotiated::StartTls),
             }
         }
     }
@@ -291,14 +519,21 @@ impl Server {
     /// in-flight ones in a `FuturesUnordered`, and writes replies as they complete, coalescing
     /// whatever is ready into one write. One task (instead of a reader, a writer and a task per
     /// request) means no cross-thread wake-ups and no contention on the socket between threads.
-    async fn transmit(
+    async fn transmit<R, W>(
         &self,
-        mut conn: Reader,
-        mut wr: OwnedWriteHalf,
+        mut conn: Reader<R>,
+        mut wr: W,
         export: usize,
         limits: Limits,
         mut sd: watch::Receiver<bool>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Ended, ClientError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let deadline = self.policy.reply_deadline;
+        let idle = self.policy.idle_timeout;
+        let mut last_request = tokio::time::Instant::now();
         let mut inflight = FuturesUnordered::new();
         let mut units: u32 = 0;
         let mut pending: Vec<Reply> = Vec::new();
@@ -312,6 +547,7 @@ impl Server {
                 && conn.buf.len() >= REQUEST_HEADER_LEN
             {
                 batch += 1;
+                last_request = tokio::time::Instant::now();
                 match self.take_request(&mut conn, export, &limits, shutting_since.is_some()).await
                 {
                     Ok(Taken::Reply(r)) => pending.push(r),
@@ -322,7 +558,7 @@ impl Server {
                         }));
                     }
                     Ok(Taken::Disconnect) => {
-                        ended = Some(Ok(()));
+                        ended = Some(Ok(Ended::Normally));
                         break;
                     }
                     Err(e) => {
@@ -345,13 +581,19 @@ impl Server {
             }
             let room = units < INFLIGHT_UNITS;
             if !pending.is_empty() {
-                match send_bounded(&mut wr, &mut out, &mut pending, &sd, shutting_since).await {
+                let sent =
+                    send_bounded(&mut wr, &mut out, &mut pending, &sd, shutting_since, deadline);
+                match sent.await {
                     Ok(()) => {}
-                    Err(Unsent::Io) => break Ok(()), // the client went away; nothing to answer
-                    Err(Unsent::Stalled) => break Err(ClientError::Stalled(REPLY_DEADLINE)),
+                    Err(Unsent::Io) => break Ok(Ended::Normally), // the client went away
+                    Err(Unsent::Stalled) => break Err(ClientError::Stalled(deadline)),
                 }
             }
             let grace = shutting_since.map(|t| t + SHUTDOWN_GRACE);
+            // Idle: nothing in flight, nothing buffered, no request for `idle`.
+            let idle_at = idle
+                .filter(|_| inflight.is_empty() && conn.buf.is_empty() && shutting_since.is_none())
+                .map(|d| last_request + d);
             tokio::select! {
                 biased;
                 Some((reply, u)) = inflight.next(), if !inflight.is_empty() => {
@@ -361,14 +603,17 @@ impl Server {
                 // Cancel-safe: partial bytes stay in conn.buf.
                 r = conn.fill(REQUEST_HEADER_LEN), if room => match r {
                     Ok(true) => {}
-                    Ok(false) => break Ok(()), // client closed at a request boundary
+                    Ok(false) => break Ok(Ended::Normally), // closed at a request boundary
                     Err(e) => break Err(e),
                 },
                 _ = stopped(&mut sd), if shutting_since.is_none() => {
                     shutting_since = Some(tokio::time::Instant::now());
                 }
                 _ = tokio::time::sleep_until(grace.unwrap_or_else(tokio::time::Instant::now)), if grace.is_some() => {
-                    break Ok(()); // grace over: hard disconnect
+                    break Ok(Ended::Normally); // grace over: hard disconnect
+                }
+                _ = tokio::time::sleep_until(idle_at.unwrap_or_else(tokio::time::Instant::now)), if idle_at.is_some() => {
+                    break Ok(Ended::Idle);
                 }
             }
         };
@@ -376,18 +621,19 @@ impl Server {
         while let Some((reply, _)) = inflight.next().await {
             pending.push(reply);
         }
-        let sent = send_bounded(&mut wr, &mut out, &mut pending, &sd, shutting_since).await;
+        let sent = send_bounded(&mut wr, &mut out, &mut pending, &sd, shutting_since, deadline);
+        let sent = sent.await;
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, wr.shutdown()).await;
         match (result, sent) {
-            (Ok(()), Err(Unsent::Stalled)) => Err(ClientError::Stalled(REPLY_DEADLINE)),
+            (Ok(_), Err(Unsent::Stalled)) => Err(ClientError::Stalled(deadline)),
             (r, _) => r,
         }
     }
 
     /// Decodes, validates and (for writes) reads the payload of the next buffered request.
-    async fn take_request(
+    async fn take_request<R: AsyncRead + Unpin>(
         &self,
-        conn: &mut Reader,
+        conn: &mut Reader<R>,
         export: usize,
         limits: &Limits,
         shutting: bool,
@@ -520,12 +766,45 @@ pub enum ClientError {
         "the client read none of its replies for {0:?} (or past the shutdown grace): disconnected"
     )]
     Stalled(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("the client sent bytes before the STARTTLS acknowledgement")]
+    EarlyTlsData,
+}
+
+/// How a transmission phase ended without a protocol error.
+enum Ended {
+    /// The client disconnected, went away, or shutdown ended it.
+    Normally,
+    /// Closed after `idle_timeout_ms` without a request.
+    Idle,
+}
+
+/// What negotiation produced.
+enum Negotiated {
+    Session(Session),
+    Close,
+    StartTls,
+}
+
+/// A connection ready for transmission, plain or over TLS.
+enum Ready {
+    Plain(Reader<OwnedReadHalf>, OwnedWriteHalf, Session),
+    Tls(
+        Reader<ReadHalf<tokio_rustls::server::TlsStream<TcpStream>>>,
+        WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>,
+        Session,
+    ),
 }
 
 /// A negotiation reply written within [`HANDSHAKE_TIMEOUT`] (a client that reads nothing does
 /// not hold its slot).
-async fn written(wr: &mut OwnedWriteHalf, out: &[u8]) -> Result<(), ClientError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, wr.write_all(out)).await {
+async fn written<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> Result<(), ClientError> {
+    let write = async {
+        wr.write_all(out).await?;
+        wr.flush().await
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, write).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(ClientError::Timeout),
     }
@@ -535,20 +814,21 @@ async fn written(wr: &mut OwnedWriteHalf, out: &[u8]) -> Result<(), ClientError>
 enum Unsent {
     /// The connection failed: the client is gone.
     Io,
-    /// The client stopped reading: past [`REPLY_DEADLINE`], or past the grace once shutdown
+    /// The client stopped reading: past the reply deadline, or past the grace once shutdown
     /// began.
     Stalled,
 }
 
 /// [`send_replies`], bounded: a client that reads nothing cannot hold its connection (and so
-/// a demotion, a switchover or SIGTERM) longer than [`REPLY_DEADLINE`], nor past
-/// [`SHUTDOWN_GRACE`] once shutdown began, even if it began during the write.
-async fn send_bounded(
-    wr: &mut OwnedWriteHalf,
+/// a demotion, a switchover or SIGTERM) longer than `deadline`, nor past [`SHUTDOWN_GRACE`]
+/// once shutdown began, even if it began during the write.
+async fn send_bounded<W: AsyncWrite + Unpin>(
+    wr: &mut W,
     out: &mut BytesMut,
     pending: &mut Vec<Reply>,
     sd: &watch::Receiver<bool>,
     shutting_since: Option<tokio::time::Instant>,
+    deadline: Duration,
 ) -> Result<(), Unsent> {
     let mut sd = sd.clone();
     let grace = async {
@@ -566,12 +846,12 @@ async fn send_bounded(
     tokio::select! {
         biased;
         r = send_replies(wr, out, pending) => r.map_err(|_| Unsent::Io),
-        () = tokio::time::sleep(REPLY_DEADLINE) => Err(Unsent::Stalled),
+        () = tokio::time::sleep(deadline) => Err(Unsent::Stalled),
         () = grace => Err(Unsent::Stalled),
     }
 }
 
-/// One of the [`MAX_PER_SOURCE`] connections an address may hold; given back when dropped.
+/// One of the connections an address may hold; given back when dropped.
 struct SourceSlot {
     sources: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     ip: std::net::IpAddr,
@@ -581,10 +861,11 @@ impl SourceSlot {
     fn take(
         sources: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
         ip: std::net::IpAddr,
+        max: usize,
     ) -> Option<Self> {
         let mut m = sources.lock().ok()?;
         let n = m.entry(ip).or_insert(0);
-        if *n >= MAX_PER_SOURCE {
+        if *n >= max {
             return None;
         }
         *n += 1;
@@ -606,12 +887,16 @@ impl Drop for SourceSlot {
 }
 
 /// Reads from a socket through a buffer, so waiting for a header is cancel-safe.
-struct Reader {
-    rd: OwnedReadHalf,
+struct Reader<R> {
+    rd: R,
     buf: BytesMut,
 }
 
-impl Reader {
+impl<R: AsyncRead + Unpin> Reader<R> {
+    fn new(rd: R) -> Self {
+        Self { rd, buf: BytesMut::with_capacity(256 * 1024) }
+    }
+
     /// Ensures `n` bytes are buffered. `Ok(false)`: clean EOF with nothing buffered.
     async fn fill(&mut self, n: usize) -> Result<bool, ClientError> {
         while self.buf.len() < n {
@@ -619,9 +904,13 @@ impl Reader {
             let got = match self.rd.read_buf(&mut self.buf).await {
                 Ok(n) => n,
                 // A reset between messages is a hang-up (a client that closed with our data
-                // unread, or was killed), not a protocol violation.
+                // unread, or was killed), not a protocol violation; so is a TLS client that
+                // closes its socket without close_notify.
                 Err(e)
-                    if e.kind() == std::io::ErrorKind::ConnectionReset && self.buf.is_empty() =>
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                    ) && self.buf.is_empty() =>
                 {
                     0
                 }
@@ -727,8 +1016,8 @@ impl Reply {
 
 /// Writes `pending` replies: small ones coalesced into one write, large READ data written
 /// straight from its buffer.
-async fn send_replies(
-    wr: &mut OwnedWriteHalf,
+async fn send_replies<W: AsyncWrite + Unpin>(
+    wr: &mut W,
     out: &mut BytesMut,
     pending: &mut Vec<Reply>,
 ) -> std::io::Result<()> {
@@ -752,5 +1041,44 @@ async fn send_replies(
         wr.write_all(out).await?;
         out.clear();
     }
-    Ok(())
+    // A no-op on a socket; TLS may hold the last record until flushed.
+    wr.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Network {
+        let (a, l) = s.split_once('/').expect("a/len");
+        Network { addr: a.parse().expect("address"), len: l.parse().expect("length") }
+    }
+
+    #[test]
+    fn networks_match_by_prefix_and_family() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("address");
+        let n = net("192.0.2.0/24");
+        assert!(n.contains(ip("192.0.2.1")) && n.contains(ip("192.0.2.255")));
+        assert!(!n.contains(ip("192.0.3.1")));
+        assert!(n.contains(ip("::ffff:192.0.2.7")), "a v4-mapped client on a [::] listener");
+        assert!(!n.contains(ip("2001:db8::1")));
+        assert!(net("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(!net("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(net("192.0.2.9/32").contains(ip("192.0.2.9")));
+        assert!(!net("192.0.2.9/32").contains(ip("192.0.2.8")));
+        let v6 = net("2001:db8:1::/48");
+        assert!(v6.contains(ip("2001:db8:1:ffff::1")) && !v6.contains(ip("2001:db8:2::1")));
+        assert!(net("::/0").contains(ip("::1")));
+        // Host bits in the configured address are ignored, as in a route.
+        assert!(net("192.0.2.77/24").contains(ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn an_empty_allow_list_admits_everyone() {
+        let p = Policy::default();
+        assert!(p.admits("203.0.113.1".parse().expect("address")));
+        let p = Policy { allow: vec![net("10.0.0.0/8")], ..Policy::default() };
+        assert!(p.admits("10.9.9.9".parse().expect("address")));
+        assert!(!p.admits("11.0.0.1".parse().expect("address")));
+    }
 }
