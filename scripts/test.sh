@@ -19,4 +19,6 @@ else
   echo "(cargo-nextest not installed; using cargo test)"
   cargo test --workspace --locked --no-fail-fast
 fi
+echo "==> fuzz (every target, a short fixed count)"
+./scripts/fuzz.sh 20000
 echo "==> all tests passed"

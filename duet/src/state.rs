@@ -7,6 +7,8 @@
 //!   whatever the clock says.
 //! - `NODE.peer-PEER`: the peer's last [`Checkpoint`] (boot, ceiling), so a frame recorded before
 //!   this node restarted is still a replay after it.
+//! - `NODE.mac-INTERFACE-ADDRESS`: the NIC's own MAC while a VIP's virtual MAC replaces it
+//!   ([`MacFiles`]), one file per VIP.
 
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -140,6 +142,51 @@ pub fn save_checkpoint(
     write_atomic(&peer_file(dir, node, peer), format!("{} {}\n", c.boot, c.ceiling).as_bytes())
 }
 
+/// The NIC's own MACs of this node's VIPs, one file per VIP in the state directory.
+#[derive(Debug)]
+pub struct MacFiles {
+    dir: PathBuf,
+    node: String,
+}
+
+impl MacFiles {
+    /// The files of `node` in `dir`.
+    pub fn new(dir: &Path, node: &str) -> Self {
+        Self { dir: dir.to_owned(), node: node.to_owned() }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{}.mac-{key}", self.node))
+    }
+}
+
+impl vip::agent::MacStore for MacFiles {
+    fn load(&self, key: &str) -> std::io::Result<Option<vip::packets::Mac>> {
+        let path = self.path(key);
+        let Some(t) = read(&path).map_err(std::io::Error::other)? else { return Ok(None) };
+        match vip::packets::parse_mac(t.trim()) {
+            Some(m) => Ok(Some(m)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                garbled(&path, &t).to_string(),
+            )),
+        }
+    }
+
+    fn save(&self, key: &str, mac: vip::packets::Mac) -> std::io::Result<()> {
+        ensure_dir(&self.dir).map_err(std::io::Error::other)?;
+        let text = format!("{}\n", vip::packets::mac_string(&mac));
+        write_atomic(&self.path(key), text.as_bytes()).map_err(std::io::Error::other)
+    }
+
+    fn forget(&self, key: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(key)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +229,35 @@ mod tests {
         save_checkpoint(d.path(), "a", "b", Checkpoint { boot: 1, ceiling: 2 }).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         assert!(!d.path().join("a.peer-b").is_symlink());
+    }
+
+    #[test]
+    fn saved_macs_round_trip_per_vip_and_never_through_a_link() {
+        use vip::agent::MacStore;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state");
+        let m = MacFiles::new(&dir, "alpha");
+        let (a, b) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        assert_eq!(m.load("lan0-192.0.2.10").unwrap(), None);
+        m.save("lan0-192.0.2.10", a).unwrap();
+        m.save("lan0-2001:db8::10", b).unwrap();
+        assert_eq!(m.load("lan0-192.0.2.10").unwrap(), Some(a));
+        assert_eq!(m.load("lan0-2001:db8::10").unwrap(), Some(b), "one file per VIP");
+        // A link planted where the file goes is replaced, and its target left alone.
+        let target = d.path().join("target");
+        std::fs::write(&target, "precious").unwrap();
+        let path = dir.join("alpha.mac-lan0-192.0.2.10");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(m.load("lan0-192.0.2.10").is_err(), "a link is not read through");
+        m.save("lan0-192.0.2.10", a).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        assert_eq!(m.load("lan0-192.0.2.10").unwrap(), Some(a));
+        std::fs::write(&path, "garbage").unwrap();
+        let e = m.load("lan0-192.0.2.10").unwrap_err().to_string();
+        assert!(e.contains("garbage") && e.contains("remove it"), "{e}");
+        m.forget("lan0-192.0.2.10").unwrap();
+        m.forget("lan0-192.0.2.10").unwrap();
+        assert_eq!(m.load("lan0-192.0.2.10").unwrap(), None);
     }
 }

@@ -169,11 +169,19 @@ pub struct NodeOpts {
     pub direct: bool,
     /// TOML appended after the resource's `[resource.on.alpha]` (e.g. a `[resource.nbd]`).
     pub resource_extra: String,
+    /// The daemon's open-file limit (`prlimit --nofile`), for tests that exhaust it.
+    pub nofile: Option<u64>,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        Self { size: 256 << 20, engine: "auto", direct: false, resource_extra: String::new() }
+        Self {
+            size: 256 << 20,
+            engine: "auto",
+            direct: false,
+            resource_extra: String::new(),
+            nofile: None,
+        }
     }
 }
 
@@ -187,6 +195,7 @@ pub struct Node {
     pub port: u16,
     pub metrics_port: u16,
     pub log: PathBuf,
+    nofile: Option<u64>,
     child: Option<Child>,
 }
 
@@ -235,7 +244,17 @@ disk = "{disk}"
         )
         .expect("write config");
         let log = dir.path().join("daemon.log");
-        Self { dir, config, disk, socket, port, metrics_port, log, child: None }
+        Self {
+            dir,
+            config,
+            disk,
+            socket,
+            port,
+            metrics_port,
+            log,
+            nofile: opts.nofile,
+            child: None,
+        }
     }
 
     /// Configures and starts a node, waiting until it serves NBD.
@@ -248,7 +267,16 @@ disk = "{disk}"
     /// Starts the daemon and waits for its NBD port and control socket.
     pub fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("log file");
-        let child = Command::new(duet_bin())
+        let mut cmd = match self.nofile {
+            // prlimit sets the limit and execs the daemon: same pid.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(duet_bin());
+                c
+            }
+            None => Command::new(duet_bin()),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .args(["--node", "alpha", "daemon"])

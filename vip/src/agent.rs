@@ -5,7 +5,6 @@
 //! VIP still restores it after a restart.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
@@ -40,15 +39,35 @@ pub enum VipError {
     Request { what: String, interface: String, error: String },
     #[error("raw socket on {0}: {1}")]
     Packet(String, std::io::Error),
+    #[error("the saved MAC of {0} (in the state directory): {1}")]
+    MacState(String, std::io::Error),
+}
+
+/// Where the NIC's own MAC is kept while a VIP's MAC replaces it, so a node that crashed
+/// holding the VIP still gives the NIC its MAC back on release. The daemon keeps it in its state
+/// directory (atomically written, never through a link); `key` names one VIP.
+pub trait MacStore: Send + Sync + std::fmt::Debug {
+    /// The MAC saved under `key`, if any.
+    fn load(&self, key: &str) -> std::io::Result<Option<Mac>>;
+    /// Saves `mac` under `key`, durably.
+    fn save(&self, key: &str, mac: Mac) -> std::io::Result<()>;
+    /// Forgets `key`.
+    fn forget(&self, key: &str) -> std::io::Result<()>;
+}
+
+/// The store key of `v`'s saved MAC: its interface and first address (one file per VIP).
+pub fn mac_key(v: &VipSpec) -> String {
+    match v.addrs.first() {
+        Some((ip, _)) => format!("{}-{ip}", v.interface),
+        None => v.interface.clone(),
+    }
 }
 
 /// The agent: one netlink connection.
 #[derive(Debug, Clone)]
 pub struct Agent {
     handle: Handle,
-    state_dir: PathBuf,
-    /// Names the saved-MAC files (two nodes may share a state directory in tests).
-    owner: String,
+    macs: std::sync::Arc<dyn MacStore>,
 }
 
 const EEXIST: i32 = -libc::EEXIST;
@@ -68,10 +87,10 @@ fn code(e: &rtnetlink::Error) -> Option<i32> {
 
 impl Agent {
     /// Connects to the kernel. Must run inside a tokio runtime.
-    pub fn new(state_dir: PathBuf, owner: &str) -> Result<Self, VipError> {
+    pub fn new(macs: std::sync::Arc<dyn MacStore>) -> Result<Self, VipError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(VipError::Netlink)?;
         tokio::spawn(conn);
-        Ok(Self { handle, state_dir, owner: owner.into() })
+        Ok(Self { handle, macs })
     }
 
     /// Index and current MAC of `name`.
@@ -99,10 +118,6 @@ impl Agent {
         VipError::Request { what: what.into(), interface: interface.into(), error: e.to_string() }
     }
 
-    fn saved_mac_path(&self, interface: &str) -> PathBuf {
-        self.state_dir.join(format!("vip-{}-{interface}.mac", self.owner))
-    }
-
     async fn set_mac(&self, index: u32, interface: &str, mac: Mac) -> Result<(), VipError> {
         let msg = LinkUnspec::new_with_index(index).address(mac.to_vec()).build();
         self.handle
@@ -120,14 +135,12 @@ impl Agent {
         if let Some(want) = v.mac
             && want != mac
         {
-            // Remember the NIC's own MAC once (a crash while holding the VIP must not make the
-            // virtual MAC look like the original).
-            let path = self.saved_mac_path(&v.interface);
-            if !path.exists() {
-                let _ = std::fs::create_dir_all(&self.state_dir);
-                std::fs::write(&path, packets::mac_string(&mac))
-                    .map_err(|e| VipError::Packet(v.interface.clone(), e))?;
-            }
+            // The NIC does not carry the virtual MAC, so what it carries is its own: remember
+            // it (before changing it) and release restores it. A node that crashed holding the
+            // VIP finds the virtual MAC in place and keeps what it saved then.
+            self.macs
+                .save(&mac_key(v), mac)
+                .map_err(|e| VipError::MacState(v.interface.clone(), e))?;
             self.set_mac(index, &v.interface, want).await?;
             mac = want;
         }
@@ -183,15 +196,15 @@ impl Agent {
             }
         }
         if v.mac.is_some() {
-            let path = self.saved_mac_path(&v.interface);
-            if let Some(orig) =
-                std::fs::read_to_string(&path).ok().and_then(|s| packets::parse_mac(s.trim()))
-            {
+            let key = mac_key(v);
+            let saved =
+                self.macs.load(&key).map_err(|e| VipError::MacState(v.interface.clone(), e))?;
+            if let Some(orig) = saved {
                 let (index, now) = self.link(&v.interface).await?;
                 if now != orig {
                     self.set_mac(index, &v.interface, orig).await?;
                 }
-                let _ = std::fs::remove_file(&path);
+                self.macs.forget(&key).map_err(|e| VipError::MacState(v.interface.clone(), e))?;
             }
         }
         Ok(())

@@ -4,7 +4,6 @@
 //! daemon's event log), so this crate knows nothing of it.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,15 +32,14 @@ impl std::fmt::Debug for Vips {
 }
 
 impl Vips {
-    /// The group of `specs`, owned by `owner` (its saved MACs live in `state_dir`). No agent
-    /// (and no netlink socket) without a VIP.
+    /// The group of `specs`; the NIC's own MACs are kept in `macs`. No agent (and no netlink
+    /// socket) without a VIP.
     pub fn new(
         specs: Vec<VipSpec>,
-        state_dir: PathBuf,
-        owner: &str,
+        macs: Arc<dyn crate::agent::MacStore>,
         report: Report,
     ) -> Result<Self, VipError> {
-        let agent = if specs.is_empty() { None } else { Some(Agent::new(state_dir, owner)?) };
+        let agent = if specs.is_empty() { None } else { Some(Agent::new(macs)?) };
         Ok(Self { agent, specs, announcers: Mutex::new(Vec::new()), report })
     }
 

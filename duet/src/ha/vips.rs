@@ -26,9 +26,8 @@ pub(super) fn vips(
             },
         });
     }
-    let dir =
-        cfg.control_socket(node).parent().map(PathBuf::from).unwrap_or_else(|| "/run/duet".into());
+    let macs = Arc::new(crate::state::MacFiles::new(&cfg.cluster.state_dir, node));
     let events = Arc::clone(events);
     let report: vip::group::Report = Arc::new(move |what| events.push(what));
-    Vips::new(specs, dir, node, report).map_err(start::StartError::Vips)
+    Vips::new(specs, macs, report).map_err(start::StartError::Vips)
 }

@@ -280,12 +280,12 @@ fn ipv6_vip_with_a_moved_mac_fails_over_and_fails_back() {
         vip_toml(&format!("{}/24", lab::VIP), "")
     );
     let mut p = lab_pair(&lab, HaOpts { extra, failback: "auto", ..HaOpts::default() });
-    let own_a = {
-        // The NIC's own MAC is remembered on disk while the virtual one is in use.
-        let saved = p.dir.path().join("vip-alpha-lan0.mac");
-        assert!(wait_until(Duration::from_secs(5), || saved.exists()), "no saved MAC");
-        std::fs::read_to_string(saved).unwrap().trim().to_string()
-    };
+    // The NIC's own MAC is remembered in the state directory, one file per VIP, while the
+    // virtual one is in use.
+    let saved = p.dir.path().join("state").join(format!("alpha.mac-lan0-{}", lab::VIP6));
+    assert!(wait_until(Duration::from_secs(5), || saved.exists()), "no saved MAC");
+    let own_a = std::fs::read_to_string(&saved).unwrap().trim().to_string();
+    assert_ne!(own_a, vmac, "the saved MAC is the NIC's own");
     assert!(wait_until(Duration::from_secs(5), || lab.holds(0, lab::VIP6)
         && lab.mac(0, "lan0") == vmac));
     let v6 = SocketAddr::from((lab::VIP6.parse::<std::net::Ipv6Addr>().unwrap(), 10809));
@@ -321,7 +321,9 @@ fn ipv6_vip_with_a_moved_mac_fails_over_and_fails_back() {
     })
     .join()
     .unwrap();
-    let _ = own_a;
+    // alpha was killed holding the virtual MAC and took the VIP back after its restart: what it
+    // saved is still the NIC's own MAC, not the virtual one it found in place.
+    assert_eq!(std::fs::read_to_string(&saved).unwrap().trim(), own_a);
 }
 
 #[test]
@@ -418,7 +420,7 @@ fn vip_agent_is_idempotent_reports_a_duplicate_and_names_a_missing_interface() {
     let l = Arc::clone(&lab);
     let s2 = spec.clone();
     let errors = in_ns_async(&lab, 0, move || async move {
-        let a = Agent::new(state, "t").expect("netlink");
+        let a = Agent::new(Arc::new(duet::state::MacFiles::new(&state, "t"))).expect("netlink");
         // Twice: the second acquire finds everything in place and succeeds.
         let (i1, m1) = a.acquire(&s2).await.expect("acquire");
         let (i2, m2) = a.acquire(&s2).await.expect("acquire again");

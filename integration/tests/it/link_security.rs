@@ -254,6 +254,47 @@ fn foreign_connections_do_not_delay_the_real_peer() {
     assert!(p.wait_synced(Duration::from_secs(30)), "{} / {}", p.repl(0), p.repl(1));
 }
 
+/// Connections from the peer's own address that open and then say nothing (a stalled or
+/// hostile handshake, a half-dead NAT entry) hold the acceptor's pending handshakes; the real
+/// peer's connection still gets its handshake at once. Before, the acceptor ran one handshake
+/// at a time: four stalled ones kept the peer out for four handshake timeouts.
+#[test]
+fn stalled_handshakes_from_the_peers_address_do_not_delay_the_real_peer() {
+    let mut p = Pair::up(&PairOpts {
+        size: 16 << 20,
+        peer: "ping_interval_ms = 500\nping_timeout_ms = 1000\ntimeout_ms = 4000\nconnect_retry_ms = 500"
+            .into(),
+        ..PairOpts::default()
+    });
+    // beta (the later name) accepts; alpha connects.
+    let target: SocketAddr = format!("127.0.0.1:{}", p.n[1].repl_port).parse().unwrap();
+    p.stop(0);
+    assert!(p.wait_for(1, Duration::from_secs(20), |r| r["connection"] == "Connecting"));
+    let errors = p.num(1, "peer_errors");
+    // Four connections from 127.0.0.1 (the peer's address) that never send a Hello: every
+    // handshake slot is taken, each waiting up to timeout_ms for a Hello.
+    let stalled: Vec<std::net::TcpStream> =
+        (0..4).map(|_| std::net::TcpStream::connect(target).unwrap()).collect();
+    let t = std::time::Instant::now();
+    p.start(0);
+    let back = p.wait_for(1, Duration::from_secs(30), |r| r["connection"] == "Connected");
+    let took = t.elapsed();
+    assert!(back, "the peer did not reconnect: {}", p.repl(1));
+    // Well inside one handshake timeout (4 s): the peer did not wait for the stalled ones.
+    assert!(took < Duration::from_millis(3500), "the peer waited {took:?}");
+    assert!(p.wait_synced(Duration::from_secs(30)), "{} / {}", p.repl(0), p.repl(1));
+    drop(stalled);
+    // The stalled handshakes that ran out were counted (the one dropped for the peer's is a
+    // foreign connection).
+    assert!(
+        p.wait_for(1, Duration::from_secs(20), |r| r["peer_errors"].as_u64().unwrap_or(0)
+            + r["foreign_connections"].as_u64().unwrap_or(0)
+            >= errors + 4),
+        "{}",
+        p.repl(1)
+    );
+}
+
 /// A TCP connection to `to` from 127.0.0.2 (loopback, not the peer's 127.0.0.1), closed at once.
 fn connect_from_elsewhere(to: SocketAddr) -> bool {
     integration::tcp_from(2, to.port()).is_ok()

@@ -90,3 +90,66 @@ fn idle_connections_from_one_address_do_not_lock_out_another() {
     assert!(text.contains(&format!("{MAX_PER_SOURCE} negotiating")), "{text}");
     drop(idle);
 }
+
+/// CPU seconds (user + system) the process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Every descriptor the daemon may open is taken by a flood of NBD and metrics connections:
+/// its accept loops pause instead of spinning, and once the flood ends it serves again.
+#[test]
+fn a_connection_flood_at_the_descriptor_limit_neither_spins_nor_wedges_the_daemon() {
+    if !integration::have("prlimit") {
+        return;
+    }
+    let n = Node::start(&NodeOpts { size: 64 << 20, nofile: Some(64), ..NodeOpts::default() });
+    let pid = n.pid();
+    let mut flood = Vec::new();
+    for port in [n.port, n.metrics_port] {
+        for _ in 0..60 {
+            if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+                flood.push(s);
+            }
+        }
+    }
+    // The daemon runs out of descriptors: it says so.
+    assert!(
+        wait_until(Duration::from_secs(20), || n.log_text().contains("Too many open files")),
+        "{}",
+        n.log_text()
+    );
+    // While the flood holds, the accept loops cost next to nothing (a spin burns a whole core:
+    // 2 CPU seconds of the 2 s below).
+    let before = cpu_seconds(pid);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.5, "the daemon used {used:.2} CPU seconds in 2 s at EMFILE");
+    drop(flood);
+    // And it serves again: NBD, metrics and the control socket.
+    assert!(
+        wait_until(Duration::from_secs(30), || Raw::try_transmission(n.port).is_some_and(
+            |mut r| {
+                r.request(CMD_READ, 0, 7, 0, 4096, &[]).is_ok()
+                    && r.reply().is_ok_and(|x| x.error == 0)
+            }
+        )),
+        "NBD did not come back: {}",
+        n.log_text()
+    );
+    assert!(n.status()["resources"][0]["stats"]["reads"].as_u64().unwrap_or(0) >= 1);
+    let mut m = TcpStream::connect(("127.0.0.1", n.metrics_port)).unwrap();
+    m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_all(&mut m, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = std::io::Read::read_to_string(&mut m, &mut body);
+    assert!(body.contains("duet_nbd_reads_total"), "{body}");
+}

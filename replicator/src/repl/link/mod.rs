@@ -35,7 +35,8 @@ use super::seal::{self, KeyInput, Opener, SealError, Sealer};
 use super::throttle::Throttle;
 use super::tx::Tx;
 use super::volume::{
-    ConnState, DiskState, Peer, Role, Volume, block_frame, random_bytes, random_u64, small_frame,
+    ConnState, DiskState, Peer, Role, Volume, VolumeConfig, block_frame, random_bytes, random_u64,
+    small_frame,
 };
 use super::wire::{self, Cursor, F_FUA, F_HOLE, F_LAST, Header, Kind, WireError};
 use crate::generation::{Generations, Side};
@@ -62,6 +63,12 @@ const VERIFY_SERVE_MAX: u64 = 16;
 const BITMAP_EXCHANGE_TIMEOUTS: u32 = 5;
 /// Pause after a failed accept (EMFILE and the like).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Handshakes an acceptor runs at once: a connection from the peer's address that stalls in
+/// its handshake (or several) does not keep the real peer waiting in the backlog. One more
+/// drops the oldest: a stalled handshake cannot keep a newer one (the real peer's) out.
+const PENDING_HANDSHAKES: usize = 4;
+/// Longest one handshake (Hello and authentication) may take as a whole, in peer timeouts.
+const HANDSHAKE_TIMEOUTS: u32 = 2;
 /// Resync requests in flight at most.
 const RS_MAX_INFLIGHT: u64 = 64;
 /// Verify chunk.
@@ -294,55 +301,43 @@ pub async fn run(
             tokio::select! {
                 _ = stopped(&mut shutdown) => return,
                 r = tokio::time::timeout(cfg.timeout, TcpStream::connect(cfg.peer_addr)) => match r {
-                    Ok(Ok(s)) => Some(s),
+                    Ok(Ok(s)) => Some(Conn::Dialed(s)),
                     _ => None,
                 },
             }
         } else {
-            tokio::select! {
-                _ = stopped(&mut shutdown) => return,
-                _ = changed.changed() => continue,
-                Some(r) = accept(listener.as_ref()) => match r {
-                    Ok((s, from)) => {
-                        if from.ip() != cfg.peer_addr.ip() {
-                            // Dropped and counted, and nothing else: it is no failed attempt of
-                            // the peer's, so it must not delay the peer's next one.
-                            drop(s);
-                            vol.stats.foreign_connections.fetch_add(1, Relaxed);
-                            warn(&format!("refusing a replication connection from {from}: not the peer's address"));
-                            continue;
-                        }
-                        Some(s)
-                    }
-                    Err(e) => {
-                        // Out of descriptors or memory: a breath before the next accept, so
-                        // the loop does not spin.
-                        warn(&format!("accepting a replication connection failed: {e}"));
-                        tokio::select! {
-                            _ = stopped(&mut shutdown) => return,
-                            _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
-                        }
-                        continue;
-                    }
-                },
+            match accept_peer(&vol, &cfg, listener.as_ref(), &mut shutdown, &mut changed, &warn)
+                .await
+            {
+                Accepted::Stop => return,
+                Accepted::Again => continue,
+                Accepted::Peer(a) => Some(Conn::Authenticated(a)),
             }
         };
         failures = failures.saturating_add(1);
-        if let Some(sock) = sock {
-            let _ = sock.set_nodelay(true);
-            match session::session(&vol, sock, &mut shutdown).await {
+        if let Some(conn) = sock {
+            // The connector authenticates its one connection here; the acceptor already did.
+            let authed = match conn {
+                Conn::Dialed(s) => {
+                    let _ = s.set_nodelay(true);
+                    let most = cfg.timeout * HANDSHAKE_TIMEOUTS;
+                    match tokio::time::timeout(most, session::authenticate(&cfg, s)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(LinkError::Late(Kind::Auth)),
+                    }
+                }
+                Conn::Authenticated(a) => Ok(*a),
+            };
+            let ended = match authed {
+                Ok(a) => session::session(&vol, a, &mut shutdown).await,
+                Err(e) => Err(e),
+            };
+            match ended {
                 Ok(why) => {
                     failures = 0;
                     vol.event(format!("connection closed: {why}"));
                 }
-                Err(e) => {
-                    vol.stats.peer_errors.fetch_add(1, Relaxed);
-                    if e.is_forgery() {
-                        vol.stats.peer_auth_failures.fetch_add(1, Relaxed);
-                    }
-                    warn(&format!("replication link: {e}"));
-                    vol.with_core(|c| c.r.last_refusal = Some(e.to_string()));
-                }
+                Err(e) => count_failure(&vol, &warn, &e),
             }
             teardown(&vol).await;
         }
@@ -366,6 +361,110 @@ pub async fn run(
             _ = changed.changed() => {}
         }
     }
+}
+
+/// A connection to the peer, before the session.
+enum Conn {
+    /// The connector's: not yet authenticated.
+    Dialed(TcpStream),
+    /// The acceptor's: authenticated.
+    Authenticated(Box<session::Authenticated>),
+}
+
+/// What the acceptor's wait for the peer ended with.
+enum Accepted {
+    /// Shutdown.
+    Stop,
+    /// A local change (or a failed accept): look at the state again.
+    Again,
+    /// The peer, authenticated.
+    Peer(Box<session::Authenticated>),
+}
+
+/// Accepts connections and runs up to [`PENDING_HANDSHAKES`] handshakes at once, each within
+/// its own deadline, until one of them is the authenticated peer. Connections from other
+/// addresses, failed handshakes and the overflow are dropped and counted, and delay nothing.
+async fn accept_peer(
+    vol: &Arc<Volume>,
+    cfg: &VolumeConfig,
+    listener: Option<&TcpListener>,
+    shutdown: &mut watch::Receiver<bool>,
+    changed: &mut watch::Receiver<u64>,
+    warn: &impl Fn(&str),
+) -> Accepted {
+    use futures_util::future::{AbortHandle, Abortable};
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let most = cfg.timeout * HANDSHAKE_TIMEOUTS;
+    let mut pending = FuturesUnordered::new();
+    // The pending handshakes' abort handles, oldest first, by number.
+    let mut handles: std::collections::VecDeque<(u64, AbortHandle)> = Default::default();
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            _ = stopped(shutdown) => return Accepted::Stop,
+            _ = changed.changed() => return Accepted::Again,
+            Some(done) = pending.next(), if !pending.is_empty() => {
+                let Ok((id, r)) = done else { continue }; // dropped for a newer one
+                handles.retain(|(i, _)| *i != id);
+                match r {
+                    Ok(Ok(a)) => {
+                        // The others were not the peer: dropped with this future's end.
+                        let others = u64::try_from(handles.len()).unwrap_or(u64::MAX);
+                        vol.stats.foreign_connections.fetch_add(others, Relaxed);
+                        return Accepted::Peer(Box::new(a));
+                    }
+                    Ok(Err(e)) => count_failure(vol, warn, &e),
+                    Err(_) => count_failure(vol, warn, &LinkError::Late(Kind::Auth)),
+                }
+            }
+            Some(r) = accept(listener) => match r {
+                Ok((s, from)) => {
+                    if from.ip() != cfg.peer_addr.ip() {
+                        // Dropped and counted, and nothing else: it is no failed attempt of
+                        // the peer's, so it must not delay the peer's next one.
+                        drop(s);
+                        vol.stats.foreign_connections.fetch_add(1, Relaxed);
+                        warn(&format!("refusing a replication connection from {from}: not the peer's address"));
+                        continue;
+                    }
+                    if handles.len() >= PENDING_HANDSHAKES
+                        && let Some((_, oldest)) = handles.pop_front()
+                    {
+                        oldest.abort();
+                        vol.stats.foreign_connections.fetch_add(1, Relaxed);
+                        warn(&format!("{PENDING_HANDSHAKES} replication handshakes pending: dropped the oldest for the connection from {from}"));
+                    }
+                    let _ = s.set_nodelay(true);
+                    let (h, reg) = AbortHandle::new_pair();
+                    let id = next_id;
+                    next_id += 1;
+                    handles.push_back((id, h));
+                    let hs = tokio::time::timeout(most, session::authenticate(cfg, s));
+                    pending.push(Abortable::new(async move { (id, hs.await) }, reg));
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: a breath before the next accept, so the
+                    // loop does not spin.
+                    warn(&format!("accepting a replication connection failed: {e}"));
+                    tokio::select! {
+                        _ = stopped(shutdown) => return Accepted::Stop,
+                        _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// A session that failed, or a handshake that did not authenticate: counted, logged, shown by
+/// `duet status`.
+fn count_failure(vol: &Volume, warn: &impl Fn(&str), e: &LinkError) {
+    vol.stats.peer_errors.fetch_add(1, Relaxed);
+    if e.is_forgery() {
+        vol.stats.peer_auth_failures.fetch_add(1, Relaxed);
+    }
+    warn(&format!("replication link: {e}"));
+    vol.with_core(|c| c.r.last_refusal = Some(e.to_string()));
 }
 
 async fn accept(l: Option<&TcpListener>) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {

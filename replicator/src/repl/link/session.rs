@@ -3,13 +3,18 @@
 
 use super::*;
 
-/// One connection from handshake to end. `Ok(reason)` for an orderly end.
-pub(super) async fn session(
-    vol: &Arc<Volume>,
-    sock: TcpStream,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Res<String> {
-    let cfg = vol.config().expect("replicated").clone();
+/// A connection whose other end proved it knows the secret (and is the peer, for this cluster
+/// and resource): what the session goes on with.
+pub(super) struct Authenticated {
+    r: FrameReader,
+    wr: OwnedWriteHalf,
+    challenge: [u8; 32],
+    theirs: Hello,
+}
+
+/// Steps 1 and 2 of the handshake, Hello both ways and mutual authentication: nothing of the
+/// volume is touched, so an acceptor may run several at once (one of them the real peer's).
+pub(super) async fn authenticate(cfg: &VolumeConfig, sock: TcpStream) -> Res<Authenticated> {
     let (rd, mut wr) = sock.into_split();
     let mut r = FrameReader {
         rd,
@@ -63,6 +68,19 @@ pub(super) async fn session(
         let _ = send_now(&mut wr, None, Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
     }
+    Ok(Authenticated { r, wr, challenge, theirs })
+}
+
+/// One authenticated connection to its end. `Ok(reason)` for an orderly end.
+pub(super) async fn session(
+    vol: &Arc<Volume>,
+    authed: Authenticated,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Res<String> {
+    let cfg = vol.config().expect("replicated").clone();
+    let Authenticated { mut r, mut wr, challenge, theirs } = authed;
+    let t = cfg.timeout;
+    let refuse = LinkError::Handshake;
     // From here every frame is sealed, both ways.
     let keys = seal::derive(&KeyInput {
         secret: &cfg.secret,
