@@ -12,6 +12,34 @@
 //! - [`md`]: `create-md` and `dump-md`; [`plan`]: `duet check-config`'s description of what
 //!   each node will do.
 
+/// `print!` for the CLI's output: see [`write_out`].
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => { $crate::write_out(format_args!($($t)*)) };
+}
+
+/// `println!` for the CLI's output: see [`write_out`].
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// Writes the CLI's output to stdout at once. A reader that went away (`duet status | head -1`,
+/// a pager quit early) ends the command quietly with status 0, as the output it wanted was
+/// delivered; any other write error ends it with status 1 and says why. `println!` would panic.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    match o.write_fmt(args).and_then(|()| o.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("duet: writing the output failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -125,7 +125,7 @@ fn main() -> ExitCode {
         }
     };
     if let Cmd::CheckConfig = cli.cmd {
-        print!("{}", plan::describe(&cfg));
+        duet::out!("{}", plan::describe(&cfg));
         return ExitCode::SUCCESS;
     }
     let node = match cfg.pick_node(cli.node.as_deref(), &hostname()) {
@@ -175,7 +175,7 @@ fn main() -> ExitCode {
         Ok(v) => {
             if let Some(m) = v.as_object() {
                 for (res, msg) in m {
-                    println!("{res}: {}", msg.as_str().unwrap_or_default());
+                    duet::outln!("{res}: {}", msg.as_str().unwrap_or_default());
                 }
             }
             ExitCode::SUCCESS
@@ -237,12 +237,12 @@ fn show_status(
     match rt.block_on(daemon::call(&sock, control::Command::Status)) {
         Ok(v) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                duet::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return ExitCode::SUCCESS;
             }
             match serde_json::from_value::<status::NodeStatus>(v) {
                 Ok(s) => {
-                    print!("{}", status::render(&s));
+                    duet::out!("{}", status::render(&s));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -271,7 +271,7 @@ fn show_events(
                 let list: Vec<duet::events::LogEntry> =
                     serde_json::from_value(v).unwrap_or_default();
                 for e in &list {
-                    println!("{}  {}", status::timestamp(e.at), e.what);
+                    duet::outln!("{}  {}", status::timestamp(e.at), e.what);
                     // Millisecond cursor: events in the same millisecond as the last printed
                     // one are not printed twice.
                     let ms = std::time::Duration::try_from_secs_f64(e.at)

@@ -54,7 +54,7 @@ pub fn create(
         let (placement, g) = meta_of(r, node);
         let disk = &r.on[node].disk;
         match Meta::create(disk, &placement, g, node_id(cfg, node), force) {
-            Ok(l) => println!(
+            Ok(l) => crate::outln!(
                 "{}: metadata created on {} ({}); {} bytes replicated; disk Inconsistent until `duet primary --force` on the source node or a sync from the peer",
                 r.name,
                 disk.display(),
@@ -92,21 +92,30 @@ pub fn dump(cfg: &Config, node: &str, resource: Option<&str>) -> ExitCode {
                 .filter(|(f, _)| sb.flags & f != 0)
                 .map(|(_, n)| *n)
                 .collect();
-                println!("resource {} on {node} ({})", r.name, disk.display());
-                println!("  sequence {}", sb.sequence);
-                println!("  node id {}", sb.node_id);
-                println!("  volume size {} bytes", sb.volume_size);
-                println!("  flags [{}]", flags.join(", "));
-                println!("  current generation {:016x}", sb.uuids.current);
-                println!("  bitmap generation {:016x}", sb.uuids.bitmap);
-                println!("  history {:016x} {:016x}", sb.uuids.history[0], sb.uuids.history[1]);
-                println!(
-                    "  bitmap granularity {} bytes, {} bytes on disk at {}",
-                    sb.bitmap_granularity, l.bitmap_bytes, l.bitmap
+                crate::outln!("resource {} on {node} ({})", r.name, disk.display());
+                crate::outln!("  sequence {}", sb.sequence);
+                crate::outln!("  node id {}", sb.node_id);
+                crate::outln!("  volume size {} bytes", sb.volume_size);
+                crate::outln!("  flags [{}]", flags.join(", "));
+                crate::outln!("  current generation {:016x}", sb.uuids.current);
+                crate::outln!("  bitmap generation {:016x}", sb.uuids.bitmap);
+                crate::outln!(
+                    "  history {:016x} {:016x}",
+                    sb.uuids.history[0],
+                    sb.uuids.history[1]
                 );
-                println!(
+                crate::outln!(
+                    "  bitmap granularity {} bytes, {} bytes on disk at {}",
+                    sb.bitmap_granularity,
+                    l.bitmap_bytes,
+                    l.bitmap
+                );
+                crate::outln!(
                     "  activity log {} extents of {} bytes, slots at {} and {}",
-                    sb.al_extents, sb.al_extent_size, l.al[0], l.al[1]
+                    sb.al_extents,
+                    sb.al_extent_size,
+                    l.al[0],
+                    l.al[1]
                 );
             }
             Err(e) => {

@@ -29,57 +29,30 @@ fn openssl(dir: &Path, args: &[&str]) {
     run_ok(Command::new("openssl").current_dir(dir).args(args), Duration::from_secs(60));
 }
 
+/// `openssl req` arguments for a new unencrypted P-256 key written to `key`.
+fn new_key(key: &str) -> [&str; 7] {
+    ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key]
+}
+
 fn new_key_and_request(dir: &Path, name: &str, cn: &str) {
     let key = format!("{name}-key.pem");
     let csr = format!("{name}.csr");
     let subj = format!("/CN={cn}");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &subj,
-        ],
-    );
+    let mut args = vec!["req", "-new"];
+    args.extend(new_key(&key));
+    args.extend(["-out", &csr, "-subj", &subj]);
+    openssl(dir, &args);
 }
 
 fn ca(dir: &Path, name: &str) {
     let key = format!("{name}-key.pem");
     let cert = format!("{name}-cert.pem");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &cert,
-            "-days",
-            "3",
-            "-subj",
-            "/CN=duet test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
+    let mut args = vec!["req", "-x509"];
+    args.extend(new_key(&key));
+    args.extend(["-out", &cert, "-days", "3", "-subj", "/CN=duet test CA"]);
+    args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+    args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(dir, &args);
 }
 
 fn sign(dir: &Path, name: &str, ext: &str) {

@@ -4,6 +4,8 @@
 //!
 //! - `DUET_FAULT_PANIC_WRITE_AT=OFFSET`: a client write at exactly `OFFSET` panics in the data
 //!   task that serves it.
+//! - `DUET_FAULT_HOLD_HA=PATH`: while `PATH` exists (30 s at most), the cluster manager's tick
+//!   blocks its thread: a wedged thread, for the systemd watchdog's test.
 
 #[cfg(feature = "fault-injection")]
 fn panic_write_at() -> Option<u64> {
@@ -35,3 +37,25 @@ pub fn write(offset: u64) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn write(_offset: u64) {}
+
+/// Called by the cluster manager's tick: blocks the thread while `DUET_FAULT_HOLD_HA`'s path
+/// exists (bounded: 600 naps of 50 ms).
+#[cfg(feature = "fault-injection")]
+pub fn hold_ha() {
+    static PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let Some(p) = PATH.get_or_init(|| std::env::var_os("DUET_FAULT_HOLD_HA").map(Into::into))
+    else {
+        return;
+    };
+    for _ in 0..600 {
+        if !p.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Called by the cluster manager's tick: nothing without the feature.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn hold_ha() {}

@@ -16,6 +16,7 @@
 mod error;
 mod metrics;
 mod node;
+pub mod notify;
 mod socket;
 
 use crate::config::runtime::{meta_of, node_id, read_secret, volume_config};
@@ -199,8 +200,27 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
         tokio::spawn(serve_metrics(l, Arc::clone(&state), sd_rx.clone()));
     }
     tracing::info!(node = %node, "duet daemon running");
+    notify::ready(&state.summary());
+    if state.ha.get().is_none() {
+        // Alone: the main runtime pets the watchdog (in a pair the cluster manager's thread
+        // does, see `ha`).
+        if let Some(mut w) = notify::Watchdog::from_env() {
+            let mut sd = sd_rx.clone();
+            tokio::spawn(async move {
+                let mut t =
+                    tokio::time::interval(w.every().max(std::time::Duration::from_millis(10)));
+                loop {
+                    tokio::select! {
+                        _ = t.tick() => w.tick(std::time::Instant::now()),
+                        _ = stopped(&mut sd) => return,
+                    }
+                }
+            });
+        }
+    }
 
     wait_for_signal().await?;
+    notify::stopping();
     handover_before_stop(&state).await;
     tracing::info!("shutting down: finishing in-flight requests");
     state.shutting_down.store(true, Ordering::Relaxed);

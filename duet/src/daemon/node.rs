@@ -117,6 +117,23 @@ impl crate::ha::Host for State {
 }
 
 impl State {
+    /// One line for systemd's STATUS=: each resource's role, disk and connection.
+    pub(super) fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.server.exports())
+            .map(|e| match e.vol.config() {
+                Some(_) => {
+                    let s = e.vol.status();
+                    format!("{} {:?} {:?} {:?}", e.info.name, s.role, s.disk, s.connection)
+                }
+                None => format!("{} Primary (single node)", e.info.name),
+            })
+            .collect();
+        format!("node {}: {}", self.node, parts.join("; "))
+    }
+
     pub(super) fn find(&self, name: &str) -> Option<(&Group, &Export)> {
         self.groups
             .iter()

@@ -140,6 +140,10 @@ struct Loop {
     status: Arc<Mutex<ClusterStatus>>,
     events: Arc<EventLog>,
     timing: Timing,
+    /// systemd's watchdog, petted from this thread's tick: a wedged cluster manager is restarted.
+    watchdog: Option<crate::daemon::notify::Watchdog>,
+    /// The STATUS= line last sent.
+    told: String,
 }
 
 impl Loop {
@@ -196,7 +200,11 @@ impl Loop {
                     }
                 },
                 _ = ticker.tick() => {
+                    replicator::fault::hold_ha();
                     let now = Instant::now();
+                    if let Some(w) = &mut self.watchdog {
+                        w.tick(now);
+                    }
                     let ev = self.det.tick(now);
                     self.detector_events(ev);
                     self.refresh_local();
@@ -210,6 +218,23 @@ impl Loop {
             }
             // After every input, so `duet status` never lags a finished step.
             self.publish();
+            self.tell_systemd();
+        }
+    }
+
+    /// systemd's STATUS= line: the running role, what the manager does, the peer; sent when it
+    /// changes.
+    fn tell_systemd(&mut self) {
+        let line = {
+            let s = self.status.lock().expect("status poisoned");
+            match &s.activity {
+                Some(a) => format!("{} ({a}), peer {}", s.running_role, s.peer),
+                None => format!("{}, peer {}", s.running_role, s.peer),
+            }
+        };
+        if line != self.told {
+            crate::daemon::notify::status(&line);
+            self.told = line;
         }
     }
 

@@ -229,6 +229,8 @@ async fn start_here(
         status: Arc::clone(&status),
         events: Arc::clone(&events),
         timing,
+        watchdog: crate::daemon::notify::Watchdog::from_env(),
+        told: String::new(),
     };
     let span = tracing::error_span!("ha", node = %node, peer = %lp.peer);
     tokio::spawn(tracing::Instrument::instrument(lp.run(in_rx, req_rx, back_rx, sd), span));

@@ -299,3 +299,21 @@ fn cluster_commands_refuse_clearly() {
         integration::wait_until(Duration::from_secs(10), || p.ok(0, &["events"]).contains("UTC"));
     assert!(got, "no events: {}", p.ok(0, &["events"]));
 }
+
+/// Output to a reader that went away (`duet status | head -1`, a pager quit at once): the
+/// command ends with status 0 and says nothing, where `println!` panicked with a backtrace.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let n = Node::start(&NodeOpts::default());
+    for args in [&["status"][..], &["status", "--json"], &["events"], &["check-config"]] {
+        // A pipe whose reading end is closed before the command writes: every write is EPIPE.
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        drop(rd);
+        let mut c = n.cli();
+        c.args(args).stdout(std::process::Stdio::from(wr)).stderr(std::process::Stdio::piped());
+        let out = c.spawn().unwrap().wait_with_output().unwrap();
+        let err = stderr_of(&out);
+        assert!(out.status.success(), "duet {args:?}: {:?}: {err}", out.status);
+        assert!(err.is_empty(), "duet {args:?} said: {err}");
+    }
+}

@@ -19,4 +19,5 @@ mod nbd_tls;
 mod peer_hostile;
 mod replication;
 mod shutdown;
+mod systemd_notify;
 mod writer;
