@@ -16,6 +16,7 @@ mod link_security;
 mod local;
 mod nbd_limits;
 mod nbd_tls;
+mod packaging;
 mod peer_hostile;
 mod replication;
 mod shutdown;
