@@ -102,6 +102,7 @@ pub(super) async fn serve_metrics(
 ) {
     // A scrape at a time is the norm; a flood gets a few slots and the rest are closed at once.
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    let accept_log = replicator::ratelimit::Limited::new(5, std::time::Duration::from_secs(30));
     loop {
         tokio::select! {
             r = l.accept() => {
@@ -109,7 +110,7 @@ pub(super) async fn serve_metrics(
                     Ok((s, _)) => s,
                     Err(e) => {
                         // Out of descriptors: a breath, not a spin that starves the data path.
-                        tracing::warn!(error = %e, "metrics accept failed");
+                        replicator::warn_limited!(accept_log, error = %e, "metrics accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }

@@ -36,6 +36,7 @@ pub(super) async fn serve_control(
     policy: control::Policy,
     mut sd: watch::Receiver<bool>,
 ) {
+    let accept_log = replicator::ratelimit::Limited::new(5, std::time::Duration::from_secs(30));
     loop {
         tokio::select! {
             r = l.accept() => {
@@ -43,7 +44,7 @@ pub(super) async fn serve_control(
                     Ok((s, _)) => s,
                     Err(e) => {
                         // Out of descriptors: a breath, not a spin.
-                        tracing::warn!(error = %e, "control socket accept failed");
+                        replicator::warn_limited!(accept_log, error = %e, "control socket accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }

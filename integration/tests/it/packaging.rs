@@ -19,7 +19,8 @@ fn the_systemd_unit_verifies() {
     let copy = dir.path().join("duet.service");
     let bin = duet_bin();
     std::fs::write(&copy, text.replace("/usr/bin/duet", &bin.display().to_string())).unwrap();
-    let out = run(Command::new("systemd-analyze").arg("verify").arg(&copy), Duration::from_secs(60));
+    let out =
+        run(Command::new("systemd-analyze").arg("verify").arg(&copy), Duration::from_secs(60));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("duet.service"), "systemd-analyze found fault with the unit: {err}");

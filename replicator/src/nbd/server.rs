@@ -334,7 +334,9 @@ impl Server {
                         ));
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of descriptors: a pause, not a spin, and a few lines, not one
+                        // every pause.
+                        crate::warn_limited!(self.log_limit, error = %e, "NBD accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
