@@ -32,8 +32,13 @@ enum Cmd {
     /// Roles, disk and connection states, NBD clients and counters.
     Status {
         /// Machine-readable output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "check")]
         json: bool,
+        /// One line for monitoring, and Nagios's exit codes: 0 OK, 1 WARNING (syncing, peer
+        /// away, out of sync), 2 CRITICAL (split brain, StandAlone, a Primary without good
+        /// data, no master), 3 UNKNOWN (the daemon does not answer).
+        #[arg(long)]
+        check: bool,
     },
     /// Validate the configuration and print what each node will do.
     CheckConfig,
@@ -157,7 +162,7 @@ fn main() -> ExitCode {
         }
         Cmd::DumpMd { resource } => return md::dump(&cfg, &node, resource.as_deref()),
         Cmd::Daemon => return run_daemon(&rt, cfg, node),
-        Cmd::Status { json } => return show_status(&rt, &cfg, &node, json),
+        Cmd::Status { json, check } => return show_status(&rt, &cfg, &node, json, check),
         Cmd::Primary { resource, force } => control::Command::Primary { resource, force },
         Cmd::Secondary { resource } => control::Command::Secondary { resource },
         Cmd::Connect { resource, discard_my_data } => {
@@ -232,9 +237,23 @@ fn show_status(
     cfg: &config::Config,
     node: &str,
     json: bool,
+    check: bool,
 ) -> ExitCode {
     let sock = cfg.control_socket(node);
-    match rt.block_on(daemon::call(&sock, control::Command::Status)) {
+    let answer = rt.block_on(daemon::call(&sock, control::Command::Status));
+    if check {
+        use status::check::Level;
+        let (level, line) = match answer.map(serde_json::from_value::<status::NodeStatus>) {
+            Ok(Ok(s)) => status::check::node(&s),
+            Ok(Err(e)) => {
+                (Level::Unknown, format!("DUET UNKNOWN: unexpected status from the daemon: {e}"))
+            }
+            Err(e) => (Level::Unknown, format!("DUET UNKNOWN: {e}")),
+        };
+        duet::outln!("{line}");
+        return ExitCode::from(level as u8);
+    }
+    match answer {
         Ok(v) => {
             if json {
                 duet::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -387,3 +387,195 @@ mod timestamp_tests {
         assert_eq!(super::timestamp(951_782_400.5), "2000-02-29 00:00:00.500 UTC");
     }
 }
+
+/// `duet status --check`: a monitoring verdict with Nagios's exit codes.
+pub mod check {
+    use replicator::repl::volume::{ConnState, DiskState, Role};
+
+    use super::{NodeStatus, bytes};
+
+    /// The verdict, ordered from best to worst; the exit code is its value.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Level {
+        Ok = 0,
+        Warning = 1,
+        Critical = 2,
+        Unknown = 3,
+    }
+
+    impl Level {
+        /// The word Nagios plugins print.
+        pub fn word(self) -> &'static str {
+            match self {
+                Level::Ok => "OK",
+                Level::Warning => "WARNING",
+                Level::Critical => "CRITICAL",
+                Level::Unknown => "UNKNOWN",
+            }
+        }
+    }
+
+    /// What the verdict of one replicated resource is made of.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Replica {
+        pub role: Role,
+        pub disk: DiskState,
+        pub connection: ConnState,
+        pub peer_disk: Option<DiskState>,
+        pub out_of_sync_bytes: u64,
+        pub split_brain: bool,
+    }
+
+    /// One resource's level and why.
+    pub fn judge(r: &Replica) -> (Level, String) {
+        use ConnState::*;
+        use DiskState::*;
+        if r.split_brain {
+            return (Level::Critical, "split brain".into());
+        }
+        if r.role == Role::Primary && r.disk != UpToDate {
+            return (Level::Critical, format!("Primary on a {:?} disk", r.disk));
+        }
+        match r.connection {
+            StandAlone => {
+                return (Level::Critical, "StandAlone: not replicating, and not trying".into());
+            }
+            Connecting | Disconnecting => {
+                return (Level::Warning, "peer not connected: writes are not replicated".into());
+            }
+            SyncSource | SyncTarget => {
+                let left = bytes(r.out_of_sync_bytes);
+                return (Level::Warning, format!("resync running, {left} left"));
+            }
+            Connected | VerifySource | VerifyTarget => {}
+        }
+        if r.disk != UpToDate || r.peer_disk != Some(UpToDate) {
+            let peer = r.peer_disk.map_or("unknown".to_string(), |d| format!("{d:?}"));
+            return (Level::Warning, format!("disks {:?}/{peer}", r.disk));
+        }
+        if r.out_of_sync_bytes > 0 {
+            return (Level::Warning, format!("{} out of sync", bytes(r.out_of_sync_bytes)));
+        }
+        (Level::Ok, "in sync".into())
+    }
+
+    /// The node's verdict: the worst of its resources and of the cluster manager's view, and a
+    /// line to print (`DUET OK: …`).
+    pub fn node(s: &NodeStatus) -> (Level, String) {
+        let mut level = Level::Ok;
+        let mut parts = Vec::new();
+        for r in &s.resources {
+            let (l, why) = match &r.replication {
+                None => (Level::Ok, "single node".to_string()),
+                Some(x) => judge(&Replica {
+                    role: x.role,
+                    disk: x.disk,
+                    connection: x.connection,
+                    peer_disk: x.peer_disk,
+                    out_of_sync_bytes: x.out_of_sync_bytes,
+                    split_brain: x.split_brain.is_some(),
+                }),
+            };
+            level = level.max(l);
+            parts.push(format!("{} {} {}: {why}", r.name, r.role, r.disk_state));
+        }
+        if let Some(h) = &s.ha {
+            let (l, why) = match (h.running_role.as_str(), h.peer.as_str()) {
+                ("partly master", _) => (Level::Critical, "partly master"),
+                ("slave", "dead") => (Level::Critical, "slave and the peer is dead: no master"),
+                (_, "dead") => (Level::Warning, "peer dead"),
+                _ if !h.healthy => (Level::Warning, "a health check fails"),
+                _ => (Level::Ok, ""),
+            };
+            level = level.max(l);
+            let role = format!("{}, peer {}", h.running_role, h.peer);
+            parts.push(if why.is_empty() { role } else { format!("{role}: {why}") });
+        }
+        if s.shutting_down {
+            level = level.max(Level::Warning);
+            parts.push("stopping".into());
+        }
+        (level, format!("DUET {}: node {}: {}", level.word(), s.node, parts.join("; ")))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn good() -> Replica {
+            Replica {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+                connection: ConnState::Connected,
+                peer_disk: Some(DiskState::UpToDate),
+                out_of_sync_bytes: 0,
+                split_brain: false,
+            }
+        }
+
+        #[test]
+        fn each_state_has_its_level() {
+            let cases: Vec<(Replica, Level, &str)> = vec![
+                (good(), Level::Ok, "in sync"),
+                (Replica { role: Role::Secondary, ..good() }, Level::Ok, "in sync"),
+                (Replica { split_brain: true, ..good() }, Level::Critical, "split brain"),
+                (
+                    Replica { disk: DiskState::Inconsistent, ..good() },
+                    Level::Critical,
+                    "Primary on",
+                ),
+                (
+                    Replica { connection: ConnState::StandAlone, ..good() },
+                    Level::Critical,
+                    "StandAlone",
+                ),
+                (
+                    Replica { connection: ConnState::Connecting, ..good() },
+                    Level::Warning,
+                    "not connected",
+                ),
+                (
+                    Replica {
+                        connection: ConnState::SyncSource,
+                        out_of_sync_bytes: 1 << 20,
+                        ..good()
+                    },
+                    Level::Warning,
+                    "1.0 MiB left",
+                ),
+                (
+                    Replica {
+                        role: Role::Secondary,
+                        disk: DiskState::Inconsistent,
+                        connection: ConnState::SyncTarget,
+                        ..good()
+                    },
+                    Level::Warning,
+                    "resync",
+                ),
+                (
+                    Replica { peer_disk: Some(DiskState::Outdated), ..good() },
+                    Level::Warning,
+                    "Outdated",
+                ),
+                (Replica { peer_disk: None, ..good() }, Level::Warning, "unknown"),
+                (Replica { out_of_sync_bytes: 4096, ..good() }, Level::Warning, "out of sync"),
+                (Replica { connection: ConnState::VerifySource, ..good() }, Level::Ok, "in sync"),
+            ];
+            for (r, level, word) in cases {
+                let (l, why) = judge(&r);
+                assert_eq!(l, level, "{r:?}: {why}");
+                assert!(why.contains(word), "{r:?}: {why}");
+            }
+        }
+
+        #[test]
+        fn exit_codes_are_nagios_s() {
+            assert_eq!(
+                [Level::Ok, Level::Warning, Level::Critical, Level::Unknown].map(|l| l as u8),
+                [0, 1, 2, 3]
+            );
+            assert!(Level::Critical > Level::Warning && Level::Unknown > Level::Critical);
+        }
+    }
+}

@@ -317,3 +317,44 @@ fn a_closed_stdout_ends_a_command_quietly() {
         assert!(err.is_empty(), "duet {args:?} said: {err}");
     }
 }
+
+/// `duet status --check`: one line and Nagios's exit code, in each state a pair goes through.
+#[test]
+fn status_check_says_ok_warning_critical_unknown() {
+    use integration::pair::{Pair, PairOpts};
+    let check = |c: &mut Command| {
+        let out = run(c.args(["status", "--check"]), MIN);
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(line.lines().count(), 1, "{line}");
+        (out.status.code(), line)
+    };
+    // A single node serving: OK.
+    let mut n = Node::start(&NodeOpts { size: 16 << 20, ..NodeOpts::default() });
+    let (code, line) = check(&mut n.cli());
+    assert_eq!(code, Some(0), "{line}");
+    assert!(line.starts_with("DUET OK: node alpha: vol0 Primary UpToDate"), "{line}");
+    // No daemon: UNKNOWN.
+    assert!(n.terminate().success());
+    let (code, line) = check(&mut n.cli());
+    assert_eq!(code, Some(3), "{line}");
+    assert!(line.starts_with("DUET UNKNOWN:"), "{line}");
+    // A pair in sync: OK on both.
+    let mut p = Pair::up(&PairOpts { size: 16 << 20, ..PairOpts::default() });
+    for i in 0..2 {
+        let (code, line) = check(&mut p.cli(i));
+        assert_eq!(code, Some(0), "node {i}: {line}");
+        assert!(line.contains("in sync"), "{line}");
+    }
+    // The Secondary gone: WARNING on the Primary (writes are not replicated).
+    p.stop(1);
+    assert!(p.wait_for(0, std::time::Duration::from_secs(20), |r| r["connection"] == "Connecting"));
+    let (code, line) = check(&mut p.cli(0));
+    assert_eq!(code, Some(1), "{line}");
+    assert!(line.contains("DUET WARNING") && line.contains("not replicated"), "{line}");
+    // Disconnected by the operator: CRITICAL (StandAlone does not come back by itself).
+    p.ok(0, &["disconnect"]);
+    assert!(p.wait_for(0, std::time::Duration::from_secs(20), |r| r["connection"] == "StandAlone"));
+    let (code, line) = check(&mut p.cli(0));
+    assert_eq!(code, Some(2), "{line}");
+    assert!(line.contains("DUET CRITICAL") && line.contains("StandAlone"), "{line}");
+}
