@@ -96,6 +96,23 @@ enum Cmd {
     },
     /// Planned switchover: hand the master role to the peer.
     MakeSlave,
+    /// Wait until a resource is UpToDate on this node (`--uptodate`), or Primary here with
+    /// its export open (`--primary`): for ordering mounts and NFS after duet (duet-wait@.service).
+    /// Exit 0 when it is, 1 when the timeout passed first.
+    #[command(group(clap::ArgGroup::new("until").required(true).args(["uptodate", "primary"])))]
+    Wait {
+        /// Until the local disk is UpToDate.
+        #[arg(long)]
+        uptodate: bool,
+        /// Until this node is Primary, UpToDate, and serving the export.
+        #[arg(long)]
+        primary: bool,
+        /// The resource.
+        resource: String,
+        /// Give up after this many seconds (0: never). A daemon not running yet is waited for.
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
     /// The failover, heartbeat and sync log.
     Events {
         /// Keep printing new events until interrupted.
@@ -174,6 +191,11 @@ fn main() -> ExitCode {
         Cmd::MakeMaster { force } => control::Command::MakeMaster { force },
         Cmd::MakeSlave => control::Command::MakeSlave,
         Cmd::Events { follow } => return show_events(&rt, &cfg, &node, follow),
+        Cmd::Wait { uptodate: _, primary, resource, timeout } => {
+            let want =
+                if primary { status::wait::Want::Primary } else { status::wait::Want::UpToDate };
+            return wait_for(&rt, &cfg, &node, &resource, want, timeout);
+        }
     };
     let sock = cfg.control_socket(&node);
     match rt.block_on(daemon::call(&sock, call)) {
@@ -271,6 +293,40 @@ fn show_status(
             }
         }
         Err(e) => call_failed(&e),
+    }
+}
+
+/// `duet wait`: polls the daemon's status (5 times a second) until the resource is where it is
+/// wanted.
+fn wait_for(
+    rt: &tokio::runtime::Runtime,
+    cfg: &config::Config,
+    node: &str,
+    resource: &str,
+    want: status::wait::Want,
+    timeout: u64,
+) -> ExitCode {
+    if !cfg.resource.iter().any(|r| r.name == resource) {
+        eprintln!("duet: no resource {resource} in the configuration");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let sock = cfg.control_socket(node);
+    let start = std::time::Instant::now();
+    let mut last = String::from("the daemon did not answer");
+    loop {
+        if let Ok(v) = rt.block_on(daemon::call(&sock, control::Command::Status))
+            && let Ok(s) = serde_json::from_value::<status::NodeStatus>(v)
+        {
+            match status::wait::met(&s, resource, want) {
+                Ok(()) => return ExitCode::SUCCESS,
+                Err(why) => last = why,
+            }
+        }
+        if timeout > 0 && start.elapsed() >= std::time::Duration::from_secs(timeout) {
+            eprintln!("duet: {resource} after {timeout} s: {last}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -579,3 +579,36 @@ pub mod check {
         }
     }
 }
+
+/// `duet wait`: whether a resource is where the caller waits for it.
+pub mod wait {
+    use super::NodeStatus;
+
+    /// What `duet wait` waits for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Want {
+        /// The local disk UpToDate.
+        UpToDate,
+        /// Primary here, UpToDate, the export open.
+        Primary,
+    }
+
+    /// `Ok` when `resource` is as wanted; else what it is now.
+    pub fn met(s: &NodeStatus, resource: &str, want: Want) -> Result<(), String> {
+        let Some(r) = s.resources.iter().find(|r| r.name == resource) else {
+            return Err(format!("the daemon has no resource {resource}"));
+        };
+        let now = format!(
+            "{} {} {}, export {}",
+            r.role,
+            r.disk_state,
+            r.connection,
+            if r.exporting { "open" } else { "closed" }
+        );
+        let ok = match want {
+            Want::UpToDate => r.disk_state == "UpToDate",
+            Want::Primary => r.role == "Primary" && r.disk_state == "UpToDate" && r.exporting,
+        };
+        if ok && !s.shutting_down { Ok(()) } else { Err(format!("still {now}")) }
+    }
+}

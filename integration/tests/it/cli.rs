@@ -358,3 +358,41 @@ fn status_check_says_ok_warning_critical_unknown() {
     assert_eq!(code, Some(2), "{line}");
     assert!(line.contains("DUET CRITICAL") && line.contains("StandAlone"), "{line}");
 }
+
+/// `duet wait`: returns once the resource is where it is wanted, or says why not at its timeout.
+#[test]
+fn wait_returns_when_the_resource_is_ready_and_times_out_otherwise() {
+    use integration::pair::{Pair, PairOpts};
+    let mut p = Pair::configure(&PairOpts { size: 32 << 20, ..PairOpts::default() });
+    p.start(0);
+    p.start(1);
+    // beta waits for its disk while nothing is synced yet; alpha becomes the source.
+    let mut waiter = p
+        .cli(1)
+        .args(["wait", "--uptodate", "vol0", "--timeout", "120"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(waiter.try_wait().unwrap().is_none(), "beta's disk cannot be UpToDate yet");
+    p.ok(0, &["primary", "--force"]);
+    let mut done = None;
+    assert!(integration::wait_until(Duration::from_secs(120), || {
+        done = waiter.try_wait().unwrap();
+        done.is_some()
+    }));
+    assert!(done.unwrap().success(), "wait --uptodate failed");
+    assert!(p.wait_synced(Duration::from_secs(60)));
+    // alpha is Primary with its export open: at once.
+    run_ok(p.cli(0).args(["wait", "--primary", "vol0", "--timeout", "10"]), MIN);
+    // beta is not: after its timeout, with the reason.
+    let out = run(p.cli(1).args(["wait", "--primary", "vol0", "--timeout", "1"]), MIN);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(err.contains("vol0 after 1 s: still Secondary UpToDate"), "{err}");
+    // A resource that does not exist is a configuration error.
+    let out = run(p.cli(0).args(["wait", "--primary", "nope"]), MIN);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    // Neither --uptodate nor --primary: a usage error.
+    assert!(!run(p.cli(0).args(["wait", "vol0"]), MIN).status.success());
+}
