@@ -25,10 +25,21 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `duet daemon --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run this node.
-    Daemon,
+    Daemon {
+        /// Log lines as text, or as one JSON object per line (for a log shipper).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
     /// Roles, disk and connection states, NBD clients and counters.
     Status {
         /// Machine-readable output.
@@ -159,7 +170,7 @@ fn main() -> ExitCode {
     };
     // The daemon's data path runs on `data_threads` workers (the heartbeat has its own thread,
     // see `ha::start`); the CLI commands need one.
-    let workers = if matches!(cli.cmd, Cmd::Daemon) { cfg.cluster.data_threads } else { 1 };
+    let workers = if matches!(cli.cmd, Cmd::Daemon { .. }) { cfg.cluster.data_threads } else { 1 };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("duet-data")
@@ -178,7 +189,7 @@ fn main() -> ExitCode {
             return md::create(&rt, &cfg, &node, resource.as_deref(), force);
         }
         Cmd::DumpMd { resource } => return md::dump(&cfg, &node, resource.as_deref()),
-        Cmd::Daemon => return run_daemon(&rt, cfg, node),
+        Cmd::Daemon { log_format } => return run_daemon(&rt, cfg, node, log_format),
         Cmd::Status { json, check } => return show_status(&rt, &cfg, &node, json, check),
         Cmd::Primary { resource, force } => control::Command::Primary { resource, force },
         Cmd::Secondary { resource } => control::Command::Secondary { resource },
@@ -221,21 +232,28 @@ fn call_failed(e: &daemon::CallError) -> ExitCode {
     }
 }
 
-fn run_daemon(rt: &tokio::runtime::Runtime, cfg: config::Config, node: String) -> ExitCode {
+fn run_daemon(
+    rt: &tokio::runtime::Runtime,
+    cfg: config::Config,
+    node: String,
+    format: LogFormat,
+) -> ExitCode {
     // rustls logs every client's quirks (GnuTLS sends an IP address as SNI) at WARN: only its
     // errors are shown unless DUET_LOG names it.
     let mut spec = std::env::var("DUET_LOG").unwrap_or_else(|_| "info".into());
     if !spec.contains("rustls") {
         spec.push_str(",rustls=error");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&spec)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+        }
+        // One object per line: timestamp, level, target, fields (message among them), spans.
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     // A panic is a broken invariant: the node stops at once, and the peer takes over, instead
     // of running on without the task that panicked (tokio would catch it and carry on). The
     // release profile aborts on panic anyway; this makes every build do so.

@@ -396,3 +396,43 @@ fn wait_returns_when_the_resource_is_ready_and_times_out_otherwise() {
     // Neither --uptodate nor --primary: a usage error.
     assert!(!run(p.cli(0).args(["wait", "vol0"]), MIN).status.success());
 }
+
+/// `duet daemon --log-format json`: every log line is one JSON object with the level, the
+/// target and the fields.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let n = Node::configure(&NodeOpts { size: 16 << 20, ..NodeOpts::default() });
+    let mut child = n
+        .cli()
+        .args(["daemon", "--log-format", "json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&n.log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        integration::wait_until(Duration::from_secs(20), || n
+            .log_text()
+            .contains("duet daemon running")),
+        "{}",
+        n.log_text()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = n.log_text();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let running = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "duet daemon running")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(running["level"], "INFO", "{running}");
+    assert_eq!(running["fields"]["node"], "alpha", "{running}");
+    assert!(running["timestamp"].is_string() && running["target"].is_string(), "{running}");
+    assert!(lines.iter().any(|v| v["fields"]["message"] == "stopped cleanly"), "{text}");
+}
