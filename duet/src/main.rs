@@ -32,6 +32,15 @@ enum LogFormat {
     Json,
 }
 
+/// What `duet generate` writes (for packaging; no configuration is read).
+#[derive(Debug, Subcommand)]
+enum Generate {
+    /// Manual pages: duet.1 and one page per command (duet-status.1, …) in DIR.
+    Man { dir: PathBuf },
+    /// Shell completions on stdout.
+    Completions { shell: clap_complete::Shell },
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run this node.
@@ -124,6 +133,12 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         timeout: u64,
     },
+    /// Man pages and shell completions, for packaging.
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
     /// The failover, heartbeat and sync log.
     Events {
         /// Keep printing new events until interrupted.
@@ -150,6 +165,9 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Generate { what } = &cli.cmd {
+        return generate(what);
+    }
     let cfg = match config::Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -184,7 +202,7 @@ fn main() -> ExitCode {
         }
     };
     let call = match cli.cmd {
-        Cmd::CheckConfig => unreachable!("handled above"),
+        Cmd::CheckConfig | Cmd::Generate { .. } => unreachable!("handled above"),
         Cmd::CreateMd { resource, force } => {
             return md::create(&rt, &cfg, &node, resource.as_deref(), force);
         }
@@ -312,6 +330,26 @@ fn show_status(
         }
         Err(e) => call_failed(&e),
     }
+}
+
+fn generate(what: &Generate) -> ExitCode {
+    use clap::CommandFactory;
+    match what {
+        Generate::Man { dir } => {
+            let made = std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
+            if let Err(e) = made {
+                eprintln!("duet: writing man pages to {}: {e}", dir.display());
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+        Generate::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "duet", &mut out);
+            duet::out!("{}", String::from_utf8_lossy(&out));
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `duet wait`: polls the daemon's status (5 times a second) until the resource is where it is
