@@ -12,6 +12,8 @@ cargo build --workspace --all-targets --locked
 echo "==> format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> packaging tool (cargo-deb, for the .deb test)"
+cargo deb --version >/dev/null 2>&1 || cargo install cargo-deb --locked
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -107,3 +107,87 @@ fn man_pages_render_and_completions_are_written() {
         }
     }
 }
+
+/// Removes the package when the test ends, passed or not.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = run(Command::new("dpkg").args(["--purge", "duet"]), Duration::from_secs(120));
+    }
+}
+
+/// `scripts/deb.sh` builds the .deb; it holds the binary, the units, the conffile, the man pages
+/// and the completions; `dpkg -i` installs a working `duet` whose units verify, and
+/// `dpkg --purge` leaves none of its files behind.
+#[test]
+fn the_debian_package_installs_and_purges_cleanly() {
+    if !integration::is_root("dpkg -i") || !have("dpkg-deb") || !have("cargo") {
+        return;
+    }
+    if run(Command::new("dpkg").args(["-s", "duet"]), Duration::from_secs(30)).status.success() {
+        eprintln!("SKIP: a duet package is installed on this machine; not touching it");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = run(
+        Command::new(root.join("scripts/deb.sh")).arg("--debug").current_dir(&root),
+        Duration::from_secs(900),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "scripts/deb.sh failed: {log}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let deb = stdout.lines().rev().find(|l| l.trim().ends_with(".deb")).expect("the .deb path");
+    let deb = root.join(deb.trim());
+    let listing = run(Command::new("dpkg-deb").arg("-c").arg(&deb), Duration::from_secs(60));
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let files: Vec<String> = listing
+        .lines()
+        .filter(|l| !l.starts_with('d'))
+        .filter_map(|l| l.split_whitespace().last())
+        .map(|p| p.trim_start_matches('.').to_string())
+        .collect();
+    for want in [
+        "/usr/bin/duet",
+        "/lib/systemd/system/duet.service",
+        "/lib/systemd/system/duet-wait@.service",
+        "/etc/duet/duet.toml",
+        "/usr/share/man/man1/duet.1.gz",
+        "/usr/share/man/man1/duet-status.1.gz",
+        "/usr/share/bash-completion/completions/duet",
+        "/usr/share/zsh/vendor-completions/_duet",
+        "/usr/share/fish/vendor_completions.d/duet.fish",
+    ] {
+        assert!(files.iter().any(|f| f == want), "{want} not in the package:\n{listing}");
+    }
+    let info =
+        run(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles"), Duration::from_secs(60));
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    assert!(info.contains("/etc/duet/duet.toml"), "the configuration is a conffile: {info}");
+    let guard = Installed;
+    let out = run(Command::new("dpkg").arg("-i").arg(&deb), Duration::from_secs(300));
+    assert!(out.status.success(), "dpkg -i: {}", String::from_utf8_lossy(&out.stderr));
+    let v = run(Command::new("/usr/bin/duet").arg("--version"), Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("duet "), "{v:?}");
+    // The installed units against the installed binary.
+    let out = run(
+        Command::new("systemd-analyze").arg("verify").args([
+            "/lib/systemd/system/duet.service",
+            "/lib/systemd/system/duet-wait@vol0.service",
+        ]),
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("duet"), "{err}");
+    if have("man") {
+        let out = run(
+            Command::new("man").args(["--warnings", "duet-status"]).env("MANWIDTH", "80"),
+            Duration::from_secs(30),
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("SYNOPSIS"), "man duet-status");
+    }
+    drop(guard);
+    let left: Vec<&String> = files.iter().filter(|f| std::path::Path::new(f).exists()).collect();
+    assert!(left.is_empty(), "left behind after dpkg --purge: {left:?}");
+    assert!(!std::path::Path::new("/etc/duet").exists(), "/etc/duet left behind");
+}
