@@ -2,8 +2,9 @@
 # Builds the Debian package: target/debian/duet_VERSION_ARCH.deb with the binary, the systemd
 # units, /etc/duet/duet.toml (the commented example, a conffile), the man pages and the shell
 # completions. Installs cargo-deb if missing.
-#   scripts/deb.sh            # release build
-#   scripts/deb.sh --debug    # the test build's binary, for the suite (no release build)
+#   scripts/deb.sh                  # a release build
+#   scripts/deb.sh --binary PATH    # package that binary as it is (the suite: its test build;
+#                                   # nothing is rebuilt, faster compression)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! cargo deb --version >/dev/null 2>&1; then
@@ -11,13 +12,13 @@ if ! cargo deb --version >/dev/null 2>&1; then
   cargo install cargo-deb --locked
 fi
 profile=release
-if [ "${1:-}" = "--debug" ]; then profile=debug; fi
-if [ "$profile" = release ]; then
-  cargo build --release --locked -p duet
+if [ "${1:-}" = "--binary" ]; then
+  profile=given
+  bin="${2:?--binary needs a path}"
 else
-  cargo build --locked -p duet
+  cargo build --release --locked -p duet
+  bin="target/release/duet"
 fi
-bin="target/$profile/duet"
 assets=target/deb-assets
 rm -rf "$assets"
 mkdir -p "$assets/completions" "$assets/bin"
@@ -27,5 +28,5 @@ mkdir -p "$assets/completions" "$assets/bin"
 "$bin" generate completions fish > "$assets/completions/duet.fish"
 cp "$bin" "$assets/bin/duet"
 fast=()
-if [ "$profile" = debug ]; then fast=(--fast); fi
+if [ "$profile" = given ]; then fast=(--fast); fi
 cargo deb -p duet --no-build --no-strip "${fast[@]}" --output target/debian/

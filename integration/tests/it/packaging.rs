@@ -131,7 +131,12 @@ fn the_debian_package_installs_and_purges_cleanly() {
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = run(
-        Command::new(root.join("scripts/deb.sh")).arg("--debug").current_dir(&root),
+        // The binary under test as it is: a cargo build here would rebuild it without the
+        // integration tests' features under the other tests' feet.
+        Command::new(root.join("scripts/deb.sh"))
+            .arg("--binary")
+            .arg(duet_bin())
+            .current_dir(&root),
         Duration::from_secs(900),
     );
     let log = String::from_utf8_lossy(&out.stderr);
