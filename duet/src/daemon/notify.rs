@@ -20,6 +20,11 @@ fn send(states: &[NotifyState<'_>]) {
     }
 }
 
+/// Whether systemd listens (`NOTIFY_SOCKET` is set).
+pub fn enabled() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 /// The daemon serves.
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);

@@ -142,8 +142,8 @@ struct Loop {
     timing: Timing,
     /// systemd's watchdog, petted from this thread's tick: a wedged cluster manager is restarted.
     watchdog: Option<crate::daemon::notify::Watchdog>,
-    /// The STATUS= line last sent.
-    told: String,
+    /// The STATUS= line last sent; `None` when not under systemd.
+    told: Option<String>,
 }
 
 impl Loop {
@@ -205,6 +205,7 @@ impl Loop {
                     if let Some(w) = &mut self.watchdog {
                         w.tick(now);
                     }
+                    self.tell_systemd();
                     let ev = self.det.tick(now);
                     self.detector_events(ev);
                     self.refresh_local();
@@ -218,13 +219,13 @@ impl Loop {
             }
             // After every input, so `duet status` never lags a finished step.
             self.publish();
-            self.tell_systemd();
         }
     }
 
     /// systemd's STATUS= line: the running role, what the manager does, the peer; sent when it
-    /// changes.
+    /// changes (looked at each tick, and only under systemd).
     fn tell_systemd(&mut self) {
+        let Some(told) = &mut self.told else { return };
         let line = {
             let s = self.status.lock().expect("status poisoned");
             match &s.activity {
@@ -232,9 +233,9 @@ impl Loop {
                 None => format!("{}, peer {}", s.running_role, s.peer),
             }
         };
-        if line != self.told {
+        if line != *told {
             crate::daemon::notify::status(&line);
-            self.told = line;
+            *told = line;
         }
     }
 

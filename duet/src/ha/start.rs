@@ -230,7 +230,7 @@ async fn start_here(
         events: Arc::clone(&events),
         timing,
         watchdog: crate::daemon::notify::Watchdog::from_env(),
-        told: String::new(),
+        told: crate::daemon::notify::enabled().then(String::new),
     };
     let span = tracing::error_span!("ha", node = %node, peer = %lp.peer);
     tokio::spawn(tracing::Instrument::instrument(lp.run(in_rx, req_rx, back_rx, sd), span));

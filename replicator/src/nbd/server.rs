@@ -549,7 +549,9 @@ impl Server {
                 && conn.buf.len() >= REQUEST_HEADER_LEN
             {
                 batch += 1;
-                last_request = tokio::time::Instant::now();
+                if idle.is_some() {
+                    last_request = tokio::time::Instant::now(); // no clock read per request otherwise
+                }
                 match self.take_request(&mut conn, export, &limits, shutting_since.is_some()).await
                 {
                     Ok(Taken::Reply(r)) => pending.push(r),
@@ -611,10 +613,10 @@ impl Server {
                 _ = stopped(&mut sd), if shutting_since.is_none() => {
                     shutting_since = Some(tokio::time::Instant::now());
                 }
-                _ = tokio::time::sleep_until(grace.unwrap_or_else(tokio::time::Instant::now)), if grace.is_some() => {
+                () = until(grace) => {
                     break Ok(Ended::Normally); // grace over: hard disconnect
                 }
-                _ = tokio::time::sleep_until(idle_at.unwrap_or_else(tokio::time::Instant::now)), if idle_at.is_some() => {
+                () = until(idle_at) => {
                     break Ok(Ended::Idle);
                 }
             }
@@ -809,6 +811,15 @@ async fn written<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> Result<(), Cl
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, write).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(ClientError::Timeout),
+    }
+}
+
+/// Sleeps until `at`; never ends without one (a disabled timer reads no clock and registers
+/// nothing).
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
