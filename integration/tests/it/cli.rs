@@ -436,3 +436,29 @@ fn json_logs_are_one_object_per_line() {
     assert!(running["timestamp"].is_string() && running["target"].is_string(), "{running}");
     assert!(lines.iter().any(|v| v["fields"]["message"] == "stopped cleanly"), "{text}");
 }
+
+/// Garbage for the new CLI arguments: a usage error (exit 2) that names the argument, and
+/// nothing started.
+#[test]
+fn bad_values_for_the_new_arguments_are_usage_errors() {
+    let n = Node::configure(&NodeOpts { size: 16 << 20, ..NodeOpts::default() });
+    for (args, word) in [
+        (&["daemon", "--log-format", "xml"][..], "--log-format"),
+        (&["wait", "--primary", "vol0", "--timeout", "soon"], "--timeout"),
+        (&["wait", "--primary", "--uptodate", "vol0"], "--uptodate"),
+        (&["status", "--json", "--check"], "--check"),
+        (&["generate", "completions", "cmd.exe"], "cmd.exe"),
+    ] {
+        let out = run(n.cli().args(args), MIN);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(word), "{args:?}: {err}");
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", n.port)).is_err(), "a daemon started");
+    // Man pages into a path that cannot be a directory: an error that names it.
+    let file = n.dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = run(n.cli().args(["generate", "man"]).arg(&file), MIN);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("not-a-dir"), "{}", stderr_of(&out));
+}

@@ -91,6 +91,19 @@ fn tls_required_serves_libnbd_and_qemu_over_tls_and_refuses_plain_clients() {
     r.option(OPT_STARTTLS, &[]);
     let ack = r.opt_reply();
     assert_eq!((ack.option, ack.kind), (OPT_STARTTLS, REP_ACK));
+    // Garbage where the ClientHello belongs: the handshake fails, is counted, and the server
+    // serves the next client.
+    let garbage_before = stat(&n, "tls_failures");
+    r.send(&[0x42; 512]).unwrap();
+    // (rustls may answer with an alert first: read to the end.)
+    let mut rest = Vec::new();
+    let end = r.s.read_to_end(&mut rest);
+    assert!(
+        !matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "garbage instead of a ClientHello was not refused: {end:?}"
+    );
+    assert!(wait_until(Duration::from_secs(10), || stat(&n, "tls_failures") > garbage_before));
+    run_ok(Command::new("nbdinfo").arg(nbds(&n, &certs.anonymous_dir)), Duration::from_secs(30));
     drop(r);
     // A client that does not trust our certificate fails its handshake; it is counted.
     let before = stat(&n, "tls_failures");
