@@ -69,6 +69,8 @@ pub enum Command {
     },
     /// Coordinated switchover: hand the master role to the peer.
     MakeSlave,
+    /// Re-read the configuration file and apply what can change live (`duet adjust`).
+    Adjust,
     /// The event log after a time (milliseconds since the Unix epoch).
     Events {
         #[serde(default)]
@@ -80,7 +82,11 @@ impl Command {
     /// The resource a command names (None: all).
     pub fn resource(&self) -> Option<&str> {
         match self {
-            Self::Status | Self::MakeMaster { .. } | Self::MakeSlave | Self::Events { .. } => None,
+            Self::Status
+            | Self::MakeMaster { .. }
+            | Self::MakeSlave
+            | Self::Adjust
+            | Self::Events { .. } => None,
             Self::Primary { resource, .. }
             | Self::Secondary { resource }
             | Self::Connect { resource, .. }
@@ -252,6 +258,7 @@ mod tests {
             Command::MakeSlave,
             Command::MakeMaster { force: false },
             Command::Invalidate { resource: None },
+            Command::Adjust,
         ] {
             assert_eq!(c.needs(), Access::Admin, "{c:?}");
         }

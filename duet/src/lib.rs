@@ -47,6 +47,7 @@ pub mod daemon;
 pub mod events;
 pub mod ha;
 pub mod md;
+pub mod page;
 pub mod plan;
 pub mod state;
 pub mod status;

@@ -139,6 +139,10 @@ enum Cmd {
         #[command(subcommand)]
         what: Generate,
     },
+    /// Apply the configuration file's changes to the running daemon: resync rates, [[service]]
+    /// and [hooks]. A change that needs a restart is refused, naming its key, and nothing is
+    /// applied (SIGHUP to the daemon does the same)
+    Adjust,
     /// The failover, heartbeat and sync log.
     Events {
         /// Keep printing new events until interrupted.
@@ -207,7 +211,10 @@ fn main() -> ExitCode {
             return md::create(&rt, &cfg, &node, resource.as_deref(), force);
         }
         Cmd::DumpMd { resource } => return md::dump(&cfg, &node, resource.as_deref()),
-        Cmd::Daemon { log_format } => return run_daemon(&rt, cfg, node, log_format),
+        Cmd::Daemon { log_format } => {
+            return run_daemon(&rt, cfg, node, cli.config.clone(), log_format);
+        }
+        Cmd::Adjust => return adjust(&rt, &cfg, &node),
         Cmd::Status { json, check } => return show_status(&rt, &cfg, &node, json, check),
         Cmd::Primary { resource, force } => control::Command::Primary { resource, force },
         Cmd::Secondary { resource } => control::Command::Secondary { resource },
@@ -240,6 +247,28 @@ fn main() -> ExitCode {
     }
 }
 
+fn adjust(rt: &tokio::runtime::Runtime, cfg: &config::Config, node: &str) -> ExitCode {
+    let sock = cfg.control_socket(node);
+    match rt.block_on(daemon::call(&sock, control::Command::Adjust)) {
+        Ok(v) => {
+            let keys: Vec<&str> = v
+                .get("applied")
+                .and_then(|a| a.as_array())
+                .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
+                .unwrap_or_default();
+            if keys.is_empty() {
+                duet::outln!("nothing changed");
+            } else {
+                for k in keys {
+                    duet::outln!("applied {k}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => call_failed(&e),
+    }
+}
+
 fn call_failed(e: &daemon::CallError) -> ExitCode {
     eprintln!("duet: {e}");
     match e {
@@ -254,6 +283,7 @@ fn run_daemon(
     rt: &tokio::runtime::Runtime,
     cfg: config::Config,
     node: String,
+    config_path: std::path::PathBuf,
     format: LogFormat,
 ) -> ExitCode {
     // rustls logs every client's quirks (GnuTLS sends an IP address as SNI) at WARN: only its
@@ -281,7 +311,7 @@ fn run_daemon(
         eprintln!("duet: a panic is a broken invariant: stopping this node (abort)");
         std::process::abort();
     }));
-    match rt.block_on(daemon::run(cfg, node)) {
+    match rt.block_on(daemon::run(cfg, node, config_path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("duet: {}", duet::error_chain(&e));

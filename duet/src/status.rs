@@ -7,9 +7,16 @@ use replicator::repl::volume::ReplStatus;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
+/// The version of [`NodeStatus`]'s JSON (`duet status --json`, `/status`): raised when a field
+/// is removed or changes meaning; fields are only ever added within a version.
+pub const SCHEMA: u32 = 1;
+
 /// One node's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
+    /// [`SCHEMA`] of the daemon that built it.
+    #[serde(default)]
+    pub schema: u32,
     /// This node's name.
     pub node: String,
     /// The cluster's name.
@@ -65,6 +72,47 @@ pub struct ClusterStatus {
     pub activity: Option<String>,
     pub links: Vec<LinkStatus>,
     pub drops: Drops,
+    /// Whether an operator switchover would start now, and if not, why.
+    #[serde(default)]
+    pub switchover: Switchover,
+    /// Times this node became the running master since the daemon started.
+    #[serde(default)]
+    pub takeovers: u64,
+    /// Each VIP and who holds it.
+    #[serde(default)]
+    pub vips: Vec<VipStatus>,
+    /// Each `[[service]]` and what its last start or stop did.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+/// Whether `duet make-master` / `make-slave` (without `--force`) would start now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Switchover {
+    pub possible: bool,
+    /// What it would do, or why it would be refused.
+    pub why: String,
+}
+
+/// One VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub interface: String,
+    /// `address/prefix`: the VIP's own first, then its aliases.
+    pub addresses: Vec<String>,
+    /// The node holding it (this one when it acquired it; the peer when the peer says it is
+    /// master); `None` when nobody does as far as this node knows.
+    pub holder: Option<String>,
+}
+
+/// One `[[service]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// master | slave | both: where it runs.
+    pub placement: String,
+    /// not started | running | stopped | start failed: ... | stop failed: ...
+    pub state: String,
 }
 
 /// Dropped frames by reason.
@@ -337,6 +385,7 @@ mod tests {
     #[test]
     fn render_mentions_everything() {
         let s = NodeStatus {
+            schema: SCHEMA,
             node: "alpha".into(),
             cluster: "demo".into(),
             version: "0.1.0".into(),
@@ -610,5 +659,81 @@ pub mod wait {
             Want::Primary => r.role == "Primary" && r.disk_state == "UpToDate" && r.exporting,
         };
         if ok && !s.shutting_down { Ok(()) } else { Err(format!("still {now}")) }
+    }
+}
+
+/// A pair's status as tests build it: node `alpha` (master, Primary) with peer `beta`, one
+/// resource `vol0` Connected and UpToDate on both sides, two heartbeat links up.
+#[cfg(test)]
+pub(crate) fn fixture() -> NodeStatus {
+    let repl = serde_json::json!({
+        "role": "Primary", "disk": "UpToDate", "connection": "Connected",
+        "peer_role": "Secondary", "peer_disk": "UpToDate", "out_of_sync_bytes": 0,
+        "current_generation": "1", "bitmap_generation": "0", "history": ["0", "0"],
+        "resync": null, "verify": null, "verify_mismatches": [], "split_brain": null,
+        "last_refusal": null, "frozen": false, "sent_data_bytes": 4096,
+        "received_data_bytes": 0, "resync_sent_bytes": 0, "resync_received_bytes": 0,
+        "resync_same_bytes": 0, "al_transactions": 3, "connects": 1, "peer_errors": 0,
+        "slow_writes": 0, "events": []
+    });
+    let link = |name: &str| LinkStatus {
+        name: name.into(),
+        state: "up".into(),
+        last_heard_ms: Some(40),
+        frames_in: 10,
+        frames_out: 11,
+        dropped: 0,
+        send_errors: 0,
+        garbage_bytes: 0,
+    };
+    NodeStatus {
+        schema: SCHEMA,
+        node: "alpha".into(),
+        cluster: "demo".into(),
+        version: "0.1.0".into(),
+        pid: 42,
+        uptime_s: 75,
+        peer: Some("beta".into()),
+        shutting_down: false,
+        resources: vec![ResourceStatus {
+            name: "vol0".into(),
+            role: "Primary".into(),
+            disk_state: "UpToDate".into(),
+            connection: "Connected".into(),
+            protocol: "C".into(),
+            disk: "/dev/vdb".into(),
+            size_bytes: 64 << 20,
+            io_engine: "uring".into(),
+            direct_io: false,
+            nbd_listen: Some("127.0.0.1:10809".into()),
+            exporting: true,
+            stats: Snapshot::default(),
+            replication: Some(serde_json::from_value(repl).expect("a ReplStatus")),
+        }],
+        ha: Some(ClusterStatus {
+            configured_master: "alpha".into(),
+            running_role: "master".into(),
+            peer: "alive".into(),
+            peer_role: Some("slave".into()),
+            peer_healthy: Some(true),
+            healthy: true,
+            failback: "off".into(),
+            fencing: "ResourceOnly".into(),
+            activity: None,
+            links: vec![link("udp a -> b"), link("serial /dev/ttyS0")],
+            drops: Drops { auth: 2, ..Drops::default() },
+            switchover: Switchover { possible: true, why: "make-slave here hands over".into() },
+            takeovers: 1,
+            vips: vec![VipStatus {
+                interface: "eth0".into(),
+                addresses: vec!["192.0.2.10/24".into()],
+                holder: Some("alpha".into()),
+            }],
+            services: vec![ServiceStatus {
+                name: "nfs".into(),
+                placement: "master".into(),
+                state: "running".into(),
+            }],
+        }),
     }
 }

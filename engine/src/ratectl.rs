@@ -74,6 +74,16 @@ impl RateController {
         }
     }
 
+    /// New settings for a running resync: what is in flight stays counted, the plan keeps its
+    /// entries (resized to the new horizon), and the next tick asks at the new rate.
+    pub fn adjust(&mut self, s: Settings) {
+        let steps =
+            usize::try_from((s.plan_ahead.as_millis() / TICK.as_millis()).max(1)).unwrap_or(1);
+        self.plan.resize(steps, 0);
+        self.plan_total = self.plan.iter().sum();
+        self.s = s;
+    }
+
     /// KiB requested and not yet acknowledged.
     pub fn in_flight_kib(&self) -> u64 {
         self.in_flight.max(0).unsigned_abs()
@@ -160,6 +170,39 @@ mod tests {
             max_rate_kib: 0,
             min_rate_kib: 1024,
         }
+    }
+
+    #[test]
+    fn adjusted_settings_take_effect_at_the_next_tick_and_keep_what_is_in_flight() {
+        // A capped dynamic controller on a fast link runs at its cap; lowering the cap mid-run
+        // brings the next ticks down to the new cap, raising it again lets it climb back.
+        let s = Settings { max_rate_kib: 50_000, ..settings() };
+        let mut c = RateController::new(s);
+        let t0 = crate::testutil::origin();
+        let mut i = 0u32;
+        let mut run = |c: &mut RateController, ticks: u32| {
+            let mut asked = 0;
+            for _ in 0..ticks {
+                // A link fast enough to acknowledge everything asked by the next tick.
+                let inflight = c.in_flight_kib();
+                asked += c.tick(t0 + TICK * i, inflight, false);
+                i += 1;
+            }
+            asked * 10 / u64::from(ticks)
+        };
+        let fast = run(&mut c, 50);
+        assert!((45_000..=50_000).contains(&fast), "capped at 50000 KiB/s: {fast}");
+        c.adjust(Settings { max_rate_kib: 2_000, ..s });
+        let slow = run(&mut c, 50);
+        assert!((1_800..=2_000).contains(&slow), "capped at 2000 KiB/s after adjust: {slow}");
+        c.adjust(Settings { max_rate_kib: 50_000, plan_ahead: Duration::from_millis(500), ..s });
+        assert_eq!(c.plan.len(), 5, "the plan follows the new horizon");
+        let back = run(&mut c, 100);
+        assert!(back > 20_000, "climbs back after the cap is raised: {back}");
+        let fixed = Settings { mode: Mode::Fixed, rate_kib: 3_000, ..s };
+        c.adjust(fixed);
+        let f = run(&mut c, 20);
+        assert!((2_900..=3_000).contains(&f), "fixed 3000 KiB/s: {f}");
     }
 
     /// A link that carries `kib_per_s` after `latency`: requests queue, are served at that rate,

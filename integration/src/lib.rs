@@ -465,3 +465,18 @@ impl Drop for FuseDisk {
         self.detach();
     }
 }
+
+/// One HTTP/1.0 GET (or another method) to 127.0.0.1:`port`: the status code, the head, the
+/// body. Panics if the server does not answer within 10 s.
+pub fn http(port: u16, method: &str, path: &str, headers: &str) -> (u16, String, String) {
+    use std::io::Write as _;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: duet\r\n{headers}\r\n").expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the answer");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, head.to_string(), body.to_string())
+}

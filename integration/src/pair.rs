@@ -29,6 +29,8 @@ pub struct PairOpts {
     /// Run the two daemons inside these network namespaces (the lab): replication and the UDP
     /// heartbeat on the dedicated link, NBD on every address of the node.
     pub netns: Option<[String; 2]>,
+    /// Serve the HTTP endpoint (status page, `/status`, `/metrics`) on a port of each node's.
+    pub http: bool,
 }
 
 /// The cluster manager's part of the config.
@@ -75,6 +77,7 @@ impl Default for PairOpts {
             ha: None,
             cluster_extra: String::new(),
             netns: None,
+            http: false,
         }
     }
 }
@@ -87,6 +90,8 @@ pub struct PairNode {
     pub socket: PathBuf,
     pub nbd_port: u16,
     pub repl_port: u16,
+    /// The HTTP endpoint's port (0: none).
+    pub http_port: u16,
     pub log: PathBuf,
     /// Extra environment for the daemon (set before `start`).
     pub env: Vec<(String, String)>,
@@ -107,6 +112,10 @@ pub struct Pair {
     pub cable: Option<crate::pty::PtyCable>,
     /// The namespaces the daemons run in (lab pairs).
     pub netns: Option<[String; 2]>,
+}
+
+fn http_line(port: u16) -> String {
+    if port == 0 { String::new() } else { format!("metrics_listen = \"127.0.0.1:{port}\"") }
 }
 
 fn kill(c: &mut Child) {
@@ -136,6 +145,7 @@ impl Pair {
                 socket: dir.path().join(format!("{name}.sock")),
                 nbd_port: if o.netns.is_some() { 10809 } else { free_port() },
                 repl_port: if o.netns.is_some() { 7789 } else { free_port() },
+                http_port: if o.http { free_port() } else { 0 },
                 log: dir.path().join(format!("{name}.log")),
                 env: Vec::new(),
                 config: None,
@@ -186,8 +196,10 @@ metrics_listen = ""
 {cluster_extra}
 
 [node.alpha]
+{http0}
 [node.beta]
 control_socket = "{s1}"
+{http1}
 
 [[resource]]
 name = "vol0"
@@ -235,6 +247,8 @@ replication_address = "{h1}:{r1}"
             ha = ha_text,
             cluster_extra = o.cluster_extra,
             state = dir.path().join("state").display(),
+            http0 = http_line(n[0].http_port),
+            http1 = http_line(n[1].http_port),
         );
         // Both nodes share one nbd_listen port number in the file; the node that is Primary
         // binds it. On one host only one can be Primary at a time, which the tests respect

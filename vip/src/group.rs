@@ -23,6 +23,18 @@ pub struct Vips {
     specs: Vec<VipSpec>,
     announcers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     report: Report,
+    /// Whether each spec's addresses are on this node (acquired and not released since).
+    held: Mutex<Vec<bool>>,
+}
+
+/// One VIP of the group as `duet status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub interface: String,
+    /// `address/prefix`, the first one the VIP's own, the rest its aliases.
+    pub addresses: Vec<String>,
+    /// Acquired by this node and not released since.
+    pub here: bool,
 }
 
 impl std::fmt::Debug for Vips {
@@ -40,7 +52,28 @@ impl Vips {
         report: Report,
     ) -> Result<Self, VipError> {
         let agent = if specs.is_empty() { None } else { Some(Agent::new(macs)?) };
-        Ok(Self { agent, specs, announcers: Mutex::new(Vec::new()), report })
+        let held = Mutex::new(vec![false; specs.len()]);
+        Ok(Self { agent, specs, announcers: Mutex::new(Vec::new()), report, held })
+    }
+
+    /// Each VIP and whether this node holds it.
+    pub fn held(&self) -> Vec<Held> {
+        let held = self.held.lock().expect("held poisoned");
+        self.specs
+            .iter()
+            .zip(held.iter())
+            .map(|(spec, here)| Held {
+                interface: spec.interface.clone(),
+                addresses: spec.addrs.iter().map(|(a, p)| format!("{a}/{p}")).collect(),
+                here: *here,
+            })
+            .collect()
+    }
+
+    fn set_held(&self, i: usize, here: bool) {
+        if let Some(h) = self.held.lock().expect("held poisoned").get_mut(i) {
+            *h = here;
+        }
     }
 
     fn stop_announcing(&self) {
@@ -87,7 +120,7 @@ impl Vips {
         let Some(agent) = &self.agent else { return Ok(()) };
         self.stop_announcing();
         let mut errors = Vec::new();
-        for spec in &self.specs {
+        for (i, spec) in self.specs.iter().enumerate() {
             let probe = match (agent.link(&spec.interface).await, spec.addrs.first()) {
                 (Ok((index, mac)), Some((IpAddr::V4(ip), _))) => {
                     let (name, ip) = (spec.interface.clone(), *ip);
@@ -101,6 +134,7 @@ impl Vips {
             };
             match agent.acquire(spec).await {
                 Ok((index, mac)) => {
+                    self.set_held(i, true);
                     self.announce(index, mac, spec);
                     let list: Vec<String> =
                         spec.addrs.iter().map(|(a, p)| format!("{a}/{p}")).collect();
@@ -135,9 +169,12 @@ impl Vips {
         let Some(agent) = &self.agent else { return Ok(()) };
         self.stop_announcing();
         let mut errors = Vec::new();
-        for spec in &self.specs {
+        for (i, spec) in self.specs.iter().enumerate() {
             match agent.release(spec).await {
-                Ok(()) => (self.report)(format!("VIP on {} released", spec.interface)),
+                Ok(()) => {
+                    self.set_held(i, false);
+                    (self.report)(format!("VIP on {} released", spec.interface));
+                }
                 Err(e) => errors.push(e.to_string()),
             }
         }

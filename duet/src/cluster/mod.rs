@@ -434,6 +434,24 @@ impl Manager {
         self.peer
     }
 
+    /// Whether an operator switchover (without `--force`) would start now: what it would do,
+    /// or the refusal it would get. Judged as `make-master` / `make-slave` judge it.
+    pub fn switchover_now(&self) -> Result<&'static str, Refusal> {
+        if self.stopping {
+            return Err(Refusal::Stopping);
+        }
+        if self.busy() {
+            return Err(Refusal::SwitchoverRunning);
+        }
+        if self.local.any_primary {
+            self.slave_refusal()
+                .map_or(Ok("make-slave here hands the master role to the peer"), Err)
+        } else {
+            self.master_refusal(false)
+                .map_or(Ok("make-master here takes the master role from the peer"), Err)
+        }
+    }
+
     /// What runs now, for `duet status`.
     pub fn activity(&self) -> Option<String> {
         if let Some(t) = &self.transition {

@@ -118,16 +118,9 @@ impl Manager {
 
     // ------------------------------------------------------------------ operator commands
 
-    pub(super) fn make_master(&mut self, origin: Origin, force: bool) {
-        if self.stopping {
-            return self.finish(origin, Err(Refusal::Stopping));
-        }
-        if self.transition.is_some() || self.pending.is_some() {
-            return self.finish(origin, Err(Refusal::SwitchoverRunning));
-        }
-        if self.local.primary {
-            return self.finish(origin, Ok("already the running master".into()));
-        }
+    /// Why a make-master (`force`: with `--force`) cannot start now, judged on the local data
+    /// and the peer as last seen (`None`: it can). Busy and stopping are the caller's.
+    pub(super) fn master_refusal(&self, force: bool) -> Option<Refusal> {
         let l = self.local;
         match self.peer {
             PeerState::Alive => {
@@ -141,12 +134,43 @@ impl Manager {
                     None
                 };
                 let peer_master = self.peer_view.is_some_and(|v| v.any_primary);
-                if let Some(why) = stale
-                    && (peer_master || !force)
-                {
-                    return self.finish(origin, Err(Refusal::Stale { why, peer_master }));
-                }
-                if peer_master {
+                stale
+                    .filter(|_| peer_master || !force)
+                    .map(|why| Refusal::Stale { why, peer_master })
+            }
+            PeerState::Unknown if !force => Some(Refusal::PeerNotHeard),
+            PeerState::Dead if !force => Some(Refusal::PeerUnreachable),
+            PeerState::Dead | PeerState::Unknown => None,
+        }
+    }
+
+    /// Why a make-slave cannot start now (`None`: it can). Busy is the caller's.
+    pub(super) fn slave_refusal(&self) -> Option<Refusal> {
+        if self.peer != PeerState::Alive {
+            Some(Refusal::NoNodeToHandTo)
+        } else if !self.local.in_sync {
+            Some(Refusal::PeerNotInSync)
+        } else {
+            None
+        }
+    }
+
+    pub(super) fn make_master(&mut self, origin: Origin, force: bool) {
+        if self.stopping {
+            return self.finish(origin, Err(Refusal::Stopping));
+        }
+        if self.transition.is_some() || self.pending.is_some() {
+            return self.finish(origin, Err(Refusal::SwitchoverRunning));
+        }
+        if self.local.primary {
+            return self.finish(origin, Ok("already the running master".into()));
+        }
+        if let Some(why) = self.master_refusal(force) {
+            return self.finish(origin, Err(why));
+        }
+        match self.peer {
+            PeerState::Alive => {
+                if self.peer_view.is_some_and(|v| v.any_primary) {
                     let id = self.id();
                     self.event("switchover: asking the peer to release the master role");
                     self.out.push(Action::Send(Control::Release { id }));
@@ -162,14 +186,6 @@ impl Manager {
                 }
             }
             PeerState::Dead | PeerState::Unknown => {
-                if !force {
-                    let why = if self.peer == PeerState::Unknown {
-                        Refusal::PeerNotHeard
-                    } else {
-                        Refusal::PeerUnreachable
-                    };
-                    return self.finish(origin, Err(why));
-                }
                 let after = self.after(origin);
                 self.takeover(
                     "make-master --force with the peer unreachable".into(),
@@ -188,11 +204,8 @@ impl Manager {
         if !self.local.any_primary {
             return self.finish(origin, Ok("already a slave".into()));
         }
-        if self.peer != PeerState::Alive {
-            return self.finish(origin, Err(Refusal::NoNodeToHandTo));
-        }
-        if !self.local.in_sync {
-            return self.finish(origin, Err(Refusal::PeerNotInSync));
+        if let Some(why) = self.slave_refusal() {
+            return self.finish(origin, Err(why));
         }
         let id = self.id();
         self.event(if health {

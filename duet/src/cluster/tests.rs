@@ -215,3 +215,46 @@ fn a_stopping_node_takes_nothing_over() {
         "{a:?}"
     );
 }
+
+#[test]
+fn switchover_now_answers_as_make_master_and_make_slave_would() {
+    let t = Instant::now();
+    // A master in sync with a live peer: make-slave would hand over.
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    assert!(m.switchover_now().is_ok_and(|w| w.contains("make-slave")), "{:?}", m.switchover_now());
+    // Out of sync: make-slave refuses, as the real command does.
+    m.handle(t, Input::Local(LocalView { in_sync: false, ..master_view() }));
+    assert_eq!(m.switchover_now(), Err(Refusal::PeerNotInSync));
+    let token = 1;
+    let a = m.handle(t, Input::MakeSlave { token });
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Reply { result: Err(Refusal::PeerNotInSync), .. })),
+        "{a:?}"
+    );
+    // The peer dead: nobody to hand over to.
+    m.handle(t, Input::Local(master_view()));
+    m.handle(t, Input::Peer(PeerState::Dead));
+    assert_eq!(m.switchover_now(), Err(Refusal::NoNodeToHandTo));
+
+    // A slave, UpToDate, the peer master: make-master would ask it to release.
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, slave_view(), peer(true));
+    assert!(m.switchover_now().is_ok_and(|w| w.contains("make-master")));
+    // Resyncing: refused as Stale, and the real make-master says the same.
+    m.handle(t, Input::Local(LocalView { resyncing: true, in_sync: false, ..slave_view() }));
+    let want = Refusal::Stale { why: refusal::Stale::Resyncing, peer_master: true };
+    assert_eq!(m.switchover_now(), Err(want.clone()));
+    let a = m.handle(t, Input::MakeMaster { token: 2, force: false });
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Reply { result: Err(r), .. } if *r == want)),
+        "{a:?}"
+    );
+    // The peer not heard yet.
+    let mut m = Manager::new(s(false), t);
+    m.handle(t, Input::Local(slave_view()));
+    assert_eq!(m.switchover_now(), Err(Refusal::PeerNotHeard));
+    // Stopping.
+    m.handle(t, Input::Stopping);
+    assert_eq!(m.switchover_now(), Err(Refusal::Stopping));
+}

@@ -12,6 +12,7 @@ mod cluster;
 mod ha;
 mod heartbeat;
 mod nbd;
+pub mod reload;
 mod resource;
 pub mod runtime;
 mod syntax;

@@ -132,19 +132,7 @@ pub fn volume_config(
             r.data_integrity.fingerprint_name(),
         ]),
         policies,
-        resync: ratectl::Settings {
-            mode: if s.mode == config::ResyncMode::Fixed {
-                ratectl::Mode::Fixed
-            } else {
-                ratectl::Mode::Dynamic
-            },
-            rate_kib: s.rate_kib,
-            plan_ahead: ms(s.plan_ahead_ms),
-            fill_target_kib: s.fill_target_kib,
-            delay_target: ms(s.delay_target_ms),
-            max_rate_kib: s.max_rate_kib,
-            min_rate_kib: s.min_rate_kib,
-        },
+        resync: resync_settings(s),
         checksum_resync: s.checksum,
         replication_rate_limit_kib: s.replication_rate_limit_kib,
         secret: secret.to_vec(),
@@ -164,4 +152,22 @@ pub fn volume_config(
         listen: addr(node)?,
         peer_addr: addr(peer)?,
     })
+}
+
+/// The resync controller's settings of `[resource.resync]` (at start, and at `duet adjust`).
+pub fn resync_settings(s: &config::Resync) -> ratectl::Settings {
+    let ms = std::time::Duration::from_millis;
+    ratectl::Settings {
+        mode: if s.mode == config::ResyncMode::Fixed {
+            ratectl::Mode::Fixed
+        } else {
+            ratectl::Mode::Dynamic
+        },
+        rate_kib: s.rate_kib,
+        plan_ahead: ms(s.plan_ahead_ms),
+        fill_target_kib: s.fill_target_kib,
+        delay_target: ms(s.delay_target_ms),
+        max_rate_kib: s.max_rate_kib,
+        min_rate_kib: s.min_rate_kib,
+    }
 }

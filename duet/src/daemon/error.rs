@@ -120,4 +120,8 @@ pub enum CommandError {
     Resource { resource: String, why: String },
     #[error("{resource}: {}; demoted again", crate::error_chain(.err))]
     ExportAfterPromote { resource: String, err: ExportError },
+    /// `duet adjust` / SIGHUP refused: the file is unreadable or invalid, or a change needs a
+    /// restart; nothing was applied.
+    #[error("not reloaded: {0}")]
+    Reload(String),
 }

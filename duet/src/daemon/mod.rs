@@ -10,11 +10,12 @@
 //!    "connection refused" on a stale path).
 //!
 //! Its parts: [`node`] (the node's exports and resources, what the HA runtime drives),
-//! [`socket`] (the control socket's server, and the CLI's client), [`metrics`] (the
-//! Prometheus endpoint).
+//! [`socket`] (the control socket's server, and the CLI's client), [`http`] (the
+//! HTTP endpoint: status page, `/status`, `/metrics`), [`metrics`] (the OpenMetrics text).
 
 mod error;
-mod metrics;
+mod http;
+pub mod metrics;
 mod node;
 pub mod notify;
 mod socket;
@@ -22,7 +23,7 @@ mod socket;
 use crate::config::runtime::{meta_of, node_id, read_secret, volume_config};
 pub use crate::ha::ExportError;
 pub use error::{CommandError, DaemonError};
-use metrics::serve_metrics;
+use http::serve_http;
 use node::{Group, State};
 pub use socket::{CallError, call};
 use socket::{bind_control, serve_control};
@@ -68,8 +69,10 @@ fn control_policy(cfg: &Config) -> Result<control::Policy, DaemonError> {
 
 /// Runs the daemon for `node` until SIGTERM/SIGINT. Errors before serving are configuration or
 /// environment problems and carry their reason.
-pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
+pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), DaemonError> {
     replicator::fault::announce();
+    // What `duet adjust` compares the file with later (read again: what was parsed came from it).
+    let config_text = std::fs::read_to_string(&config_path).unwrap_or_default();
     let policy = control_policy(&cfg)?;
     let peer = cfg.peer_of(&node).map(str::to_string);
     let secret = match &peer {
@@ -184,6 +187,10 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
         shutting_down: AtomicBool::new(false),
         sd: sd_rx.clone(),
         ha: std::sync::OnceLock::new(),
+        http: metrics::HttpCounters::default(),
+        config_path,
+        config_text: tokio::sync::Mutex::new(config_text),
+        live: std::sync::Mutex::new(Arc::new(cfg.clone())),
     });
     if peer.is_some() && crate::ha::enabled(&cfg) {
         let host: Arc<dyn crate::ha::Host> = Arc::clone(&state) as Arc<dyn crate::ha::Host>;
@@ -197,7 +204,7 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| DaemonError::Metrics { addr, source })?;
-        tokio::spawn(serve_metrics(l, Arc::clone(&state), sd_rx.clone()));
+        tokio::spawn(serve_http(l, Arc::clone(&state), sd_rx.clone()));
     }
     tracing::info!(node = %node, "duet daemon running");
     notify::ready(&state.summary());
@@ -219,7 +226,7 @@ pub async fn run(cfg: Config, node: String) -> Result<(), DaemonError> {
         }
     }
 
-    wait_for_signal().await?;
+    wait_for_signal(&state).await?;
     notify::stopping();
     handover_before_stop(&state).await;
     tracing::info!("shutting down: finishing in-flight requests");
@@ -277,14 +284,27 @@ async fn handover_before_stop(state: &State) {
     }
 }
 
-async fn wait_for_signal() -> Result<(), DaemonError> {
+/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the configuration (`duet adjust`).
+async fn wait_for_signal(state: &State) -> Result<(), DaemonError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                notify::reloading();
+                if let Err(e) = state.reload().await {
+                    tracing::error!("SIGHUP: {e}");
+                    if let Some(ha) = state.ha.get() {
+                        ha.events.push(format!("SIGHUP: {e}"));
+                    }
+                }
+                notify::ready(&state.summary());
+            }
+        }
     }
-    Ok(())
 }

@@ -1,7 +1,6 @@
 //! The node: its NBD exports (one listener per group of resources, open while all of them are
 //! Primary) and resources, as the control socket, the metrics and the HA runtime see them.
 
-use super::metrics::METRICS;
 use super::*;
 
 /// An open export: its stop signal, its task, and the address it is bound to.
@@ -84,6 +83,13 @@ pub(super) struct State {
     pub(super) sd: watch::Receiver<bool>,
     /// The cluster manager, when heartbeat links are configured.
     pub(super) ha: std::sync::OnceLock<crate::ha::Ha>,
+    /// The HTTP endpoint's own counters.
+    pub(super) http: super::metrics::HttpCounters,
+    /// The configuration file and its text as last applied (at start, or by `duet adjust`).
+    pub(super) config_path: PathBuf,
+    pub(super) config_text: tokio::sync::Mutex<String>,
+    /// The configuration as last applied: what hooks and services read.
+    pub(super) live: std::sync::Mutex<Arc<Config>>,
 }
 
 impl crate::ha::Host for State {
@@ -171,6 +177,7 @@ impl State {
             });
         }
         NodeStatus {
+            schema: crate::status::SCHEMA,
             node: self.node.clone(),
             cluster: self.cfg.cluster.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -205,6 +212,38 @@ impl State {
         all
     }
 
+    /// `duet adjust` and SIGHUP: re-reads the configuration file, and applies its changes if
+    /// every one can be applied live (else nothing, naming the key). Returns the keys applied.
+    pub(super) async fn reload(&self) -> Result<Vec<String>, CommandError> {
+        let mut applied = self.config_text.lock().await;
+        let text = std::fs::read_to_string(&self.config_path).map_err(|e| {
+            CommandError::Reload(format!("cannot read {}: {e}", self.config_path.display()))
+        })?;
+        let cfg = Config::parse(&self.config_path, &text)
+            .map_err(|e| CommandError::Reload(format!("configuration error: {e}")))?;
+        let keys = crate::config::reload::plan(&applied, &text)
+            .map_err(|e| CommandError::Reload(e.to_string()))?;
+        for r in &cfg.resource {
+            if let Some((_, e)) = self.find(&r.name) {
+                e.vol.set_resync_settings(crate::config::runtime::resync_settings(&r.resync));
+            }
+        }
+        if let Some(ha) = self.ha.get() {
+            ha.requests
+                .send(crate::ha::Request::Reload(Box::new(cfg.clone())))
+                .await
+                .map_err(|_| CommandError::ManagerStopped)?;
+        }
+        *self.live.lock().expect("config poisoned") = Arc::new(cfg);
+        *applied = text;
+        let what = if keys.is_empty() { "nothing changed".into() } else { keys.join(", ") };
+        tracing::info!("configuration reloaded: {what}");
+        if let Some(ha) = self.ha.get() {
+            ha.events.push(format!("configuration reloaded: {what}"));
+        }
+        Ok(keys)
+    }
+
     /// make-master / make-slave through the cluster manager.
     pub(super) async fn switchover(
         &self,
@@ -230,22 +269,6 @@ impl State {
             Ok(Err(_)) => Err(CommandError::Dropped),
             Err(_) => Err(CommandError::SwitchoverTimeout),
         }
-    }
-
-    pub(super) async fn metrics(&self) -> String {
-        let st = self.status().await;
-        let mut o = String::new();
-        for (name, help, kind, value) in METRICS {
-            o.push_str(&format!("# HELP duet_{name} {help}\n# TYPE duet_{name} {kind}\n"));
-            for r in &st.resources {
-                let Some(v) = value(r) else { continue };
-                o.push_str(&format!(
-                    "duet_{name}{{node=\"{}\",resource=\"{}\"}} {v}\n",
-                    st.node, r.name
-                ));
-            }
-        }
-        o
     }
 
     /// Runs a role or connection command on the named resource (or all of them).
@@ -274,6 +297,7 @@ impl State {
                 Command::Status
                 | Command::MakeMaster { .. }
                 | Command::MakeSlave
+                | Command::Adjust
                 | Command::Events { .. } => unreachable!("handled by the caller"),
                 Command::Primary { force, .. } => match e.vol.promote(*force).await {
                     Ok(msg) => {

@@ -35,6 +35,11 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
+/// The daemon re-reads its configuration (SIGHUP); [`ready`] follows when it is done.
+pub fn reloading() {
+    send(&[NotifyState::Reloading, NotifyState::Status("reloading the configuration")]);
+}
+
 /// The daemon stops.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);

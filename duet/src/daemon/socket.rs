@@ -127,6 +127,10 @@ async fn answer(cmd: &Command, state: &State) -> Response {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),
         },
+        Command::Adjust => match state.reload().await {
+            Ok(keys) => Response::ok(serde_json::json!({ "applied": keys })),
+            Err(e) => Response::err(e.to_string()),
+        },
         Command::MakeSlave => match state.switchover(false, false).await {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),

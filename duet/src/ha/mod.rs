@@ -89,6 +89,8 @@ pub enum Request {
     },
     /// The daemon is stopping: take nothing over from now on.
     Stopping,
+    /// `duet adjust`: the configuration the next steps read ([[service]], [hooks]).
+    Reload(Box<Config>),
 }
 
 /// The handle the daemon keeps.
@@ -178,6 +180,10 @@ impl Loop {
                             Input::MakeSlave { token }
                         }
                         Request::Stopping => Input::Stopping,
+                        Request::Reload(cfg) => {
+                            self.cfg = *cfg;
+                            continue;
+                        }
                     };
                     // Judged on the replicator's state now, not as of the last tick (a stop
                     // right after a resync finished was refused as "not in sync").
@@ -354,14 +360,18 @@ impl Loop {
     fn act(&mut self, a: Action) {
         match a {
             Action::Run(step) => {
-                let host = Arc::clone(&self.host);
-                let vips = Arc::clone(&self.vips);
+                let ctx = steps::StepCtx {
+                    host: Arc::clone(&self.host),
+                    vips: Arc::clone(&self.vips),
+                    cfg: self.cfg.clone(),
+                    node: self.node.clone(),
+                    peer: self.peer.clone(),
+                    events: Arc::clone(&self.events),
+                    status: Arc::clone(&self.status),
+                };
                 let back = self.back.clone();
-                let cfg = self.cfg.clone();
-                let (node, peer) = (self.node.clone(), self.peer.clone());
-                let events = Arc::clone(&self.events);
                 tokio::spawn(async move {
-                    let o = run_step(step, &*host, &vips, &cfg, &node, &peer, &events).await;
+                    let o = run_step(step, &ctx).await;
                     let _ = back.send(Back::Step(o)).await;
                 });
             }
@@ -428,7 +438,34 @@ impl Loop {
             })
             .collect();
         let lv = self.local;
+        let peer_master =
+            self.peer_view.is_some_and(|(v, _)| v.primary) && self.det.peer() == PeerState::Alive;
+        let vips = self
+            .vips
+            .held()
+            .into_iter()
+            .map(|h| crate::status::VipStatus {
+                interface: h.interface,
+                addresses: h.addresses,
+                holder: if h.here {
+                    Some(self.node.clone())
+                } else if peer_master {
+                    Some(self.peer.clone())
+                } else {
+                    None
+                },
+            })
+            .collect();
+        let switchover = match self.mgr.switchover_now() {
+            Ok(what) => crate::status::Switchover { possible: true, why: what.into() },
+            Err(why) => crate::status::Switchover { possible: false, why: why.to_string() },
+        };
         let mut s = self.status.lock().expect("status poisoned");
+        if lv.primary && s.running_role != "master" && !s.running_role.is_empty() {
+            s.takeovers += 1;
+        }
+        s.vips = vips;
+        s.switchover = switchover;
         s.running_role = if lv.primary {
             "master"
         } else if lv.any_primary {

@@ -193,6 +193,19 @@ async fn start_here(
         failback: format!("{:?}", cfg.cluster.failback).to_lowercase(),
         fencing: format!("{:?}", cfg.fencing.policy),
         healthy: true,
+        services: cfg
+            .service
+            .iter()
+            .map(|s| crate::status::ServiceStatus {
+                name: s.name.clone(),
+                placement: format!("{:?}", s.placement).to_lowercase(),
+                state: if s.placement == config::Placement::Both {
+                    "running".into()
+                } else {
+                    "not started".into()
+                },
+            })
+            .collect(),
         ..Default::default()
     }));
     let events = Arc::new(EventLog::default());

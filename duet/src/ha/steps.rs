@@ -3,16 +3,21 @@
 
 use super::*;
 
+/// What a step works with: a snapshot of the loop's state taken when the step starts.
+pub(super) struct StepCtx {
+    pub(super) host: Arc<dyn Host>,
+    pub(super) vips: Arc<Vips>,
+    pub(super) cfg: Config,
+    pub(super) node: String,
+    pub(super) peer: String,
+    pub(super) events: Arc<EventLog>,
+    pub(super) status: Arc<Mutex<ClusterStatus>>,
+}
+
 /// Runs one step of a takeover or release.
-pub(super) async fn run_step(
-    step: Step,
-    host: &dyn Host,
-    vips: &Vips,
-    cfg: &Config,
-    node: &str,
-    peer: &str,
-    events: &Arc<EventLog>,
-) -> Outcome {
+pub(super) async fn run_step(step: Step, ctx: &StepCtx) -> Outcome {
+    let StepCtx { host, vips, cfg, node, peer, events, status } = ctx;
+    let (node, peer) = (node.as_str(), peer.as_str());
     let vols = host.volumes();
     match step {
         Step::Freeze | Step::Thaw => {
@@ -83,14 +88,28 @@ pub(super) async fn run_step(
                 (config::Placement::Master, config::Placement::Slave)
             };
             let mut errors = Vec::new();
+            let record = |name: &str, state: String| {
+                let mut st = status.lock().expect("status poisoned");
+                if let Some(x) = st.services.iter_mut().find(|x| x.name == name) {
+                    x.state = state;
+                }
+            };
             for s in cfg.service.iter().rev().filter(|s| s.placement == stop) {
-                if let Err(e) = service(s, &s.stop, "stop", node).await {
-                    errors.push(e.to_string());
+                match service(s, &s.stop, "stop", node).await {
+                    Ok(()) => record(&s.name, "stopped".into()),
+                    Err(e) => {
+                        record(&s.name, format!("stop failed: {e}"));
+                        errors.push(e.to_string());
+                    }
                 }
             }
             for s in cfg.service.iter().filter(|s| s.placement == start) {
-                if let Err(e) = service(s, &s.start, "start", node).await {
-                    errors.push(e.to_string());
+                match service(s, &s.start, "start", node).await {
+                    Ok(()) => record(&s.name, "running".into()),
+                    Err(e) => {
+                        record(&s.name, format!("start failed: {e}"));
+                        errors.push(e.to_string());
+                    }
                 }
             }
             for e in &errors {

@@ -21,4 +21,5 @@ mod peer_hostile;
 mod replication;
 mod shutdown;
 mod systemd_notify;
+mod web;
 mod writer;

@@ -175,7 +175,7 @@ impl Session {
                             if c.r.resync_served(peer.epoch, h.offset, len)
                                 && let Some(r) = c.resync.as_mut()
                             {
-                                r.2 += len;
+                                r.add(len, Instant::now());
                             }
                         });
                     }
@@ -205,7 +205,7 @@ impl Session {
                         vol.with_core(|c| {
                             c.r.resync_applied(h.offset, len);
                             if let Some(r) = c.resync.as_mut() {
-                                r.2 += len;
+                                r.add(len, Instant::now());
                             }
                         });
                         if same {

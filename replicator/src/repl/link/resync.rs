@@ -7,7 +7,8 @@ use frames::hashes;
 /// The resync as target: request out-of-sync blocks at the controller's rate until none are left.
 pub(super) async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU64>) {
     let cfg = vol.config().expect("replicated").clone();
-    let mut ctl = RateController::new(cfg.resync);
+    let mut settings = vol.watch_resync_settings();
+    let mut ctl = RateController::new(settings.borrow_and_update().unwrap_or(cfg.resync));
     let g = vol.with_core(|c| c.r.bitmap.granularity());
     let mut cursor = 0u64;
     let mut tick = tokio::time::interval(TICK);
@@ -19,6 +20,15 @@ pub(super) async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: A
             _ = tick.tick() => {
                 if vol.with_core(|c| c.r.st.conn) != ConnState::SyncTarget {
                     return;
+                }
+                if settings.has_changed().unwrap_or(false)
+                    && let Some(s) = *settings.borrow_and_update()
+                {
+                    ctl.adjust(s);
+                    vol.event(format!(
+                        "resync rate adjusted: rate_kib {}, min_rate_kib {}, max_rate_kib {}",
+                        s.rate_kib, s.min_rate_kib, s.max_rate_kib
+                    ));
                 }
                 // Up to one request's worth carries over (so a budget just short of a whole
                 // request is not lost every tick); the rest was granted, not asked for, and is
@@ -96,7 +106,7 @@ async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
 pub fn verify(vol: &Arc<Volume>, repair: bool) -> Result<String, crate::repl::volume::Refused> {
     let peer = vol.with_core(|c| {
         c.r.st.step(Event::VerifyStart)?;
-        c.verify = Some((Instant::now(), vol.size(), 0));
+        c.verify = Some(crate::repl::volume::Run::new(vol.size(), Instant::now()));
         c.verify_found.clear();
         Ok::<_, engine::state::Refusal>(c.peer.clone())
     })?;
@@ -163,7 +173,7 @@ async fn run_verify(vol: Arc<Volume>, peer: Arc<Peer>, repair: bool) {
         off += len;
         vol.with_core(|c| {
             if let Some(v) = c.verify.as_mut() {
-                v.2 = off;
+                v.set_done(off, Instant::now());
             }
             c.verify_found = found.clone();
         });

@@ -195,7 +195,7 @@ pub(super) async fn session(
     let persist = vol.with_core(|c| {
         c.peer = Some(Arc::clone(&peer_h));
         if sync != Sync::None {
-            c.resync = Some((Instant::now(), bytes, 0));
+            c.resync = Some(crate::repl::volume::Run::new(bytes, Instant::now()));
         }
         c.r.go_live(session, sync, live.0, live.1)
     });

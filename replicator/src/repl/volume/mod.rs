@@ -20,7 +20,7 @@ mod roles;
 mod status;
 
 pub use io::VolumePlug;
-pub use status::{ReplStatus, Summary};
+pub use status::{ReplStatus, Run, Summary};
 
 use nix::errno::Errno;
 use std::collections::{HashMap, VecDeque};
@@ -105,8 +105,11 @@ pub struct Progress {
     pub done_bytes: u64,
     /// Seconds since the start.
     pub elapsed_s: f64,
-    /// Bytes per second over the run so far.
+    /// Bytes per second over the last second or so (falling when the run stalls).
     pub rate_bytes_per_s: u64,
+    /// Bytes per second over the run so far.
+    #[serde(default)]
+    pub average_rate_bytes_per_s: u64,
     /// Seconds left at that rate (None when unknown).
     pub eta_s: Option<u64>,
 }
@@ -127,8 +130,8 @@ pub(crate) struct Core {
     /// The live connection's sending side (its session state is `r.session`).
     pub peer: Option<Arc<Peer>>,
     /// Resync progress for `duet status`: start, bytes to move, bytes moved.
-    pub resync: Option<(Instant, u64, u64)>,
-    pub verify: Option<(Instant, u64, u64)>,
+    pub resync: Option<status::Run>,
+    pub verify: Option<status::Run>,
     pub verify_found: Vec<(u64, u64)>,
     pub events: VecDeque<Event>,
 }
@@ -163,6 +166,9 @@ pub struct Volume {
     /// I/O frozen (fencing in progress): writes that reached only this node wait before their
     /// reply.
     frozen: watch::Sender<bool>,
+    /// The resync controller's settings now (the configuration's at start; `duet adjust`
+    /// changes them, and a running resync follows at its next tick). `None`: not replicated.
+    resync_settings: watch::Sender<Option<crate::ratectl::Settings>>,
 }
 
 /// Why a role or connection command was refused. The message says what to do.
@@ -318,8 +324,10 @@ impl Volume {
         r: Replica<Waiter>,
         al: ActivityLog,
     ) -> Arc<Self> {
+        let resync_settings = watch::channel(cfg.as_ref().map(|c| c.resync)).0;
         Arc::new(Self {
             cfg,
+            resync_settings,
             store,
             meta,
             size,
@@ -412,6 +420,25 @@ impl Volume {
     }
     fn protocol(&self) -> Protocol {
         self.cfg.as_ref().map_or(Protocol::C, |c| c.protocol)
+    }
+
+    /// The resync controller's settings now.
+    pub fn resync_settings(&self) -> Option<crate::ratectl::Settings> {
+        *self.resync_settings.borrow()
+    }
+
+    /// Changes the resync controller's settings; a running resync follows at its next tick.
+    pub fn set_resync_settings(&self, s: crate::ratectl::Settings) {
+        if self.cfg.is_some() {
+            self.resync_settings.send_replace(Some(s));
+        }
+    }
+
+    /// Subscribes to the resync controller's settings.
+    pub(crate) fn watch_resync_settings(
+        &self,
+    ) -> watch::Receiver<Option<crate::ratectl::Settings>> {
+        self.resync_settings.subscribe()
     }
 
     /// The whole event ring (the last 200), oldest first.

@@ -47,18 +47,73 @@ pub struct ReplStatus {
     pub events: Vec<Event>,
 }
 
-fn progress(p: Option<(Instant, u64, u64)>, left: u64) -> Option<Progress> {
-    let (start, total, done) = p?;
-    let el = start.elapsed().as_secs_f64().max(1e-3);
-    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
-    let rate = done.saturating_mul(1000) / ms;
-    Some(Progress {
-        total_bytes: total,
-        done_bytes: done,
-        elapsed_s: el,
-        rate_bytes_per_s: rate,
-        eta_s: (rate > 0).then(|| left / rate),
-    })
+/// How long a pace window lasts: the rate `duet status` shows is the one over the last window.
+const PACE_WINDOW: Duration = Duration::from_secs(1);
+
+/// A resync's or an online verify's progress: bytes to move, bytes moved, and its pace over the
+/// last [`PACE_WINDOW`] (so a changed rate shows within seconds, not diluted by the run's
+/// average).
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    start: Instant,
+    total: u64,
+    done: u64,
+    /// Start of the current window and `done` then.
+    window: (Instant, u64),
+    /// Bytes per second over the last full window.
+    pace: Option<u64>,
+}
+
+fn per_s(bytes: u64, d: Duration) -> u64 {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    bytes.saturating_mul(1000) / ms
+}
+
+impl Run {
+    pub fn new(total: u64, now: Instant) -> Self {
+        Self { start: now, total, done: 0, window: (now, 0), pace: None }
+    }
+
+    /// `n` more bytes done.
+    pub fn add(&mut self, n: u64, now: Instant) {
+        self.set_done(self.done.saturating_add(n), now);
+    }
+
+    /// `done` bytes done in all.
+    pub fn set_done(&mut self, done: u64, now: Instant) {
+        self.done = done;
+        let el = now.saturating_duration_since(self.window.0);
+        if el >= PACE_WINDOW {
+            self.pace = Some(per_s(done.saturating_sub(self.window.1), el));
+            self.window = (now, done);
+        }
+    }
+
+    /// The snapshot `duet status` shows; `left`: bytes still to do.
+    pub fn progress(&self, left: u64, now: Instant) -> Progress {
+        let el = now.saturating_duration_since(self.start);
+        let average = per_s(self.done, el);
+        let since = now.saturating_duration_since(self.window.0);
+        // A window that has not closed for long means the run stalled: its own pace, falling.
+        let rate = match self.pace {
+            Some(_) if since > 3 * PACE_WINDOW => per_s(self.done - self.window.1, since),
+            Some(p) => p,
+            None => average,
+        };
+        Progress {
+            total_bytes: self.total,
+            done_bytes: self.done,
+            elapsed_s: el.as_secs_f64().max(1e-3),
+            rate_bytes_per_s: rate,
+            average_rate_bytes_per_s: average,
+            eta_s: (rate > 0).then(|| left / rate),
+        }
+    }
+
+    /// Bytes to do at the start.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
 }
 
 /// A cheap summary of a replicated volume's state (the cluster manager reads it often).
@@ -91,6 +146,7 @@ impl Volume {
 
     /// What `duet status` shows.
     pub fn status(&self) -> ReplStatus {
+        let now = Instant::now();
         let c = self.core.lock().expect("volume state poisoned");
         let unflushed = c.r.session.as_ref().map_or(0, |s| s.tl.held_bytes());
         let oos = if self.meta.is_some() { c.r.bitmap.out_of_sync_bytes() } else { 0 };
@@ -105,8 +161,8 @@ impl Volume {
             current_generation: g(c.r.sb.uuids.current),
             bitmap_generation: g(c.r.sb.uuids.bitmap),
             history: [g(c.r.sb.uuids.history[0]), g(c.r.sb.uuids.history[1])],
-            resync: progress(c.resync, oos),
-            verify: progress(c.verify, c.verify.map_or(0, |(_, t, d)| t.saturating_sub(d))),
+            resync: c.resync.map(|r| r.progress(oos, now)),
+            verify: c.verify.map(|v| v.progress(v.total.saturating_sub(v.done), now)),
             verify_mismatches: c.verify_found.iter().take(100).copied().collect(),
             split_brain: c.r.split_brain.clone(),
             last_refusal: c.r.last_refusal.clone(),
