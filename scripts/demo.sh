@@ -36,6 +36,7 @@ cat >"$WORK/duet.toml" <<TOML
 name = "demo"
 configured_master = "alpha"
 control_socket = "$WORK/duet.sock"
+state_dir = "$WORK/state"
 metrics_listen = ""
 
 [node.alpha]

@@ -244,7 +244,7 @@ fn start_pair_inner(
     std::fs::write(
         &cfg,
         format!(
-            "[cluster]\nname = \"bench\"\nsecret_file = \"{secret}\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nmetrics_listen = \"\"\n{cluster_extra}\
+            "[cluster]\nname = \"bench\"\nsecret_file = \"{secret}\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nstate_dir = \"{d}/state\"\nmetrics_listen = \"\"\n{cluster_extra}\
              [node.alpha]\n[node.beta]\ncontrol_socket = \"{d}/beta.sock\"\n\
              [[resource]]\nname = \"vol0\"\nprotocol = \"{protocol}\"\nio_engine = \"{engine}\"\nnbd_listen = \"127.0.0.1:{port}\"\n\
              [resource.on.alpha]\ndisk = \"{a}\"\nreplication_address = \"127.0.0.1:{r0}\"\n\
@@ -439,9 +439,10 @@ fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Ru
             std::fs::write(
                 &cfg,
                 format!(
-                    "[cluster]\nname = \"bench\"\nconfigured_master = \"bench\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"\"\n\
+                    "[cluster]\nname = \"bench\"\nconfigured_master = \"bench\"\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\nmetrics_listen = \"\"\n\
                      [node.bench]\n[[resource]]\nname = \"vol0\"\nio_engine = \"{}\"\nnbd_listen = \"127.0.0.1:{port}\"\n[resource.on.bench]\ndisk = \"{}\"\n",
                     args.dir.join("duet.sock").display(),
+                    args.dir.join("state").display(),
                     args.duet_engine,
                     file.display()
                 ),

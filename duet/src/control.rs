@@ -69,6 +69,13 @@ pub enum Command {
     },
     /// Coordinated switchover: hand the master role to the peer.
     MakeSlave,
+    /// Stream events as they happen on this connection: the current state as `exists` records,
+    /// then (with `since_seq`) the stored events after that number, then each new event; one
+    /// JSON object per line after the response.
+    Follow {
+        #[serde(default)]
+        since_seq: Option<u64>,
+    },
     /// Re-read the configuration file and apply what can change live (`duet adjust`).
     Adjust,
     /// The event log after a time (milliseconds since the Unix epoch).
@@ -86,6 +93,7 @@ impl Command {
             | Self::MakeMaster { .. }
             | Self::MakeSlave
             | Self::Adjust
+            | Self::Follow { .. }
             | Self::Events { .. } => None,
             Self::Primary { resource, .. }
             | Self::Secondary { resource }
@@ -110,7 +118,7 @@ impl Command {
     /// What the command needs: `status` and `events` only look; everything else acts.
     pub fn needs(&self) -> Access {
         match self {
-            Self::Status | Self::Events { .. } => Access::Read,
+            Self::Status | Self::Events { .. } | Self::Follow { .. } => Access::Read,
             _ => Access::Admin,
         }
     }

@@ -145,9 +145,13 @@ enum Cmd {
     Adjust,
     /// The failover, heartbeat and sync log.
     Events {
-        /// Keep printing new events until interrupted.
+        /// Keep printing new events as the daemon pushes them, until interrupted.
         #[arg(long)]
         follow: bool,
+        /// One JSON object per event (with --follow: the current state first, as `exists`
+        /// records, then each change).
+        #[arg(long)]
+        json: bool,
     },
     /// Online verify: compare every block with the peer's.
     Verify {
@@ -226,7 +230,7 @@ fn main() -> ExitCode {
         Cmd::Verify { resource, repair } => control::Command::Verify { resource, repair },
         Cmd::MakeMaster { force } => control::Command::MakeMaster { force },
         Cmd::MakeSlave => control::Command::MakeSlave,
-        Cmd::Events { follow } => return show_events(&rt, &cfg, &node, follow),
+        Cmd::Events { follow, json } => return show_events(&rt, &cfg, &node, follow, json),
         Cmd::Wait { uptodate: _, primary, resource, timeout } => {
             let want =
                 if primary { status::wait::Want::Primary } else { status::wait::Want::UpToDate };
@@ -416,35 +420,42 @@ fn wait_for(
     }
 }
 
-// Event times are positive and far below 2^53 ms: the float-to-int conversion is exact enough.
-#[allow(clippy::cast_possible_truncation)]
 fn show_events(
     rt: &tokio::runtime::Runtime,
     cfg: &config::Config,
     node: &str,
     follow: bool,
+    json: bool,
 ) -> ExitCode {
     let sock = cfg.control_socket(node);
-    let mut since_ms = 0u64;
-    loop {
-        match rt.block_on(daemon::call(&sock, control::Command::Events { since_ms })) {
+    let print = |e: &duet::events::Event| {
+        if json {
+            duet::outln!("{}", serde_json::to_string(e).unwrap_or_default());
+        } else if e.record == duet::events::Record::Change {
+            duet::outln!("{}  {}", status::timestamp(e.at), e.line());
+        }
+    };
+    if !follow {
+        return match rt.block_on(daemon::call(&sock, control::Command::Events { since_ms: 0 })) {
             Ok(v) => {
-                let list: Vec<duet::events::LogEntry> =
-                    serde_json::from_value(v).unwrap_or_default();
-                for e in &list {
-                    duet::outln!("{}  {}", status::timestamp(e.at), e.what);
-                    // Millisecond cursor: events in the same millisecond as the last printed
-                    // one are not printed twice.
-                    let ms = std::time::Duration::try_from_secs_f64(e.at)
-                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                    since_ms = since_ms.max(ms);
-                }
+                let list: Vec<duet::events::Event> = serde_json::from_value(v).unwrap_or_default();
+                list.iter().for_each(print);
+                ExitCode::SUCCESS
             }
-            Err(e) => return call_failed(&e),
+            Err(e) => call_failed(&e),
+        };
+    }
+    // Pushed by the daemon as they happen: JSON gets the current state first (as `drbdsetup
+    // events2` does), text the stored log; then every new event.
+    let since = if json { None } else { Some(0) };
+    match rt.block_on(daemon::follow(&sock, since, |e| {
+        print(&e);
+        true
+    })) {
+        Ok(()) => {
+            eprintln!("duet: the daemon ended the event stream (it stopped)");
+            ExitCode::from(EXIT_UNREACHABLE)
         }
-        if !follow {
-            return ExitCode::SUCCESS;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        Err(e) => call_failed(&e),
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::events::LogEntry;
+use crate::events::Event;
 use crate::status::{NodeStatus, bytes, check, timestamp};
 
 /// Seconds between reloads.
@@ -101,7 +101,7 @@ progress{width:12em}.muted{color:#777}";
 /// The page.
 // Percentages of byte counts: the float conversion is exact enough.
 #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-pub fn render(s: &NodeStatus, events: &[LogEntry]) -> String {
+pub fn render(s: &NodeStatus, events: &[Event]) -> String {
     let v = verdict(s);
     let mut o = String::new();
     let _ = write!(
@@ -305,7 +305,7 @@ pub fn render(s: &NodeStatus, events: &[LogEntry]) -> String {
             o,
             "<li><span class=\"muted\">{}</span> {}</li>",
             esc(&timestamp(e.at)),
-            esc(&e.what)
+            esc(&e.line())
         );
     }
     let _ = write!(
@@ -369,9 +369,11 @@ mod tests {
     #[test]
     fn the_page_shows_both_nodes_links_vips_services_switchover_and_the_last_events() {
         let s = fixture();
-        let events: Vec<LogEntry> = (0..60)
-            .map(|i| LogEntry { at: 1_795_329_667.0 + f64::from(i), what: format!("event {i}") })
-            .collect();
+        let j = crate::events::Journal::in_memory();
+        for i in 0..60 {
+            j.push(format!("event {i}"));
+        }
+        let events = j.since_seq(0);
         let p = render(&s, &events);
         for want in [
             "data-field=\"verdict\">Healthy<",
@@ -397,8 +399,9 @@ mod tests {
         let mut s = fixture();
         s.cluster = "<script>alert(1)</script>".into();
         s.resources[0].name = "\"><img src=x onerror=alert(1)>".into();
-        let events = [LogEntry { at: 0.0, what: "<b>bold</b> & 'quoted'".into() }];
-        let p = render(&s, &events);
+        let j = crate::events::Journal::in_memory();
+        j.push("<b>bold</b> & 'quoted'".into());
+        let p = render(&s, &j.since_seq(0));
         assert!(!p.contains("<script>") && !p.contains("<img") && !p.contains("<b>"), "{p}");
         assert!(p.contains("&lt;b&gt;bold&lt;/b&gt; &amp; &#39;quoted&#39;"), "{p}");
     }

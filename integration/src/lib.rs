@@ -2,6 +2,7 @@
 //! groups (killed at drop, even when a test fails), run real clients with deadlines, poll instead
 //! of sleeping, and speak raw NBD for the hostile-input tests.
 
+pub mod hooks;
 pub mod lab;
 pub mod pair;
 pub mod pty;
@@ -221,6 +222,7 @@ impl Node {
 name = "itest"
 configured_master = "alpha"
 control_socket = "{sock}"
+state_dir = "{state}"
 metrics_listen = "127.0.0.1:{metrics_port}"
 
 [node.alpha]
@@ -236,6 +238,7 @@ disk = "{disk}"
 {extra}
 "#,
                 sock = socket.display(),
+                state = dir.path().join("state").display(),
                 engine = opts.engine,
                 direct = opts.direct,
                 disk = disk.display(),

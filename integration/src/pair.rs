@@ -31,6 +31,8 @@ pub struct PairOpts {
     pub netns: Option<[String; 2]>,
     /// Serve the HTTP endpoint (status page, `/status`, `/metrics`) on a port of each node's.
     pub http: bool,
+    /// Extra top-level TOML, at the end (`[hooks]`).
+    pub extra: String,
 }
 
 /// The cluster manager's part of the config.
@@ -78,6 +80,7 @@ impl Default for PairOpts {
             cluster_extra: String::new(),
             netns: None,
             http: false,
+            extra: String::new(),
         }
     }
 }
@@ -226,6 +229,7 @@ replication_address = "{h1}:{r1}"
 [resource.peer]
 {peer}
 {ha}
+{top_extra}
 "#,
             secret = secret.display(),
             s0 = n[0].socket.display(),
@@ -247,6 +251,7 @@ replication_address = "{h1}:{r1}"
             ha = ha_text,
             cluster_extra = o.cluster_extra,
             state = dir.path().join("state").display(),
+            top_extra = o.extra,
             http0 = http_line(n[0].http_port),
             http1 = http_line(n[1].http_port),
         );

@@ -1,4 +1,4 @@
-//! `[fencing]`, `[health]` and `[[service]]`.
+//! `[fencing]`, `[health]`, `[[service]]` and `[hooks]`.
 
 use super::*;
 
@@ -89,4 +89,38 @@ pub struct Service {
 
 fn default_30000() -> u64 {
     30_000
+}
+
+/// `[hooks]`: commands run (`/bin/sh -c`) when something happens, with `DUET_*` variables
+/// (DRBD's handlers and keepalived's notify scripts are the models). `""`: none.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hooks {
+    /// Split brain detected on a resource (`DUET_RESOURCE`, `DUET_REASON`).
+    pub split_brain: String,
+    /// An online verify found blocks that differ (`DUET_OUT_OF_SYNC_BYTES`).
+    pub out_of_sync: String,
+    /// Before this node starts a resync as its target; the resync waits for it, and a non-zero
+    /// exit drops the connection (as DRBD's before-resync-target: a snapshot of the old data).
+    pub before_resync_target: String,
+    /// A resync this node was the target of finished: its data is UpToDate.
+    pub after_resync_target: String,
+    /// This node's running role changed (`DUET_OLD_ROLE`, `DUET_NEW_ROLE`: master | slave);
+    /// without a cluster manager, a resource's role (Primary | Secondary).
+    pub role_change: String,
+    /// How long a hook may run before its process group is killed.
+    pub timeout_ms: u64,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            split_brain: String::new(),
+            out_of_sync: String::new(),
+            before_resync_target: String::new(),
+            after_resync_target: String::new(),
+            role_change: String::new(),
+            timeout_ms: default_30000(),
+        }
+    }
 }

@@ -88,6 +88,9 @@ pub struct Config {
     /// `[[vip]]`.
     #[serde(default)]
     pub vip: Vec<Vip>,
+    /// `[hooks]`.
+    #[serde(default)]
+    pub hooks: Hooks,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -430,6 +433,7 @@ impl Config {
             }
             positive(&k("announce_interval_ms"), v.announce_interval_ms)?;
         }
+        positive("hooks.timeout_ms", self.hooks.timeout_ms)?;
         Ok(())
     }
 }

@@ -90,6 +90,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the event log (cluster.state_dir)")]
+    Events(#[source] crate::state::StateError),
     #[error("installing the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
     #[error("the final flush of a backing store failed; see the log above")]

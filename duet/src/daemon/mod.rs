@@ -14,6 +14,7 @@
 //! HTTP endpoint: status page, `/status`, `/metrics`), [`metrics`] (the OpenMetrics text).
 
 mod error;
+pub mod hooks;
 mod http;
 pub mod metrics;
 mod node;
@@ -25,7 +26,7 @@ pub use crate::ha::ExportError;
 pub use error::{CommandError, DaemonError};
 use http::serve_http;
 use node::{Group, State};
-pub use socket::{CallError, call};
+pub use socket::{CallError, call, follow};
 use socket::{bind_control, serve_control};
 
 use std::net::SocketAddr;
@@ -98,6 +99,18 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
         };
         nbd_policies.push(r.nbd.policy(tls));
     }
+    // The event log first: the volumes report to it from the start.
+    let journal = Arc::new(
+        crate::events::Journal::open(&cfg.cluster.state_dir, &node).map_err(DaemonError::Events)?,
+    );
+    if journal.damaged > 0 {
+        tracing::warn!(
+            "{} line(s) of the events file were not events (a torn write after a crash?) and were dropped",
+            journal.damaged
+        );
+    }
+    // The configuration as `duet adjust` last applied it: what hooks read when they run.
+    let live = Arc::new(std::sync::Mutex::new(Arc::new(cfg.clone())));
     let (sd_tx, sd_rx) = watch::channel(false);
     let mut by_addr: Vec<(SocketAddr, replicator::nbd::server::Policy, Vec<Export>)> = Vec::new();
     let mut links = Vec::new();
@@ -141,6 +154,11 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
                 };
                 let vol = Volume::replicated(vc, store, meta, loaded)
                     .map_err(|source| DaemonError::Volume { name: r.name.clone(), source })?;
+                vol.set_before_resync_target(hooks::before_resync_target(
+                    Arc::clone(&live),
+                    node.clone(),
+                    r.name.clone(),
+                ));
                 // Every line the link logs says which resource and which peer (an error-level
                 // span: enabled whatever DUET_LOG lets through, so its fields always show).
                 let span = tracing::error_span!("link", resource = %r.name, peer = %p);
@@ -149,6 +167,10 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
                 vol
             }
         };
+        let (j, name) = (Arc::clone(&journal), r.name.clone());
+        vol.set_event_sink(replicator::repl::volume::EventSink(Box::new(move |what| {
+            j.message(Some(&name), what.to_string());
+        })));
         let info = ExportInfo {
             name: r.name.clone(),
             description: format!("duet resource {} on {node}", r.name),
@@ -190,13 +212,17 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
         http: metrics::HttpCounters::default(),
         config_path,
         config_text: tokio::sync::Mutex::new(config_text),
-        live: std::sync::Mutex::new(Arc::new(cfg.clone())),
+        live,
+        journal: Arc::clone(&journal),
+        followers: Arc::new(tokio::sync::Semaphore::new(socket::FOLLOWERS)),
     });
     if peer.is_some() && crate::ha::enabled(&cfg) {
         let host: Arc<dyn crate::ha::Host> = Arc::clone(&state) as Arc<dyn crate::ha::Host>;
         let ha = crate::ha::start(&cfg, &node, &secret, host, sd_rx.clone()).await?;
         let _ = state.ha.set(ha);
     }
+    let watcher = tokio::spawn(node::watch_states(Arc::clone(&state), sd_rx.clone()));
+    tokio::spawn(hooks::run_hooks(Arc::clone(&state), sd_rx.clone()));
     let sock_path = cfg.control_socket(&node);
     let control = bind_control(&sock_path, policy.admin.is_some() || policy.read.is_some()).await?;
     let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), policy, sd_rx.clone()));
@@ -253,6 +279,8 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
         }
     }
     let _ = ctl_task.await;
+    let _ = watcher.await;
+    journal.close();
     let _ = std::fs::remove_file(&sock_path);
     if failed {
         return Err(DaemonError::FinalFlush);

@@ -89,7 +89,11 @@ pub(super) struct State {
     pub(super) config_path: PathBuf,
     pub(super) config_text: tokio::sync::Mutex<String>,
     /// The configuration as last applied: what hooks and services read.
-    pub(super) live: std::sync::Mutex<Arc<Config>>,
+    pub(super) live: Arc<std::sync::Mutex<Arc<Config>>>,
+    /// The event log.
+    pub(super) journal: Arc<crate::events::Journal>,
+    /// Slots for `duet events --follow` connections.
+    pub(super) followers: Arc<tokio::sync::Semaphore>,
 }
 
 impl crate::ha::Host for State {
@@ -111,6 +115,10 @@ impl crate::ha::Host for State {
             }
             Ok(())
         })
+    }
+
+    fn journal(&self) -> Arc<crate::events::Journal> {
+        Arc::clone(&self.journal)
     }
 
     fn close_exports(&self) -> futures_util::future::BoxFuture<'_, ()> {
@@ -190,26 +198,9 @@ impl State {
         }
     }
 
-    /// The merged event log: the cluster manager's and every resource's, oldest first.
-    pub(super) fn events(&self, since_ms: u64) -> Vec<crate::events::LogEntry> {
-        let since = since_ms as f64 / 1000.0;
-        let mut all = self.ha.get().map(|h| h.events.since(since)).unwrap_or_default();
-        for r in &self.cfg.resource {
-            let Some((_, e)) = self.find(&r.name) else { continue };
-            if e.vol.config().is_none() {
-                continue;
-            }
-            for ev in e.vol.events() {
-                if ev.at > since {
-                    all.push(crate::events::LogEntry {
-                        at: ev.at,
-                        what: format!("{}: {}", r.name, ev.what),
-                    });
-                }
-            }
-        }
-        all.sort_by(|a, b| a.at.total_cmp(&b.at));
-        all
+    /// The event log after a time (milliseconds since the Unix epoch), oldest first.
+    pub(super) fn events(&self, since_ms: u64) -> Vec<crate::events::Event> {
+        self.journal.since(since_ms as f64 / 1000.0)
     }
 
     /// `duet adjust` and SIGHUP: re-reads the configuration file, and applies its changes if
@@ -298,6 +289,7 @@ impl State {
                 | Command::MakeMaster { .. }
                 | Command::MakeSlave
                 | Command::Adjust
+                | Command::Follow { .. }
                 | Command::Events { .. } => unreachable!("handled by the caller"),
                 Command::Primary { force, .. } => match e.vol.promote(*force).await {
                     Ok(msg) => {
@@ -336,5 +328,52 @@ impl State {
             }
         }
         Ok(serde_json::Value::Object(out))
+    }
+}
+
+/// Records the changes of state as events: woken by every role or connection change of a
+/// volume and every change the cluster manager publishes, and once a second besides (a disk
+/// state or a verify's end changes without a wake-up of its own).
+pub(super) async fn watch_states(state: Arc<State>, mut sd: watch::Receiver<bool>) {
+    use crate::events::{diff, snap};
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut forwarders = Vec::new();
+    for g in &state.groups {
+        for e in g.server.exports() {
+            let mut rx = e.vol.watch();
+            let w = Arc::clone(&wake);
+            forwarders.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    w.notify_one();
+                }
+            }));
+        }
+    }
+    let ha_changed = state.ha.get().map(|h| Arc::clone(&h.changed));
+    let mut prev = snap(&state.status().await);
+    for c in diff(None, &prev) {
+        state.journal.record(crate::events::Change { reason: "at start".into(), ..c });
+    }
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = wake.notified() => {}
+            () = async {
+                match &ha_changed {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            _ = tick.tick() => {}
+            _ = stopped(&mut sd) => break,
+        }
+        let now = snap(&state.status().await);
+        for c in diff(Some(&prev), &now) {
+            state.journal.record(c);
+        }
+        prev = now;
+    }
+    for f in forwarders {
+        f.abort();
     }
 }

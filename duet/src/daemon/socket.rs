@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// `duet events --follow` connections served at once.
+pub(super) const FOLLOWERS: usize = 64;
+
 /// Binds the control socket: mode 0600 (root and the daemon's user only), or 0666 when groups
 /// may use it (each caller is then checked by its credentials, [`control::Policy`]). The socket
 /// appears at its path with its mode set: bound under a temporary name, chmod-ed, renamed.
@@ -101,13 +104,91 @@ pub(super) async fn handle_control(
             Ok(req) => match caller.as_ref().map(|c| policy.check(c, req.cmd.needs())) {
                 None => Response::err("permission denied: the caller's credentials are unknown"),
                 Some(Err(why)) => Response::err(why.to_string()),
-                Some(Ok(())) => answer(&req.cmd, state).await,
+                Some(Ok(())) => {
+                    if let Command::Follow { since_seq } = req.cmd {
+                        return serve_follow(rd.into_inner().into_inner(), wr, state, since_seq)
+                            .await;
+                    }
+                    answer(&req.cmd, state).await
+                }
             },
         },
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
     wr.write_all(&out).await
+}
+
+async fn write_line(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    v: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(v).unwrap_or_default();
+    out.push(b'\n');
+    wr.write_all(&out).await
+}
+
+/// `duet events --follow`: the response, the current state as `exists` records, the stored
+/// events after `since_seq` (if given), then each event as it is recorded, until the daemon
+/// stops, the client hangs up, or it falls [`crate::events::FOLLOW_BACKLOG`] events behind (it
+/// is told, and cut off).
+async fn serve_follow(
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    state: &State,
+    since_seq: Option<u64>,
+) -> std::io::Result<()> {
+    use crate::events::{Event, Record, diff, snap};
+    use tokio::sync::broadcast::error::RecvError;
+    let Ok(_slot) = Arc::clone(&state.followers).try_acquire_owned() else {
+        let why = format!("too many followers ({FOLLOWERS}); try again later");
+        return write_line(&mut wr, &Response::err(why)).await;
+    };
+    if *state.sd.borrow() {
+        return write_line(&mut wr, &Response::err("the daemon is shutting down")).await;
+    }
+    let (seq, mut rx) = state.journal.subscribe();
+    write_line(&mut wr, &Response::ok(serde_json::json!({ "follow": true, "seq": seq }))).await?;
+    let now = crate::events::unix_now();
+    for c in diff(None, &snap(&state.status().await)) {
+        let e = Event {
+            seq,
+            at: now,
+            record: Record::Exists,
+            kind: c.kind,
+            resource: c.resource,
+            name: c.name,
+            old: None,
+            new: c.new,
+            reason: c.reason,
+        };
+        write_line(&mut wr, &e).await?;
+    }
+    if let Some(since) = since_seq {
+        for e in state.journal.since_seq(since).into_iter().filter(|e| e.seq <= seq) {
+            write_line(&mut wr, &e).await?;
+        }
+    }
+    let mut sd = state.sd.clone();
+    let mut byte = [0u8; 64];
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(e) => write_line(&mut wr, &e).await?,
+                Err(RecvError::Lagged(n)) => {
+                    let why = format!("this follower fell {n} events behind and was cut off; follow again (with since_seq) to catch up");
+                    return write_line(&mut wr, &Response::err(why)).await;
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            // The client hung up (or sent something: nothing more is expected).
+            r = rd.read(&mut byte) => match r {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+            _ = stopped(&mut sd) => return Ok(()),
+        }
+    }
 }
 
 /// The daemon's answer to a command its caller may run.
@@ -135,6 +216,7 @@ async fn answer(cmd: &Command, state: &State) -> Response {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),
         },
+        Command::Follow { .. } => Response::err("follow is a stream: it is answered on its own"),
         cmd => match state.act(cmd.resource(), cmd).await {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),
@@ -168,6 +250,52 @@ pub async fn call(sock: &PathBuf, cmd: Command) -> Result<serde_json::Value, Cal
         control::Body::Ok { result } => Ok(result),
         control::Body::Err { error } => Err(CallError::Refused(error)),
     }
+}
+
+/// Follows the daemon's events (`duet events --follow`): `each` gets every record as it
+/// arrives (the current state first, as `exists` records) and returns false to stop. Returns
+/// when the daemon ends the stream (it stopped, or cut this follower off: the error says why).
+pub async fn follow(
+    sock: &PathBuf,
+    since_seq: Option<u64>,
+    mut each: impl FnMut(crate::events::Event) -> bool,
+) -> Result<(), CallError> {
+    let s = UnixStream::connect(sock)
+        .await
+        .map_err(|e| CallError::Unreachable(sock.clone(), e.to_string()))?;
+    let (rd, mut wr) = s.into_split();
+    let cmd = Command::Follow { since_seq };
+    let mut req = serde_json::to_vec(&control::Request { v: control::VERSION, cmd })
+        .expect("requests serialise");
+    req.push(b'\n');
+    wr.write_all(&req).await.map_err(|e| CallError::Protocol(e.to_string()))?;
+    let mut lines = BufReader::new(rd).lines();
+    let mut first = true;
+    while let Some(line) =
+        lines.next_line().await.map_err(|e| CallError::Protocol(e.to_string()))?
+    {
+        if line.len() > control::MAX_LINE {
+            return Err(CallError::Protocol("event line too long".into()));
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| CallError::Protocol(format!("bad reply: {e}")))?;
+        // The response first; later a response only to say why the stream ends.
+        if first || v.get("ok").is_some() {
+            let resp: Response = serde_json::from_value(v)
+                .map_err(|e| CallError::Protocol(format!("bad reply: {e}")))?;
+            if let control::Body::Err { error } = resp.body {
+                return Err(CallError::Refused(error));
+            }
+            first = false;
+            continue;
+        }
+        let e: crate::events::Event = serde_json::from_value(v)
+            .map_err(|e| CallError::Protocol(format!("bad event: {e}")))?;
+        if !each(e) {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Why a CLI call failed.

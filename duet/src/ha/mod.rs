@@ -42,7 +42,7 @@ use crate::cluster::{
     self, Action, FenceVerdict, Fencing, Input, LocalView, Manager, Outcome, PeerView, Step,
 };
 use crate::config::{self, Config};
-use crate::events::EventLog;
+use crate::events::Journal;
 use crate::status::{ClusterStatus, LinkStatus};
 
 use links::Link;
@@ -75,6 +75,8 @@ pub trait Host: Send + Sync + 'static {
     fn open_exports(&self) -> futures_util::future::BoxFuture<'_, Result<(), ExportError>>;
     /// Closes every export, draining in-flight requests.
     fn close_exports(&self) -> futures_util::future::BoxFuture<'_, ()>;
+    /// The node's event log.
+    fn journal(&self) -> Arc<Journal>;
 }
 
 /// A request from the control socket.
@@ -98,7 +100,9 @@ pub enum Request {
 pub struct Ha {
     pub requests: mpsc::Sender<Request>,
     pub status: Arc<Mutex<ClusterStatus>>,
-    pub events: Arc<EventLog>,
+    pub events: Arc<Journal>,
+    /// Woken when the running role, the peer, a link, health, a VIP or a service changes.
+    pub changed: Arc<tokio::sync::Notify>,
     /// Keeps the cluster manager's thread running (it stops when this is dropped).
     _thread: Option<Arc<oneshot::Sender<()>>>,
 }
@@ -140,7 +144,8 @@ struct Loop {
     local: LocalView,
     limiter: Limited,
     status: Arc<Mutex<ClusterStatus>>,
-    events: Arc<EventLog>,
+    events: Arc<Journal>,
+    changed: Arc<tokio::sync::Notify>,
     timing: Timing,
     /// systemd's watchdog, petted from this thread's tick: a wedged cluster manager is restarted.
     watchdog: Option<crate::daemon::notify::Watchdog>,
@@ -461,6 +466,17 @@ impl Loop {
             Err(why) => crate::status::Switchover { possible: false, why: why.to_string() },
         };
         let mut s = self.status.lock().expect("status poisoned");
+        let seen = |s: &ClusterStatus| {
+            (
+                s.running_role.clone(),
+                s.peer.clone(),
+                s.healthy,
+                s.links.iter().map(|l| l.state.clone()).collect::<Vec<_>>(),
+                s.vips.iter().map(|v| v.holder.clone()).collect::<Vec<_>>(),
+                s.services.iter().map(|x| x.state.clone()).collect::<Vec<_>>(),
+            )
+        };
+        let before = seen(&s);
         if lv.primary && s.running_role != "master" && !s.running_role.is_empty() {
             s.takeovers += 1;
         }
@@ -487,5 +503,8 @@ impl Loop {
         s.activity = self.mgr.activity();
         s.links = links;
         s.drops = self.rx.drops.into();
+        if seen(&s) != before {
+            self.changed.notify_one();
+        }
     }
 }

@@ -208,7 +208,8 @@ async fn start_here(
             .collect(),
         ..Default::default()
     }));
-    let events = Arc::new(EventLog::default());
+    let events = host.journal();
+    let changed = Arc::new(tokio::sync::Notify::new());
     let vips = Arc::new(vips(cfg, node, &events)?);
     // A node starts as a slave: a VIP left over from a crash while master goes now.
     vips.down().await.map_err(StartError::VipsDown)?;
@@ -241,11 +242,12 @@ async fn start_here(
         limiter: Limited::new(1, Duration::from_secs(5)),
         status: Arc::clone(&status),
         events: Arc::clone(&events),
+        changed: Arc::clone(&changed),
         timing,
         watchdog: crate::daemon::notify::Watchdog::from_env(),
         told: crate::daemon::notify::enabled().then(String::new),
     };
     let span = tracing::error_span!("ha", node = %node, peer = %lp.peer);
     tokio::spawn(tracing::Instrument::instrument(lp.run(in_rx, req_rx, back_rx, sd), span));
-    Ok(Ha { requests: req_tx, status, events, _thread: None })
+    Ok(Ha { requests: req_tx, status, events, changed, _thread: None })
 }

@@ -10,7 +10,7 @@ pub(super) struct StepCtx {
     pub(super) cfg: Config,
     pub(super) node: String,
     pub(super) peer: String,
-    pub(super) events: Arc<EventLog>,
+    pub(super) events: Arc<Journal>,
     pub(super) status: Arc<Mutex<ClusterStatus>>,
 }
 

@@ -8,7 +8,7 @@ pub use vip::group::Vips;
 pub(super) fn vips(
     cfg: &Config,
     node: &str,
-    events: &Arc<EventLog>,
+    events: &Arc<Journal>,
 ) -> Result<Vips, start::StartError> {
     let mut specs = Vec::new();
     for v in &cfg.vip {

@@ -522,3 +522,111 @@ fn a_panic_in_a_data_task_takes_the_daemon_down_and_the_peer_takes_over() {
     assert!(log.contains("fault injection") && log.contains("stopping this node"), "{log}");
     beta_takes_over_with_every_acknowledged_write(&p, w, port, seed);
 }
+
+/// `duet events --json --follow` of node `i`: every JSON line it prints, as it prints it.
+fn follow_events(
+    p: &Pair,
+    i: usize,
+) -> (std::process::Child, std::sync::mpsc::Receiver<serde_json::Value>) {
+    use std::io::BufRead;
+    let mut child = p
+        .cli(i)
+        .args(["events", "--json", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Receives from `rx` until an event satisfies `f` (or 20 s pass); returns it and what came
+/// before it.
+fn wait_event(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(v) if f(&v) => return (v, seen),
+            Ok(v) => seen.push(v),
+            Err(_) => break,
+        }
+    }
+    panic!("no such event; got {seen:#?}");
+}
+
+#[test]
+fn events_are_pushed_to_followers_as_a_failover_happens_and_survive_a_restart() {
+    let hooks = tempfile::tempdir().unwrap();
+    let extra = integration::hooks::recording_hooks(hooks.path(), "");
+    let mut p = ha_pair(HaOpts { extra, ..HaOpts::default() });
+    let (mut child, rx) = follow_events(&p, 1);
+    // The current state first, as `exists` records.
+    let (e, _) = wait_event(&rx, |v| v["type"] == "exists" && v["kind"] == "role");
+    assert_eq!((e["resource"].as_str(), e["new"].as_str()), (Some("vol0"), Some("Secondary")));
+    let (e, _) = wait_event(&rx, |v| v["type"] == "exists" && v["kind"] == "running-role");
+    assert_eq!(e["new"], "slave", "{e}");
+    // The failover, each change pushed as it happens.
+    p.kill(0);
+    // Which of these the daemon sees first depends on the moment (one look at the state may
+    // find all three changed): each arrives once, in any order.
+    let mut got = Vec::new();
+    let want = [("peer", "dead"), ("role", "Primary"), ("running-role", "master")];
+    let found = |got: &[serde_json::Value], (kind, new): (&str, &str)| {
+        got.iter().filter(|v| v["kind"] == kind && v["new"] == new).cloned().collect::<Vec<_>>()
+    };
+    while !want.iter().all(|w| !found(&got, *w).is_empty()) {
+        let (v, _) = wait_event(&rx, |_| true);
+        got.push(v);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    got.extend(rx.try_iter());
+    for w in want {
+        assert_eq!(found(&got, w).len(), 1, "{w:?} once: {got:#?}");
+    }
+    let [dead, role, master] = want.map(|w| found(&got, w)[0].clone());
+    assert_eq!((dead["type"].as_str(), dead["old"].as_str()), (Some("change"), Some("alive")));
+    assert_eq!(role["old"], "Secondary");
+    assert_eq!(master["old"], "slave");
+    let received =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let at = master["at"].as_f64().unwrap();
+    assert!(received - at < 2.0, "pushed {:.3} s after it happened", received - at);
+    assert!(master["seq"].as_u64().unwrap() > dead["seq"].as_u64().unwrap());
+    assert!(p.is_master(1));
+    // The failover ran beta's role_change hook.
+    let runs = || integration::hooks::hook_runs(hooks.path(), "beta", "role_change");
+    assert!(wait_until(Duration::from_secs(10), || !runs().is_empty()), "no role_change on beta");
+    let r = &runs()[0];
+    assert_eq!((r["DUET_OLD_ROLE"].as_str(), r["DUET_NEW_ROLE"].as_str()), ("slave", "master"));
+    assert_eq!(r["DUET_PEER"], "alpha");
+    // The daemon stops: the stream ends, the follower says so.
+    p.stop(1);
+    let status = wait_until(Duration::from_secs(10), || child.try_wait().unwrap().is_some());
+    assert!(status, "the follower did not end with the daemon");
+    // After a restart the events are still there, with their numbers.
+    p.start(1);
+    let out = p.ok(1, &["events", "--json"]);
+    let all: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for want in [&dead, &role, &master] {
+        assert!(all.contains(want), "{want} lost across the restart:\n{out}");
+    }
+    let seqs: Vec<u64> = all.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "numbers increase: {seqs:?}");
+    let text = p.events(1);
+    assert!(text.contains("running-role slave -> master"), "{text}");
+    let _ = child.kill();
+}

@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use integration::hooks::{hook_runs, recording_hooks};
 use integration::pair::{Pair, PairOpts};
 use integration::rawnbd::Raw;
 use integration::{have, random_bytes, run_ok, wait_until};
@@ -598,4 +599,99 @@ fn slow_secondary_disk_keeps_the_link_up_and_the_replicas_identical() {
 #[test]
 fn slow_primary_disk_keeps_the_link_up_and_the_replicas_identical() {
     slow_disk_round(0);
+}
+
+#[test]
+fn hooks_fire_with_their_variables_on_a_resync_a_role_change_a_verify_mismatch_and_a_split_brain() {
+    let hooks = tempfile::tempdir().unwrap();
+    // before_resync_target fails at first: the resync waits, the connection drops and retries.
+    let o = PairOpts { extra: recording_hooks(hooks.path(), "; exit 7"), ..PairOpts::default() };
+    let mut p = Pair::configure(&o);
+    p.start(0);
+    p.start(1);
+    p.ok(0, &["primary", "--force"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || hook_runs(
+            hooks.path(),
+            "beta",
+            "before_resync_target"
+        )
+        .len()
+            >= 2),
+        "before_resync_target did not run (and retry): {}",
+        p.log_text(1)
+    );
+    assert!(p.events(1).contains("before_resync_target hook failed: exited with 7"));
+    assert_ne!(p.repl(1)["disk"], "UpToDate", "the resync ran past a failed before_resync_target");
+    assert_eq!(p.repl(1)["resync"]["done_bytes"].as_u64().unwrap_or(0), 0, "{}", p.repl(1));
+    // Mended live with `duet adjust`: the next attempt resyncs, and after_resync_target runs.
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(&p.config, text.replace("; exit 7", "")).unwrap();
+    assert!(p.ok(1, &["adjust"]).contains("applied hooks.before_resync_target"));
+    assert!(p.wait_synced(Duration::from_secs(120)), "no resync after the hook was mended");
+    assert!(
+        wait_until(Duration::from_secs(10), || !hook_runs(
+            hooks.path(),
+            "beta",
+            "after_resync_target"
+        )
+        .is_empty()),
+        "after_resync_target did not run"
+    );
+    let before = hook_runs(hooks.path(), "beta", "before_resync_target");
+    let b = before.last().unwrap();
+    assert_eq!(
+        (b["DUET_RESOURCE"].as_str(), b["DUET_NODE"].as_str(), b["DUET_PEER"].as_str()),
+        ("vol0", "beta", "alpha")
+    );
+    assert_eq!(b["DUET_CLUSTER"], "itest-pair");
+    // The role change of the manual promotion (no cluster manager: the resource's role).
+    let roles = hook_runs(hooks.path(), "alpha", "role_change");
+    assert_eq!(roles.len(), 1, "{roles:?}");
+    assert_eq!(
+        (roles[0]["DUET_OLD_ROLE"].as_str(), roles[0]["DUET_NEW_ROLE"].as_str()),
+        ("Secondary", "Primary")
+    );
+    assert!(
+        hook_runs(hooks.path(), "beta", "role_change").is_empty(),
+        "beta's role did not change"
+    );
+
+    // A verify that finds a corrupted block.
+    for i in 0..8 {
+        write_block(p.n[0].nbd_port, i, 40 + i);
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&p.n[1].disk).unwrap();
+        f.write_all_at(&[0xEE; 4096], 3 * 65536).unwrap();
+        f.sync_all().unwrap();
+    }
+    p.ok(0, &["verify"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || !hook_runs(hooks.path(), "alpha", "out_of_sync")
+            .is_empty()),
+        "out_of_sync did not run: {}",
+        p.events(0)
+    );
+    assert_eq!(
+        hook_runs(hooks.path(), "alpha", "out_of_sync")[0]["DUET_OUT_OF_SYNC_BYTES"],
+        "4096"
+    );
+
+    // A split brain: both sides run split_brain with the reason.
+    split(&p, 2, 3, false);
+    p.ok(0, &["connect"]);
+    p.ok(1, &["connect"]);
+    for node in ["alpha", "beta"] {
+        assert!(
+            wait_until(Duration::from_secs(20), || !hook_runs(hooks.path(), node, "split_brain")
+                .is_empty()),
+            "split_brain did not run on {node}"
+        );
+        let r = &hook_runs(hooks.path(), node, "split_brain")[0];
+        assert!(r["DUET_REASON"].contains("split brain detected"), "{r:?}");
+        assert_eq!(r["DUET_RESOURCE"], "vol0");
+    }
+    assert!(p.events(0).contains("hook split_brain ran (exit 0)"), "{}", p.events(0));
 }

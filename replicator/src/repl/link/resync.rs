@@ -7,6 +7,17 @@ use frames::hashes;
 /// The resync as target: request out-of-sync blocks at the controller's rate until none are left.
 pub(super) async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU64>) {
     let cfg = vol.config().expect("replicated").clone();
+    if let Some(hook) = vol.before_resync_target() {
+        // Nothing is requested until it is done (a snapshot of the old data, say); the session
+        // stays up meanwhile, and the source only waits for requests.
+        if let Err(why) = (hook.0)().await {
+            vol.event(format!(
+                "before_resync_target hook failed: {why}; dropping the connection (the resync starts again at the next one)"
+            ));
+            peer.tx.close();
+            return;
+        }
+    }
     let mut settings = vol.watch_resync_settings();
     let mut ctl = RateController::new(settings.borrow_and_update().unwrap_or(cfg.resync));
     let g = vol.with_core(|c| c.r.bitmap.granularity());

@@ -169,6 +169,33 @@ pub struct Volume {
     /// The resync controller's settings now (the configuration's at start; `duet adjust`
     /// changes them, and a running resync follows at its next tick). `None`: not replicated.
     resync_settings: watch::Sender<Option<crate::ratectl::Settings>>,
+    /// Where each event goes besides the ring (the daemon's event log), once set.
+    sink: std::sync::OnceLock<EventSink>,
+    /// Run before this node starts a resync as its target (the resync waits for it).
+    before_resync_target: std::sync::OnceLock<BeforeResync>,
+}
+
+/// What runs before a resync as target: `Err(why)` drops the connection instead (the resync
+/// waits for the next one), as DRBD's before-resync-target handler does.
+pub struct BeforeResync(pub Box<dyn Fn() -> HookFuture + Send + Sync>);
+
+/// What a [`BeforeResync`] hook returns: its run, to be awaited.
+pub type HookFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+impl std::fmt::Debug for BeforeResync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeResync")
+    }
+}
+
+/// A receiver of a volume's events (one line each).
+pub struct EventSink(pub Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }
 
 /// Why a role or connection command was refused. The message says what to do.
@@ -328,6 +355,8 @@ impl Volume {
         Arc::new(Self {
             cfg,
             resync_settings,
+            sink: std::sync::OnceLock::new(),
+            before_resync_target: std::sync::OnceLock::new(),
             store,
             meta,
             size,
@@ -446,10 +475,28 @@ impl Volume {
         self.core.lock().expect("volume state poisoned").events.iter().cloned().collect()
     }
 
+    /// Runs `hook` before each resync this node is the target of (the first call wins).
+    pub fn set_before_resync_target(&self, hook: BeforeResync) {
+        let _ = self.before_resync_target.set(hook);
+    }
+
+    /// The hook to run before a resync as target, if one is set.
+    pub(crate) fn before_resync_target(&self) -> Option<&BeforeResync> {
+        self.before_resync_target.get()
+    }
+
+    /// Sends every later event to `sink` too (the first call wins).
+    pub fn set_event_sink(&self, sink: EventSink) {
+        let _ = self.sink.set(sink);
+    }
+
     /// Appends to the event log (and logs it).
     pub fn event(&self, what: String) {
         let name = self.cfg.as_ref().map_or("", |c| c.resource.as_str());
         tracing::info!(resource = %name, "{what}");
+        if let Some(s) = self.sink.get() {
+            (s.0)(&what);
+        }
         if let Ok(mut c) = self.core.lock() {
             c.events.push_back(Event { at: now_s(), what });
             while c.events.len() > 200 {
