@@ -70,6 +70,21 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// Whether `journal_stream` (systemd's `JOURNAL_STREAM`, `DEVICE:INODE`) names the file whose
+/// device and inode these are: stderr goes to the journal only when it names stderr (a child
+/// that inherited the variable but writes elsewhere does not).
+pub fn is_journal(journal_stream: Option<&str>, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = journal_stream.and_then(|v| v.split_once(':')) else { return false };
+    d.parse() == Ok(dev) && i.parse() == Ok(ino)
+}
+
+/// Whether this process's stderr is connected to the journal.
+pub fn stderr_is_journal() -> bool {
+    let v = std::env::var("JOURNAL_STREAM").ok();
+    nix::sys::stat::fstat(std::io::stderr())
+        .is_ok_and(|st| is_journal(v.as_deref(), st.st_dev, st.st_ino))
+}
+
 #[cfg(test)]
 mod tests {
     #[derive(Debug, thiserror::Error)]

@@ -59,6 +59,10 @@ enum Cmd {
         /// data, no master), 3 UNKNOWN (the daemon does not answer).
         #[arg(long)]
         check: bool,
+        /// A live view: redrawn at each event the daemon pushes (and each second, for resync
+        /// progress), with the last events under it, until interrupted.
+        #[arg(long, conflicts_with_all = ["check", "json"])]
+        watch: bool,
     },
     /// Validate the configuration and print what each node will do.
     CheckConfig,
@@ -219,7 +223,8 @@ fn main() -> ExitCode {
             return run_daemon(&rt, cfg, node, cli.config.clone(), log_format);
         }
         Cmd::Adjust => return adjust(&rt, &cfg, &node),
-        Cmd::Status { json, check } => return show_status(&rt, &cfg, &node, json, check),
+        Cmd::Status { watch: true, .. } => return watch_status(&rt, &cfg, &node),
+        Cmd::Status { json, check, .. } => return show_status(&rt, &cfg, &node, json, check),
         Cmd::Primary { resource, force } => control::Command::Primary { resource, force },
         Cmd::Secondary { resource } => control::Command::Secondary { resource },
         Cmd::Connect { resource, discard_my_data } => {
@@ -296,15 +301,37 @@ fn run_daemon(
     if !spec.contains("rustls") {
         spec.push_str(",rustls=error");
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => {
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_new(&spec)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"))
+    };
+    let journal = match format {
+        // Under systemd: the journal's own fields and priorities (error 3, warn 4, info 5, ...)
+        // instead of text lines it would timestamp again.
+        LogFormat::Text if duet::stderr_is_journal() => Some(tracing_journald::layer()),
+        _ => None,
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr);
+    match (format, journal) {
+        (LogFormat::Text, Some(Ok(layer))) => {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            use tracing_subscriber::util::SubscriberInitExt as _;
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(layer.with_syslog_identifier("duet".into()))
+                .init();
+        }
+        (LogFormat::Text, Some(Err(e))) => {
+            logs.with_ansi(false).init();
+            tracing::warn!(
+                "stderr is the journal but its socket cannot be used ({e}): logging as text"
+            );
+        }
+        (LogFormat::Text, None) => {
             logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
         }
         // One object per line: timestamp, level, target, fields (message among them), spans.
-        LogFormat::Json => logs.json().with_current_span(false).init(),
+        (LogFormat::Json, _) => logs.json().with_current_span(false).init(),
     }
     // A panic is a broken invariant: the node stops at once, and the peer takes over, instead
     // of running on without the task that panicked (tokio would catch it and carry on). The
@@ -363,6 +390,78 @@ fn show_status(
             }
         }
         Err(e) => call_failed(&e),
+    }
+}
+
+/// Events shown under `duet status --watch`.
+const WATCH_EVENTS: usize = 8;
+
+/// `duet status --watch`: the status text redrawn at each pushed event and each second, the
+/// last events under it. Ends when the daemon goes away (exit 3) or the reader does (exit 0).
+fn watch_status(rt: &tokio::runtime::Runtime, cfg: &config::Config, node: &str) -> ExitCode {
+    let sock = cfg.control_socket(node);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let follow_sock = sock.clone();
+    let follower = rt.spawn(async move {
+        daemon::follow(&follow_sock, Some(0), move |e| tx.send(e).is_ok()).await
+    });
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut last: std::collections::VecDeque<duet::events::Event> = Default::default();
+    loop {
+        let status = match rt.block_on(daemon::call(&sock, control::Command::Status)) {
+            Ok(v) => v,
+            Err(e) => return call_failed(&e),
+        };
+        let Ok(s) = serde_json::from_value::<status::NodeStatus>(status) else {
+            eprintln!("duet: unexpected status from the daemon");
+            return ExitCode::from(EXIT_RUNTIME);
+        };
+        let mut frame = String::new();
+        if tty {
+            // Home and clear: the view stays in place.
+            frame.push_str("\x1b[H\x1b[2J");
+        }
+        frame.push_str(&status::render(&s));
+        frame.push_str("\nlast events:\n");
+        for e in &last {
+            frame.push_str(&format!("  {}  {}\n", status::timestamp(e.at), e.line()));
+        }
+        frame.push_str(&format!(
+            "-- {} (redrawn at each event; Ctrl-C ends)\n",
+            status::timestamp(duet::events::unix_now())
+        ));
+        duet::out!("{frame}");
+        // The next event, or a second.
+        let next = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await
+        });
+        match next {
+            Ok(Some(e)) => {
+                let mut put = |e: duet::events::Event| {
+                    if e.record == duet::events::Record::Change {
+                        last.push_back(e);
+                        if last.len() > WATCH_EVENTS {
+                            last.pop_front();
+                        }
+                    }
+                };
+                put(e);
+                while let Ok(e) = rx.try_recv() {
+                    put(e);
+                }
+            }
+            Ok(None) => {
+                // The stream ended: the daemon stopped, or refused the follower.
+                return match rt.block_on(follower) {
+                    Ok(Err(e)) => call_failed(&e),
+                    _ => {
+                        eprintln!("duet: the daemon ended the event stream (it stopped)");
+                        ExitCode::from(EXIT_UNREACHABLE)
+                    }
+                };
+            }
+            Err(_) => {}
+        }
     }
 }
 

@@ -172,6 +172,10 @@ pub struct NodeOpts {
     pub resource_extra: String,
     /// The daemon's open-file limit (`prlimit --nofile`), for tests that exhaust it.
     pub nofile: Option<u64>,
+    /// Run the daemon as under systemd with its stderr in the journal: in a mount namespace of
+    /// its own where `/run/systemd/journal` is this directory (the test's journal socket), with
+    /// `JOURNAL_STREAM` naming its log file.
+    pub journal: Option<PathBuf>,
 }
 
 impl Default for NodeOpts {
@@ -182,6 +186,7 @@ impl Default for NodeOpts {
             direct: false,
             resource_extra: String::new(),
             nofile: None,
+            journal: None,
         }
     }
 }
@@ -197,6 +202,7 @@ pub struct Node {
     pub metrics_port: u16,
     pub log: PathBuf,
     nofile: Option<u64>,
+    journal: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -256,6 +262,7 @@ disk = "{disk}"
             metrics_port,
             log,
             nofile: opts.nofile,
+            journal: opts.journal.clone(),
             child: None,
         }
     }
@@ -270,14 +277,27 @@ disk = "{disk}"
     /// Starts the daemon and waits for its NBD port and control socket.
     pub fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("log file");
-        let mut cmd = match self.nofile {
+        let mut cmd = match (self.nofile, &self.journal) {
             // prlimit sets the limit and execs the daemon: same pid.
-            Some(n) => {
+            (Some(n), _) => {
                 let mut c = Command::new("prlimit");
                 c.arg(format!("--nofile={n}:{n}")).arg(duet_bin());
                 c
             }
-            None => Command::new(duet_bin()),
+            (None, Some(dir)) => {
+                use std::os::unix::fs::MetadataExt;
+                let m = log.metadata().expect("log metadata");
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(
+                        "mount -t tmpfs duet-test /run && mkdir -p /run/systemd/journal && mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+                    )
+                    .arg(dir)
+                    .arg(duet_bin())
+                    .env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()));
+                c
+            }
+            (None, None) => Command::new(duet_bin()),
         };
         let child = cmd
             .arg("--config")

@@ -6,8 +6,10 @@
 //! - `/`: the status page ([`crate::page`]), HTML with no external assets that refreshes itself.
 //!
 //! GET and HEAD only (anything else: 405 with `Allow`); unknown paths: 404. At most
-//! [`CONNECTIONS`] connections at once (more are closed at accept and counted), a request head
-//! must arrive within [`HEAD_TIMEOUT`] and a connection ends after [`CONNECTION_TIMEOUT`].
+//! [`CONNECTIONS`] connections at once: the next is accepted only when one ends (the others wait
+//! in the listen backlog, so a scrape after a flood is served late rather than cut off), a
+//! request head must arrive within [`HEAD_TIMEOUT`] and a connection ends after
+//! [`CONNECTION_TIMEOUT`]: idle connections cannot hold the slots for longer.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
@@ -34,6 +36,14 @@ pub(super) async fn serve_http(l: TcpListener, state: Arc<State>, mut sd: watch:
     let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
     let accept_log = replicator::ratelimit::Limited::new(5, Duration::from_secs(30));
     loop {
+        // A slot first, then a connection: beyond the cap, clients wait in the backlog.
+        let slot = tokio::select! {
+            s = Arc::clone(&slots).acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            _ = stopped(&mut sd) => return,
+        };
         tokio::select! {
             r = l.accept() => {
                 let s = match r {
@@ -44,10 +54,6 @@ pub(super) async fn serve_http(l: TcpListener, state: Arc<State>, mut sd: watch:
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
-                };
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    state.http.refused.fetch_add(1, Relaxed);
-                    continue;
                 };
                 let st = Arc::clone(&state);
                 tokio::spawn(async move {

@@ -232,8 +232,6 @@ const RESOURCE_COUNTERS: [PerResource; 22] = [
 /// Counters of the HTTP endpoint itself.
 #[derive(Debug, Default)]
 pub struct HttpCounters {
-    /// Connections closed at accept: every slot was taken.
-    pub refused: AtomicU64,
     /// Requests answered.
     pub requests: AtomicU64,
 }
@@ -307,11 +305,6 @@ pub fn encode_status(st: &NodeStatus, http: &HttpCounters) -> String {
     if let Some(h) = &st.ha {
         cluster(&mut s, h);
     }
-    s.counter(
-        "http_refused",
-        "HTTP connections closed at accept because every slot was taken.",
-        vec![(s.labels(&[]), http.refused.load(Relaxed))],
-    );
     s.counter(
         "http_requests",
         "HTTP requests answered.",
@@ -486,5 +479,48 @@ mod tests {
             "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
         )));
         assert!(!wants_openmetrics(Some("*/*")) && !wants_openmetrics(None));
+    }
+}
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    #[test]
+    fn the_grafana_dashboard_queries_only_series_duet_exports() {
+        let d: serde_json::Value =
+            serde_json::from_str(include_str!("../../../contrib/grafana/duet.json")).unwrap();
+        let mut st = crate::status::fixture();
+        st.resources[0].replication.as_mut().unwrap().resync =
+            Some(replicator::repl::volume::Progress {
+                total_bytes: 10,
+                done_bytes: 5,
+                elapsed_s: 1.0,
+                rate_bytes_per_s: 5,
+                average_rate_bytes_per_s: 5,
+                eta_s: Some(1),
+            });
+        let om = classic(&encode_status(&st, &HttpCounters::default()));
+        let exported: std::collections::HashSet<&str> =
+            om.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+        let panels = d["panels"].as_array().unwrap();
+        assert!(panels.len() >= 10);
+        let mut n = 0;
+        for p in panels {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("duet_") {
+                        assert!(
+                            exported.contains(word),
+                            "{word} in {:?} is not exported",
+                            p["title"]
+                        );
+                        n += 1;
+                    }
+                }
+            }
+        }
+        assert!(n >= 15, "{n} series queried");
     }
 }

@@ -327,9 +327,7 @@ async fn wait_for_signal(state: &State) -> Result<(), DaemonError> {
                 notify::reloading();
                 if let Err(e) = state.reload().await {
                     tracing::error!("SIGHUP: {e}");
-                    if let Some(ha) = state.ha.get() {
-                        ha.events.push(format!("SIGHUP: {e}"));
-                    }
+                    state.journal.push(format!("SIGHUP: {e}"));
                 }
                 notify::ready(&state.summary());
             }

@@ -229,9 +229,7 @@ impl State {
         *applied = text;
         let what = if keys.is_empty() { "nothing changed".into() } else { keys.join(", ") };
         tracing::info!("configuration reloaded: {what}");
-        if let Some(ha) = self.ha.get() {
-            ha.events.push(format!("configuration reloaded: {what}"));
-        }
+        self.journal.push(format!("configuration reloaded: {what}"));
         Ok(keys)
     }
 

@@ -305,7 +305,15 @@ fn cluster_commands_refuse_clearly() {
 #[test]
 fn a_closed_stdout_ends_a_command_quietly() {
     let n = Node::start(&NodeOpts::default());
-    for args in [&["status"][..], &["status", "--json"], &["events"], &["check-config"]] {
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["status", "--watch"],
+        &["events"],
+        &["events", "--json"],
+        &["events", "--follow"],
+        &["check-config"],
+    ] {
         // A pipe whose reading end is closed before the command writes: every write is EPIPE.
         let (rd, wr) = nix::unistd::pipe().unwrap();
         drop(rd);
@@ -461,4 +469,82 @@ fn bad_values_for_the_new_arguments_are_usage_errors() {
     let out = run(n.cli().args(["generate", "man"]).arg(&file), MIN);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("not-a-dir"), "{}", stderr_of(&out));
+}
+
+#[test]
+fn status_watch_redraws_when_an_event_is_pushed() {
+    use std::io::Read;
+    let n = Node::start(&NodeOpts { size: 16 << 20, ..NodeOpts::default() });
+    let mut child = n
+        .cli()
+        .args(["status", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(k) = out.read(&mut buf) {
+            if k == 0 || tx.send(String::from_utf8_lossy(&buf[..k]).into_owned()).is_err() {
+                return;
+            }
+        }
+    });
+    let until = |text: &mut String, want: &str| {
+        let end = std::time::Instant::now() + Duration::from_secs(15);
+        while !text.contains(want) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(t) => text.push_str(&t),
+                Err(_) => panic!("{want:?} never shown:\n{text}"),
+            }
+        }
+    };
+    let mut text = String::new();
+    until(&mut text, "last events:");
+    assert!(text.contains("node alpha") && text.contains("role Primary"), "{text}");
+    // An event: `duet adjust` with nothing changed still says so in the log.
+    run_ok(n.cli().arg("adjust"), MIN);
+    until(&mut text, "configuration reloaded: nothing changed");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn events_follow_text_and_json_and_bad_follow_requests() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let n = Node::start(&NodeOpts { size: 16 << 20, ..NodeOpts::default() });
+    // JSON: the current state first.
+    let out = run_ok(n.cli().args(["events", "--json"]), MIN);
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["seq"], 1, "{out}");
+    assert!(out.contains("\"kind\":\"role\""), "{out}");
+    // Hostile follow requests get an error line, and the daemon serves on.
+    for (req, want) in [
+        (&b"{\"v\":1,\"cmd\":\"follow\",\"since_seq\":\"x\"}\n"[..], "bad request"),
+        (b"{\"v\":1,\"cmd\":\"follow\",\"since_seq\":-1}\n", "bad request"),
+    ] {
+        let mut s = UnixStream::connect(&n.socket).unwrap();
+        s.write_all(req).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(line.contains(want), "{line}");
+    }
+    // A raw follower that hangs up early does not disturb the next.
+    let mut s = UnixStream::connect(&n.socket).unwrap();
+    s.write_all(b"{\"v\":1,\"cmd\":\"follow\",\"since_seq\":0}\n").unwrap();
+    let mut r = BufReader::new(&s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"follow\":true"), "{line}");
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"type\":\"exists\""), "{line}");
+    drop(r);
+    drop(s);
+    let out = run_ok(n.cli().args(["events"]), MIN);
+    assert!(out.contains("role Primary"), "{out}");
 }

@@ -604,7 +604,6 @@ fn events_are_pushed_to_followers_as_a_failover_happens_and_survive_a_restart() 
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let at = master["at"].as_f64().unwrap();
     assert!(received - at < 2.0, "pushed {:.3} s after it happened", received - at);
-    assert!(master["seq"].as_u64().unwrap() > dead["seq"].as_u64().unwrap());
     assert!(p.is_master(1));
     // The failover ran beta's role_change hook.
     let runs = || integration::hooks::hook_runs(hooks.path(), "beta", "role_change");

@@ -305,40 +305,30 @@ fn the_http_endpoint_refuses_bad_requests_and_floods_and_keeps_serving() {
     let a = raw(&big);
     assert!(a.is_empty() || a.starts_with("HTTP/1.1 431") || a.starts_with("HTTP/1.1 400"), "{a}");
     ok();
-    // A flood of idle connections: the slots fill, the rest are closed at once and counted,
-    // and once the idle ones time out the endpoint serves again.
-    let idle: Vec<_> = (0..24)
+    // A flood of idle connections: the slots fill, the rest wait in the backlog; the idle ones
+    // are closed after the head timeout and the waiting request is answered.
+    let mut idle: Vec<_> = (0..24)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             s.write_all(b"GET / HT").unwrap();
             s
         })
         .collect();
-    let refused = |m: &str| value(m, "duet_http_refused_total{node=\"alpha\"}");
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            // A fresh connection is closed at accept while the slots are held.
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out.is_empty()
-        }),
-        "the endpoint kept accepting past its slots"
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                refused(&out).is_some_and(|r| r >= 8.0)
-            })
-        }),
-        "the idle connections were never timed out, or the refusals not counted"
-    );
+    let (code, _, body) = http(port, "GET", "/metrics", "");
+    assert_eq!(code, 200);
+    let served = value(&body, "duet_http_requests_total{node=\"alpha\"}").unwrap();
+    assert!(served >= 6.0, "{body}");
+    // Every idle connection was closed by the server, none got an answer.
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(
+            out.is_empty() || out.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
     drop(idle);
     ok();
 }
