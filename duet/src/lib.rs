@@ -46,6 +46,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod ha;
+pub mod manpage;
 pub mod md;
 pub mod page;
 pub mod plan;

@@ -469,8 +469,11 @@ fn generate(what: &Generate) -> ExitCode {
     use clap::CommandFactory;
     match what {
         Generate::Man { dir } => {
+            let page =
+                duet::manpage::config_page(duet::manpage::EXAMPLE, env!("CARGO_PKG_VERSION"));
             let made = std::fs::create_dir_all(dir)
-                .and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+                .and_then(|()| std::fs::write(dir.join("duet.toml.5"), page));
             if let Err(e) = made {
                 eprintln!("duet: writing man pages to {}: {e}", dir.display());
                 return ExitCode::from(EXIT_RUNTIME);

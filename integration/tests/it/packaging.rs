@@ -66,8 +66,9 @@ fn man_pages_render_and_completions_are_written() {
         "make-slave",
         "events",
         "wait",
+        "adjust",
     ];
-    let mut pages = vec!["duet.1".to_string()];
+    let mut pages = vec!["duet.1".to_string(), "duet.toml.5".to_string()];
     pages.extend(commands.iter().map(|c| format!("duet-{c}.1")));
     for p in &pages {
         assert!(man.join(p).exists(), "{p} missing");
@@ -86,6 +87,11 @@ fn man_pages_render_and_completions_are_written() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success() && err.trim().is_empty(), "{p}: {err}");
             assert!(text.contains("SYNOPSIS"), "{p}: {text}");
+            if p == "duet.toml.5" {
+                for want in ["[resource.resync]", "rate_kib", "[hooks]", "before_resync_target"] {
+                    assert!(text.contains(want), "{want} not in duet.toml(5):\n{text}");
+                }
+            }
         }
     }
     for shell in ["bash", "zsh", "fish"] {
@@ -159,6 +165,9 @@ fn the_debian_package_installs_and_purges_cleanly() {
         "/etc/duet/duet.toml",
         "/usr/share/man/man1/duet.1.gz",
         "/usr/share/man/man1/duet-status.1.gz",
+        "/usr/share/man/man1/duet-adjust.1.gz",
+        "/usr/share/man/man5/duet.toml.5.gz",
+        "/usr/share/doc/duet/grafana-dashboard.json",
         "/usr/share/bash-completion/completions/duet",
         "/usr/share/zsh/vendor-completions/_duet",
         "/usr/share/fish/vendor_completions.d/duet.fish",
