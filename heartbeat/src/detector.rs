@@ -111,6 +111,12 @@ impl Detector {
         }
     }
 
+    /// New timing (a live reload): each link keeps its state and when it was last heard; the
+    /// next tick judges them by the new times.
+    pub fn set_timing(&mut self, timing: Timing) {
+        self.timing = timing;
+    }
+
     /// An authenticated frame arrived on `link`.
     pub fn heard(&mut self, link: usize, now: Instant) -> Vec<Event> {
         let mut ev = Vec::new();
@@ -193,6 +199,23 @@ impl Detector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_timing_judges_the_links_at_the_next_tick() {
+        let ms = Duration::from_millis;
+        let t =
+            Timing { keepalive: ms(100), warntime: ms(300), deadtime: ms(500), initdead: ms(500) };
+        let t0 = Instant::now();
+        let mut d = Detector::new(t, 1, t0);
+        d.heard(0, t0);
+        assert!(d.tick(t0 + ms(400)).contains(&Event::LinkLate(0, ms(400))));
+        // A longer deadtime: 600 ms of silence is not death any more.
+        d.set_timing(Timing { deadtime: ms(2000), warntime: ms(1000), initdead: ms(2000), ..t });
+        let ev = d.tick(t0 + ms(600));
+        assert!(!ev.contains(&Event::PeerDead) && !ev.contains(&Event::LinkDown(0)), "{ev:?}");
+        assert_eq!(d.peer(), PeerState::Alive);
+        assert!(d.tick(t0 + ms(2100)).contains(&Event::PeerDead));
+    }
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)

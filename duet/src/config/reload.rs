@@ -10,7 +10,7 @@
 use toml::Value;
 
 /// Keys applied live, as patterns: `*` stands for one array index or table key.
-const LIVE: [&str; 9] = [
+const LIVE: [&str; 14] = [
     "resource[*].resync.mode",
     "resource[*].resync.rate_kib",
     "resource[*].resync.plan_ahead_ms",
@@ -18,6 +18,11 @@ const LIVE: [&str; 9] = [
     "resource[*].resync.delay_target_ms",
     "resource[*].resync.max_rate_kib",
     "resource[*].resync.min_rate_kib",
+    "heartbeat.keepalive_ms",
+    "heartbeat.warntime_ms",
+    "heartbeat.deadtime_ms",
+    "heartbeat.initdead_ms",
+    "health",
     "service",
     "hooks",
 ];
@@ -26,7 +31,7 @@ const LIVE: [&str; 9] = [
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReloadError {
     #[error(
-        "{key} changed, and that needs a restart of the daemon (nothing was applied; live changes are the resync rates, [[service]] and [hooks])"
+        "{key} changed, and that needs a restart of the daemon (nothing was applied; live changes are the resync rates, the heartbeat timing, [[health.check]], [[service]] and [hooks])"
     )]
     NeedsRestart { key: String },
     #[error("the configuration file is not valid TOML: {0}")]
@@ -152,6 +157,18 @@ start = "true"
         assert_eq!(plan(BASE, &svc).unwrap(), vec!["service[0].start"]);
         let hooks = format!("{BASE}\n[hooks]\nsplit_brain = \"/bin/true\"\n");
         assert_eq!(plan(BASE, &hooks).unwrap(), vec!["hooks.split_brain"]);
+        let hb =
+            format!("{BASE}\n[heartbeat]\ndeadtime_ms = 3000\n[[health.check]]\nname = \"x\"\n");
+        assert_eq!(
+            plan(BASE, &hb).unwrap(),
+            vec!["health.check", "heartbeat.deadtime_ms"],
+            "heartbeat timing and health checks are live"
+        );
+        let link = format!("{BASE}\n[[heartbeat.link]]\nkind = \"udp\"\n");
+        assert_eq!(
+            plan(BASE, &link).unwrap_err(),
+            ReloadError::NeedsRestart { key: "heartbeat.link".into() }
+        );
 
         for (from, to, key) in [
             ("10.0.0.1:7789", "10.0.0.9:7789", "resource[0].on.a.replication_address"),

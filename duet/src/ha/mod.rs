@@ -110,8 +110,13 @@ pub struct Ha {
 /// Results coming back to the loop.
 enum Back {
     Step(Outcome),
-    Outdate { id: u64, mask: u32, ok: bool },
-    Health(usize, bool),
+    Outdate {
+        id: u64,
+        mask: u32,
+        ok: bool,
+    },
+    /// A health check's new verdict: (the generation of the checks it belongs to, index, ok).
+    Health(u64, usize, bool),
 }
 
 /// Whether `cfg` asks for the cluster manager (heartbeat links configured).
@@ -138,6 +143,10 @@ struct Loop {
     replies: HashMap<u64, oneshot::Sender<cluster::Answer>>,
     next_token: u64,
     health: Vec<bool>,
+    /// The health checks' tasks, and their generation (a reload replaces them).
+    probes: Vec<tokio::task::JoinHandle<()>>,
+    probes_gen: u64,
+    sd: watch::Receiver<bool>,
     healthy: bool,
     peer_view: Option<(PeerView, Instant)>,
     /// The replicator's state as last read (each tick and after each step).
@@ -166,6 +175,7 @@ impl Loop {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_send = Instant::now();
+        self.start_probes();
         self.log(format!("cluster manager running: configured master {}, peer {}, {} heartbeat link(s); waiting up to {} ms for the peer", self.cfg.cluster.configured_master, self.peer, self.links.len(), self.timing.initdead.as_millis()));
         loop {
             tokio::select! {
@@ -186,7 +196,7 @@ impl Loop {
                         }
                         Request::Stopping => Input::Stopping,
                         Request::Reload(cfg) => {
-                            self.cfg = *cfg;
+                            self.reload(*cfg);
                             continue;
                         }
                     };
@@ -201,7 +211,8 @@ impl Loop {
                         self.feed(Input::Done(o));
                     }
                     Back::Outdate { id, mask, ok } => self.feed(Input::OutdateDone { id, mask, ok }),
-                    Back::Health(i, ok) => {
+                    Back::Health(generation, _, _) if generation != self.probes_gen => {}
+                    Back::Health(_, i, ok) => {
                         if let Some(h) = self.health.get_mut(i) {
                             *h = ok;
                         }
@@ -230,6 +241,47 @@ impl Loop {
             }
             // After every input, so `duet status` never lags a finished step.
             self.publish();
+        }
+    }
+
+    /// Starts the health checks of `self.cfg` (a new generation: results of older ones are
+    /// ignored).
+    fn start_probes(&mut self) {
+        for t in self.probes.drain(..) {
+            t.abort();
+        }
+        self.probes_gen += 1;
+        let checks = self.cfg.health.check.clone();
+        self.health = vec![true; checks.len()];
+        for (i, c) in checks.into_iter().enumerate() {
+            let task = probes::health_check(
+                self.probes_gen,
+                i,
+                c,
+                self.node.clone(),
+                self.back.clone(),
+                self.sd.clone(),
+            );
+            self.probes.push(tokio::spawn(task));
+        }
+    }
+
+    /// `duet adjust`: the configuration the next steps read; new heartbeat timing for the
+    /// detector; the health checks started again if they changed (each starts healthy, as at
+    /// start, and reports from its next probe).
+    fn reload(&mut self, cfg: Config) {
+        let timing = start::timing_of(&cfg.heartbeat);
+        if timing != self.timing {
+            self.det.set_timing(timing);
+            self.timing = timing;
+        }
+        let checks_changed =
+            format!("{:?}", cfg.health.check) != format!("{:?}", self.cfg.health.check);
+        self.cfg = cfg;
+        if checks_changed {
+            self.start_probes();
+            self.healthy = true;
+            self.feed(Input::Health(true));
         }
     }
 

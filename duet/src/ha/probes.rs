@@ -4,6 +4,7 @@ use super::*;
 
 /// One health check, probing every `interval_ms`; reports each change of verdict.
 pub(super) async fn health_check(
+    generation: u64,
     i: usize,
     c: config::HealthCheck,
     node: String,
@@ -33,7 +34,7 @@ pub(super) async fn health_check(
         };
         if let Some(v) = h.record(ok) {
             tracing::warn!(check = %c.name, healthy = v, "health check changed");
-            if back.send(Back::Health(i, v)).await.is_err() {
+            if back.send(Back::Health(generation, i, v)).await.is_err() {
                 return;
             }
         }

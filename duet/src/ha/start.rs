@@ -3,7 +3,6 @@
 
 use super::*;
 use links::{LinkCounters, Transport, spawn_link};
-use probes::health_check;
 
 /// Why the HA runtime could not start (each names the setting or the resource to look at).
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +97,17 @@ pub async fn start(
     Ok(ha)
 }
 
+/// The detector's timing of `[heartbeat]`.
+pub(super) fn timing_of(h: &config::Heartbeat) -> Timing {
+    let ms = Duration::from_millis;
+    Timing {
+        keepalive: ms(h.keepalive_ms),
+        warntime: ms(h.warntime_ms),
+        deadtime: ms(h.deadtime_ms),
+        initdead: ms(h.initdead_ms),
+    }
+}
+
 /// `start`, on the cluster manager's own runtime: its sockets and tasks live there.
 async fn start_here(
     cfg: &Config,
@@ -109,12 +119,7 @@ async fn start_here(
     let peer = cfg.peer_of(node).ok_or(StartError::NoPeer)?.to_string();
     let h = &cfg.heartbeat;
     let ms = Duration::from_millis;
-    let timing = Timing {
-        keepalive: ms(h.keepalive_ms),
-        warntime: ms(h.warntime_ms),
-        deadtime: ms(h.deadtime_ms),
-        initdead: ms(h.initdead_ms),
-    };
+    let timing = timing_of(h);
     timing.validate().map_err(StartError::Timing)?;
     let (in_tx, in_rx) = mpsc::channel::<(usize, Vec<u8>)>(256);
     let mut links = Vec::new();
@@ -214,9 +219,6 @@ async fn start_here(
     // A node starts as a slave: a VIP left over from a crash while master goes now.
     vips.down().await.map_err(StartError::VipsDown)?;
     let (back_tx, back_rx) = mpsc::channel(64);
-    for (i, c) in cfg.health.check.iter().enumerate() {
-        tokio::spawn(health_check(i, c.clone(), node.to_string(), back_tx.clone(), sd.clone()));
-    }
     let lp = Loop {
         node: node.to_string(),
         peer,
@@ -236,6 +238,9 @@ async fn start_here(
         replies: HashMap::new(),
         next_token: 1,
         health: vec![true; cfg.health.check.len()],
+        probes: Vec::new(),
+        probes_gen: 0,
+        sd: sd.clone(),
         healthy: true,
         peer_view: None,
         local: LocalView::default(),

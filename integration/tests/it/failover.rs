@@ -629,3 +629,33 @@ fn events_are_pushed_to_followers_as_a_failover_happens_and_survive_a_restart() 
     assert!(text.contains("running-role slave -> master"), "{text}");
     let _ = child.kill();
 }
+
+#[test]
+fn a_health_check_changed_by_adjust_runs_live_and_the_failing_master_hands_over() {
+    let check = "[[health.check]]\nname = \"app\"\nkind = \"script\"\ntarget = \"true\"\ninterval_ms = 100\nfall = 2\nrise = 1\n";
+    let mut p = ha_pair(HaOpts { extra: check.into(), ..HaOpts::default() });
+    assert!(p.cluster(0)["healthy"] == true);
+    // The same check, now failing, applied without a restart: alpha is unhealthy and hands
+    // the master role to its healthy peer.
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(&p.config, text.replace("target = \"true\"", "target = \"false\"")).unwrap();
+    let out = p.ok(0, &["adjust"]);
+    assert!(out.contains("applied health.check[0].target"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(20), || p.cluster(0)["healthy"] == false),
+        "the new check never ran: {}",
+        p.cluster(0)
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || p.is_master(1)),
+        "the unhealthy master did not hand over: {}\n{}",
+        p.cluster(0),
+        p.events(0)
+    );
+    // And a heartbeat timing change is taken too (refused keys are named elsewhere).
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(&p.config, text.replace("deadtime_ms = 500", "deadtime_ms = 900")).unwrap();
+    assert!(p.ok(0, &["adjust"]).contains("applied heartbeat.deadtime_ms"));
+    p.stop(1);
+    p.start(1);
+}
