@@ -488,8 +488,8 @@ fn generate(what: &Generate) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `duet wait`: polls the daemon's status (5 times a second) until the resource is where it is
-/// wanted.
+/// `duet wait`: looks at the daemon's status at each event it pushes (and each second while no
+/// daemon answers) until the resource is where it is wanted.
 fn wait_for(
     rt: &tokio::runtime::Runtime,
     cfg: &config::Config,
@@ -505,7 +505,17 @@ fn wait_for(
     let sock = cfg.control_socket(node);
     let start = std::time::Instant::now();
     let mut last = String::from("the daemon did not answer");
+    // Woken by the daemon's events (no polling while it runs); a second at most between looks,
+    // for a daemon not started yet.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut follower: Option<tokio::task::JoinHandle<()>> = None;
     loop {
+        if follower.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+            let (tx, sock) = (tx.clone(), sock.clone());
+            follower = Some(rt.spawn(async move {
+                let _ = daemon::follow(&sock, None, move |_| tx.send(()).is_ok()).await;
+            }));
+        }
         if let Ok(v) = rt.block_on(daemon::call(&sock, control::Command::Status))
             && let Ok(s) = serde_json::from_value::<status::NodeStatus>(v)
         {
@@ -518,7 +528,10 @@ fn wait_for(
             eprintln!("duet: {resource} after {timeout} s: {last}");
             return ExitCode::from(EXIT_RUNTIME);
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        rt.block_on(async {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
+        });
+        while rx.try_recv().is_ok() {}
     }
 }
 
