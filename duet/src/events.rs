@@ -45,6 +45,9 @@ pub enum Kind {
     SplitBrain,
     /// An online verify finished and found blocks that differ (`new`: bytes).
     OutOfSync,
+    /// The split brain discards this Primary's data under `call-pri-lost-after-sb` (`reason`:
+    /// the split brain's).
+    PriLostAfterSb,
     /// This node's running role (master | slave | partly master).
     RunningRole,
     /// The peer as the heartbeat sees it (alive | dead | unknown).
@@ -403,6 +406,7 @@ pub struct ResSnap {
     pub split_brain: Option<String>,
     pub verifying: bool,
     pub verify_mismatched_bytes: u64,
+    pub pri_lost: bool,
 }
 
 /// The cluster manager's states.
@@ -434,6 +438,7 @@ pub fn snap(s: &NodeStatus) -> Snap {
                     verifying: x.is_some_and(|x| x.verify.is_some()),
                     verify_mismatched_bytes: x
                         .map_or(0, |x| x.verify_mismatches.iter().map(|m| m.1).sum()),
+                    pri_lost: x.is_some_and(|x| x.pri_lost_after_sb),
                 }
             })
             .collect(),
@@ -493,6 +498,10 @@ pub fn diff(old: Option<&Snap>, new: &Snap) -> Vec<Change> {
                 (p.split_brain.as_ref().map(|_| "yes"), r.split_brain.as_ref().map(|_| "yes"));
             let why = r.split_brain.as_deref().unwrap_or("resolved");
             put(Kind::SplitBrain, res, None, o.or(Some("no")), n.or(Some("no")), why);
+        }
+        if r.pri_lost && (old.is_none() || !p.pri_lost) {
+            let why = r.split_brain.as_deref().unwrap_or("");
+            put(Kind::PriLostAfterSb, res, None, None, Some("yes"), why);
         }
         if old.is_some() && p.verifying && !r.verifying && r.verify_mismatched_bytes > 0 {
             let n = r.verify_mismatched_bytes.to_string();

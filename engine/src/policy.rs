@@ -89,6 +89,10 @@ enum Unresolved {
         "the policy discards the data of {0}, which is Primary; demote it (`duet secondary`) and run `duet connect --discard-my-data` there"
     )]
     PrimaryLoses(String),
+    #[error(
+        "call-pri-lost-after-sb: the policy discards the data of {0}, which is Primary; its pri_lost_after_sb hook runs there (demote it, then run `duet connect --discard-my-data` on it)"
+    )]
+    PriLost(String),
 }
 
 impl Policies {
@@ -218,9 +222,38 @@ fn recover(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> Result<bo
         // violently-as0p would overwrite it, call-pri-lost-after-sb would reboot it. duet
         // refuses and says which node must be demoted and discarded.
         let loser = if me_loses { &me.name } else { &peer.name };
-        return Err(Unresolved::PrimaryLoses(loser.clone()));
+        // call-pri-lost-after-sb: as violently-as0p, but the losing Primary's hook is called
+        // (DRBD's pri-lost-after-sb handler); the data stays untouched until the operator acts.
+        let call = match (mp, pp) {
+            (true, true) => pol.p2 == Sb2::CallPriLostAfterSb,
+            (true, false) | (false, true) => pol.p1 == Sb1::CallPriLostAfterSb,
+            (false, false) => false,
+        };
+        return Err(if call {
+            Unresolved::PriLost(loser.clone())
+        } else {
+            Unresolved::PrimaryLoses(loser.clone())
+        });
     }
     Ok(me_loses)
+}
+
+/// Under `call-pri-lost-after-sb`: the Primary whose data the policy discards, when [`plan`]
+/// ends in split brain for that reason (that node runs its `pri_lost_after_sb` hook).
+pub fn pri_lost(pol: &Policies, me: &Facts, peer: &Facts, resolve: bool) -> Option<String> {
+    let v = compare(&me.side, &peer.side, resolve);
+    if v.decision != Decision::SplitBrainAutoRecover
+        || me.inconsistent
+        || peer.inconsistent
+        || me.discard_my_data
+        || peer.discard_my_data
+    {
+        return None;
+    }
+    match recover(pol, me, peer, resolve) {
+        Err(Unresolved::PriLost(loser)) => Some(loser),
+        _ => None,
+    }
 }
 
 /// Decides what to do after connecting. `resolve` is the tie-break bit (true on exactly one
@@ -435,10 +468,16 @@ mod tests {
         assert!(
             matches!(run(&least(Sb1::ViolentlyAs0p), &me, &peer, false), Plan::SplitBrain(s) if s.contains("Primary"))
         );
+        // call-pri-lost-after-sb: split brain too, and the losing Primary (the peer) is named,
+        // for its hook; other policies name nobody.
+        let call = least(Sb1::CallPriLostAfterSb);
         assert!(matches!(
-            run(&least(Sb1::CallPriLostAfterSb), &me, &peer, false),
-            Plan::SplitBrain(_)
+            run(&call, &me, &peer, false),
+            Plan::SplitBrain(s) if s.contains("pri_lost_after_sb hook runs there")
         ));
+        assert_eq!(pri_lost(&call, &me, &peer, false).as_deref(), Some(peer.name.as_str()));
+        assert_eq!(pri_lost(&call, &peer, &me, true).as_deref(), Some(peer.name.as_str()));
+        assert_eq!(pri_lost(&least(Sb1::ViolentlyAs0p), &me, &peer, false), None);
         assert!(matches!(run(&least(Sb1::Disconnect), &me, &peer, false), Plan::SplitBrain(_)));
         // When the 0pri verdict discards the Secondary, consensus agrees.
         let (me, mut peer) = split(false, false, 1, 9);
@@ -448,6 +487,8 @@ mod tests {
             run(&least(Sb1::ViolentlyAs0p), &me, &peer, false),
             Plan::Target { full: false }
         );
+        // The Secondary loses under call-pri-lost-after-sb: resolved, nobody's hook.
+        assert_eq!(pri_lost(&least(Sb1::CallPriLostAfterSb), &me, &peer, false), None);
     }
 
     #[test]

@@ -108,6 +108,10 @@ pub struct Hooks {
     /// This node's running role changed (`DUET_OLD_ROLE`, `DUET_NEW_ROLE`: master | slave);
     /// without a cluster manager, a resource's role (Primary | Secondary).
     pub role_change: String,
+    /// Split brain under `call-pri-lost-after-sb` on the Primary whose data the policy
+    /// discards (DRBD's pri-lost-after-sb handler: typically demote this node, or reboot it);
+    /// `DUET_REASON`.
+    pub pri_lost_after_sb: String,
     /// How long a hook may run before its process group is killed.
     pub timeout_ms: u64,
 }
@@ -120,6 +124,7 @@ impl Default for Hooks {
             before_resync_target: String::new(),
             after_resync_target: String::new(),
             role_change: String::new(),
+            pri_lost_after_sb: String::new(),
             timeout_ms: default_30000(),
         }
     }

@@ -24,6 +24,9 @@ pub fn which(
             Some(("split_brain", vec![("DUET_REASON", e.reason.clone())]))
         }
         Kind::OutOfSync => Some(("out_of_sync", vec![("DUET_OUT_OF_SYNC_BYTES", new)])),
+        Kind::PriLostAfterSb => {
+            Some(("pri_lost_after_sb", vec![("DUET_REASON", e.reason.clone())]))
+        }
         Kind::Connection if old == "SyncTarget" && new == "Connected" => {
             Some(("after_resync_target", Vec::new()))
         }
@@ -46,6 +49,7 @@ fn command<'a>(h: &'a crate::config::Hooks, hook: &str) -> &'a str {
         "before_resync_target" => &h.before_resync_target,
         "after_resync_target" => &h.after_resync_target,
         "role_change" => &h.role_change,
+        "pri_lost_after_sb" => &h.pri_lost_after_sb,
         _ => "",
     }
 }
@@ -152,6 +156,8 @@ mod tests {
         let (h, env) = which(&ev(Kind::SplitBrain, Some("no"), "yes"), true).unwrap();
         assert_eq!((h, env), ("split_brain", vec![("DUET_REASON", "why".to_string())]));
         assert!(which(&ev(Kind::SplitBrain, Some("yes"), "no"), true).is_none(), "resolved");
+        let (h, env) = which(&ev(Kind::PriLostAfterSb, None, "yes"), true).unwrap();
+        assert_eq!((h, env[0].1.as_str()), ("pri_lost_after_sb", "why"));
         let (h, env) = which(&ev(Kind::OutOfSync, None, "8192"), true).unwrap();
         assert_eq!((h, env[0].1.as_str()), ("out_of_sync", "8192"));
         let (h, _) = which(&ev(Kind::Connection, Some("SyncTarget"), "Connected"), true).unwrap();

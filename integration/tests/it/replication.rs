@@ -695,3 +695,52 @@ fn hooks_fire_with_their_variables_on_a_resync_a_role_change_a_verify_mismatch_a
     }
     assert!(p.events(0).contains("hook split_brain ran (exit 0)"), "{}", p.events(0));
 }
+
+#[test]
+fn call_pri_lost_after_sb_runs_the_losing_primarys_hook_and_resyncs_nothing() {
+    let hooks = tempfile::tempdir().unwrap();
+    let p = Pair::up(&PairOpts {
+        split_brain:
+            "after_sb_0pri = \"discard-least-changes\"\nafter_sb_1pri = \"call-pri-lost-after-sb\""
+                .into(),
+        extra: recording_hooks(hooks.path(), ""),
+        ..PairOpts::default()
+    });
+    // alpha changes 6 blocks as Primary; then beta, promoted, changes 2 and stays Primary: the
+    // 0-primary policy discards beta's changes, and beta is Primary.
+    split(&p, 6, 2, false);
+    let size = p.data_size();
+    let (da, db) = (p.digest(0, size), p.digest(1, size));
+    p.ok(0, &["connect"]);
+    p.ok(1, &["connect"]);
+    let runs = || hook_runs(hooks.path(), "beta", "pri_lost_after_sb");
+    assert!(
+        wait_until(Duration::from_secs(20), || !runs().is_empty()),
+        "beta's pri_lost_after_sb hook did not run: {}\n{}",
+        p.repl(1),
+        p.events(1)
+    );
+    let r = &runs()[0];
+    assert!(r["DUET_REASON"].contains("call-pri-lost-after-sb"), "{r:?}");
+    assert_eq!((r["DUET_RESOURCE"].as_str(), r["DUET_NODE"].as_str()), ("vol0", "beta"));
+    assert_eq!(p.repl(1)["pri_lost_after_sb"], true);
+    // Only the losing Primary runs it; both report the split brain (and its hook); nothing
+    // was resynced.
+    assert!(hook_runs(hooks.path(), "alpha", "pri_lost_after_sb").is_empty());
+    assert_eq!(p.repl(0)["pri_lost_after_sb"], false);
+    for i in 0..2 {
+        assert!(
+            p.wait_for(i, Duration::from_secs(10), |r| r["split_brain"].is_string()
+                && r["connection"] == "StandAlone"),
+            "{}",
+            p.repl(i)
+        );
+    }
+    assert!(wait_until(Duration::from_secs(10), || !hook_runs(
+        hooks.path(),
+        "alpha",
+        "split_brain"
+    )
+    .is_empty()));
+    assert_eq!((p.digest(0, size), p.digest(1, size)), (da, db), "data moved");
+}

@@ -126,7 +126,12 @@ pub(super) async fn session(
     match &the_plan {
         Plan::SplitBrain(why) => {
             tracing::error!(resource = %cfg.resource, peer = %cfg.peer, "SPLIT BRAIN: {why}");
-            vol.with_core(|c| c.r.give_up(true, why.clone()));
+            let lost = crate::repl::policy::pri_lost(&cfg.policies, &me_f, &peer_f, resolve)
+                .is_some_and(|loser| loser == cfg.node);
+            vol.with_core(|c| {
+                c.r.give_up(true, why.clone());
+                c.pri_lost = lost;
+            });
             vol.event(format!("SPLIT BRAIN: {why}"));
             return Ok("split brain; StandAlone until the operator resolves it".into());
         }

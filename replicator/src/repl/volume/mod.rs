@@ -134,6 +134,8 @@ pub(crate) struct Core {
     pub verify: Option<status::Run>,
     pub verify_found: Vec<(u64, u64)>,
     pub events: VecDeque<Event>,
+    /// The last split brain discards this Primary's data under call-pri-lost-after-sb.
+    pub pri_lost: bool,
 }
 
 /// The volume.
@@ -367,6 +369,7 @@ impl Volume {
                 verify: None,
                 verify_found: Vec::new(),
                 events: VecDeque::new(),
+                pri_lost: false,
             }),
             al: Mutex::new(al),
             al_freed: tokio::sync::Notify::new(),

@@ -18,6 +18,10 @@ pub struct ReplStatus {
     pub verify: Option<Progress>,
     pub verify_mismatches: Vec<(u64, u64)>,
     pub split_brain: Option<String>,
+    /// The split brain discards this Primary's data under `call-pri-lost-after-sb`: its
+    /// `pri_lost_after_sb` hook runs.
+    #[serde(default)]
+    pub pri_lost_after_sb: bool,
     pub last_refusal: Option<String>,
     #[serde(default)]
     pub frozen: bool,
@@ -165,6 +169,7 @@ impl Volume {
             verify: c.verify.map(|v| v.progress(v.total.saturating_sub(v.done), now)),
             verify_mismatches: c.verify_found.iter().take(100).copied().collect(),
             split_brain: c.r.split_brain.clone(),
+            pri_lost_after_sb: c.pri_lost && c.r.split_brain.is_some(),
             last_refusal: c.r.last_refusal.clone(),
             frozen: *self.frozen.borrow(),
             sent_data_bytes: self.stats.sent_data_bytes.load(Relaxed),
