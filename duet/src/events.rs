@@ -285,6 +285,12 @@ impl Journal {
         g.ring.iter().filter(|e| e.seq > seq).cloned().collect()
     }
 
+    /// The last `n` events, oldest first.
+    pub fn last(&self, n: usize) -> Vec<Event> {
+        let g = self.inner.lock().expect("journal poisoned");
+        g.ring.iter().skip(g.ring.len().saturating_sub(n)).cloned().collect()
+    }
+
     /// Events after a time (seconds since the Unix epoch), oldest first.
     pub fn since(&self, at: f64) -> Vec<Event> {
         let g = self.inner.lock().expect("journal poisoned");
@@ -618,6 +624,8 @@ mod tests {
         }
         let all = j.since_seq(0);
         assert_eq!(all.len(), KEPT);
+        assert_eq!(j.last(3), all[KEPT - 3..].to_vec());
+        assert_eq!(j.last(KEPT + 5).len(), KEPT);
         assert_eq!(all.last().unwrap().seq, 2 + KEPT as u64 + 10);
         let c = Change {
             kind: Kind::Link,

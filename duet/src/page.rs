@@ -299,7 +299,9 @@ pub fn render(s: &NodeStatus, events: &[Event]) -> String {
         }
     }
 
-    let _ = write!(o, "<h2>Last events</h2><ol id=\"events\" reversed start=\"{}\">", events.len());
+    // Numbered by each event's sequence number, newest first.
+    let newest = events.last().map_or(0, |e| e.seq);
+    let _ = write!(o, "<h2>Last events</h2><ol id=\"events\" reversed start=\"{newest}\">");
     for e in events.iter().rev().take(EVENTS_SHOWN) {
         let _ = write!(
             o,

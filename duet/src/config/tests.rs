@@ -443,3 +443,21 @@ fn fingerprint_names_are_the_earlier_releases() {
         assert_eq!(d.fingerprint_name(), format!("{d:?}"));
     }
 }
+
+#[test]
+fn hooks_are_typed_and_checked() {
+    let ok = parse(&format!("{SINGLE}\n[hooks]\nsplit_brain = \"/bin/true\"\ntimeout_ms = 500\n"))
+        .unwrap();
+    assert_eq!((ok.hooks.split_brain.as_str(), ok.hooks.timeout_ms), ("/bin/true", 500));
+    assert_eq!(parse(SINGLE).unwrap().hooks, Hooks::default());
+    for (extra, want) in [
+        ("[hooks]\ntimeout_ms = 0\n", "hooks.timeout_ms = 0"),
+        ("[hooks]\nio_errror = \"x\"\n", "unknown field `io_errror`"),
+        ("[hooks]\nsplit_brain = 7\n", "split_brain"),
+        ("[hooks]\ntimeout_ms = -1\n", "timeout_ms"),
+        ("hooks = \"yes\"\n", "hooks"),
+    ] {
+        let e = parse(&format!("{SINGLE}\n{extra}")).unwrap_err().to_string();
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}

@@ -114,7 +114,7 @@ async fn answer(st: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/" => {
             let status = st.status().await;
-            let events = st.events(0);
+            let events = st.journal.last(crate::page::EVENTS_SHOWN);
             let page = crate::page::render(&status, &events);
             reply(StatusCode::OK, "text/html; charset=utf-8", page)
         }

@@ -456,6 +456,10 @@ fn bad_values_for_the_new_arguments_are_usage_errors() {
         (&["wait", "--primary", "--uptodate", "vol0"], "--uptodate"),
         (&["status", "--json", "--check"], "--check"),
         (&["generate", "completions", "cmd.exe"], "cmd.exe"),
+        (&["status", "--watch", "--json"], "--json"),
+        (&["status", "--watch", "--check"], "--check"),
+        (&["adjust", "now"], "now"),
+        (&["events", "--follow", "--since", "3"], "--since"),
     ] {
         let out = run(n.cli().args(args), MIN);
         let err = stderr_of(&out);
