@@ -48,6 +48,9 @@ pub enum Kind {
     /// The split brain discards this Primary's data under `call-pri-lost-after-sb` (`reason`:
     /// the split brain's).
     PriLostAfterSb,
+    /// The local disk failed (`name`: the disk; `new`: detached | passed to the client...;
+    /// `reason`: what failed, where, and the error).
+    IoError,
     /// This node's running role (master | slave | partly master).
     RunningRole,
     /// The peer as the heartbeat sees it (alive | dead | unknown).
@@ -413,6 +416,8 @@ pub struct ResSnap {
     pub verifying: bool,
     pub verify_mismatched_bytes: u64,
     pub pri_lost: bool,
+    /// The failed disk, the action taken, what failed.
+    pub disk_failure: Option<(String, String, String)>,
 }
 
 /// The cluster manager's states.
@@ -445,6 +450,10 @@ pub fn snap(s: &NodeStatus) -> Snap {
                     verify_mismatched_bytes: x
                         .map_or(0, |x| x.verify_mismatches.iter().map(|m| m.1).sum()),
                     pri_lost: x.is_some_and(|x| x.pri_lost_after_sb),
+                    disk_failure: x.and_then(|x| x.disk_failure.as_ref()).map(|f| {
+                        let what = format!("{} at {} failed: {}", f.op, f.offset, f.error);
+                        (f.disk.clone(), f.action.clone(), what)
+                    }),
                 }
             })
             .collect(),
@@ -508,6 +517,11 @@ pub fn diff(old: Option<&Snap>, new: &Snap) -> Vec<Change> {
         if r.pri_lost && (old.is_none() || !p.pri_lost) {
             let why = r.split_brain.as_deref().unwrap_or("");
             put(Kind::PriLostAfterSb, res, None, None, Some("yes"), why);
+        }
+        if let Some((disk, action, what)) = &r.disk_failure
+            && (old.is_none() || p.disk_failure.as_ref().map(|f| &f.1) != Some(action))
+        {
+            put(Kind::IoError, res, Some(disk), None, Some(action), what);
         }
         if old.is_some() && p.verifying && !r.verifying && r.verify_mismatched_bytes > 0 {
             let n = r.verify_mismatched_bytes.to_string();

@@ -75,6 +75,13 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Take a disk detached after an I/O error back (the daemon must be stopped): its metadata
+    /// is read and marked Inconsistent, so the next connect resyncs all of it from the peer.
+    /// After a disk replacement, run `create-md --force` instead.
+    Attach {
+        /// The resource whose disk is taken back.
+        resource: String,
+    },
     /// Print the replication metadata of this node's disks.
     DumpMd {
         /// Only this resource.
@@ -219,6 +226,7 @@ fn main() -> ExitCode {
             return md::create(&rt, &cfg, &node, resource.as_deref(), force);
         }
         Cmd::DumpMd { resource } => return md::dump(&cfg, &node, resource.as_deref()),
+        Cmd::Attach { resource } => return md::attach(&rt, &cfg, &node, &resource),
         Cmd::Daemon { log_format } => {
             return run_daemon(&rt, cfg, node, cli.config.clone(), log_format);
         }

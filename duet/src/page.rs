@@ -50,6 +50,10 @@ pub fn verdict(s: &NodeStatus) -> Verdict {
     if repl().any(|x| x.split_brain.is_some()) {
         return Verdict::SplitBrain;
     }
+    // A failed disk first: StandAlone is its consequence, not the news.
+    if s.resources.iter().any(|r| r.disk_state == "Diskless") {
+        return Verdict::Degraded;
+    }
     if s.peer.is_none() || s.resources.iter().any(|r| r.connection == "StandAlone") {
         return Verdict::Standalone;
     }

@@ -275,6 +275,13 @@ pub fn render(s: &NodeStatus) -> String {
             r.io_engine,
             if r.direct_io { ", O_DIRECT" } else { "" }
         );
+        if let Some(f) = r.replication.as_ref().and_then(|x| x.disk_failure.as_ref()) {
+            let _ = writeln!(
+                o,
+                "  DISK FAILED: {} at {} on {}: {} ({})",
+                f.op, f.offset, f.disk, f.error, f.action
+            );
+        }
         match (&r.nbd_listen, r.exporting) {
             (Some(a), true) => {
                 let _ = writeln!(o, "  NBD export {} on {a}", r.name);
@@ -481,6 +488,9 @@ pub mod check {
         use DiskState::*;
         if r.split_brain {
             return (Level::Critical, "split brain".into());
+        }
+        if r.disk == Diskless {
+            return (Level::Critical, "the local disk failed and is detached (Diskless)".into());
         }
         if r.role == Role::Primary && r.disk != UpToDate {
             return (Level::Critical, format!("Primary on a {:?} disk", r.disk));

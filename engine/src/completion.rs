@@ -38,6 +38,9 @@ pub struct Completion {
     received: bool,
     written: Option<Result<(), Errno>>,
     lost: bool,
+    /// The local disk is detached (or failed under this request): the peer's write is the
+    /// only copy, so the reply is the peer's answer whatever the protocol.
+    peer_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +68,16 @@ impl Completion {
             received: false,
             written: None,
             lost: !replicating,
+            peer_only: false,
         }
+    }
+
+    /// The local part is gone (a Diskless Primary, or the local write failed and the disk was
+    /// detached): answered on the peer's write only — its success, its error, or EIO when the
+    /// peer is lost before it answers. Never out of sync: there is nothing local to mark.
+    pub fn peer_only(&mut self) {
+        self.peer_only = true;
+        self.local = Some(Ok(()));
     }
     pub fn local_done(&mut self, r: Result<(), Errno>) {
         self.local = Some(r);
@@ -86,6 +98,13 @@ impl Completion {
 
     /// `Some` once the reply may be sent.
     pub fn ready(&self) -> Option<Outcome> {
+        if self.peer_only {
+            return match self.written {
+                Some(r) => Some(Outcome { result: r, out_of_sync: false }),
+                None if self.lost => Some(Outcome { result: Err(Errno::EIO), out_of_sync: false }),
+                None => None,
+            };
+        }
         let result = self.local?;
         let peer_ok = match self.need {
             Need::Nothing => true,
@@ -112,6 +131,45 @@ mod tests {
 
     fn ok(o: Option<Outcome>) -> bool {
         matches!(o, Some(Outcome { result: Ok(()), out_of_sync: false }))
+    }
+
+    #[test]
+    fn a_peer_only_request_is_answered_by_the_peer_under_every_protocol() {
+        for p in [A, B, C] {
+            for durable in [false, true] {
+                // The local write failed and the disk was detached: the peer's copy is all.
+                let mut c = Completion::new(p, durable, true);
+                c.queued();
+                c.received();
+                c.local_done(Err(Errno::EIO));
+                c.peer_only();
+                assert_eq!(c.ready(), None, "{p:?}: waits for the peer's write");
+                c.written(Ok(()));
+                assert!(ok(c.ready()), "{p:?}");
+                let mut c = Completion::new(p, durable, true);
+                c.peer_only();
+                c.written(Err(Errno::ENOSPC));
+                assert_eq!(
+                    c.ready(),
+                    Some(Outcome { result: Err(Errno::ENOSPC), out_of_sync: false })
+                );
+                let mut c = Completion::new(p, durable, true);
+                c.peer_only();
+                c.queued();
+                c.peer_lost();
+                assert_eq!(
+                    c.ready(),
+                    Some(Outcome { result: Err(Errno::EIO), out_of_sync: false }),
+                    "{p:?}: nowhere written is an error, never a success"
+                );
+                let mut c = Completion::new(p, durable, false);
+                c.peer_only();
+                assert_eq!(
+                    c.ready(),
+                    Some(Outcome { result: Err(Errno::EIO), out_of_sync: false })
+                );
+            }
+        }
     }
 
     #[test]

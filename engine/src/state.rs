@@ -21,6 +21,10 @@ pub enum Role {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub enum DiskState {
+    /// No local disk: it failed and was detached (`on_io_error = "detach"`). A Primary serves
+    /// through its connected peer; a Secondary holds nothing. Lowest of all: never a source,
+    /// never promoted, never connects until the disk is replaced or checked (`duet attach`).
+    Diskless,
     /// Being written by a resync, or never synced: not usable.
     Inconsistent,
     /// Consistent but known to be older than the peer's.
@@ -54,6 +58,7 @@ impl DiskState {
     /// Its name, as status shows it.
     pub fn name(self) -> &'static str {
         match self {
+            Self::Diskless => "Diskless",
             Self::Inconsistent => "Inconsistent",
             Self::Outdated => "Outdated",
             Self::Consistent => "Consistent",
@@ -64,6 +69,7 @@ impl DiskState {
     /// The wire and status code (State frames, heartbeat).
     pub fn code(self) -> u8 {
         match self {
+            Self::Diskless => 4,
             Self::Inconsistent => 0,
             Self::Outdated => 1,
             Self::Consistent => 2,
@@ -78,6 +84,7 @@ impl DiskState {
             1 => Some(Self::Outdated),
             2 => Some(Self::Consistent),
             3 => Some(Self::UpToDate),
+            4 => Some(Self::Diskless),
             _ => None,
         }
     }
@@ -187,8 +194,13 @@ pub enum Event {
     PeerVerifyEnd,
     /// A replicated write failed on our disk: as a Secondary our data is now known bad in a
     /// block the peer believes we have. (A Primary's failed write fails the client's request
-    /// and is marked out of sync; its disk state is the failover issue's business.)
+    /// and is marked out of sync; see [`Event::Detach`] for what `on_io_error = "detach"` does.)
     LocalWriteFailed,
+    /// The local disk failed (`on_io_error = "detach"`): Diskless from now on, and never
+    /// connecting again until the disk is replaced. A Secondary leaves the session (the Primary
+    /// goes on alone), unless it is the resync source (the only good copy: refused). A Primary detaches only beside a connected, UpToDate Secondary, through
+    /// which it serves on; otherwise its disk holds the only good copy and it is refused.
+    Detach,
 }
 
 /// Why an event was refused. The message says what to do.
@@ -224,6 +236,14 @@ pub enum Refusal {
     NotSyncSource(ConnState),
     #[error("verify needs a Connected, in-sync peer; the connection is {0:?}")]
     VerifyNeedsConnected(ConnState),
+    #[error(
+        "this node's disk failed and is detached (Diskless); replace or check it, then run `duet attach` with the daemon stopped (a full resync from the peer follows)"
+    )]
+    Diskless,
+    #[error(
+        "cannot detach the failed disk: the peer is not a connected UpToDate Secondary (connection {0:?}, peer disk {1:?}), so this disk holds the only good copy; its errors go to the clients"
+    )]
+    OnlyCopy(ConnState, Option<DiskState>),
 }
 
 /// What an accepted event did.
@@ -269,6 +289,9 @@ impl State {
             Event::Promote { force } => match self.role {
                 Role::Primary => {}
                 Role::Secondary => {
+                    if self.disk == DiskState::Diskless {
+                        return Err(Refusal::Diskless);
+                    }
                     if self.peer_role == Some(Role::Primary) && self.conn.live() {
                         return Err(Refusal::PeerIsPrimary);
                     }
@@ -285,6 +308,7 @@ impl State {
                         | (d @ DiskState::Inconsistent, false) => {
                             return Err(Refusal::NotUpToDate(d));
                         }
+                        (DiskState::Diskless, _) => return Err(Refusal::Diskless),
                     }
                     next.role = Role::Primary;
                     next.disk = DiskState::UpToDate;
@@ -294,10 +318,16 @@ impl State {
                 next.role = Role::Secondary;
                 next.disk = disk;
             }
-            Event::Demote => next.role = Role::Secondary,
+            Event::Demote => {
+                next.role = Role::Secondary;
+                // A Diskless Secondary has nothing to give the peer: it leaves the session.
+                if self.disk == DiskState::Diskless && self.conn.live() {
+                    next.conn = ConnState::Disconnecting;
+                }
+            }
             Event::Outdate => match (self.role, self.disk) {
                 (Role::Primary, _) => return Err(Refusal::PrimaryCannotBeOutdated),
-                (Role::Secondary, DiskState::Inconsistent) => {}
+                (Role::Secondary, DiskState::Inconsistent | DiskState::Diskless) => {}
                 (
                     Role::Secondary,
                     DiskState::Outdated | DiskState::Consistent | DiskState::UpToDate,
@@ -306,6 +336,9 @@ impl State {
             Event::PeerOutdated => next.peer_disk = Some(DiskState::Outdated),
             Event::Invalidate => match self.role {
                 Role::Primary => return Err(Refusal::PrimaryCannotBeInvalidated),
+                Role::Secondary if self.disk == DiskState::Diskless => {
+                    return Err(Refusal::Diskless);
+                }
                 Role::Secondary
                     if self.conn.live() && self.peer_disk != Some(DiskState::UpToDate) =>
                 {
@@ -321,6 +354,9 @@ impl State {
                 }
             },
             Event::Connect { discard_my_data } => {
+                if self.disk == DiskState::Diskless {
+                    return Err(Refusal::Diskless);
+                }
                 if discard_my_data && self.role == Role::Primary {
                     return Err(Refusal::PrimaryCannotDiscard);
                 }
@@ -381,7 +417,9 @@ impl State {
                     }
                     Sync::Target => {
                         next.conn = ConnState::SyncTarget;
-                        next.disk = DiskState::Inconsistent;
+                        if self.disk != DiskState::Diskless {
+                            next.disk = DiskState::Inconsistent;
+                        }
                     }
                 }
             }
@@ -412,6 +450,9 @@ impl State {
                 | ConnState::Disconnecting) => return Err(Refusal::NotSyncSource(c)),
             },
             Event::TargetDone => {
+                if self.disk == DiskState::Diskless {
+                    return Err(Refusal::Diskless);
+                }
                 next.conn = ConnState::Connected;
                 next.disk = DiskState::UpToDate;
                 next.peer_disk = Some(DiskState::UpToDate);
@@ -443,6 +484,7 @@ impl State {
             }
             Event::LocalWriteFailed => match self.role {
                 Role::Primary => {}
+                Role::Secondary if self.disk == DiskState::Diskless => {}
                 Role::Secondary => {
                     // Never a failover target with a block it does not have; the reconnect
                     // resyncs it.
@@ -450,6 +492,33 @@ impl State {
                     if self.conn.live() {
                         next.conn = ConnState::Disconnecting;
                     }
+                }
+            },
+            Event::Detach => match (self.role, self.disk) {
+                (_, DiskState::Diskless) => {}
+                // A resync source is the good copy the peer is being made from.
+                (Role::Secondary, _) if self.conn == ConnState::SyncSource => {
+                    return Err(Refusal::OnlyCopy(self.conn, self.peer_disk));
+                }
+                (Role::Secondary, _) => {
+                    next.disk = DiskState::Diskless;
+                    next.want_connect = false;
+                    next.conn = if self.conn.live() {
+                        ConnState::Disconnecting
+                    } else {
+                        ConnState::StandAlone
+                    };
+                }
+                (Role::Primary, _) => {
+                    // Served on through the peer: it must hold every block, now and later.
+                    if self.conn != ConnState::Connected
+                        || self.peer_disk != Some(DiskState::UpToDate)
+                        || self.peer_role != Some(Role::Secondary)
+                    {
+                        return Err(Refusal::OnlyCopy(self.conn, self.peer_disk));
+                    }
+                    next.disk = DiskState::Diskless;
+                    next.want_connect = false;
                 }
             },
         }
@@ -468,6 +537,7 @@ mod tests {
         }
         assert_eq!(Role::from_code(2), None);
         for d in [
+            DiskState::Diskless,
             DiskState::Inconsistent,
             DiskState::Outdated,
             DiskState::Consistent,
@@ -476,7 +546,7 @@ mod tests {
             assert_eq!(DiskState::from_code(d.code()), Some(d));
             assert_eq!(d.name(), format!("{d:?}"));
         }
-        assert_eq!(DiskState::from_code(4), None);
+        assert_eq!(DiskState::from_code(5), None);
         assert_eq!(ConnState::Disconnecting.code(), 0);
         assert_eq!(ConnState::VerifyTarget.code(), 4);
     }
@@ -704,10 +774,72 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_disk_detaches_a_secondary_and_a_primary_beside_a_good_peer_only() {
+        for conn in [C::Connected, C::SyncTarget, C::Connecting, C::StandAlone] {
+            let mut s = st(SECONDARY, D::UpToDate, conn);
+            assert_eq!(s.step(Event::Detach), Ok(Outcome::Changed));
+            assert_eq!(s.disk, D::Diskless);
+            assert!(!s.want_connect);
+            let leaves = if conn.live() { C::Disconnecting } else { C::StandAlone };
+            assert_eq!(s.conn, leaves);
+            assert_eq!(s.step(Event::Detach), Ok(Outcome::Unchanged));
+        }
+        let mut s = st(PRIMARY, D::UpToDate, C::Connected);
+        s.peer_role = Some(SECONDARY);
+        s.peer_disk = Some(D::UpToDate);
+        assert_eq!(s.step(Event::Detach), Ok(Outcome::Changed));
+        assert_eq!((s.role, s.disk, s.conn), (PRIMARY, D::Diskless, C::Connected));
+        // The only good copy stays attached: the peer is away, syncing or not UpToDate.
+        for (conn, peer) in [
+            (C::Connecting, None),
+            (C::SyncSource, Some(D::Inconsistent)),
+            (C::Connected, Some(D::Outdated)),
+            (C::VerifySource, Some(D::UpToDate)),
+        ] {
+            let mut s = st(SECONDARY, D::UpToDate, C::SyncSource);
+            s.peer_disk = Some(D::Inconsistent);
+            assert_eq!(s.step(Event::Detach), Err(Refusal::OnlyCopy(C::SyncSource, s.peer_disk)));
+            let mut s = st(PRIMARY, D::UpToDate, conn);
+            s.peer_role = peer.map(|_| SECONDARY);
+            s.peer_disk = peer;
+            let before = s;
+            assert_eq!(s.step(Event::Detach), Err(Refusal::OnlyCopy(conn, peer)));
+            assert_eq!(s, before);
+            assert!(Refusal::OnlyCopy(conn, peer).to_string().contains("only good copy"));
+        }
+    }
+
+    #[test]
+    fn a_diskless_node_is_never_promoted_connected_or_resynced() {
+        let mut s = st(SECONDARY, D::Diskless, C::StandAlone);
+        s.want_connect = false;
+        for e in [
+            Event::Promote { force: true },
+            Event::Promote { force: false },
+            Event::Connect { discard_my_data: false },
+            Event::Invalidate,
+            Event::TargetDone,
+        ] {
+            assert_eq!(s.step(e), Err(Refusal::Diskless), "{e:?}");
+        }
+        assert!(Refusal::Diskless.to_string().contains("duet attach"));
+        assert_eq!(s.step(Event::Outdate), Ok(Outcome::Unchanged));
+        assert_eq!(s.step(Event::LocalWriteFailed), Ok(Outcome::Unchanged));
+        s.step(Event::Attempt).unwrap();
+        assert_eq!(s.conn, C::StandAlone);
+        // A Diskless Primary demoted (its handover) leaves the session.
+        let mut s = st(PRIMARY, D::Diskless, C::Connected);
+        s.step(Event::Demote).unwrap();
+        assert_eq!((s.role, s.conn), (SECONDARY, C::Disconnecting));
+        assert_eq!(DiskState::from_code(D::Diskless.code()), Some(D::Diskless));
+        assert!(D::Diskless < D::Inconsistent, "the lowest disk state");
+    }
+
+    #[test]
     fn disk_codes_round_trip_and_unknown_codes_are_none() {
-        for d in [D::Inconsistent, D::Outdated, D::Consistent, D::UpToDate] {
+        for d in [D::Diskless, D::Inconsistent, D::Outdated, D::Consistent, D::UpToDate] {
             assert_eq!(DiskState::from_code(d.code()), Some(d));
         }
-        assert_eq!(DiskState::from_code(4), None);
+        assert_eq!(DiskState::from_code(5), None);
     }
 }

@@ -75,6 +75,12 @@ pub enum Kind {
     SyncUuid = 34,
     /// Mark a range out of sync on the receiver.
     OutOfSync = 35,
+    /// A Diskless Primary reads from its peer; payload: the length (u32).
+    PeerRead = 36,
+    /// The answer to a PeerRead: the block (a hole, or digest and data, as Data).
+    PeerReadData = 37,
+    /// A PeerRead failed on the peer's disk; `offset` carries the errno.
+    PeerReadError = 38,
     /// Verify: hash your copy of this range.
     VerifyRequest = 40,
     /// Verify: the hash of the range.
@@ -110,6 +116,9 @@ impl Kind {
             33 => RsDone,
             34 => SyncUuid,
             35 => OutOfSync,
+            36 => PeerRead,
+            37 => PeerReadData,
+            38 => PeerReadError,
             40 => VerifyRequest,
             41 => VerifyReply,
             42 => VerifyDone,
@@ -341,8 +350,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const KINDS: [u16; 24] =
-        [1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 20, 21, 30, 31, 32, 33, 34, 35, 40, 41, 42, 50, 60];
+    const KINDS: [u16; 27] = [
+        1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 20, 21, 30, 31, 32, 33, 34, 35, 36, 37, 38, 40, 41,
+        42, 50, 60,
+    ];
 
     proptest! {
         #[test]

@@ -46,7 +46,7 @@ type HmacSha256 = Hmac<Sha256>;
 pub struct ResourceState {
     /// 0 Secondary, 1 Primary.
     pub role: u8,
-    /// 0 Inconsistent, 1 Outdated, 2 Consistent, 3 UpToDate.
+    /// 0 Inconsistent, 1 Outdated, 2 Consistent, 3 UpToDate, 4 Diskless.
     pub disk: u8,
     /// 0 StandAlone/Connecting (not connected), 1 Connected, 2 SyncSource, 3 SyncTarget,
     /// 4 Verify (either side).
@@ -306,7 +306,7 @@ impl Frame {
                 conn: b[o + 2],
                 generation: u64_at(o + 4),
             };
-            if r.role > 1 || r.disk > 3 || r.conn > 4 || b[o + 3] != 0 {
+            if r.role > 1 || r.disk > 4 || r.conn > 4 || b[o + 3] != 0 {
                 return Err(FrameError::Field("resource state"));
             }
             resources.push(r);
@@ -367,7 +367,7 @@ mod tests {
     }
 
     fn resource() -> impl Strategy<Value = ResourceState> {
-        (0u8..2, 0u8..4, 0u8..5, any::<u64>()).prop_map(|(role, disk, conn, generation)| {
+        (0u8..2, 0u8..5, 0u8..5, any::<u64>()).prop_map(|(role, disk, conn, generation)| {
             ResourceState { role, disk, conn, generation }
         })
     }

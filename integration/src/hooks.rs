@@ -7,7 +7,7 @@ pub fn recording_hooks(dir: &std::path::Path, before: &str) -> String {
     let f = format!("{}/\\\"$DUET_NODE-$DUET_HOOK-$$\\\"", dir.display());
     let rec = format!("env | grep ^DUET_ | sort > {f}.tmp && mv {f}.tmp {f}.env");
     format!(
-        "[hooks]\nsplit_brain = \"{rec}\"\nout_of_sync = \"{rec}\"\nbefore_resync_target = \"{rec}{before}\"\nafter_resync_target = \"{rec}\"\nrole_change = \"{rec}\"\npri_lost_after_sb = \"{rec}\"\ntimeout_ms = 10000\n"
+        "[hooks]\nsplit_brain = \"{rec}\"\nout_of_sync = \"{rec}\"\nbefore_resync_target = \"{rec}{before}\"\nafter_resync_target = \"{rec}\"\nrole_change = \"{rec}\"\npri_lost_after_sb = \"{rec}\"\nio_error = \"{rec}\"\ntimeout_ms = 10000\n"
     )
 }
 

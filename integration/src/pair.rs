@@ -461,7 +461,12 @@ replication_address = "{h1}:{r1}"
 
     /// Replicated size.
     pub fn data_size(&self) -> u64 {
-        let out = self.ok(0, &["dump-md"]);
+        self.data_size_of(0)
+    }
+
+    /// Replicated size, from node `i`'s metadata.
+    pub fn data_size_of(&self, i: usize) -> u64 {
+        let out = self.ok(i, &["dump-md"]);
         let line = out.lines().find(|l| l.contains("volume size")).expect("volume size line");
         line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).expect("a number")
     }

@@ -96,6 +96,11 @@ pub struct LocalView {
     pub peer_primary: bool,
     /// Resources whose replication link is down (bit i = resource i).
     pub disconnected: u32,
+    /// Resources connected and in sync with the peer (bit i = resource i; see `in_sync`).
+    pub synced: u32,
+    /// Resources whose local disk failed and is detached (bit i = resource i): the peer holds
+    /// their only copy (never outdated), and this node is unhealthy (it hands over).
+    pub diskless: u32,
     /// The worst local disk state, for messages ("Outdated", "Inconsistent", ...).
     pub worst_disk: &'static str,
 }
@@ -107,6 +112,8 @@ pub struct PeerView {
     pub any_primary: bool,
     pub uptodate: bool,
     pub healthy: bool,
+    /// Resources whose disk the peer reports Diskless (bit i = resource i).
+    pub diskless: u32,
 }
 
 /// Token of an operator command waiting for its answer.

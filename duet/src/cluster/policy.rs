@@ -29,8 +29,12 @@ impl Manager {
             }
             Some(Pending::Sync { origin, deadline }) => {
                 let l = self.local;
+                // In sync, or the peer's disk is detached: a Diskless Primary wrote only
+                // through us (its demotion flushed us first), so our UpToDate disk is all of it.
+                let diskless = self.peer_view.map_or(0, |v| v.diskless);
+                let complete = l.in_sync || (l.synced | diskless) & self.s.all() == self.s.all();
                 if l.uptodate
-                    && l.in_sync
+                    && complete
                     && !l.peer_primary
                     && !self.peer_view.is_some_and(|v| v.any_primary)
                 {
@@ -81,7 +85,8 @@ impl Manager {
                 return;
             }
             // Outdate the peer over the heartbeat when replication is down but the peer answers.
-            let need = l.disconnected & !self.peer_outdated;
+            // (Never where this node is Diskless: the peer's copy is the only one.)
+            let need = l.disconnected & !self.peer_outdated & !l.diskless;
             if alive && need != 0 && self.outdating.is_none() {
                 let id = self.id();
                 self.event(&format!("replication link down but the peer answers on a heartbeat link: outdating its data (resources {need:#x})"));

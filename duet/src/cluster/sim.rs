@@ -214,6 +214,10 @@ impl World {
             resyncing: self.connected && self.resync_until.is_some(),
             peer_primary: self.connected && other.up && other.primary,
             disconnected: u32::from(!self.connected),
+            synced: u32::from(
+                self.in_sync() && other.disk == Disk::UpToDate && me.disk == Disk::UpToDate,
+            ),
+            diskless: 0,
             worst_disk: match me.disk {
                 Disk::Inconsistent => "Inconsistent",
                 Disk::Outdated => "Outdated",
@@ -230,6 +234,7 @@ impl World {
             any_primary: me.primary,
             uptodate: me.disk == Disk::UpToDate,
             healthy: me.healthy,
+            diskless: 0,
         }
     }
 

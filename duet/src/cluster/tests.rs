@@ -25,6 +25,8 @@ fn master_view() -> LocalView {
         resyncing: false,
         peer_primary: false,
         disconnected: 0,
+        synced: 0b11,
+        diskless: 0,
         worst_disk: "UpToDate",
     }
 }
@@ -34,7 +36,7 @@ fn slave_view() -> LocalView {
 }
 
 fn peer(primary: bool) -> PeerView {
-    PeerView { primary, any_primary: primary, uptodate: true, healthy: true }
+    PeerView { primary, any_primary: primary, uptodate: true, healthy: true, diskless: 0 }
 }
 
 fn alive(m: &mut Manager, t: Instant, local: LocalView, pv: PeerView) {
@@ -257,4 +259,39 @@ fn switchover_now_answers_as_make_master_and_make_slave_would() {
     // Stopping.
     m.handle(t, Input::Stopping);
     assert_eq!(m.switchover_now(), Err(Refusal::Stopping));
+}
+
+#[test]
+fn a_diskless_master_never_outdates_the_peer_that_holds_the_only_copy() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    let v = LocalView { disconnected: 0b11, diskless: 0b01, in_sync: false, ..master_view() };
+    let a = m.handle(t, Input::Local(v));
+    assert!(matches!(sends(&a)[..], [Control::Outdate { mask: 0b10, .. }]), "{a:?}");
+}
+
+#[test]
+fn a_slave_takes_over_from_a_released_diskless_master_it_was_the_copy_of() {
+    for peer_diskless in [0b11, 0b01] {
+        let t = Instant::now();
+        let mut m = Manager::new(s(false), t);
+        alive(&mut m, t, slave_view(), peer(true));
+        let a = m.handle(t, Input::MakeMaster { token: 1, force: false });
+        let id = match sends(&a)[..] {
+            [Control::Release { id }] => *id,
+            _ => panic!("no release request: {a:?}"),
+        };
+        // The Diskless peer left the replication session as it demoted.
+        let v = LocalView { in_sync: false, synced: 0b10, disconnected: 0b01, ..slave_view() };
+        m.handle(t, Input::Local(v));
+        let mut a =
+            m.handle(t, Input::Control(Control::Released { id, ok: true, reason: String::new() }));
+        let pv = PeerView { diskless: peer_diskless, ..peer(false) };
+        a.extend(m.handle(t, Input::PeerView(pv)));
+        a.extend(m.handle(t + Duration::from_millis(100), Input::Tick));
+        let promotes = a.iter().any(|x| matches!(x, Action::Run(Step::Promote { .. })));
+        // Resource 0's copy is complete here only if the peer's disk 0 is the detached one.
+        assert_eq!(promotes, peer_diskless & 1 == 1, "{peer_diskless:#b}: {a:?}");
+    }
 }

@@ -112,6 +112,9 @@ pub struct Hooks {
     /// discards (DRBD's pri-lost-after-sb handler: typically demote this node, or reboot it);
     /// `DUET_REASON`.
     pub pri_lost_after_sb: String,
+    /// The local disk failed (`DUET_DISK`, `DUET_ACTION`: detached, or passed to the client and
+    /// why; `DUET_REASON`: what failed, where, the error), as DRBD's local-io-error handler.
+    pub io_error: String,
     /// How long a hook may run before its process group is killed.
     pub timeout_ms: u64,
 }
@@ -125,6 +128,7 @@ impl Default for Hooks {
             after_resync_target: String::new(),
             role_change: String::new(),
             pri_lost_after_sb: String::new(),
+            io_error: String::new(),
             timeout_ms: default_30000(),
         }
     }

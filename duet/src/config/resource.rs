@@ -38,6 +38,17 @@ pub enum IoEngine {
     Threads,
 }
 
+/// `on_io_error`: what a failing backing store does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnIoError {
+    /// Detach it: a Primary serves on through its in-sync peer and hands over.
+    #[default]
+    Detach,
+    /// Return the error to the client.
+    Pass,
+}
+
 /// `data_integrity`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -93,6 +104,9 @@ pub struct Resource {
     /// off | crc32 | sha256.
     #[serde(default)]
     pub data_integrity: DataIntegrity,
+    /// detach | pass.
+    #[serde(default)]
+    pub on_io_error: OnIoError,
     /// `[resource.on.NAME]`.
     #[serde(default)]
     pub on: BTreeMap<String, ResourceOn>,

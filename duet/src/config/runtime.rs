@@ -151,6 +151,15 @@ pub fn volume_config(
         },
         listen: addr(node)?,
         peer_addr: addr(peer)?,
+        on_io_error: match r.on_io_error {
+            config::OnIoError::Detach => replicator::repl::volume::OnIoError::Detach,
+            config::OnIoError::Pass => replicator::repl::volume::OnIoError::Pass,
+        },
+        detached_marker: Some(replicator::repl::volume::marker_path(
+            &cfg.cluster.state_dir,
+            node,
+            &r.name,
+        )),
     })
 }
 

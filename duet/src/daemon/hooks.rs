@@ -24,6 +24,14 @@ pub fn which(
             Some(("split_brain", vec![("DUET_REASON", e.reason.clone())]))
         }
         Kind::OutOfSync => Some(("out_of_sync", vec![("DUET_OUT_OF_SYNC_BYTES", new)])),
+        Kind::IoError => Some((
+            "io_error",
+            vec![
+                ("DUET_DISK", e.name.clone().unwrap_or_default()),
+                ("DUET_ACTION", new),
+                ("DUET_REASON", e.reason.clone()),
+            ],
+        )),
         Kind::PriLostAfterSb => {
             Some(("pri_lost_after_sb", vec![("DUET_REASON", e.reason.clone())]))
         }
@@ -50,6 +58,7 @@ fn command<'a>(h: &'a crate::config::Hooks, hook: &str) -> &'a str {
         "after_resync_target" => &h.after_resync_target,
         "role_change" => &h.role_change,
         "pri_lost_after_sb" => &h.pri_lost_after_sb,
+        "io_error" => &h.io_error,
         _ => "",
     }
 }

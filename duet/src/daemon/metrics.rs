@@ -70,7 +70,7 @@ pub fn classic(om: &str) -> String {
 type Labels = Vec<(String, String)>;
 
 const ROLES: [&str; 2] = ["Primary", "Secondary"];
-const DISK_STATES: [&str; 4] = ["Inconsistent", "Outdated", "Consistent", "UpToDate"];
+const DISK_STATES: [&str; 5] = ["Diskless", "Inconsistent", "Outdated", "Consistent", "UpToDate"];
 const CONN_STATES: [&str; 8] = [
     "StandAlone",
     "Connecting",

@@ -40,6 +40,7 @@ use replicator::nbd::negotiate::ExportInfo;
 use replicator::nbd::server::{Export, MAX_PAYLOAD, Server, stopped};
 use replicator::repl::link;
 use replicator::repl::meta::Meta;
+use replicator::repl::volume::read_marker;
 use replicator::repl::volume::{Role, Volume};
 use replicator::store::{EngineKind, Store, StoreOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -132,14 +133,10 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
         let vol = match &peer {
             None => Volume::standalone(store),
             Some(p) => {
-                let (placement, g) = meta_of(r, &node);
-                let (meta, loaded) = Meta::open(&on.disk, &placement, g, node_id(&cfg, &node))
-                    .map_err(|source| DaemonError::Meta {
-                        name: r.name.clone(),
-                        node: node.clone(),
-                        source,
-                    })?;
                 let vc = volume_config(&cfg, r, &node, p, &secret)?;
+                // A disk detached after an I/O error stays so: neither its data nor its
+                // metadata is read again until `duet attach` (or `create-md` on a new disk).
+                let detached = vc.detached_marker.as_deref().and_then(read_marker);
                 let listener = if node > *p {
                     Some(TcpListener::bind(vc.listen).await.map_err(|source| {
                         DaemonError::PeerListen {
@@ -152,8 +149,26 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
                 } else {
                     None
                 };
-                let vol = Volume::replicated(vc, store, meta, loaded)
-                    .map_err(|source| DaemonError::Volume { name: r.name.clone(), source })?;
+                let vol = match detached {
+                    Some(f) => {
+                        tracing::warn!(resource = %r.name, disk = %on.disk.display(), "the disk was detached after an I/O error ({} at {}: {}): Diskless; replace or check it, then `duet attach {}` with the daemon stopped", f.op, f.offset, f.error, r.name);
+                        Volume::detached(vc, store, f)
+                    }
+                    None => {
+                        let (placement, g) = meta_of(r, &node);
+                        let (meta, loaded) =
+                            Meta::open(&on.disk, &placement, g, node_id(&cfg, &node)).map_err(
+                                |source| DaemonError::Meta {
+                                    name: r.name.clone(),
+                                    node: node.clone(),
+                                    source,
+                                },
+                            )?;
+                        Volume::replicated(vc, store, meta, loaded).map_err(|source| {
+                            DaemonError::Volume { name: r.name.clone(), source }
+                        })?
+                    }
+                };
                 vol.set_before_resync_target(hooks::before_resync_target(
                     Arc::clone(&live),
                     node.clone(),

@@ -217,7 +217,7 @@ impl Loop {
                             *h = ok;
                         }
                         self.healthy = self.health.iter().all(|h| *h);
-                        let h = self.healthy;
+                        let h = self.health_now();
                         self.feed(Input::Health(h));
                     }
                 },
@@ -281,7 +281,8 @@ impl Loop {
         if checks_changed {
             self.start_probes();
             self.healthy = true;
-            self.feed(Input::Health(true));
+            let h = self.health_now();
+            self.feed(Input::Health(h));
         }
     }
 
@@ -375,9 +376,26 @@ impl Loop {
 
     /// Reads the replicator's state, keeps it for `duet status`, and tells the manager.
     fn refresh_local(&mut self) {
+        let before = self.health_now();
         self.local = self.local_view();
         let l = self.local;
         self.feed(Input::Local(l));
+        let now = self.health_now();
+        if now != before {
+            if !now {
+                self.log(format!(
+                    "a local disk failed and is detached (resources {:#x}): this node is unhealthy",
+                    l.diskless
+                ));
+            }
+            self.feed(Input::Health(now));
+        }
+    }
+
+    /// Healthy: every health check passes and no local disk is detached (a Diskless master
+    /// hands over to an in-sync, healthy slave; a Diskless slave is never a takeover target).
+    fn health_now(&self) -> bool {
+        self.healthy && self.local.diskless == 0
     }
 
     fn local_view(&self) -> LocalView {
@@ -397,7 +415,7 @@ impl Loop {
                 cluster: self.cluster,
                 boot: self.boot,
                 seq: self.seq,
-                health: if self.healthy { 100 } else { 0 },
+                health: if self.health_now() { 100 } else { 0 },
                 resources: Vec::clone(&resources),
                 control: control.clone(),
             };
@@ -551,7 +569,7 @@ impl Loop {
         s.peer_role =
             self.peer_view.map(|(v, _)| if v.primary { "master" } else { "slave" }.to_string());
         s.peer_healthy = self.peer_view.map(|(v, _)| v.healthy);
-        s.healthy = self.healthy;
+        s.healthy = self.health_now();
         s.activity = self.mgr.activity();
         s.links = links;
         s.drops = self.rx.drops.into();

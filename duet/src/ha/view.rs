@@ -17,6 +17,8 @@ pub(super) fn local_view(summaries: &[Summary]) -> LocalView {
         resyncing: false,
         peer_primary: false,
         disconnected: 0,
+        synced: 0,
+        diskless: 0,
         worst_disk: DiskState::UpToDate.name(),
     };
     let mut worst = DiskState::UpToDate;
@@ -26,9 +28,15 @@ pub(super) fn local_view(summaries: &[Summary]) -> LocalView {
         v.any_primary |= primary;
         v.uptodate &= s.disk == DiskState::UpToDate;
         worst = worst.min(s.disk);
-        v.in_sync &= s.connection == ConnState::Connected
-            && s.peer_disk == Some(DiskState::UpToDate)
+        // A Diskless peer stays connected only as a Primary serving through us: then our
+        // disk is the whole copy.
+        let synced = s.connection == ConnState::Connected
+            && matches!(s.peer_disk, Some(DiskState::UpToDate | DiskState::Diskless))
             && s.out_of_sync_bytes == 0;
+        v.in_sync &= synced;
+        if synced && i < 32 {
+            v.synced |= 1 << i;
+        }
         v.resyncing |= matches!(s.connection, ConnState::SyncSource | ConnState::SyncTarget);
         v.peer_primary |= s.peer_role == Some(Role::Primary);
         let down = matches!(
@@ -37,6 +45,9 @@ pub(super) fn local_view(summaries: &[Summary]) -> LocalView {
         );
         if down && i < 32 {
             v.disconnected |= 1 << i;
+        }
+        if s.disk == DiskState::Diskless && i < 32 {
+            v.diskless |= 1 << i;
         }
     }
     v.worst_disk = worst.name();
@@ -55,6 +66,12 @@ pub(super) fn peer_view(f: &Frame) -> PeerView {
                 .iter()
                 .all(|r| DiskState::from_code(r.disk) == Some(DiskState::UpToDate)),
         healthy: f.health == 100,
+        diskless: f
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| *i < 32 && DiskState::from_code(r.disk) == Some(DiskState::Diskless))
+            .fold(0, |m, (i, _)| m | 1 << i),
     }
 }
 

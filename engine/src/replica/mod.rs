@@ -69,6 +69,28 @@ pub enum PeerError {
         "peer sent resync data ({what}) to a {role:?} in state {conn:?}; only a Secondary that is a resync or repair target takes it"
     )]
     ResyncDataRefused { what: &'static str, role: Role, conn: ConnState },
+    #[error(
+        "peer asked to read from a {role:?} whose disk is {disk:?}; only an UpToDate Secondary serves a Diskless Primary's reads"
+    )]
+    ReadRefused { role: Role, disk: DiskState },
+    #[error("peer asked a Diskless node for data")]
+    NoDisk,
+}
+
+/// A demotion must wait: the peer holds this many acknowledged bytes not yet durable there
+/// (see [`Replica::demote`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the peer holds {0} acknowledged bytes not yet durable; flush it before demoting")]
+pub struct Unflushed(pub u64);
+
+/// Where a read goes (see [`Replica::read_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    Local,
+    /// The peer of live session `epoch`.
+    Peer(u64),
+    /// Diskless and no live session: the read fails.
+    Nowhere,
 }
 
 /// What a session's end leaves to the caller.
@@ -113,6 +135,25 @@ impl<W> Replica<W> {
             sync_source_gens: None,
             epochs: 0,
         }
+    }
+
+    /// A node whose disk failed and was detached before this start (its marker is in the state
+    /// directory): Diskless Secondary, not connecting, its metadata not read (`sb` and `bitmap`
+    /// are placeholders of the right size).
+    pub fn detached(sb: Superblock, mut bitmap: Bitmap) -> Self {
+        bitmap.set_all();
+        let st = State { want_connect: false, ..State::attached(DiskState::Diskless, false) };
+        Self::with(st, sb, bitmap)
+    }
+
+    /// The local disk is detached: no I/O may reach it.
+    pub fn diskless(&self) -> bool {
+        self.st.disk == DiskState::Diskless
+    }
+
+    /// What of `p` can reach a disk: nothing once Diskless.
+    fn on_disk(&self, p: Persist) -> Persist {
+        if self.diskless() { Persist::NOTHING } else { p }
     }
 
     /// A single node: always Primary and UpToDate, no peer.
@@ -198,15 +239,26 @@ impl<W> Replica<W> {
         let _ = self.st.step(Event::PromotionFailed { disk: was });
     }
 
-    /// `duet secondary` (nothing in flight: the export is closed). `None` when already
+    /// `duet secondary` (nothing in flight: the export is closed). `Ok(None)` when already
     /// Secondary; else the data, the bitmap and a clean superblock must reach the disk.
-    pub fn demote(&mut self) -> Option<Persist> {
+    ///
+    /// Refused while the peer holds acknowledged writes it has not made durable: the clean
+    /// superblock drops "crashed while Primary", so after a power loss of both nodes nothing
+    /// would mark those writes, and the peer's disk (about to be the Primary's) would silently
+    /// lack them (found by the simulation). The caller flushes the peer first, or ends the
+    /// session (whose teardown marks them).
+    pub fn demote(&mut self) -> Result<Option<Persist>, Unflushed> {
         if self.st.role == Role::Secondary {
-            return None;
+            return Ok(None);
+        }
+        if let Some(s) = &self.session
+            && s.tl.held_bytes() > 0
+        {
+            return Err(Unflushed(s.tl.held_bytes()));
         }
         let _ = self.st.step(Event::Demote);
         self.sb.flags &= !FLAG_CRASHED_PRIMARY;
-        Some(Persist::ALL)
+        Ok(Some(self.on_disk(Persist::ALL)))
     }
 
     /// Outdated at the peer's request. `None`: already Inconsistent (nothing to write).
@@ -243,7 +295,39 @@ impl<W> Replica<W> {
     /// A clean stop: nothing is left for a crash recovery to mark.
     pub fn close(&mut self) -> Persist {
         self.sb.flags &= !FLAG_CRASHED_PRIMARY;
-        Persist::ALL
+        self.on_disk(Persist::ALL)
+    }
+
+    /// The local disk failed (`on_io_error = "detach"`, see [`Event::Detach`]): Diskless, and
+    /// every block out of sync here (nothing of the old disk is trusted again; a reattach is a
+    /// full resync). Nothing reaches the failed disk: its record is the executor's marker in
+    /// the state directory. A Primary's requests in flight complete on the peer's answer only.
+    pub fn detach(&mut self) -> Result<Outcome, Refusal> {
+        let o = self.st.step(Event::Detach)?;
+        if o == Outcome::Changed {
+            self.bitmap.set_all();
+            let _ = self.bitmap.take_dirty();
+        }
+        Ok(o)
+    }
+
+    /// Where a read is served: the local disk, or (Diskless) the live session's peer.
+    pub fn read_from(&self) -> ReadFrom {
+        if !self.diskless() {
+            return ReadFrom::Local;
+        }
+        match &self.session {
+            Some(s) if self.st.conn == ConnState::Connected => ReadFrom::Peer(s.epoch),
+            _ => ReadFrom::Nowhere,
+        }
+    }
+
+    /// A read request from a Diskless Primary: served by an UpToDate Secondary.
+    pub fn check_read_request(&self) -> Result<(), PeerError> {
+        if self.st.role == Role::Secondary && self.st.disk == DiskState::UpToDate {
+            return Ok(());
+        }
+        Err(PeerError::ReadRefused { role: self.st.role, disk: self.st.disk })
     }
 
     // ------------------------------------------------------------------ the write path
@@ -332,7 +416,7 @@ impl<W> Replica<W> {
     /// the target has adopted; if the target is then forced Primary, the connect takes the
     /// target as source and drops those writes silently (also found by the simulation).
     pub fn new_generation(&mut self, fresh: u64) -> Option<Superblock> {
-        if self.bumped() {
+        if self.bumped() || self.diskless() {
             return None;
         }
         let primary = self.st.role == Role::Primary;
@@ -399,7 +483,7 @@ impl<W> Replica<W> {
         // Disconnecting by now (found by the simulation: a disconnect during a resync skipped
         // the flush).
         let was_target = self.resyncing && self.st.disk == DiskState::Inconsistent;
-        let persist = Persist { data: was_target, bitmap: true, superblock: false };
+        let persist = self.on_disk(Persist { data: was_target, bitmap: true, superblock: false });
         let _ = self.st.step(Event::LinkLost);
         self.resyncing = false;
         let Some(mut s) = self.session.take() else {
@@ -441,6 +525,9 @@ impl<W> Replica<W> {
     /// A resync request from the peer: served unless we are its target (then it would be
     /// asking for our older data).
     pub fn check_resync_request(&self) -> Result<(), PeerError> {
+        if self.diskless() {
+            return Err(PeerError::NoDisk);
+        }
         if self.st.conn == ConnState::SyncTarget {
             return Err(PeerError::RequestToTarget);
         }

@@ -110,9 +110,9 @@ fn promote_marks_crashed_primary_and_forced_from_nothing_starts_a_new_history() 
 #[test]
 fn demote_clears_crashed_primary_and_persists_everything() {
     let mut r = up_to_date();
-    assert_eq!(r.demote(), None);
+    assert_eq!(r.demote(), Ok(None));
     r.promote(false, 1).expect("UpToDate may promote");
-    assert_eq!(r.demote(), Some(Persist::ALL));
+    assert_eq!(r.demote(), Ok(Some(Persist::ALL)));
     assert!(!r.crashed_primary());
     assert_eq!(r.st.role, Role::Secondary);
 }

@@ -19,7 +19,8 @@ impl Sim {
         let Some(p) = self.serving() else { return };
         for b in 0..BLOCKS {
             let owed = self.acked[idx(b)].iter().rev().find(|a| !a.lost).map_or(0, |a| a.seq);
-            let has = self.n[p].disk.read(b);
+            // A Diskless Primary without its peer serves nothing (every read fails).
+            let Some(has) = self.served(p, b) else { return };
             if has < owed {
                 let flushed = self.acked[idx(b)].iter().any(|a| a.seq == owed && a.flushed);
                 let inv = if flushed { 2 } else { 1 };
@@ -57,6 +58,20 @@ impl Sim {
             self.n[i].fail_next_write = false;
             if !self.n[i].alive {
                 self.n[i].restart();
+            }
+        }
+        // A failed disk is replaced by the operator: the node's export closed first (demoted),
+        // a new disk with fresh metadata, a full resync from the peer.
+        for i in 0..2 {
+            if self.n[i].disk_dead {
+                if self.n[i].r.st.role == Role::Primary {
+                    if self.link.live {
+                        self.link_lost("the Diskless node is demoted for its disk's replacement");
+                    }
+                    self.n[i].demote().expect("no session");
+                }
+                self.fault(Fault::DiskFail, format!("{}: disk replaced", self.n[i].name));
+                self.n[i].replace_disk(BLOCKS);
             }
         }
         let limit = self.now_ms + 60_000;

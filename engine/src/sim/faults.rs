@@ -29,11 +29,15 @@ impl Sim {
     /// After node `i` lost power: its own acknowledged, never-flushed writes that did not reach
     /// its disk are excused (see [`Acked::lost`]); every other acknowledged write is still owed
     /// (a Secondary's power loss excuses nothing: the transfer log's guarantee).
+    ///
+    /// A Diskless Primary's writes live on its peer's disk alone: the peer's power loss is the
+    /// power loss of their only disk, and the Diskless node's own excuses nothing.
     pub(super) fn note_power_loss(&mut self, i: usize) {
         for b in 0..BLOCKS {
             let held = self.n[i].disk.read(b);
             for a in &mut self.acked[idx(b)] {
-                if a.writer == i && !a.flushed && held < a.seq {
+                let on_this_disk = (a.writer == i) != a.via_peer;
+                if on_this_disk && !a.flushed && held < a.seq {
                     a.lost = true;
                 }
             }
@@ -95,9 +99,46 @@ impl Sim {
         else {
             return;
         };
+        // (Not beside a Diskless Primary: this disk is the only one, a double failure.)
+        if self.n[1 - s].disk_dead {
+            return;
+        }
         let name = self.n[s].name;
         self.fault(Fault::DiskError, format!("{name}: the next replicated write fails"));
         self.n[s].fail_next_write = true;
+    }
+
+    /// A node's disk fails for good and is detached (`on_io_error = "detach"`). Drawn only where
+    /// the engine accepts the detach (a Secondary, or a Primary beside a connected UpToDate
+    /// Secondary): a Primary's refused detach is a double failure, the only copy gone.
+    pub(super) fn disk_fail(&mut self) {
+        let i = usize::try_from(self.rand(2)).expect("0 or 1");
+        let o = &self.n[1 - i];
+        // Not the last good copy (a double failure loses data whatever the software does):
+        // the other node is alive with its disk and has every write — the Primary, or an
+        // UpToDate peer in a live session.
+        let covered = o.alive
+            && !o.disk_dead
+            && !o.fail_next_write
+            && o.r.st.disk == DiskState::UpToDate
+            && (o.r.st.role == Role::Primary || self.link.live);
+        if !self.n[i].alive || self.n[i].disk_dead || self.episode || !covered {
+            return;
+        }
+        if !self.n[i].fail_disk() {
+            return;
+        }
+        let name = self.n[i].name;
+        self.fault(
+            Fault::DiskFail,
+            format!("{name}: disk failed, detached ({:?})", self.n[i].r.st.role),
+        );
+        if self.n[i].r.st.conn == ConnState::Disconnecting {
+            self.link_lost("the Secondary's disk failed");
+        } else {
+            let r = self.n[i].report();
+            self.send(i, r);
+        }
     }
 
     /// `duet make-master` on the Secondary of a connected, in-sync pair.
@@ -112,8 +153,26 @@ impl Sim {
         if !synced || self.episode || !self.n[p].quiet() {
             return;
         }
-        self.fault(Fault::Switchover, format!("{} → {}", self.n[p].name, self.n[s].name));
-        self.n[p].demote();
+        if self.n[p].demote().is_err() {
+            // The peer flushes first (the executor's demote asks, then demotes).
+            let now = self.now();
+            if let Some(id) = self.n[p].send_flush(None, now) {
+                self.send(p, Msg::Flush { id });
+            }
+            return;
+        }
+        let kind = if self.n[p].diskless() { Fault::Handover } else { Fault::Switchover };
+        self.fault(kind, format!("{} → {}", self.n[p].name, self.n[s].name));
+        if self.n[p].diskless() {
+            // The handover of a failed disk: the Diskless node leaves the session as it is
+            // demoted; the heartbeat tells the peer, which promotes.
+            self.link_lost("the Diskless Primary handed over");
+            let fresh = self.rand(u64::MAX);
+            if self.n[s].promote(false, fresh).is_ok() {
+                self.took_over(s);
+            }
+            return;
+        }
         let report = self.n[p].report();
         self.send(p, report);
         // The Secondary promotes once it has heard the demotion (the real manager waits so).
@@ -149,7 +208,7 @@ impl Sim {
                     && i == victim
                     && self.n[i].r.st.role == Role::Primary
                 {
-                    self.n[i].demote();
+                    self.n[i].demote().expect("a split brain has no live session");
                     self.log(format!("{}: secondary (the split brain's victim)", self.n[i].name));
                 }
                 let discard = self.n[i].r.split_brain.is_some()
@@ -204,8 +263,15 @@ impl Sim {
         }
     }
 
-    /// The cluster manager's failover: the Primary is dead, the Secondary's data is UpToDate.
+    /// The cluster manager's failover: the Primary is dead, the Secondary's data is UpToDate;
+    /// or its handover: the Primary's disk is detached, the Secondary in sync.
     pub(super) fn failover(&mut self) {
+        if let Some(p) = self.serving().filter(|&p| self.n[p].diskless()) {
+            // The export closes (drained) and the handover waits for what is in flight.
+            self.n[p].closing = true;
+            self.switchover();
+            return;
+        }
         for s in 0..2 {
             let p = 1 - s;
             if self.n[s].alive

@@ -24,7 +24,9 @@ impl Sim {
         // The cluster manager's answer while the heartbeat still reaches the peer: the Primary
         // outdates the Secondary, so it never takes over with data the Primary goes on
         // changing (the heartbeat is not simulated; it is assumed up).
+        // (Never by a Diskless Primary: the Secondary holds the only copy.)
         if let Some(p) = self.serving()
+            && !self.n[p].diskless()
             && self.n[1 - p].alive
             && self.n[1 - p].r.st.role == Role::Secondary
             && self.n[1 - p].outdate()
@@ -39,6 +41,17 @@ impl Sim {
                 continue;
             }
             let waiting = self.n[i].teardown();
+            if self.n[i].diskless() {
+                // Nowhere written: each fails (EIO), never acknowledged.
+                for w in waiting {
+                    self.log(format!(
+                        "{}: write b{} s{} fails (Diskless, peer lost)",
+                        self.n[i].name, w.block, w.seq
+                    ));
+                }
+                let _ = self.n[i].take_flush_waiters();
+                continue;
+            }
             for w in waiting {
                 let fresh = self.rand(u64::MAX);
                 self.n[i].finish_alone(w.block, fresh);
@@ -177,6 +190,7 @@ impl Sim {
         for list in &mut self.acked {
             for a in list.iter_mut().filter(|a| !a.flushed && !a.lost) {
                 a.writer = i;
+                a.via_peer = false;
             }
         }
     }
@@ -185,7 +199,8 @@ impl Sim {
     pub(super) fn rebase_on(&mut self, i: usize) {
         for b in 0..BLOCKS {
             let v = self.n[i].disk.read(b);
-            self.acked[idx(b)] = vec![Acked { seq: v, flushed: false, writer: i, lost: false }];
+            self.acked[idx(b)] =
+                vec![Acked { seq: v, flushed: false, writer: i, lost: false, via_peer: false }];
         }
     }
 
@@ -252,6 +267,13 @@ impl Sim {
             Msg::WriteAck { id, ok } => {
                 let now = self.now();
                 if let Some(w) = self.n[to].write_acked(id, ok, now) {
+                    if !ok && self.n[to].diskless() {
+                        self.log(format!(
+                            "{}: write b{} s{} fails (Diskless, the peer's failed)",
+                            self.n[to].name, w.block, w.seq
+                        ));
+                        return;
+                    }
                     if !ok {
                         let fresh = self.rand(u64::MAX);
                         self.n[to].finish_alone(w.block, fresh);

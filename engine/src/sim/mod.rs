@@ -10,7 +10,9 @@
 //! flushes through whichever node is Primary and records what was acknowledged.
 //!
 //! Faults drawn from the seed: process crash, power loss, both nodes restarting, link cut and
-//! heal, slow disk, a disk write error on the Secondary, operator commands (switchover,
+//! heal, slow disk, a disk write error on the Secondary, a disk that fails for good and is
+//! detached (a Diskless Primary serves through its peer, then hands over; the operator replaces
+//! the disk when the faults stop), operator commands (switchover,
 //! disconnect and connect, invalidate, a promotion beside a partitioned Primary). Checked after
 //! every step, and after the faults stop and the link heals:
 //!
@@ -53,6 +55,9 @@ pub enum Fault {
     Heal,
     SlowDisk,
     DiskError,
+    DiskFail,
+    /// A Diskless Primary hands over to its in-sync Secondary.
+    Handover,
     Switchover,
     Disconnect,
     Connect,
@@ -108,6 +113,9 @@ struct Acked {
     /// an unflushed write go at a power loss, and the pair's rules let the writer's data win
     /// when it returns: a crashed Primary resyncs its hot extents to the peer).
     lost: bool,
+    /// Acknowledged by a Diskless Primary: the peer's write was its only copy (the peer's
+    /// power loss may lose it unflushed, as a local disk's would).
+    via_peer: bool,
 }
 
 /// The link between the two nodes.
@@ -262,14 +270,27 @@ impl Sim {
             760..=769 => self.cut(),
             770..=819 => self.heal(),
             820..=827 => self.slow_disk(),
-            828..=833 => self.disk_error(),
+            828..=831 => self.disk_error(),
+            832..=833 => self.disk_fail(),
             834..=873 => self.switchover(),
             874..=879 => self.disconnect(),
-            880..=909 => self.connect(),
+            880..=883 => self.disk_fail(),
+            884..=909 => self.connect(),
             910..=913 => self.invalidate(),
             914..=919 => self.partition_promote(),
             _ => self.failover(),
         }
+    }
+
+    /// What a read of block `b` through node `p` returns: its disk, or a Diskless Primary's
+    /// peer's (`None`: the read fails, no peer).
+    fn served(&self, p: usize, b: u64) -> Option<u64> {
+        if !self.n[p].diskless() {
+            return Some(self.n[p].disk.read(b));
+        }
+        let q = 1 - p;
+        (self.link.live && self.n[p].has_session() && self.n[q].alive)
+            .then(|| self.n[q].disk.read(b))
     }
 
     /// The node the client writes to: the alive Primary (the one promoted last if two).
@@ -315,7 +336,8 @@ impl Sim {
 
     fn ack_write(&mut self, p: usize, block: u64, seq: u64, replicated: bool) {
         let b = usize::try_from(block).expect("small");
-        self.acked[b].push(Acked { seq, flushed: false, writer: p, lost: false });
+        let via_peer = self.n[p].diskless();
+        self.acked[b].push(Acked { seq, flushed: false, writer: p, lost: false, via_peer });
         self.writes_acked += 1;
         if !replicated {
             self.solo[p] += 1;
@@ -329,16 +351,23 @@ impl Sim {
 
     fn client_flush(&mut self) {
         let Some(p) = self.serving() else { return };
+        if self.n[p].closing {
+            return;
+        }
         let covered: Vec<(u64, u64)> =
             (0..BLOCKS).filter_map(|b| self.acked[idx(b)].last().map(|a| (b, a.seq))).collect();
         let fid = self.next_flush;
         self.next_flush += 1;
-        self.n[p].disk.flush();
+        if !self.n[p].diskless() {
+            self.n[p].disk.flush();
+        }
         let now = self.now();
         let sent = if self.link.live { self.n[p].send_flush(Some(fid), now) } else { None };
         if let Some(id) = sent {
             self.flushes.insert(fid, covered);
             self.send(p, Msg::Flush { id });
+        } else if self.n[p].diskless() {
+            self.log(format!("{}: flush {fid} fails (Diskless, no peer)", self.n[p].name));
         } else {
             // Alone: durable locally, which is all there is.
             self.flushes.insert(fid, covered);

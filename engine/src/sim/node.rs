@@ -21,6 +21,8 @@ pub(super) enum NotStarted {
     NotPrimary,
     #[error("activity log busy (in flight, or pinned until the peer flushes)")]
     AlBusy,
+    #[error("Diskless and not connected: no copy to write to (EIO)")]
+    NoDisk,
     #[error(transparent)]
     Al(#[from] crate::actlog::AlError),
 }
@@ -102,6 +104,12 @@ pub(super) struct Node {
     pub promoted_at: usize,
     pub promote_after_report: bool,
     pub was_primary_at_death: bool,
+    /// The disk hardware failed (until the operator replaces it, across restarts).
+    pub disk_dead: bool,
+    /// The executor's marker in the state directory: detached, durable across restarts.
+    detached: bool,
+    /// The export is closed for a handover (no new client requests) until the demotion.
+    pub closing: bool,
 }
 
 fn created(blocks: u64) -> Superblock {
@@ -136,7 +144,40 @@ impl Node {
             promoted_at: 0,
             promote_after_report: false,
             was_primary_at_death: false,
+            disk_dead: false,
+            detached: false,
+            closing: false,
         }
+    }
+
+    /// The disk fails and is detached at once (the executor's next I/O finds it); `false`
+    /// when refused (a Primary whose disk holds the only good copy keeps it).
+    pub(super) fn fail_disk(&mut self) -> bool {
+        if self.r.detach().is_err() {
+            return false;
+        }
+        self.disk_dead = true;
+        self.detached = true;
+        true
+    }
+
+    /// The operator replaces the failed disk (`create-md` on a new one): empty, fresh metadata,
+    /// the marker gone; the node starts again from it.
+    pub(super) fn replace_disk(&mut self, blocks: u64) {
+        self.disk = Disk::new(blocks);
+        self.meta = Meta {
+            sb: created(blocks),
+            bitmap: Bitmap::new(blocks * BLOCK, BLOCK),
+            al_hot: Vec::new(),
+        };
+        self.disk_dead = false;
+        self.detached = false;
+        self.restart();
+    }
+
+    /// The local disk is detached.
+    pub(super) fn diskless(&self) -> bool {
+        self.r.diskless()
     }
 
     pub(super) fn has_session(&self) -> bool {
@@ -151,6 +192,9 @@ impl Node {
 
     /// Carries out what a transition asks to make durable (the executor's `persist`).
     pub(super) fn persist(&mut self, p: Persist) {
+        if self.diskless() {
+            return;
+        }
         if p.data {
             self.disk.flush();
         }
@@ -173,10 +217,13 @@ impl Node {
     }
 
     /// `duet secondary` (the executor's `demote`).
-    pub(super) fn demote(&mut self) {
-        if let Some(p) = self.r.demote() {
+    /// `Err`: the peer must flush first (the executor flushes it, or ends the session).
+    pub(super) fn demote(&mut self) -> Result<(), crate::replica::Unflushed> {
+        if let Some(p) = self.r.demote()? {
             self.persist(p);
         }
+        self.closing = false;
+        Ok(())
     }
 
     pub(super) fn connect(&mut self, discard: bool) {
@@ -241,8 +288,21 @@ impl Node {
         live: bool,
         now: Instant,
     ) -> Result<Option<u64>, NotStarted> {
-        if self.r.st.role != Role::Primary {
+        if self.r.st.role != Role::Primary || self.closing {
             return Err(NotStarted::NotPrimary);
+        }
+        if self.diskless() {
+            // Peer-only (no activity log, no local copy): answered on the peer's write.
+            let epoch = self.epoch();
+            if !live {
+                return Err(NotStarted::NoDisk);
+            }
+            let w = Waiter::Write { block, seq };
+            return self
+                .r
+                .register(epoch, off(block), BLOCK, now, w)
+                .map(Some)
+                .map_err(|_| NotStarted::NoDisk);
         }
         let r = &self.r;
         let b = self.al.begin_unless(off(block), BLOCK, |e| r.pinned(e));
@@ -291,7 +351,9 @@ impl Node {
         let p = self.r.peer_acked(id, ok, now).ok()?;
         match p.waiter {
             Waiter::Write { block, seq } => {
-                self.al.end(p.offset, p.len);
+                if !self.diskless() {
+                    self.al.end(p.offset, p.len);
+                }
                 Some(PendingWrite { block, seq })
             }
             Waiter::Flush(_) => None,
@@ -366,7 +428,9 @@ impl Node {
         for w in end.waiters {
             match w {
                 Waiter::Write { block, seq } => {
-                    self.al.end(off(block), BLOCK);
+                    if !self.diskless() {
+                        self.al.end(off(block), BLOCK);
+                    }
                     writes.push(PendingWrite { block, seq });
                 }
                 Waiter::Flush(client) => self.pending_flush_clients.extend(client),
@@ -453,6 +517,7 @@ impl Node {
     /// The process dies; with `power`, the disk's cache too.
     pub(super) fn die(&mut self, power: bool) {
         self.alive = false;
+        self.closing = false;
         self.was_primary_at_death = self.r.st.role == Role::Primary;
         if power {
             self.disk.power_loss();
@@ -470,9 +535,14 @@ impl Node {
         self.al = ActivityLog::new(4 * BLOCK, 4);
         let hot: Vec<(u64, u64)> =
             m.al_hot.iter().map(|&e| (u64::from(e) * 4 * BLOCK, 4 * BLOCK)).collect();
-        let (r, p) = Replica::attach(m.sb, m.bitmap, &hot);
-        self.r = r;
-        self.persist(p);
+        if self.detached {
+            // The marker: Diskless from the start, the failed disk's metadata not read.
+            self.r = Replica::detached(m.sb, m.bitmap);
+        } else {
+            let (r, p) = Replica::attach(m.sb, m.bitmap, &hot);
+            self.r = r;
+            self.persist(p);
+        }
         self.rs_inflight.clear();
         self.slow_until = 0;
         self.fail_next_write = false;

@@ -34,6 +34,8 @@ fn two_thousand_seeds_keep_every_invariant() {
         Fault::Heal,
         Fault::SlowDisk,
         Fault::DiskError,
+        Fault::DiskFail,
+        Fault::Handover,
         Fault::Switchover,
         Fault::Disconnect,
         Fault::Invalidate,

@@ -13,7 +13,7 @@ use integration::rawnbd::Raw;
 use integration::{have, random_bytes, run, wait_until};
 use replicator::nbd::proto::CMD_WRITE;
 
-fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
+pub(crate) fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
     let mut c = Command::new("fio");
     c.args([
         "--name=v",
@@ -32,7 +32,7 @@ fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
     run(&mut c, Duration::from_secs(120))
 }
 
-fn verify_errors(o: &std::process::Output) -> bool {
+pub(crate) fn verify_errors(o: &std::process::Output) -> bool {
     let text =
         format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     text.contains("verify: bad") || text.contains("verify failed") || text.contains("err=84")

@@ -7,6 +7,7 @@
 
 mod cli;
 mod clients;
+mod disk_failure;
 mod engine;
 mod failover;
 mod heartbeat_state;

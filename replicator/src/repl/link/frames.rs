@@ -181,6 +181,52 @@ impl Session {
                     }
                 });
             }
+            Kind::PeerRead => {
+                // A Diskless Primary reads through us (see `Replica::check_read_request`).
+                let len = u32_payload(Kind::PeerRead, &p)?;
+                range_of(&vol, h.offset, len)?;
+                if len > crate::repl::volume::PEER_READ_MAX {
+                    return Err(LinkError::OversizedRead);
+                }
+                vol.with_core(|c| c.r.check_read_request())?;
+                let Some(slot) = Slot::take(&self.serving_rs, RS_SERVE_MAX) else {
+                    return Err(LinkError::TooManyResync);
+                };
+                let peer = Arc::clone(&self.peer);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let n = usize::try_from(len).expect("bounded");
+                    let f = match vol.store().read(h.offset, n).await {
+                        Ok(buf) => block_frame(Kind::PeerReadData, 0, h.id, h.offset, buf, digest),
+                        Err(e) => {
+                            // Our disk fails too: detached if it may be, and the read fails.
+                            let _ =
+                                vol.disk_failed("read for the Diskless peer", h.offset, e).await;
+                            let errno = u64::from((e as i32).unsigned_abs());
+                            small_frame(Kind::PeerReadError, 0, h.id, errno, &[])
+                        }
+                    };
+                    peer.send(f).await;
+                });
+            }
+            Kind::PeerReadData | Kind::PeerReadError => {
+                // Only a Diskless Primary asked; an answer after its read timed out is dropped.
+                if !vol.with_core(|c| c.r.diskless() && c.r.st.role == Role::Primary) {
+                    return Err(LinkError::UnaskedRead);
+                }
+                let r = if h.kind == Kind::PeerReadData {
+                    let (data, len) = self.block_payload(&h, &p, digest)?;
+                    let n = usize::try_from(len).map_err(|_| LinkError::UnaskedRead)?;
+                    Ok(data.map_or_else(|| IoBuf::zeroed(n), IoBuf::from_slice))
+                } else {
+                    let e = i32::try_from(h.offset).map_or(Errno::EIO, Errno::from_raw);
+                    Err(if e == Errno::UnknownErrno { Errno::EIO } else { e })
+                };
+                let waiter = self.peer.reads.lock().expect("reads poisoned").remove(&h.id);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(r);
+                }
+            }
             Kind::RsData | Kind::RsSame => {
                 // Only to a Secondary that asked (see `Replica::check_resync_data`).
                 let same = h.kind == Kind::RsSame;
@@ -310,7 +356,11 @@ impl Session {
 /// After applying a replicated write: a failed block is out of sync here; the Primary learns
 /// the outcome.
 async fn acknowledge(vol: &Volume, peer: &Peer, h: &Header, len: u64, r: Result<(), Errno>) {
-    if let Err(e) = r {
+    if let Err(e) = r
+        && vol.disk_failed("replicated write", h.offset, e).await
+    {
+        // Detached: Diskless, leaving the session; the Primary marks the write out of sync.
+    } else if let Err(e) = r {
         // Found by the simulation: a Secondary that stayed UpToDate and Connected after a
         // failed write was a failover target without that block. It is Inconsistent now (on
         // disk), and the session ends so the reconnect resyncs it.

@@ -139,6 +139,10 @@ pub enum LinkError {
     OutsideVolume { offset: u64, len: u64 },
     #[error("peer asked for an oversized resync block")]
     OversizedResync,
+    #[error("peer asked to read an oversized range")]
+    OversizedRead,
+    #[error("peer sent read data nobody here asked for (not a Diskless Primary)")]
+    UnaskedRead,
     #[error("peer has more than {RS_SERVE_MAX} resync requests outstanding with us")]
     TooManyResync,
     #[error("peer asked to verify an oversized range")]
@@ -490,6 +494,10 @@ async fn teardown(vol: &Arc<Volume>) {
         p.tx.close();
         if let Ok(mut v) = p.verify.lock() {
             v.clear();
+        }
+        // A Diskless Primary's reads waiting for it fail now (EIO), not at their timeout.
+        if let Ok(mut r) = p.reads.lock() {
+            r.clear();
         }
     }
     // Data first: a failed flush leaves the bitmap on disk with its bits.

@@ -38,7 +38,7 @@ impl Drop for AlRef<'_> {
 impl Volume {
     /// Makes `[offset, offset+len)` hot in the activity log (durably) and takes a reference.
     async fn al_begin(&self, offset: u64, len: u64) -> Result<AlRef<'_>, Errno> {
-        if self.meta.is_none() {
+        if self.meta.is_none() || self.diskless() {
             return Ok(AlRef { v: self, offset, len: 0 });
         }
         loop {
@@ -170,9 +170,18 @@ impl Volume {
 
     // ------------------------------------------------------------------ the NBD-facing I/O
 
-    /// Reads locally.
+    /// Reads locally; a Diskless Primary reads through its peer, and a read the failing disk
+    /// refuses is detached and read there (see [`Volume::disk_failed`]).
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, Errno> {
-        self.store.read(offset, len).await
+        if self.cfg.is_some() && self.diskless() {
+            return self.peer_read(offset, len).await;
+        }
+        match self.store.read(offset, len).await {
+            Err(e) if self.disk_failed("read", offset, e).await => {
+                self.peer_read(offset, len).await
+            }
+            r => r,
+        }
     }
 
     /// The pieces a request is replicated in: one, unless it spans more activity-log extents
@@ -202,7 +211,7 @@ impl Volume {
         self.writable()?;
         let gate = Arc::clone(&self.io_gate).read_owned().await;
         let len = buf.len() as u64;
-        let _al = self.al_begin(offset, len).await?;
+        let _al = self.al_begin_or_detach(offset, len).await?;
         let _range = self.locks.lock(offset, len).await;
         self.app_writes.fetch_add(1, Relaxed);
         let reg = self.register_live(offset, len);
@@ -222,8 +231,27 @@ impl Volume {
                 p.tx.uncorked().await;
             }
         }
-        comp.local_done(self.store.write(offset, buf, fua).await);
+        if self.diskless() {
+            comp.peer_only();
+        } else {
+            match self.store.write(offset, buf, fua).await {
+                // Detached: the peer's copy is the write.
+                Err(e) if self.disk_failed("write", offset, e).await => comp.peer_only(),
+                r => comp.local_done(r),
+            }
+        }
         self.complete(comp, acks, offset, len, Some(gate)).await
+    }
+
+    /// [`Volume::al_begin`], and a failing activity-log write detaches the disk (the write goes
+    /// on without it) instead of failing the request.
+    async fn al_begin_or_detach(&self, offset: u64, len: u64) -> Result<AlRef<'_>, Errno> {
+        match self.al_begin(offset, len).await {
+            Err(e) if self.disk_failed("activity log write", offset, e).await => {
+                Ok(AlRef { v: self, offset, len: 0 })
+            }
+            r => r,
+        }
     }
 
     /// Registers a request with the live session, if any, under one lock: the connection to
@@ -263,6 +291,11 @@ impl Volume {
         let mut acks = acks;
         loop {
             if let Some(out) = comp.ready() {
+                if out.out_of_sync && self.diskless() {
+                    // Written before the detach, on a disk no longer read, and not on the
+                    // peer: it exists nowhere.
+                    return Err(Errno::EIO);
+                }
                 if out.out_of_sync {
                     if len > 0 {
                         self.mark_out_of_sync(offset, len);
@@ -306,7 +339,14 @@ impl Volume {
                 settle(&mut comp, answers)
             }
         };
-        comp.local_done(self.store.flush().await);
+        if self.cfg.is_some() && self.diskless() {
+            comp.peer_only();
+        } else {
+            match self.store.flush().await {
+                Err(e) if self.disk_failed("flush", 0, e).await => comp.peer_only(),
+                r => comp.local_done(r),
+            }
+        }
         self.complete(comp, acks, 0, 0, None).await
     }
 
@@ -347,12 +387,21 @@ impl Volume {
     ) -> Result<(), Errno> {
         self.writable()?;
         let gate = Arc::clone(&self.io_gate).read_owned().await;
-        let _al = self.al_begin(offset, len).await?;
+        let _al = self.al_begin_or_detach(offset, len).await?;
         let _range = self.locks.lock(offset, len).await;
-        let local = self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await;
-        if local == Err(Errno::EOPNOTSUPP) {
-            return local; // nothing happened (fast_only); nothing to replicate
-        }
+        // `None`: no local part (Diskless, or detached by this request's failure).
+        let local = if self.diskless() {
+            if fast_only {
+                return Err(Errno::EOPNOTSUPP); // the peer's speed is not known here
+            }
+            None
+        } else {
+            match self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await {
+                Err(Errno::EOPNOTSUPP) => return Err(Errno::EOPNOTSUPP), // nothing happened
+                Err(e) if self.disk_failed("write zeroes", offset, e).await => None,
+                r => Some(r),
+            }
+        };
         // Registered only now: a request registered and never sent would wait for an answer
         // until the link's timeout.
         let reg = self.register_live(offset, len);
@@ -367,13 +416,16 @@ impl Volume {
             let f = small_frame(Kind::Zero, flags, id, offset, &l.to_be_bytes());
             acks = settle(&mut comp, p.send(f).await.then_some(answers));
         }
-        comp.local_done(local);
+        match local {
+            Some(r) => comp.local_done(r),
+            None => comp.peer_only(),
+        }
         self.complete(comp, acks, offset, len, Some(gate)).await
     }
 
     /// TRIM (see [`Volume::zero`]); a single-node volume just punches a hole.
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
-        if self.meta.is_none() {
+        if self.cfg.is_none() {
             return self.store.trim(offset, len, fua).await;
         }
         self.zero(offset, len, fua, true, false).await
@@ -381,6 +433,9 @@ impl Volume {
 
     /// Readahead hint.
     pub fn cache(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        if self.cfg.is_some() && self.diskless() {
+            return Ok(()); // a hint; nothing local to warm
+        }
         self.store.cache(offset, len)
     }
 
@@ -391,6 +446,10 @@ impl Volume {
         len: u32,
         max: usize,
     ) -> Result<Vec<Extent>, Errno> {
+        if self.cfg.is_some() && self.diskless() {
+            // Not known without the disk: all data (always a correct answer).
+            return Ok(vec![Extent { len, flags: 0 }]);
+        }
         self.store.block_status(offset, len, max).await
     }
 }

@@ -15,10 +15,13 @@
 //! Its parts: [`io`] (the NBD-facing I/O and the activity log), [`roles`] (operator and cluster
 //! commands), [`status`] (what `duet status` shows).
 
+mod failure;
 mod io;
 mod roles;
 mod status;
 
+pub(crate) use failure::PEER_READ_MAX;
+pub use failure::{DiskFailure, OnIoError, is_disk_error, marker_path, read_marker, write_marker};
 pub use io::VolumePlug;
 pub use status::{ReplStatus, Run, Summary};
 
@@ -76,6 +79,10 @@ pub struct VolumeConfig {
     pub transfer_log: super::translog::Bound,
     pub listen: std::net::SocketAddr,
     pub peer_addr: std::net::SocketAddr,
+    /// What a failing local disk does.
+    pub on_io_error: OnIoError,
+    /// Where a detach is recorded (see [`marker_path`]); `None`: nowhere (tests).
+    pub detached_marker: Option<std::path::PathBuf>,
 }
 
 /// Counters (status and metrics).
@@ -136,6 +143,8 @@ pub(crate) struct Core {
     pub events: VecDeque<Event>,
     /// The last split brain discards this Primary's data under call-pri-lost-after-sb.
     pub pri_lost: bool,
+    /// The local disk failed (see [`Volume::disk_failure`]).
+    pub disk_failure: Option<DiskFailure>,
 }
 
 /// The volume.
@@ -275,6 +284,9 @@ pub struct Peer {
     /// Verify requests waiting for the peer's hashes, by id (from `next_verify`).
     pub(crate) verify: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
     pub(crate) next_verify: AtomicU64,
+    /// A Diskless Primary's reads waiting for the peer's data, by id (from `next_read`).
+    pub(crate) reads: Mutex<HashMap<u64, oneshot::Sender<Result<IoBuf, Errno>>>>,
+    pub(crate) next_read: AtomicU64,
 }
 
 impl Peer {
@@ -284,6 +296,8 @@ impl Peer {
             epoch,
             verify: Mutex::new(HashMap::new()),
             next_verify: AtomicU64::new(1),
+            reads: Mutex::new(HashMap::new()),
+            next_read: AtomicU64::new(1),
         })
     }
 
@@ -370,6 +384,7 @@ impl Volume {
                 verify_found: Vec::new(),
                 events: VecDeque::new(),
                 pri_lost: false,
+                disk_failure: None,
             }),
             al: Mutex::new(al),
             al_freed: tokio::sync::Notify::new(),
@@ -425,6 +440,31 @@ impl Volume {
             ));
         }
         Ok(v)
+    }
+
+    /// A replicated volume whose disk failed before this start (`failure` is its marker): a
+    /// Diskless Secondary that reads nothing of the failed disk, not its metadata either, and
+    /// never connects until the disk is replaced or checked (`duet attach`).
+    pub fn detached(cfg: VolumeConfig, store: Arc<Store>, failure: DiskFailure) -> Arc<Self> {
+        let size = if failure.size > 0 { failure.size } else { store.size() };
+        let sb = Superblock {
+            sequence: 0,
+            volume_size: size,
+            node_id: 0,
+            flags: 0,
+            bitmap_granularity: 4096,
+            al_extent_size: 4 << 20,
+            al_extents: 1,
+            uuids: crate::generation::Generations::just_created(),
+        };
+        let r = Replica::detached(sb, Bitmap::new(size, 4096));
+        let v = Self::build(Some(cfg), store, None, size, r, ActivityLog::new(4 << 20, 1));
+        v.with_core(|c| c.disk_failure = Some(failure.clone()));
+        v.event(format!(
+            "disk {} was detached after an I/O error ({} at {}: {}); Diskless until it is replaced or checked and `duet attach` is run",
+            failure.disk, failure.op, failure.offset, failure.error
+        ));
+        v
     }
 
     /// Replicated size (what clients see).
@@ -513,6 +553,9 @@ impl Volume {
     /// Writes the superblock from the in-memory state (flags follow role and disk state).
     pub(crate) async fn persist_sb(&self) -> Result<(), Errno> {
         let Some(meta) = &self.meta else { return Ok(()) };
+        if self.diskless() {
+            return Ok(()); // nothing reaches a failed disk
+        }
         let _g = self.meta_io.lock().await;
         let sb = self.core.lock().expect("volume state poisoned").r.next_superblock();
         write_meta(move || meta.write_sb(&sb)).await
@@ -520,6 +563,9 @@ impl Volume {
 
     /// Carries out what a transition asks to make durable, in its order (see [`Persist`]).
     pub(crate) async fn persist(&self, p: Persist) -> Result<(), Errno> {
+        if self.diskless() {
+            return Ok(()); // nothing reaches a failed disk
+        }
         if p.data {
             self.store.flush().await?;
         }
@@ -535,6 +581,9 @@ impl Volume {
     /// Writes the dirty bitmap pages.
     pub(crate) async fn persist_bitmap(&self) -> Result<(), Errno> {
         let Some(meta) = &self.meta else { return Ok(()) };
+        if self.diskless() {
+            return Ok(()); // nothing reaches a failed disk
+        }
         let _g = self.meta_io.lock().await;
         let pages: Vec<_> = {
             let mut c = self.core.lock().expect("volume state poisoned");

@@ -72,9 +72,40 @@ impl Volume {
     }
 
     /// `duet secondary`, after the daemon closed the NBD export (nothing in flight).
+    ///
+    /// The peer flushes first what it acknowledged (the engine refuses to demote before: see
+    /// `Replica::demote`); a peer that does not answer in time loses the session instead, whose
+    /// teardown marks those writes.
     pub async fn demote(&self) -> Result<String, Refused> {
-        let Some(p) = self.with_core(|c| c.r.demote()) else {
-            return Ok("already Secondary".into());
+        let mut tries = 0;
+        let p = loop {
+            match self.with_core(|c| c.r.demote()) {
+                Ok(None) => return Ok("already Secondary".into()),
+                Ok(Some(p)) => break p,
+                Err(unflushed) if tries < 3 => {
+                    tries += 1;
+                    tracing::debug!("{unflushed}");
+                    let limit = self.cfg.as_ref().map_or(Duration::from_secs(5), |c| c.timeout);
+                    let peer = self.with_core(|c| c.peer.clone());
+                    let flushed = match peer {
+                        Some(peer) => match self.send_flush(&peer, false).await {
+                            Some((_, done)) => {
+                                matches!(tokio::time::timeout(limit, done).await, Ok(Ok(Ok(()))))
+                            }
+                            None => false,
+                        },
+                        None => false,
+                    };
+                    if !flushed {
+                        self.drop_peer(limit).await;
+                    }
+                }
+                Err(unflushed) => {
+                    return refuse(format!(
+                        "cannot demote: {unflushed}, and the session would not end"
+                    ));
+                }
+            }
         };
         if self.persist(p).await.is_err() {
             tracing::error!("writing data and metadata at demotion failed");
@@ -110,7 +141,7 @@ impl Volume {
             flags |= P_DISCARD_MY_DATA;
         }
         match c.r.st.disk {
-            DiskState::Inconsistent => flags |= P_INCONSISTENT,
+            DiskState::Inconsistent | DiskState::Diskless => flags |= P_INCONSISTENT,
             DiskState::Outdated => flags |= P_OUTDATED,
             DiskState::Consistent | DiskState::UpToDate => {}
         }

@@ -48,6 +48,9 @@ pub struct ReplStatus {
     /// the peer would cost to resync (bounded by `flush_interval_ms` / `flush_after_kib`).
     #[serde(default)]
     pub peer_unflushed_bytes: u64,
+    /// The local disk failed: which, what failed, what was done (see `on_io_error`).
+    #[serde(default)]
+    pub disk_failure: Option<super::DiskFailure>,
     pub events: Vec<Event>,
 }
 
@@ -143,7 +146,12 @@ impl Volume {
             connection: c.r.st.conn,
             peer_disk: c.r.st.peer_disk,
             peer_role: if c.peer.is_some() { c.r.st.peer_role } else { None },
-            out_of_sync_bytes: if self.meta.is_some() { c.r.bitmap.out_of_sync_bytes() } else { 0 },
+            // A Diskless node's bits say what its own (failed) disk lacks, not the peer.
+            out_of_sync_bytes: if self.meta.is_some() && !c.r.diskless() {
+                c.r.bitmap.out_of_sync_bytes()
+            } else {
+                0
+            },
             generation: c.r.sb.uuids.current,
         }
     }
@@ -153,7 +161,8 @@ impl Volume {
         let now = Instant::now();
         let c = self.core.lock().expect("volume state poisoned");
         let unflushed = c.r.session.as_ref().map_or(0, |s| s.tl.held_bytes());
-        let oos = if self.meta.is_some() { c.r.bitmap.out_of_sync_bytes() } else { 0 };
+        let oos =
+            if self.meta.is_some() && !c.r.diskless() { c.r.bitmap.out_of_sync_bytes() } else { 0 };
         let g = |x: u64| format!("{x:016x}");
         ReplStatus {
             role: c.r.st.role,
@@ -184,6 +193,7 @@ impl Volume {
             foreign_connections: self.stats.foreign_connections.load(Relaxed),
             slow_writes: self.store.slow_inline_writes(),
             peer_unflushed_bytes: unflushed,
+            disk_failure: c.disk_failure.clone(),
             events: c.events.iter().rev().take(20).rev().cloned().collect(),
         }
     }
