@@ -10,7 +10,7 @@
 use toml::Value;
 
 /// Keys applied live, as patterns: `*` stands for one array index or table key.
-const LIVE: [&str; 14] = [
+const LIVE: [&str; 15] = [
     "resource[*].resync.mode",
     "resource[*].resync.rate_kib",
     "resource[*].resync.plan_ahead_ms",
@@ -25,13 +25,14 @@ const LIVE: [&str; 14] = [
     "health",
     "service",
     "hooks",
+    "vip",
 ];
 
 /// A reload refused: the first key whose change needs a restart.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReloadError {
     #[error(
-        "{key} changed, and that needs a restart of the daemon (nothing was applied; live changes are the resync rates, the heartbeat timing, [[health.check]], [[service]] and [hooks])"
+        "{key} changed, and that needs a restart of the daemon (nothing was applied; live changes are the resync rates, the heartbeat timing, [[health.check]], [[service]], [hooks] and [[vip]])"
     )]
     NeedsRestart { key: String },
     #[error("the configuration file is not valid TOML: {0}")]
@@ -157,6 +158,10 @@ start = "true"
         assert_eq!(plan(BASE, &svc).unwrap(), vec!["service[0].start"]);
         let hooks = format!("{BASE}\n[hooks]\nsplit_brain = \"/bin/true\"\n");
         assert_eq!(plan(BASE, &hooks).unwrap(), vec!["hooks.split_brain"]);
+        let vip = format!("{BASE}\n[[vip]]\ninterface = \"lan0\"\naddress = \"10.0.0.9/24\"\n");
+        assert_eq!(plan(BASE, &vip).unwrap(), vec!["vip"]);
+        let moved = vip.replace("10.0.0.9/24", "10.0.0.10/24");
+        assert_eq!(plan(&vip, &moved).unwrap(), vec!["vip[0].address"]);
         let hb =
             format!("{BASE}\n[heartbeat]\ndeadtime_ms = 3000\n[[health.check]]\nname = \"x\"\n");
         assert_eq!(

@@ -270,6 +270,7 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
     wait_for_signal(&state).await?;
     notify::stopping();
     handover_before_stop(&state).await;
+    release_at_stop(&state).await;
     tracing::info!("shutting down: finishing in-flight requests");
     state.shutting_down.store(true, Ordering::Relaxed);
     for g in &state.groups {
@@ -320,11 +321,41 @@ async fn handover_before_stop(state: &State) {
     if ha.requests.send(crate::ha::Request::MakeSlave { reply: tx }).await.is_err() {
         return;
     }
-    match tokio::time::timeout(crate::ha::SWITCHOVER_TIMEOUT, rx).await {
-        Ok(Ok(Ok(m))) => tracing::info!("handed over before stopping: {m}"),
-        Ok(Ok(Err(e))) => tracing::warn!("stopping without a handover: {e}"),
-        Ok(Err(_)) | Err(_) => tracing::warn!("stopping without a handover: no answer in time"),
+    let why = match tokio::time::timeout(crate::ha::SWITCHOVER_TIMEOUT, rx).await {
+        Ok(Ok(Ok(m))) => {
+            tracing::info!("handed over before stopping: {m}");
+            return;
+        }
+        Ok(Ok(Err(e))) => e.to_string(),
+        Ok(Err(_)) | Err(_) => "no answer in time".to_string(),
+    };
+    // Nobody takes over: what makes this node the master goes with it (see `release_at_stop`).
+    let msg = format!(
+        "stopping without a handover ({why}): closing the exports, stopping the services, removing the VIPs"
+    );
+    tracing::warn!("{msg}");
+    ha.events.push(msg);
+}
+
+/// Whatever the node still holds goes with the daemon, so nothing is left answering for a
+/// daemon that is gone: a master that could not hand over its exports, services, VIPs and moved
+/// MAC; a slave its services (`slave`, `both`).
+async fn release_at_stop(state: &State) {
+    let Some(ha) = state.ha.get() else { return };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if ha.requests.send(crate::ha::Request::ReleaseLocal { reply: tx }).await.is_err() {
+        return;
     }
+    let msg = match tokio::time::timeout(crate::ha::SWITCHOVER_TIMEOUT, rx).await {
+        Ok(Ok(failed)) if failed.is_empty() => {
+            "released locally: exports closed, services stopped, VIPs removed (MAC restored)"
+                .to_string()
+        }
+        Ok(Ok(failed)) => format!("released locally, with failures: {}", failed.join("; ")),
+        Ok(Err(_)) | Err(_) => "releasing locally did not finish in time".to_string(),
+    };
+    tracing::info!("{msg}");
+    ha.events.push(msg);
 }
 
 /// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the configuration (`duet adjust`).

@@ -93,6 +93,12 @@ pub enum Request {
     Stopping,
     /// `duet adjust`: the configuration the next steps read ([[service]], [hooks]).
     Reload(Box<Config>),
+    /// The daemon stops (after a handover, or without one): close the exports (draining), stop
+    /// the services running here, remove the VIPs (restoring a moved MAC). The answer lists
+    /// what failed.
+    ReleaseLocal {
+        reply: oneshot::Sender<Vec<String>>,
+    },
 }
 
 /// The handle the daemon keeps.
@@ -139,6 +145,8 @@ struct Loop {
     links: Vec<Link>,
     host: Arc<dyn Host>,
     vips: Arc<Vips>,
+    /// A `duet adjust` changed `[[vip]]`: applied by [`Loop::apply_vips`].
+    vips_wanted: Option<Config>,
     back: mpsc::Sender<Back>,
     replies: HashMap<u64, oneshot::Sender<cluster::Answer>>,
     next_token: u64,
@@ -175,6 +183,8 @@ impl Loop {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_send = Instant::now();
+        // As a slave first: its services and those of every node run from the start.
+        steps::boot_services(&self.step_ctx()).await;
         self.start_probes();
         self.log(format!("cluster manager running: configured master {}, peer {}, {} heartbeat link(s); waiting up to {} ms for the peer", self.cfg.cluster.configured_master, self.peer, self.links.len(), self.timing.initdead.as_millis()));
         loop {
@@ -197,6 +207,13 @@ impl Loop {
                         Request::Stopping => Input::Stopping,
                         Request::Reload(cfg) => {
                             self.reload(*cfg);
+                            continue;
+                        }
+                        Request::ReleaseLocal { reply } => {
+                            let ctx = self.step_ctx();
+                            tokio::spawn(async move {
+                                let _ = reply.send(steps::release_local(&ctx).await);
+                            });
                             continue;
                         }
                     };
@@ -232,6 +249,7 @@ impl Loop {
                     self.detector_events(ev);
                     self.refresh_local();
                     self.feed(Input::Tick);
+                    self.apply_vips();
                     if now >= next_send {
                         self.send(None);
                         next_send = now + self.timing.keepalive;
@@ -277,12 +295,51 @@ impl Loop {
         }
         let checks_changed =
             format!("{:?}", cfg.health.check) != format!("{:?}", self.cfg.health.check);
+        if format!("{:?}", cfg.vip) != format!("{:?}", self.cfg.vip) {
+            self.vips_wanted = Some(cfg.clone());
+        }
         self.cfg = cfg;
+        self.apply_vips();
         if checks_changed {
             self.start_probes();
             self.healthy = true;
             let h = self.health_now();
             self.feed(Input::Health(h));
+        }
+    }
+
+    /// `[[vip]]` changed by `duet adjust`: the new group replaces the old one once no step runs
+    /// (a takeover or release moving the old set finishes first). A master gives up the old
+    /// addresses (its MAC restored) and takes the new ones; a slave only knows them from now on.
+    fn apply_vips(&mut self) {
+        if self.mgr.busy() {
+            return; // at a later tick
+        }
+        let Some(cfg) = self.vips_wanted.take() else { return };
+        let new = match vips(&cfg, &self.node, &self.events) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                self.log(format!("the changed [[vip]] cannot be applied: {e}; the old VIPs stay"));
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut self.vips, Arc::clone(&new));
+        let master = self.local.primary || old.held().iter().any(|h| h.here);
+        self.log(format!(
+            "[[vip]] changed: {} VIP(s) now{}",
+            new.held().len(),
+            if master { "; moving the addresses" } else { "" }
+        ));
+        if master {
+            let events = Arc::clone(&self.events);
+            tokio::spawn(async move {
+                if let Err(e) = old.down().await {
+                    events.push(format!("releasing the old VIPs: {}", e.0.join("; ")));
+                }
+                if let Err(e) = new.up().await {
+                    events.push(format!("acquiring the changed VIPs: {}", e.0.join("; ")));
+                }
+            });
         }
     }
 
@@ -425,6 +482,19 @@ impl Loop {
         }
     }
 
+    /// What a step works with, as of now.
+    fn step_ctx(&self) -> steps::StepCtx {
+        steps::StepCtx {
+            host: Arc::clone(&self.host),
+            vips: Arc::clone(&self.vips),
+            cfg: self.cfg.clone(),
+            node: self.node.clone(),
+            peer: self.peer.clone(),
+            events: Arc::clone(&self.events),
+            status: Arc::clone(&self.status),
+        }
+    }
+
     fn feed(&mut self, input: Input) {
         let actions = self.mgr.handle(Instant::now(), input);
         for a in actions {
@@ -435,15 +505,7 @@ impl Loop {
     fn act(&mut self, a: Action) {
         match a {
             Action::Run(step) => {
-                let ctx = steps::StepCtx {
-                    host: Arc::clone(&self.host),
-                    vips: Arc::clone(&self.vips),
-                    cfg: self.cfg.clone(),
-                    node: self.node.clone(),
-                    peer: self.peer.clone(),
-                    events: Arc::clone(&self.events),
-                    status: Arc::clone(&self.status),
-                };
+                let ctx = self.step_ctx();
                 let back = self.back.clone();
                 tokio::spawn(async move {
                     let o = run_step(step, &ctx).await;

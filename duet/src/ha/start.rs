@@ -234,6 +234,7 @@ async fn start_here(
         links,
         host,
         vips: Arc::clone(&vips),
+        vips_wanted: None,
         back: back_tx,
         replies: HashMap::new(),
         next_token: 1,

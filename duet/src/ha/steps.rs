@@ -120,6 +120,60 @@ pub(super) async fn run_step(step: Step, ctx: &StepCtx) -> Outcome {
     }
 }
 
+/// At start: the services that run on a slave (`placement = "slave"`) and everywhere
+/// (`"both"`) start, as the node starts as a slave; a takeover later stops the slave's ones.
+pub(super) async fn boot_services(ctx: &StepCtx) {
+    for s in ctx
+        .cfg
+        .service
+        .iter()
+        .filter(|s| matches!(s.placement, config::Placement::Slave | config::Placement::Both))
+    {
+        let state = match service(s, &s.start, "start", &ctx.node).await {
+            Ok(()) => "running".to_string(),
+            Err(e) => {
+                ctx.events.push(e.to_string());
+                format!("start failed: {e}")
+            }
+        };
+        let mut st = ctx.status.lock().expect("status poisoned");
+        if let Some(x) = st.services.iter_mut().find(|x| x.name == s.name) {
+            x.state = state;
+        }
+    }
+}
+
+/// A stopping node gives up what it holds here: its exports (closed after the requests in
+/// flight), every service running (in reverse order: a master's, a slave's, `both`), its VIPs
+/// (a moved MAC restored). Returns what failed; each step is tried whatever the others did.
+/// Idempotent: after a handover only the slave's services are left to stop.
+pub(super) async fn release_local(ctx: &StepCtx) -> Vec<String> {
+    let mut failed = Vec::new();
+    ctx.host.close_exports().await;
+    let running: Vec<String> = {
+        let st = ctx.status.lock().expect("status poisoned");
+        st.services.iter().filter(|x| x.state == "running").map(|x| x.name.clone()).collect()
+    };
+    for s in ctx.cfg.service.iter().rev().filter(|s| running.contains(&s.name)) {
+        let r = service(s, &s.stop, "stop", &ctx.node).await;
+        let state = match &r {
+            Ok(()) => "stopped".to_string(),
+            Err(e) => {
+                failed.push(e.to_string());
+                format!("stop failed: {e}")
+            }
+        };
+        let mut st = ctx.status.lock().expect("status poisoned");
+        if let Some(x) = st.services.iter_mut().find(|x| x.name == s.name) {
+            x.state = state;
+        }
+    }
+    if let Err(e) = ctx.vips.down().await {
+        failed.extend(e.0);
+    }
+    failed
+}
+
 /// Why a command of ours (a service's start or stop, the fence command, a probe) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {

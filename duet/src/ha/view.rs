@@ -84,3 +84,35 @@ pub(super) fn resource_state(s: &Summary) -> ResourceState {
         generation: s.generation,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(disk: DiskState, connection: ConnState, peer_disk: Option<DiskState>) -> Summary {
+        Summary {
+            role: Role::Primary,
+            disk,
+            connection,
+            peer_role: Some(Role::Secondary),
+            peer_disk,
+            out_of_sync_bytes: 0,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn a_detached_disk_is_marked_and_a_diskless_peer_still_counts_as_in_sync() {
+        let v = local_view(&[
+            summary(DiskState::Diskless, ConnState::Connected, Some(DiskState::UpToDate)),
+            summary(DiskState::UpToDate, ConnState::Connecting, None),
+        ]);
+        assert_eq!((v.diskless, v.synced, v.disconnected), (0b01, 0b01, 0b10));
+        assert_eq!(v.worst_disk, "Diskless");
+        assert!(!v.uptodate && !v.in_sync);
+        // The slave of a Diskless Primary holds the whole copy.
+        let s = summary(DiskState::UpToDate, ConnState::Connected, Some(DiskState::Diskless));
+        let v = local_view(&[Summary { role: Role::Secondary, ..s }]);
+        assert!(v.in_sync && v.uptodate && v.diskless == 0, "{v:?}");
+    }
+}

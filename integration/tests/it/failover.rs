@@ -659,3 +659,53 @@ fn a_health_check_changed_by_adjust_runs_live_and_the_failing_master_hands_over(
     p.stop(1);
     p.start(1);
 }
+
+#[test]
+fn slave_and_both_services_run_where_they_should_from_boot_through_a_switchover_and_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let svc = |name: &str, placement: &str| {
+        format!(
+            "\n[[service]]\nname = \"{name}\"\nstart = \"touch {d}/{name}-$DUET_NODE\"\nstop = \"rm -f {d}/{name}-$DUET_NODE\"\nplacement = \"{placement}\"\n"
+        )
+    };
+    let extra = format!("{}{}{}", svc("m", "master"), svc("s", "slave"), svc("b", "both"));
+    let mut p = ha_pair(HaOpts { extra, ..HaOpts::default() });
+    let on = |name: &str, node: &str| dir.path().join(format!("{name}-{node}")).exists();
+    let placed = |master: &str, slave: &str| {
+        on("m", master)
+            && !on("m", slave)
+            && on("s", slave)
+            && !on("s", master)
+            && on("b", master)
+            && on("b", slave)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || placed("alpha", "beta")),
+        "after a cold start: {}",
+        p.events(1)
+    );
+    let out = p.ok(1, &["make-master"]);
+    assert!(out.contains("running master"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(10), || placed("beta", "alpha")),
+        "after a switchover: {}",
+        p.events(0)
+    );
+    // beta dies: alpha takes over, stops its slave service, starts the master's.
+    p.kill(1);
+    assert!(
+        wait_until(Duration::from_secs(20), || p.is_master(0)
+            && on("m", "alpha")
+            && !on("s", "alpha")),
+        "after a failover: {}",
+        p.events(0)
+    );
+    assert!(on("b", "alpha"));
+    // Stopped without a partner: nothing of alpha's keeps running.
+    p.stop(0);
+    for name in ["m", "s", "b"] {
+        assert!(!on(name, "alpha"), "{name} still runs on alpha after its daemon stopped");
+    }
+    assert!(p.log_text(0).contains("released locally"), "{}", p.log_text(0));
+}

@@ -141,6 +141,84 @@ fn make_master_moves_the_vip_and_the_old_master_releases_it() {
     assert!(p.identical());
 }
 
+#[test]
+fn a_vip_changed_by_adjust_moves_on_the_master_and_follows_the_next_switchover() {
+    let Some(lab) = Lab::new() else { return };
+    let lab = Arc::new(lab);
+    let ha = HaOpts { extra: vip_toml(&format!("{}/24", lab::VIP), ""), ..HaOpts::default() };
+    let p = lab_pair(&lab, ha);
+    assert!(wait_until(Duration::from_secs(5), || lab.holds(0, lab::VIP)));
+    // The VIP becomes .101, on both nodes, without a restart.
+    let new_vip = "10.77.0.101";
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    let from = format!("address = \"{}/24\"", lab::VIP);
+    assert!(text.contains(&from), "{text}");
+    std::fs::write(&p.config, text.replace(&from, &format!("address = \"{new_vip}/24\""))).unwrap();
+    for i in [1, 0] {
+        let out = p.ok(i, &["adjust"]);
+        assert!(out.contains("vip[0].address"), "{out}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.holds(0, new_vip) && !lab.holds(0, lab::VIP)),
+        "the master did not move the VIP: {}",
+        p.events(0)
+    );
+    assert!(!lab.holds(1, new_vip), "the slave took the new VIP");
+    let v = p.cluster(0);
+    assert!(v["vips"].to_string().contains(new_vip), "{v}");
+    // A client in its namespace reaches the export at the new address.
+    let addr = SocketAddr::from(([10, 77, 0, 101], 10809));
+    let l = Arc::clone(&lab);
+    let reached = std::thread::spawn(move || {
+        l.enter(2);
+        wait_until(Duration::from_secs(10), || Raw::try_transmission_to(addr).is_some())
+    });
+    assert!(reached.join().unwrap(), "no NBD at the changed VIP");
+    // The slave learnt it too: a switchover moves the new address.
+    let out = p.ok(1, &["make-master"]);
+    assert!(out.contains("running master"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.holds(1, new_vip) && !lab.holds(0, new_vip)),
+        "the new VIP did not follow the switchover"
+    );
+    assert!(!lab.holds(1, lab::VIP), "the old VIP came back");
+}
+
+#[test]
+fn sigterm_of_a_master_whose_peer_is_down_leaves_no_vip_no_moved_mac_and_no_service() {
+    let Some(lab) = Lab::new() else { return };
+    let lab = Arc::new(lab);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let vmac = "02:77:00:00:02:00";
+    let extra = format!(
+        "{}\n[[service]]\nname = \"marker\"\nstart = \"touch {d}/master-$DUET_NODE\"\nstop = \"rm -f {d}/master-$DUET_NODE\"\nplacement = \"master\"\n",
+        vip_toml(&format!("{}/24", lab::VIP), vmac)
+    );
+    let own_mac = lab.mac(0, "lan0");
+    let mut p = lab_pair(&lab, HaOpts { extra, ..HaOpts::default() });
+    let marker = dir.path().join("master-alpha");
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.holds(0, lab::VIP)
+            && lab.mac(0, "lan0") == vmac
+            && marker.exists()),
+        "alpha is not the master with its VIP, MAC and service"
+    );
+    // Beta is gone: nobody can take over, and alpha is told to stop.
+    p.kill(1);
+    assert!(wait_until(Duration::from_secs(20), || p.cluster(0)["peer"] == "dead"));
+    p.stop(0);
+    assert!(!lab.holds(0, lab::VIP), "the VIP outlived the daemon");
+    assert_eq!(lab.mac(0, "lan0"), own_mac, "the moved MAC was not restored");
+    assert!(!marker.exists(), "the master's service still runs");
+    let log = p.log_text(0);
+    assert!(log.contains("stopping without a handover"), "{log}");
+    assert!(
+        log.contains("released locally: exports closed, services stopped, VIPs removed"),
+        "{log}"
+    );
+}
+
 /// Samples who holds the VIP for `d`; returns how often both did.
 fn both_held(lab: &Lab, addr: &str, d: Duration) -> usize {
     let end = std::time::Instant::now() + d;

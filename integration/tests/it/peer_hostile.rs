@@ -434,6 +434,45 @@ fn resync_frames_sent_to_a_primary_are_refused() {
     }
 }
 
+/// Diskless reads where they do not belong: a PeerRead to a Primary (only an UpToDate
+/// Secondary serves a Diskless Primary), one beyond the size bound, and read data sent to a
+/// Primary that has its disk and asked nothing. Each drops the link; nothing is written or sent.
+#[test]
+fn diskless_read_frames_out_of_place_are_refused() {
+    for (kind, len) in
+        [(Kind::PeerRead, 4096u32), (Kind::PeerRead, 64 << 20), (Kind::PeerReadData, 4096)]
+    {
+        let (p, mut c) = primary_with_hostile_secondary(1);
+        let errors = p.num(1, "peer_errors");
+        let mut f = BytesMut::new();
+        match kind {
+            Kind::PeerReadData => wire::encode(&mut f, kind, 0, 1, 8192, &[0xEE; 4096]),
+            _ => wire::encode(&mut f, kind, 0, 1, 0, &len.to_be_bytes()),
+        }
+        let out = c.seal(&f);
+        c.s.write_all(&out).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || p.num(1, "peer_errors") > errors),
+            "{kind:?} {len}: {}",
+            p.repl(1)
+        );
+        if kind == Kind::PeerRead && len == 4096 {
+            let why = p.repl(1)["last_refusal"].as_str().unwrap_or_default().to_string();
+            assert!(why.contains("only an UpToDate Secondary"), "{why}");
+        }
+        let st = p.repl(1);
+        assert_eq!(
+            (st["role"].as_str(), st["disk"].as_str()),
+            (Some("Primary"), Some("UpToDate")),
+            "{st}"
+        );
+        let f = std::fs::File::open(&p.n[1].disk).unwrap();
+        let mut b = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 8192).unwrap();
+        assert_eq!(b, vec![0; 4096], "{kind:?}: read data was written");
+    }
+}
+
 /// A peer that floods resync requests and reads nothing: past the bound the link is dropped
 /// with a reason (before, every request spawned a task with no bound).
 #[test]

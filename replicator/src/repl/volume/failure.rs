@@ -106,7 +106,9 @@ fn now_secs() -> u64 {
 impl Volume {
     /// The local disk is detached: no I/O may reach it.
     pub fn diskless(&self) -> bool {
-        self.with_core(|c| c.r.diskless())
+        // A flag, not the state lock: every write asks (set once, under the lock, as the
+        // engine detaches; a detach lasts as long as the process).
+        self.detached.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The failed disk, if one failed.
@@ -127,6 +129,9 @@ impl Volume {
                 OnIoError::Detach => Some(c.r.detach()),
                 OnIoError::Pass => None,
             };
+            if c.r.diskless() {
+                self.detached.store(true, std::sync::atomic::Ordering::Release);
+            }
             (o, c.r.st.role)
         });
         let disk = self.store.path().display().to_string();

@@ -184,6 +184,8 @@ pub struct Volume {
     sink: std::sync::OnceLock<EventSink>,
     /// Run before this node starts a resync as its target (the resync waits for it).
     before_resync_target: std::sync::OnceLock<BeforeResync>,
+    /// The disk is detached (the engine's Diskless, mirrored for the write path's checks).
+    detached: std::sync::atomic::AtomicBool,
 }
 
 /// What runs before a resync as target: `Err(why)` drops the connection instead (the resync
@@ -368,6 +370,7 @@ impl Volume {
         al: ActivityLog,
     ) -> Arc<Self> {
         let resync_settings = watch::channel(cfg.as_ref().map(|c| c.resync)).0;
+        let r_diskless = r.diskless();
         Arc::new(Self {
             cfg,
             resync_settings,
@@ -397,6 +400,7 @@ impl Volume {
             app_writes: AtomicU64::new(0),
             resync_wake: tokio::sync::Notify::new(),
             frozen: watch::channel(false).0,
+            detached: std::sync::atomic::AtomicBool::new(r_diskless),
         })
     }
 
