@@ -84,6 +84,24 @@ impl Manager {
                 }
                 return;
             }
+            // A Diskless resource without its replication session serves only errors: the
+            // master gives the role up so that the peer, which holds that resource's only copy,
+            // can take over (it is UpToDate and not outdated: see below). Not while another
+            // resource is cut off too: this node may hold writes of it the peer lacks, and it
+            // keeps serving it (outdating the peer's copy).
+            if l.diskless & l.disconnected != 0
+                && l.disconnected & !l.diskless == 0
+                && self.pending.is_none()
+                && !self.stopping
+            {
+                self.start(
+                    Kind::Release,
+                    "a detached (Diskless) resource lost its replication session: nothing to serve; releasing the master role for the peer"
+                        .into(),
+                    After::Nothing,
+                );
+                return;
+            }
             // Outdate the peer over the heartbeat when replication is down but the peer answers.
             // (Never where this node is Diskless: the peer's copy is the only one.)
             let need = l.disconnected & !self.peer_outdated & !l.diskless;

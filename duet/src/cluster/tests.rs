@@ -269,6 +269,8 @@ fn a_diskless_master_never_outdates_the_peer_that_holds_the_only_copy() {
     let v = LocalView { disconnected: 0b11, diskless: 0b01, in_sync: false, ..master_view() };
     let a = m.handle(t, Input::Local(v));
     assert!(matches!(sends(&a)[..], [Control::Outdate { mask: 0b10, .. }]), "{a:?}");
+    // Resource 1 is cut off too: this node keeps the role (and resource 1's newer writes).
+    assert!(!a.iter().any(|x| matches!(x, Action::Run(Step::ExportClose))), "{a:?}");
 }
 
 #[test]
@@ -294,4 +296,18 @@ fn a_slave_takes_over_from_a_released_diskless_master_it_was_the_copy_of() {
         // Resource 0's copy is complete here only if the peer's disk 0 is the detached one.
         assert_eq!(promotes, peer_diskless & 1 == 1, "{peer_diskless:#b}: {a:?}");
     }
+}
+
+#[test]
+fn a_master_whose_diskless_resource_lost_its_session_releases_the_role() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    // Diskless but connected: serving through the peer, nothing to release for.
+    let a = m.handle(t, Input::Local(LocalView { diskless: 0b01, ..master_view() }));
+    assert!(!a.iter().any(|x| matches!(x, Action::Run(Step::ExportClose))), "{a:?}");
+    let v = LocalView { diskless: 0b01, disconnected: 0b01, in_sync: false, ..master_view() };
+    let a = m.handle(t, Input::Local(v));
+    assert!(a.iter().any(|x| matches!(x, Action::Run(Step::ExportClose))), "{a:?}");
+    assert!(sends(&a).iter().all(|c| !matches!(c, Control::Outdate { .. })), "{a:?}");
 }

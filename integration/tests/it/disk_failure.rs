@@ -7,11 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::failover::{fio, verify_errors};
+use crate::failover::{FioLoop, fio, verify_errors};
 use crate::replication::NbdkitDisk;
 use crate::writer::{Writer, check_log};
 use integration::hooks::{hook_runs, recording_hooks};
@@ -221,18 +219,7 @@ fn a_master_whose_disk_fails_hands_over_with_every_acknowledged_write_and_is_no_
     let w = Writer::start(port, seed);
     // fio jobs back to back: a job cut by the handover fails on its closed connection; none may
     // see an I/O error or a verify failure.
-    let stop = Arc::new(AtomicBool::new(false));
-    let outputs = Arc::new(Mutex::new(Vec::new()));
-    let fio_loop = {
-        let (stop, outputs, uri) = (Arc::clone(&stop), Arc::clone(&outputs), p.uri());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let o = fio(&uri, &["--rw=randwrite", "--size=4M"]);
-                outputs.lock().unwrap().push(o);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let fio_loop = FioLoop::start(p.uri());
     assert!(w.wait_more(100, Duration::from_secs(30)));
     std::fs::write(&trigger, b"").unwrap();
     assert!(
@@ -243,13 +230,9 @@ fn a_master_whose_disk_fails_hands_over_with_every_acknowledged_write_and_is_no_
         p.events(0)
     );
     assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through beta");
-    let done = outputs.lock().unwrap().len();
-    assert!(wait_until(Duration::from_secs(60), || outputs.lock().unwrap().len() >= done + 2));
-    stop.store(true, Ordering::Relaxed);
-    fio_loop.join().unwrap();
+    let outs = fio_loop.finish_after_two_more();
     let acked = w.finish();
     check_log(port, seed, &acked);
-    let outs = outputs.lock().unwrap();
     for o in outs.iter() {
         assert!(no_eio(o) && !verify_errors(o), "fio: {}", text(o));
     }

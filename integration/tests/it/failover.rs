@@ -32,6 +32,42 @@ pub(crate) fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
     run(&mut c, Duration::from_secs(120))
 }
 
+/// fio jobs (4 MiB of random writes, verified) back to back through `uri`, from a thread.
+pub(crate) struct FioLoop {
+    stop: Arc<AtomicBool>,
+    outputs: Arc<Mutex<Vec<std::process::Output>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FioLoop {
+    pub(crate) fn start(uri: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outputs = Arc::new(Mutex::new(Vec::new()));
+        let (st, out) = (Arc::clone(&stop), Arc::clone(&outputs));
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let o = fio(&uri, &["--rw=randwrite", "--size=4M"]);
+                out.lock().unwrap().push(o);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Self { stop, outputs, thread }
+    }
+
+    /// Waits until two more jobs have ended (so one ran whole where the loop is now), stops
+    /// the loop and returns every job's output, in order.
+    pub(crate) fn finish_after_two_more(self) -> Vec<std::process::Output> {
+        let done = self.outputs.lock().unwrap().len();
+        assert!(
+            wait_until(Duration::from_secs(60), || self.outputs.lock().unwrap().len() >= done + 2),
+            "fio jobs stopped ending"
+        );
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        std::mem::take(&mut *self.outputs.lock().unwrap())
+    }
+}
+
 pub(crate) fn verify_errors(o: &std::process::Output) -> bool {
     let text =
         format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
@@ -158,18 +194,7 @@ fn make_master_on_the_slave_and_back_with_writes_and_fio_running() {
     let w = Writer::start(port, seed);
     // fio jobs back to back: each writes its region and verifies it. A job cut by the
     // switchover fails with an I/O error; none may fail verification.
-    let stop = Arc::new(AtomicBool::new(false));
-    let outputs = Arc::new(Mutex::new(Vec::new()));
-    let fio_loop = {
-        let (stop, outputs, uri) = (Arc::clone(&stop), Arc::clone(&outputs), uri.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let o = fio(&uri, &["--rw=randwrite", "--size=4M"]);
-                outputs.lock().unwrap().push(o);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let fio_loop = FioLoop::start(uri.clone());
     assert!(w.wait_more(100, Duration::from_secs(30)));
     let out = p.ok(1, &["make-master"]);
     assert!(out.contains("running master"), "{out}");
@@ -187,13 +212,9 @@ fn make_master_on_the_slave_and_back_with_writes_and_fio_running() {
     assert!(wait_until(Duration::from_secs(10), || p.is_master(0) && !p.is_master(1)));
     assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through alpha");
     // Let one fio job finish on the final master.
-    let done = outputs.lock().unwrap().len();
-    assert!(wait_until(Duration::from_secs(60), || outputs.lock().unwrap().len() >= done + 2));
-    stop.store(true, Ordering::Relaxed);
-    fio_loop.join().unwrap();
+    let outs = fio_loop.finish_after_two_more();
     let acked = w.finish();
     check_log(port, seed, &acked);
-    let outs = outputs.lock().unwrap();
     for o in outs.iter() {
         assert!(!verify_errors(o), "fio verify error: {}", String::from_utf8_lossy(&o.stdout));
     }
