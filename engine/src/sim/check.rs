@@ -96,6 +96,26 @@ impl Sim {
                     self.send(0, r);
                 }
             }
+            // A Primary the connect refuses to overwrite (the peer's data is newer: it was
+            // promoted beside it) is demoted by the operator, as the refusal says.
+            for i in 0..2 {
+                let told = self.n[i]
+                    .r
+                    .last_refusal
+                    .as_deref()
+                    .is_some_and(|w| w.contains("demote this node"));
+                if told
+                    && !self.link.live
+                    && self.n[i].alive
+                    && self.n[i].r.st.role == Role::Primary
+                    && self.n[i].demote().is_ok()
+                {
+                    self.log(format!(
+                        "{}: secondary (as the connect's refusal says)",
+                        self.n[i].name
+                    ));
+                }
+            }
             if self.n.iter().any(|n| !n.r.st.want_connect) {
                 self.connect();
             }

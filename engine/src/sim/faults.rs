@@ -149,8 +149,15 @@ impl Sim {
             && self.n[s].alive
             && self.n[s].r.st.conn == ConnState::Connected
             && self.n[s].r.st.disk == DiskState::UpToDate;
-        // The export is closed and drained before the demotion (the executor's release).
-        if !synced || self.episode || !self.n[p].quiet() {
+        if !synced || self.episode {
+            // Given up (the peer is not in sync): the export opens again.
+            self.n[p].closing = false;
+            return;
+        }
+        // The export is closed and drained before the demotion (the executor's release): no
+        // new requests, and the switchover completes at a later draw once none is in flight.
+        self.n[p].closing = true;
+        if !self.n[p].quiet() {
             return;
         }
         if self.n[p].demote().is_err() {

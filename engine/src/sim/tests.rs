@@ -25,7 +25,8 @@ fn two_thousand_seeds_keep_every_invariant() {
         }
     }
     // The runs did what they are for: writes acknowledged, and every kind of fault drawn.
-    assert!(acked > 100_000, "{acked} writes acknowledged");
+    // (About 95,000: a switchover closes the export until it completes, as the executor does.)
+    assert!(acked > 80_000, "{acked} writes acknowledged");
     for f in [
         Fault::Crash,
         Fault::PowerLoss,
