@@ -78,6 +78,8 @@ pub enum Command {
     },
     /// Re-read the configuration file and apply what can change live (`duet adjust`).
     Adjust,
+    /// Maintenance mode on or off, cluster-wide (`duet maintenance on|off`).
+    Maintenance { on: bool },
     /// The event log after a time (milliseconds since the Unix epoch).
     Events {
         #[serde(default)]
@@ -93,6 +95,7 @@ impl Command {
             | Self::MakeMaster { .. }
             | Self::MakeSlave
             | Self::Adjust
+            | Self::Maintenance { .. }
             | Self::Follow { .. }
             | Self::Events { .. } => None,
             Self::Primary { resource, .. }
@@ -267,6 +270,7 @@ mod tests {
             Command::MakeMaster { force: false },
             Command::Invalidate { resource: None },
             Command::Adjust,
+            Command::Maintenance { on: false },
         ] {
             assert_eq!(c.needs(), Access::Admin, "{c:?}");
         }
@@ -300,6 +304,9 @@ mod tests {
             (br#"{"v":1,"cmd":"events","since_ms":"soon"}"#, "bad request"),
             (br#"{"v":1,"cmd":"events","since_ms":-1}"#, "bad request"),
             (br#"{"v":1,"cmd":"make_slave"}"#, "bad request"),
+            (br#"{"v":1,"cmd":"maintenance"}"#, "bad request"),
+            (br#"{"v":1,"cmd":"maintenance","on":"yes"}"#, "bad request"),
+            (br#"{"v":1,"cmd":"maintenance","on":1}"#, "bad request"),
         ];
         for (line, want) in cases {
             let e = decode_request(line).unwrap_err().to_string();

@@ -59,6 +59,8 @@ pub enum Kind {
     Link,
     /// This node's health checks (healthy | failing).
     Health,
+    /// The cluster's maintenance mode (on | off).
+    Maintenance,
     /// Who holds a VIP (`name`: its address).
     Vip,
     /// A service's state here (`name`: the service).
@@ -426,6 +428,7 @@ pub struct ClusterSnap {
     pub running_role: String,
     pub peer: String,
     pub healthy: bool,
+    pub maintenance: bool,
     pub links: Vec<(String, String)>,
     pub vips: Vec<(String, Option<String>)>,
     pub services: Vec<(String, String)>,
@@ -462,6 +465,7 @@ pub fn snap(s: &NodeStatus) -> Snap {
             running_role: h.running_role.clone(),
             peer: h.peer.clone(),
             healthy: h.healthy,
+            maintenance: h.maintenance,
             links: h.links.iter().map(|l| (l.name.clone(), l.state.clone())).collect(),
             vips: h
                 .vips
@@ -544,6 +548,10 @@ pub fn diff(old: Option<&Snap>, new: &Snap) -> Vec<Change> {
         if old.is_none() || p.healthy != c.healthy || p.running_role.is_empty() {
             put(Kind::Health, None, None, Some(h(p.healthy)), Some(h(c.healthy)), "");
         }
+        let m = |b: bool| if b { "on" } else { "off" };
+        if old.is_none() || p.maintenance != c.maintenance || p.running_role.is_empty() {
+            put(Kind::Maintenance, None, None, Some(m(p.maintenance)), Some(m(c.maintenance)), "");
+        }
         for (name, state) in &c.links {
             let o = p.links.iter().find(|l| l.0 == *name).map(|l| l.1.as_str());
             put(Kind::Link, None, Some(name), o, Some(state), "");
@@ -589,6 +597,7 @@ mod tests {
         h.peer = "dead".into();
         h.links[1].state = "down".into();
         h.vips[0].holder = None;
+        h.maintenance = true;
         let c = diff(Some(&s), &snap(&f));
         assert_eq!(
             kinds(&c),
@@ -597,11 +606,12 @@ mod tests {
                 (Kind::Connection, Some("Connected"), Some("SyncTarget")),
                 (Kind::RunningRole, Some("master"), Some("slave")),
                 (Kind::Peer, Some("alive"), Some("dead")),
+                (Kind::Maintenance, Some("off"), Some("on")),
                 (Kind::Link, Some("up"), Some("down")),
                 (Kind::Vip, Some("alpha"), Some("nobody")),
             ]
         );
-        assert_eq!(c[4].name.as_deref(), Some("serial /dev/ttyS0"));
+        assert_eq!(c[5].name.as_deref(), Some("serial /dev/ttyS0"));
         assert_eq!(c[0].resource.as_deref(), Some("vol0"));
     }
 

@@ -32,6 +32,13 @@ enum LogFormat {
     Json,
 }
 
+/// `duet maintenance on|off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 /// What `duet generate` writes (for packaging; no configuration is read).
 #[derive(Debug, Subcommand)]
 enum Generate {
@@ -127,6 +134,15 @@ enum Cmd {
     },
     /// Planned switchover: hand the master role to the peer.
     MakeSlave,
+    /// Maintenance mode, for the whole pair (run on either node; kept across restarts): while
+    /// on, the cluster manager takes no automatic action (no takeover, failback, handover,
+    /// outdating or fencing) and refuses switchovers, and `duet primary` / `secondary` /
+    /// `disconnect` act by hand. When it goes off, a Primary takes the VIPs and services, a
+    /// Secondary gives them up, and the cluster manager acts again.
+    Maintenance {
+        /// on | off.
+        mode: OnOff,
+    },
     /// Wait until a resource is UpToDate on this node (`--uptodate`), or Primary here with
     /// its export open (`--primary`): for ordering mounts and NFS after duet (duet-wait@.service).
     /// Exit 0 when it is, 1 when the timeout passed first.
@@ -243,6 +259,7 @@ fn main() -> ExitCode {
         Cmd::Verify { resource, repair } => control::Command::Verify { resource, repair },
         Cmd::MakeMaster { force } => control::Command::MakeMaster { force },
         Cmd::MakeSlave => control::Command::MakeSlave,
+        Cmd::Maintenance { mode } => control::Command::Maintenance { on: mode == OnOff::On },
         Cmd::Events { follow, json } => return show_events(&rt, &cfg, &node, follow, json),
         Cmd::Wait { uptodate: _, primary, resource, timeout } => {
             let want =

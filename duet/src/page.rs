@@ -123,6 +123,9 @@ pub fn render(s: &NodeStatus, events: &[Event]) -> String {
     );
     let (_, line) = check::node(s);
     let _ = write!(o, "<p data-field=\"check\">{}</p>", esc(&line));
+    if s.ha.as_ref().is_some_and(|h| h.maintenance) {
+        o.push_str("<p data-field=\"maintenance\" class=\"warn\">MAINTENANCE MODE: the cluster manager takes no automatic action (no takeover, failback or handover); <code>duet maintenance off</code> ends it</p>");
+    }
 
     // Both nodes.
     o.push_str("<h2>Nodes</h2><table id=\"nodes\"><tr><th>node</th><th>running role</th><th>configured role</th><th>health</th><th>state</th></tr>");

@@ -9,11 +9,14 @@
 //!   this node restarted is still a replay after it.
 //! - `NODE.mac-INTERFACE-ADDRESS`: the NIC's own MAC while a VIP's virtual MAC replaces it
 //!   ([`MacFiles`]), one file per VIP.
+//! - `NODE.maintenance`: the cluster's maintenance mode as this node last knew it (`on STAMP`
+//!   or `off STAMP`), so a restart keeps it.
 
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use heartbeat::frame::Maintenance;
 use heartbeat::replay::Checkpoint;
 
 /// A state file could not be read or written.
@@ -142,6 +145,32 @@ pub fn save_checkpoint(
     write_atomic(&peer_file(dir, node, peer), format!("{} {}\n", c.boot, c.ceiling).as_bytes())
 }
 
+fn maintenance_file(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.maintenance"))
+}
+
+/// The maintenance mode as last saved (off, stamp 0, when never set).
+pub fn load_maintenance(dir: &Path, node: &str) -> Result<Maintenance, StateError> {
+    let path = maintenance_file(dir, node);
+    let Some(t) = read(&path)? else { return Ok(Maintenance::default()) };
+    let mut it = t.split_whitespace();
+    let on = match it.next() {
+        Some("on") => true,
+        Some("off") => false,
+        _ => return Err(garbled(&path, &t)),
+    };
+    match (it.next().map(str::parse::<u64>), it.next()) {
+        (Some(Ok(stamp)), None) => Ok(Maintenance { stamp, on }),
+        _ => Err(garbled(&path, &t)),
+    }
+}
+
+/// Makes the maintenance mode durable.
+pub fn save_maintenance(dir: &Path, node: &str, m: Maintenance) -> Result<(), StateError> {
+    let text = format!("{} {}\n", if m.on { "on" } else { "off" }, m.stamp);
+    write_atomic(&maintenance_file(dir, node), text.as_bytes())
+}
+
 /// The NIC's own MACs of this node's VIPs, one file per VIP in the state directory.
 #[derive(Debug)]
 pub struct MacFiles {
@@ -214,6 +243,22 @@ mod tests {
         for bad in ["", "1", "1 2 3", "x 2", "-1 2"] {
             std::fs::write(d.path().join("a.peer-b"), bad).unwrap();
             assert!(load_checkpoint(d.path(), "a", "b").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn maintenance_round_trips_and_garbage_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(load_maintenance(d.path(), "a").unwrap(), Maintenance::default());
+        for m in [Maintenance { stamp: 17, on: true }, Maintenance { stamp: 18, on: false }] {
+            save_maintenance(d.path(), "a", m).unwrap();
+            assert_eq!(load_maintenance(d.path(), "a").unwrap(), m);
+        }
+        assert_eq!(std::fs::read_to_string(d.path().join("a.maintenance")).unwrap(), "off 18\n");
+        for bad in ["", "on", "yes 1", "on x", "on -1", "on 1 2", "ON 1"] {
+            std::fs::write(d.path().join("a.maintenance"), bad).unwrap();
+            let e = load_maintenance(d.path(), "a").unwrap_err().to_string();
+            assert!(e.contains("a.maintenance") && e.contains("remove it"), "{bad:?}: {e}");
         }
     }
 

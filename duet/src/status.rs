@@ -84,6 +84,12 @@ pub struct ClusterStatus {
     /// Each `[[service]]` and what its last start or stop did.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// Maintenance mode (cluster-wide): the cluster manager takes no automatic action.
+    #[serde(default)]
+    pub maintenance: bool,
+    /// The maintenance mode in the peer's last frame (`None`: not heard).
+    #[serde(default)]
+    pub peer_maintenance: Option<bool>,
 }
 
 /// Whether `duet make-master` / `make-slave` (without `--force`) would start now.
@@ -229,6 +235,18 @@ pub fn render(s: &NodeStatus) -> String {
             c.failback,
             c.fencing
         );
+        if c.maintenance {
+            let _ = writeln!(
+                o,
+                "  MAINTENANCE MODE: no automatic takeover, failback or handover; roles by hand (`duet primary` / `secondary`); `duet maintenance off` ends it{}",
+                match c.peer_maintenance {
+                    Some(false) => " (the peer has not taken it yet)",
+                    _ => "",
+                }
+            );
+        } else if c.peer_maintenance == Some(true) {
+            let _ = writeln!(o, "  the peer is in maintenance mode and this node not yet");
+        }
         if let Some(a) = &c.activity {
             let _ = writeln!(o, "  now: {a}");
         }
@@ -435,6 +453,31 @@ mod tests {
 }
 
 #[cfg(test)]
+mod maintenance_tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_mode_is_shown_and_is_a_warning() {
+        let mut f = fixture();
+        assert!(!render(&f).contains("MAINTENANCE"));
+        assert_eq!(check::node(&f).0, check::Level::Ok);
+        let h = f.ha.as_mut().unwrap();
+        h.maintenance = true;
+        h.peer_maintenance = Some(false);
+        let t = render(&f);
+        assert!(t.contains("MAINTENANCE MODE") && t.contains("maintenance off"), "{t}");
+        assert!(t.contains("the peer has not taken it yet"), "{t}");
+        let (level, line) = check::node(&f);
+        assert_eq!(level, check::Level::Warning, "{line}");
+        assert!(line.contains("maintenance mode"), "{line}");
+        let h = f.ha.as_mut().unwrap();
+        h.maintenance = false;
+        h.peer_maintenance = Some(true);
+        assert!(render(&f).contains("the peer is in maintenance mode and this node not yet"));
+    }
+}
+
+#[cfg(test)]
 mod timestamp_tests {
     #[test]
     fn timestamps_are_civil_utc() {
@@ -544,6 +587,7 @@ pub mod check {
                 ("slave", "dead") => (Level::Critical, "slave and the peer is dead: no master"),
                 (_, "dead") => (Level::Warning, "peer dead"),
                 _ if !h.healthy => (Level::Warning, "a health check fails"),
+                _ if h.maintenance => (Level::Warning, "maintenance mode: no automatic failover"),
                 _ => (Level::Ok, ""),
             };
             level = level.max(l);
@@ -739,6 +783,8 @@ pub(crate) fn fixture() -> NodeStatus {
                 addresses: vec!["192.0.2.10/24".into()],
                 holder: Some("alpha".into()),
             }],
+            maintenance: false,
+            peer_maintenance: Some(false),
             services: vec![ServiceStatus {
                 name: "nfs".into(),
                 placement: "master".into(),

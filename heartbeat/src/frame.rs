@@ -1,6 +1,6 @@
 //! The heartbeat frame: who sends it (cluster, node, boot generation, sequence), the sender's
-//! state (health and, per resource, role, disk, connection and current generation), at most one
-//! control message, and an HMAC-SHA256 over everything before it.
+//! state (health, maintenance mode and, per resource, role, disk, connection and current
+//! generation), at most one control message, and an HMAC-SHA256 over everything before it.
 //!
 //! Layout (big-endian):
 //!
@@ -9,11 +9,15 @@
 //!  4  version           1      36  health 0..=100     1
 //!  5  key id            1      37  resource count     1
 //!  6  node id           1      38  control length     2
-//!  7  reserved, 0       1      40  resources, 12 each: role, disk, conn, 0, generation (8)
-//!  8  cluster id        8      ..  control body (see `Control`)
-//! 16  boot generation   8      ..  HMAC-SHA256 (32) of every byte before it
-//! 24  frame length      4
+//!  7  flags             1      40  maintenance stamp  8
+//!  8  cluster id        8      48  resources, 12 each: role, disk, conn, 0, generation (8)
+//! 16  boot generation   8      ..  control body (see `Control`)
+//! 24  frame length      4      ..  HMAC-SHA256 (32) of every byte before it
 //! ```
+//!
+//! Flags: bit 0 = maintenance mode on; the other bits are 0. The maintenance stamp orders the
+//! operator's changes of the mode (see [`Maintenance`]). Version 1 had neither (byte 7 was 0,
+//! the resources began at 40).
 //!
 //! Decoding is pure and tells "not a whole frame yet" apart from "invalid".
 
@@ -23,9 +27,11 @@ use sha2::Sha256;
 /// "DUHB".
 pub const MAGIC: [u8; 4] = *b"DUHB";
 /// The version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Fixed part before the resources.
-pub const HEADER_LEN: usize = 40;
+pub const HEADER_LEN: usize = 48;
+/// Flag bit: maintenance mode is on.
+const FLAG_MAINTENANCE: u8 = 1;
 /// Bytes per resource entry.
 pub const RESOURCE_LEN: usize = 12;
 /// Most resources one frame describes.
@@ -53,6 +59,27 @@ pub struct ResourceState {
     pub conn: u8,
     /// Current generation UUID.
     pub generation: u64,
+}
+
+/// The cluster-wide maintenance mode as a node knows it: on or off, and the stamp of the
+/// operator's command that set it. Each node sends its own in every frame and takes the
+/// peer's when it is newer, so the last command wins on both nodes, whichever node it ran on
+/// and even if the other was away: a command's stamp is above every stamp its node knew.
+/// Equal stamps with different modes (two commands in the same millisecond, one per side of
+/// a partition) resolve to on, where nothing happens by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
+pub struct Maintenance {
+    /// Compared first: the newer command wins.
+    pub stamp: u64,
+    pub on: bool,
+}
+
+impl Maintenance {
+    /// The state a command setting `on` makes, given the newest state this node knows and the
+    /// wall clock in milliseconds since the Unix epoch.
+    pub fn set(known: Maintenance, on: bool, now_ms: u64) -> Maintenance {
+        Maintenance { stamp: now_ms.max(known.stamp.saturating_add(1)), on }
+    }
 }
 
 /// A control message riding in a frame. Requests carry an id; replies echo it.
@@ -95,6 +122,7 @@ pub struct Frame {
     pub boot: u64,
     pub seq: u64,
     pub health: u8,
+    pub maintenance: Maintenance,
     pub resources: Vec<ResourceState>,
     pub control: Option<Control>,
 }
@@ -230,7 +258,7 @@ impl Frame {
         o.push(VERSION);
         o.push(self.key_id);
         o.push(self.node_id);
-        o.push(0);
+        o.push(if self.maintenance.on { FLAG_MAINTENANCE } else { 0 });
         o.extend_from_slice(&self.cluster.to_be_bytes());
         o.extend_from_slice(&self.boot.to_be_bytes());
         o.extend_from_slice(&u32::try_from(total).expect("frames are small").to_be_bytes());
@@ -238,6 +266,7 @@ impl Frame {
         o.push(self.health.min(100));
         o.push(u8::try_from(res.len()).expect("at most MAX_RESOURCES"));
         o.extend_from_slice(&u16::try_from(body.len()).expect("short body").to_be_bytes());
+        o.extend_from_slice(&self.maintenance.stamp.to_be_bytes());
         for r in res {
             o.extend_from_slice(&[r.role, r.disk, r.conn, 0]);
             o.extend_from_slice(&r.generation.to_be_bytes());
@@ -289,8 +318,8 @@ impl Frame {
         }
         let (signed, tag) = b.split_at(total - MAC_LEN);
         mac(key, signed).verify_slice(tag).map_err(|_| FrameError::Mac)?;
-        if b[7] != 0 {
-            return Err(FrameError::Field("reserved"));
+        if b[7] & !FLAG_MAINTENANCE != 0 {
+            return Err(FrameError::Field("flags"));
         }
         let u64_at = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let health = b[36];
@@ -320,6 +349,7 @@ impl Frame {
             boot: u64_at(16),
             seq: u64_at(28),
             health,
+            maintenance: Maintenance { on: b[7] & FLAG_MAINTENANCE != 0, stamp: u64_at(40) },
             resources,
             control,
         })
@@ -341,6 +371,7 @@ mod tests {
             boot: 1_700_000_000_000_000,
             seq: 42,
             health: 100,
+            maintenance: Maintenance { on: true, stamp: 1_800_000_000_000 },
             resources: vec![ResourceState { role: 1, disk: 3, conn: 1, generation: 0xdead_beef }],
             control: Some(Control::Released { id: 7, ok: false, reason: "busy ✓".into() }),
         }
@@ -375,9 +406,11 @@ mod tests {
     proptest! {
         #[test]
         fn round_trip(key_id: u8, node_id: u8, cluster: u64, boot: u64, seq: u64, health in 0u8..=100,
+                      on: bool, stamp: u64,
                       resources in proptest::collection::vec(resource(), 0..=MAX_RESOURCES),
                       control in proptest::option::of(control())) {
-            let f = Frame { key_id, node_id, cluster, boot, seq, health, resources, control };
+            let maintenance = Maintenance { on, stamp };
+            let f = Frame { key_id, node_id, cluster, boot, seq, health, maintenance, resources, control };
             let b = f.encode(KEY);
             prop_assert!(b.len() <= MAX_FRAME);
             prop_assert_eq!(Frame::announced_len(&b), Ok(b.len()));
@@ -454,6 +487,160 @@ mod tests {
         let d = Frame::decode(&f.encode(KEY), KEY).expect("decodes");
         let Some(Control::TookOver { reason, .. }) = d.control else { panic!("control lost") };
         assert_eq!(reason.len(), MAX_REASON);
+    }
+
+    /// `b` with its MAC made right again, so a test reaches the checks behind the MAC.
+    fn resigned(mut b: Vec<u8>) -> Vec<u8> {
+        let n = b.len();
+        let tag = mac(KEY, &b[..n - MAC_LEN]).finalize().into_bytes();
+        b[n - MAC_LEN..].copy_from_slice(&tag);
+        b
+    }
+
+    #[test]
+    fn maintenance_rides_in_the_flags_and_unknown_flags_are_refused() {
+        let on = sample().encode(KEY);
+        assert_eq!(on[7], 1);
+        let off = Frame { maintenance: Maintenance { on: false, stamp: 5 }, ..sample() };
+        let b = off.encode(KEY);
+        assert_eq!(b[7], 0);
+        assert_eq!(
+            Frame::decode(&b, KEY).unwrap().maintenance,
+            Maintenance { on: false, stamp: 5 }
+        );
+        for flags in [2u8, 0x80, 0xff] {
+            let mut t = on.clone();
+            t[7] = flags;
+            assert_eq!(Frame::decode(&resigned(t), KEY), Err(FrameError::Field("flags")));
+        }
+    }
+
+    #[test]
+    fn a_version_1_frame_is_refused_naming_both_versions() {
+        let mut b = sample().encode(KEY);
+        b[4] = 1;
+        let e = Frame::decode(&resigned(b), KEY).unwrap_err();
+        assert_eq!(e, FrameError::Version(1));
+        assert_eq!(e.to_string(), "unsupported heartbeat version 1 (this build speaks 2)");
+    }
+
+    #[test]
+    fn the_last_maintenance_command_wins_whatever_the_clocks_say() {
+        let m0 = Maintenance::default();
+        let a = Maintenance::set(m0, true, 1_000);
+        assert_eq!(a, Maintenance { stamp: 1_000, on: true });
+        // A command on a node whose clock is behind still comes after what it knows.
+        let b = Maintenance::set(a, false, 10);
+        assert_eq!(b, Maintenance { stamp: 1_001, on: false });
+        assert!(b > a);
+        // A tie between the two modes resolves to on.
+        let tie_on = Maintenance { stamp: 7, on: true };
+        let tie_off = Maintenance { stamp: 7, on: false };
+        assert_eq!(tie_on.max(tie_off), tie_on);
+        assert_eq!(
+            Maintenance::set(Maintenance { stamp: u64::MAX, on: true }, false, 0).stamp,
+            u64::MAX
+        );
+    }
+
+    /// The seeds of the `heartbeat_frames` fuzz target: frames of this version that the
+    /// target's receiver (key "fuzz key", cluster "fuzz", peer node 1) accepts, each also as a
+    /// serial stream.
+    fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
+        let key = b"fuzz key";
+        let base = Frame {
+            key_id: 1,
+            node_id: 1,
+            cluster: cluster_id("fuzz"),
+            boot: 7,
+            seq: 1,
+            health: 100,
+            maintenance: Maintenance::default(),
+            resources: vec![ResourceState { role: 1, disk: 3, conn: 1, generation: 0xabc }],
+            control: None,
+        };
+        let frames = [
+            ("alive", base.clone()),
+            (
+                "maintenance",
+                Frame {
+                    seq: 2,
+                    maintenance: Maintenance { on: true, stamp: 1_800_000_000_000 },
+                    ..base.clone()
+                },
+            ),
+            (
+                "outdate",
+                Frame {
+                    seq: 3,
+                    resources: vec![ResourceState { role: 0, disk: 3, ..base.resources[0] }; 2],
+                    control: Some(Control::Outdate { id: 5, mask: 0b11 }),
+                    ..base.clone()
+                },
+            ),
+            (
+                "released",
+                Frame {
+                    seq: 4,
+                    resources: vec![],
+                    control: Some(Control::Released { id: 9, ok: true, reason: "done".into() }),
+                    ..base.clone()
+                },
+            ),
+            (
+                "takeover",
+                Frame {
+                    seq: 5,
+                    health: 0,
+                    resources: vec![ResourceState { disk: 4, conn: 0, ..base.resources[0] }],
+                    control: Some(Control::TakeOver { id: 1, force: true }),
+                    ..base
+                },
+            ),
+        ];
+        let mut out = Vec::new();
+        for (name, f) in frames {
+            let b = f.encode(key);
+            assert_eq!(Frame::decode(&b, key), Ok(f), "{name}");
+            out.push((format!("{name}.serial"), crate::serial::wrap(&b)));
+            out.push((name.to_string(), b));
+        }
+        out
+    }
+
+    /// The committed seeds are current (`DUET_WRITE_SEEDS=1` rewrites them after a format
+    /// change), so the fuzzer starts from frames that get past the version check.
+    #[test]
+    fn the_fuzz_seeds_are_frames_of_this_version() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/heartbeat_frames");
+        let seeds = fuzz_seeds();
+        if std::env::var_os("DUET_WRITE_SEEDS").is_some() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                std::fs::remove_file(e.unwrap().path()).unwrap();
+            }
+            for (name, b) in &seeds {
+                std::fs::write(dir.join(name), b).unwrap();
+            }
+        }
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        on_disk.sort();
+        let mut want: Vec<String> = seeds.iter().map(|s| s.0.clone()).collect();
+        want.sort();
+        assert_eq!(
+            on_disk, want,
+            "rewrite with DUET_WRITE_SEEDS=1 cargo test -p heartbeat fuzz_seeds"
+        );
+        for (name, b) in &seeds {
+            let have = std::fs::read(dir.join(name)).unwrap();
+            assert_eq!(
+                &have, b,
+                "{name} is stale: rewrite with DUET_WRITE_SEEDS=1 cargo test -p heartbeat fuzz_seeds"
+            );
+        }
     }
 
     #[test]

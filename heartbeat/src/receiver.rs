@@ -3,7 +3,7 @@
 //! by reason (the runtime logs drops through a rate limiter).
 
 use crate::frame::{Frame, FrameError};
-use crate::replay::{Checkpoint, Replay, STRIDE, Window};
+use crate::replay::{AHEAD, Checkpoint, Replay, STRIDE, Window};
 
 /// Why a received frame was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,9 +52,9 @@ pub struct Receiver {
     cluster: u64,
     peer: u8,
     window: Window,
-    /// The checkpoint on disk, and one the caller must make durable before acting on the frame
-    /// just accepted.
+    /// The checkpoint on disk; one being written; one to write (see [`Receiver::take_due`]).
     durable: Option<Checkpoint>,
+    writing: Option<Checkpoint>,
     due: Option<Checkpoint>,
     /// Counted drops.
     pub drops: DropCounts,
@@ -72,6 +72,7 @@ impl Receiver {
             peer,
             window: Window::default(),
             durable: None,
+            writing: None,
             due: None,
             drops: DropCounts::default(),
             accepted: 0,
@@ -88,18 +89,38 @@ impl Receiver {
         self
     }
 
-    /// A checkpoint to make durable before acting on the frame just accepted (then pass it to
-    /// [`Receiver::made_durable`]); `None` when the one on disk covers it.
-    pub fn checkpoint_due(&self) -> Option<Checkpoint> {
-        self.due
+    /// A checkpoint to write now (in the background: the caller goes on receiving), `None`
+    /// when the one on disk or the one being written reaches far enough ahead. Taking it marks
+    /// it as being written; report the end with [`Receiver::made_durable`] or
+    /// [`Receiver::write_failed`].
+    pub fn take_due(&mut self) -> Option<Checkpoint> {
+        let c = self.due.take()?;
+        self.writing = Some(c);
+        Some(c)
     }
 
     /// The checkpoint is on disk.
     pub fn made_durable(&mut self, c: Checkpoint) {
-        self.durable = Some(c);
-        if self.due == Some(c) {
-            self.due = None;
+        if self.durable.is_none_or(|d| (c.boot, c.ceiling) > (d.boot, d.ceiling)) {
+            self.durable = Some(c);
         }
+        if self.writing == Some(c) {
+            self.writing = None;
+        }
+    }
+
+    /// Writing the checkpoint failed: the next accepted frame asks for one again.
+    pub fn write_failed(&mut self, c: Checkpoint) {
+        if self.writing == Some(c) {
+            self.writing = None;
+        }
+    }
+
+    /// Whether the checkpoint on disk covers `f`, an accepted frame: after a restart it is a
+    /// replay. Act on a frame only once it is covered (or once writing its checkpoint failed:
+    /// the caller's choice).
+    pub fn covers(&self, f: &Frame) -> bool {
+        self.durable.is_some_and(|d| d.boot == f.boot && f.seq <= d.ceiling)
     }
 
     /// Checks one frame's bytes.
@@ -131,8 +152,12 @@ impl Receiver {
             return Err(Dropped::Node(f.node_id));
         }
         self.window.accept(f.boot, f.seq).map_err(Dropped::Replay)?;
-        let covered = self.durable.is_some_and(|d| d.boot == f.boot && f.seq <= d.ceiling);
-        if !covered {
+        let far = |c: Option<Checkpoint>| {
+            c.is_some_and(|c| c.boot == f.boot && c.ceiling >= f.seq.saturating_add(AHEAD))
+        };
+        // One write at a time: the next is asked for by the first frame after it ends.
+        let writing = self.writing.is_some_and(|w| w.boot == f.boot);
+        if !far(self.durable) && !writing && !far(self.due) {
             self.due = Some(Checkpoint { boot: f.boot, ceiling: f.seq.saturating_add(STRIDE) });
         }
         Ok(f)
@@ -154,6 +179,7 @@ mod tests {
             boot,
             seq,
             health: 100,
+            maintenance: crate::frame::Maintenance::default(),
             resources: vec![ResourceState::default()],
             control: None,
         }
@@ -163,33 +189,70 @@ mod tests {
         Receiver::new(vec![(1, KEY.to_vec())], cluster_id("c"), 1)
     }
 
-    /// A checkpoint is due before the first frame of a boot and then once per STRIDE frames; a
-    /// receiver resumed from it refuses every frame it had accepted.
+    /// A checkpoint is due before the first frame of a boot and then about every STRIDE/2
+    /// frames, ahead of the frames; a receiver resumed from it refuses every frame it had
+    /// accepted.
     #[test]
     fn checkpoints_cover_every_accepted_frame_across_a_restart() {
         let mut r = rx();
         let mut written = Vec::new();
-        for seq in 1..=40 {
-            r.receive(&frame(1, "c", 9, seq).encode(KEY)).unwrap();
-            if let Some(c) = r.checkpoint_due() {
-                assert!(c.ceiling >= seq && c.boot == 9);
+        for seq in 1..=100 {
+            let f = r.receive(&frame(1, "c", 9, seq).encode(KEY)).unwrap();
+            if let Some(c) = r.take_due() {
+                assert!(c.ceiling >= seq + AHEAD && c.boot == 9);
                 r.made_durable(c);
                 written.push(c);
             }
-            assert_eq!(r.checkpoint_due(), None);
+            assert!(r.covers(&f), "seq {seq}");
+            assert_eq!(r.take_due(), None);
         }
-        assert_eq!(written.len(), 5, "{written:?}");
+        assert_eq!(written.len(), 6, "{written:?}");
         let last = *written.last().unwrap();
         let mut again = rx().resume(Some(last));
-        for seq in 1..=40 {
+        for seq in 1..=100 {
             let e = again.receive(&frame(1, "c", 9, seq).encode(KEY)).unwrap_err();
             assert!(matches!(e, Dropped::Replay(_)), "seq {seq}: {e:?}");
         }
-        assert_eq!(again.drops.replay, 40);
+        assert_eq!(again.drops.replay, 100);
         // Live frames beyond the ceiling are heard, and a new boot at once.
-        assert!(again.receive(&frame(1, "c", 9, last.ceiling + 1).encode(KEY)).is_ok());
+        let f = again.receive(&frame(1, "c", 9, last.ceiling + 1).encode(KEY)).unwrap();
+        assert!(!again.covers(&f));
         assert!(again.receive(&frame(1, "c", 10, 0).encode(KEY)).is_ok());
-        assert_eq!(again.checkpoint_due(), Some(Checkpoint { boot: 10, ceiling: STRIDE }));
+        assert_eq!(again.take_due(), Some(Checkpoint { boot: 10, ceiling: STRIDE }));
+    }
+
+    /// While a checkpoint is written, frames below the durable ceiling are covered at once;
+    /// past it they wait for the write (nothing asks for a second one meanwhile); a failed
+    /// write is asked for again.
+    #[test]
+    fn the_next_checkpoint_is_written_ahead_of_the_frames() {
+        let mut r = rx();
+        let f = r.receive(&frame(1, "c", 3, 1).encode(KEY)).unwrap();
+        let first = r.take_due().unwrap();
+        assert!(!r.covers(&f), "not durable yet");
+        r.made_durable(first);
+        assert!(r.covers(&f));
+        // Close to the ceiling: the next one is due while the frames are still covered.
+        let near = first.ceiling - AHEAD + 1;
+        let f = r.receive(&frame(1, "c", 3, near).encode(KEY)).unwrap();
+        assert!(r.covers(&f));
+        let next = r.take_due().expect("asked for ahead of time");
+        assert!(next.ceiling > first.ceiling);
+        // A slow write: frames up to the old ceiling are covered, later ones wait, and no
+        // second write is asked for.
+        for seq in near + 1..=first.ceiling + 3 {
+            let f = r.receive(&frame(1, "c", 3, seq).encode(KEY)).unwrap();
+            assert_eq!(r.covers(&f), seq <= first.ceiling, "seq {seq}");
+            assert_eq!(r.take_due(), None, "seq {seq}");
+        }
+        r.write_failed(next);
+        let f = r.receive(&frame(1, "c", 3, first.ceiling + 4).encode(KEY)).unwrap();
+        let retry = r.take_due().expect("asked again after the failure");
+        r.made_durable(retry);
+        assert!(r.covers(&f));
+        // An older checkpoint finishing late never lowers the durable one.
+        r.made_durable(first);
+        assert!(r.covers(&f));
     }
 
     #[test]

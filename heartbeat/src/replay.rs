@@ -6,9 +6,15 @@
 
 /// How many sequence numbers below the highest the window remembers.
 pub const WINDOW: u64 = 128;
-/// How far ahead of the newest accepted sequence a [`Checkpoint`] reaches: one durable write per
-/// this many frames, and at most this many live frames refused after the receiver restarts.
-pub const STRIDE: u64 = 8;
+/// How far ahead of the newest accepted sequence a [`Checkpoint`] reaches: about one durable
+/// write per half this many frames, and at most this many live frames refused after the
+/// receiver restarts (3.2 s at the default keepalive over two links).
+pub const STRIDE: u64 = 32;
+/// The next checkpoint is asked for once the newest accepted sequence comes this close to the
+/// durable ceiling, so it is written while frames below the ceiling are still arriving: a
+/// slow disk (an fsync behind a large writeback) delays nothing unless it takes longer than
+/// this many frames.
+pub const AHEAD: u64 = STRIDE / 2;
 
 /// What a receiver keeps on disk about a sender, so its window survives a restart: frames of
 /// `boot` up to `ceiling` are refused after it (every frame accepted before was below it), and

@@ -23,6 +23,11 @@
 //!   the operator moved it away on purpose;
 //! - `make-master` / `make-slave` are coordinated switchovers: the master releases first, the
 //!   new master promotes only when the replicator shows it in sync.
+//!
+//! In maintenance mode none of this happens: no rule is looked at, switchovers are refused,
+//! the operator runs roles by hand (`duet primary` / `secondary`). When it ends, a node whose
+//! roles the operator changed takes or gives up what a master holds (VIPs, services, export)
+//! to match its role, and the rules apply again.
 
 pub mod health;
 mod policy;
@@ -140,6 +145,8 @@ pub enum Input {
     MakeSlave { token: Token },
     /// The daemon is stopping: hand over if asked, but take nothing over.
     Stopping,
+    /// The cluster's maintenance mode (at start, and whenever it changes).
+    Maintenance(bool),
     /// The running step finished.
     Done(Outcome),
     /// An `Outdate` action finished.
@@ -326,6 +333,12 @@ pub struct Manager {
     frozen: bool,
     /// The daemon is stopping.
     stopping: bool,
+    /// Maintenance mode: no automatic action, no switchover.
+    maintenance: bool,
+    /// What a master holds (VIPs, master services, export) was taken here and not given up:
+    /// set by a takeover's `VipUp`, cleared by a release's `VipDown`. Compared with the role
+    /// when maintenance mode ends.
+    holding: bool,
     /// Both nodes were master at once (a partition healed); re-announce when the peer releases.
     dual_seen: bool,
     /// The fence command confirmed the peer gone (this episode: until the peer is heard again
@@ -362,6 +375,8 @@ impl Manager {
             fenced: false,
             dual_seen: false,
             stopping: false,
+            maintenance: false,
+            holding: false,
             said: None,
             retry_at: None,
             working: VecDeque::new(),
@@ -415,6 +430,7 @@ impl Manager {
             Input::MakeMaster { token, force } => self.make_master(Origin::Operator(token), force),
             Input::MakeSlave { token } => self.make_slave(Origin::Operator(token), false),
             Input::Stopping => self.stopping = true,
+            Input::Maintenance(on) => self.maintenance_changed(on),
             Input::Done(o) => self.step_done(o),
             Input::OutdateDone { id, mask, ok } => {
                 if ok {
@@ -447,6 +463,9 @@ impl Manager {
         if self.stopping {
             return Err(Refusal::Stopping);
         }
+        if self.maintenance {
+            return Err(Refusal::Maintenance);
+        }
         if self.busy() {
             return Err(Refusal::SwitchoverRunning);
         }
@@ -457,6 +476,11 @@ impl Manager {
             self.master_refusal(false)
                 .map_or(Ok("make-master here takes the master role from the peer"), Err)
         }
+    }
+
+    /// Maintenance mode is on.
+    pub fn maintenance(&self) -> bool {
+        self.maintenance
     }
 
     /// What runs now, for `duet status`.

@@ -66,12 +66,22 @@ impl Manager {
         if self.transition.is_some() {
             return;
         }
+        if self.maintenance {
+            if !self.local.any_primary && self.peer == PeerState::Dead {
+                self.say_once("maintenance mode is on: the peer is dead on every heartbeat link, and this node does not take over (`duet maintenance off` lets the cluster manager act)".into());
+            }
+            return;
+        }
         let may_retry = self.retry_at.is_none_or(|t| self.now >= t);
         let l = self.local;
         let pv = self.peer_view;
         let alive = self.peer == PeerState::Alive;
         if l.any_primary {
-            if alive && pv.is_some_and(|v| v.any_primary) {
+            // Both masters, unless the replication link, connected on every resource, says the
+            // peer is Secondary: its heartbeat frame is older than its demotion (a manual
+            // switchover in maintenance mode, say).
+            let peer_master = l.peer_primary || l.disconnected != 0;
+            if alive && pv.is_some_and(|v| v.any_primary) && peer_master {
                 self.dual_seen = true;
                 if self.s.configured_master {
                     let msg = "both nodes are master (a partition healed): the configured master keeps the role and re-announces its VIP";

@@ -31,6 +31,10 @@ impl std::fmt::Display for Stale {
 pub enum Refusal {
     #[error("this node is stopping")]
     Stopping,
+    #[error(
+        "refused: maintenance mode is on, so the cluster manager takes no action; change roles by hand (`duet primary` / `duet secondary`), or run `duet maintenance off` first"
+    )]
+    Maintenance,
     #[error("a switchover is already running; see `duet status`")]
     SwitchoverRunning,
     /// The local data is not fit; `peer_master`: the peer is master, and not even `--force`

@@ -58,7 +58,10 @@ impl Manager {
                 }
             }
             Control::TakeOver { id, force } => {
-                if self.local.any_primary {
+                if self.maintenance {
+                    let reason = Refusal::Maintenance.to_string();
+                    self.reply(Control::TookOver { id, ok: false, reason });
+                } else if self.local.any_primary {
                     self.reply(Control::TookOver { id, ok: true, reason: "already master".into() });
                 } else if !self.healthy {
                     let reason = Refusal::UnhealthyToo.to_string();
@@ -86,6 +89,11 @@ impl Manager {
     }
 
     pub(super) fn release_requested(&mut self, id: u64) {
+        if self.maintenance {
+            let reason = Refusal::Maintenance.to_string();
+            self.reply(Control::Released { id, ok: false, reason });
+            return;
+        }
         if !self.local.any_primary {
             self.hold_until = Some(self.now + self.s.switchover_timeout);
             self.reply(Control::Released { id, ok: true, reason: "not master".into() });
@@ -159,6 +167,9 @@ impl Manager {
         if self.stopping {
             return self.finish(origin, Err(Refusal::Stopping));
         }
+        if self.maintenance {
+            return self.finish(origin, Err(Refusal::Maintenance));
+        }
         if self.transition.is_some() || self.pending.is_some() {
             return self.finish(origin, Err(Refusal::SwitchoverRunning));
         }
@@ -198,6 +209,9 @@ impl Manager {
     }
 
     pub(super) fn make_slave(&mut self, origin: Origin, health: bool) {
+        if self.maintenance {
+            return self.finish(origin, Err(Refusal::Maintenance));
+        }
         if self.transition.is_some() || self.pending.is_some() {
             return self.finish(origin, Err(Refusal::SwitchoverRunning));
         }

@@ -184,7 +184,9 @@ fn operator_commands_while_busy_are_refused() {
 fn the_winner_of_a_dual_master_episode_re_announces_when_the_loser_releases() {
     let t = Instant::now();
     let mut m = Manager::new(s(true), t);
-    alive(&mut m, t, master_view(), peer(true));
+    // Both Primary: the replication link cannot be connected.
+    let dual = LocalView { disconnected: 0b11, in_sync: false, synced: 0, ..master_view() };
+    alive(&mut m, t, dual, peer(true));
     // Seeing both masters: the configured master keeps the role and announces.
     let seen = m.handle(t, Input::Tick);
     assert!(
@@ -197,6 +199,20 @@ fn the_winner_of_a_dual_master_episode_re_announces_when_the_loser_releases() {
     // Only once.
     let a = m.handle(t, Input::PeerView(peer(false)));
     assert!(!a.contains(&Action::Reannounce), "{a:?}");
+}
+
+#[test]
+fn a_heartbeat_frame_older_than_the_peers_demotion_is_not_a_second_master() {
+    let t = Instant::now();
+    // Connected on every resource and the replication link says the peer is Secondary: the
+    // frame that says "master" was sent before the peer demoted.
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, master_view(), peer(true));
+    let a = m.handle(t, Input::Tick);
+    assert!(runs(&a).is_empty(), "released for a stale frame: {a:?}");
+    // The same with the link down: two masters, the other one is configured: release.
+    let a = m.handle(t, Input::Local(LocalView { disconnected: 0b01, ..master_view() }));
+    assert_eq!(runs(&a), [Step::ExportClose], "{a:?}");
 }
 
 #[test]
@@ -310,4 +326,122 @@ fn a_master_whose_diskless_resource_lost_its_session_releases_the_role() {
     let a = m.handle(t, Input::Local(v));
     assert!(a.iter().any(|x| matches!(x, Action::Run(Step::ExportClose))), "{a:?}");
     assert!(sends(&a).iter().all(|c| !matches!(c, Control::Outdate { .. })), "{a:?}");
+}
+
+fn runs(a: &[Action]) -> Vec<Step> {
+    a.iter().filter_map(|x| if let Action::Run(s) = x { Some(*s) } else { None }).collect()
+}
+
+/// Answers every step with Ok until the transition ends; returns the steps run.
+fn run_out(m: &mut Manager, t: Instant, first: &[Action]) -> Vec<Step> {
+    let mut all = runs(first);
+    for _ in 0..16 {
+        if !m.busy() {
+            break;
+        }
+        all.extend(runs(&m.handle(t, Input::Done(Outcome::Ok))));
+    }
+    assert!(!m.busy(), "the transition did not end: {all:?}");
+    all
+}
+
+fn refused_with_maintenance(a: &[Action]) -> bool {
+    a.iter().any(|x| matches!(x, Action::Reply { result: Err(Refusal::Maintenance), .. }))
+}
+
+#[test]
+fn maintenance_mode_stops_every_automatic_action_and_refuses_switchovers() {
+    let t = Instant::now();
+    // A slave whose peer dies is not taken over from while maintenance is on.
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, slave_view(), peer(true));
+    let a = m.handle(t, Input::Maintenance(true));
+    assert!(a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("maintenance mode on"))));
+    assert!(m.switchover_now() == Err(Refusal::Maintenance));
+    let a = m.handle(t, Input::Peer(PeerState::Dead));
+    assert!(runs(&a).is_empty(), "took over in maintenance: {a:?}");
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("does not take over"))),
+        "{a:?}"
+    );
+    for i in 1..20 {
+        let a = m.handle(t + Duration::from_secs(i), Input::Tick);
+        assert!(runs(&a).is_empty(), "{a:?}");
+    }
+    let a = m.handle(t, Input::MakeMaster { token: 1, force: true });
+    assert!(refused_with_maintenance(&a), "{a:?}");
+    // Once off, the rules apply again: the dead peer's role is taken.
+    let a = m.handle(t + Duration::from_secs(30), Input::Maintenance(false));
+    let steps = runs(&a);
+    assert!(matches!(steps[..], [Step::DropPeer]), "{a:?}");
+
+    // A master: no outdating over the heartbeat, no health handover, no release or takeover
+    // for the peer, no make-slave.
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    m.handle(t, Input::Maintenance(true));
+    let a = m.handle(t, Input::Local(LocalView { disconnected: 0b01, ..master_view() }));
+    assert!(sends(&a).is_empty(), "outdated the peer in maintenance: {a:?}");
+    let a = m.handle(t, Input::Health(false));
+    assert!(sends(&a).is_empty() && runs(&a).is_empty(), "handed over in maintenance: {a:?}");
+    m.handle(t, Input::Local(master_view()));
+    let a = m.handle(t, Input::Control(Control::Release { id: 11 }));
+    assert!(
+        matches!(sends(&a)[..], [Control::Released { id: 11, ok: false, reason }] if reason.contains("maintenance")),
+        "{a:?}"
+    );
+    assert!(runs(&a).is_empty());
+    let a = m.handle(t, Input::Control(Control::TakeOver { id: 13, force: false }));
+    assert!(matches!(sends(&a)[..], [Control::TookOver { id: 13, ok: false, .. }]), "{a:?}");
+    let a = m.handle(t, Input::MakeSlave { token: 2 });
+    assert!(refused_with_maintenance(&a), "{a:?}");
+    // The peer's Outdate is still honoured: it only makes this node's data less trusted.
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, slave_view(), peer(true));
+    m.handle(t, Input::Maintenance(true));
+    let a = m.handle(t, Input::Control(Control::Outdate { id: 3, mask: 1 }));
+    assert!(a.contains(&Action::Outdate { id: 3, mask: 1 }), "{a:?}");
+}
+
+#[test]
+fn ending_maintenance_matches_what_a_master_holds_to_the_role_the_operator_left() {
+    let t = Instant::now();
+    // A node that took over (and so holds the VIPs) and was demoted by hand in maintenance
+    // gives them up when it ends, without demoting anything.
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, slave_view(), peer(false));
+    let a = m.handle(t, Input::Tick);
+    let steps = run_out(&mut m, t, &a);
+    assert!(steps.contains(&Step::VipUp), "{steps:?}");
+    m.handle(t, Input::Local(master_view()));
+    m.handle(t, Input::Maintenance(true));
+    m.handle(t, Input::Local(slave_view()));
+    m.handle(t, Input::PeerView(peer(true)));
+    let a = m.handle(t, Input::Maintenance(false));
+    let steps = run_out(&mut m, t, &a);
+    assert_eq!(steps, [Step::ExportClose, Step::ServicesSlave, Step::VipDown]);
+    // Nothing more to give up the next time.
+    m.handle(t, Input::Maintenance(true));
+    let a = m.handle(t, Input::Maintenance(false));
+    assert!(runs(&a).is_empty(), "{a:?}");
+
+    // A slave promoted by hand takes the VIPs, services and export (no promotion step).
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, slave_view(), peer(true));
+    m.handle(t, Input::Maintenance(true));
+    m.handle(t, Input::Local(master_view()));
+    m.handle(t, Input::PeerView(peer(false)));
+    let a = m.handle(t, Input::Maintenance(false));
+    let steps = run_out(&mut m, t, &a);
+    assert_eq!(steps, [Step::VipUp, Step::ServicesMaster, Step::ExportOpen]);
+
+    // Primary for one resource only: said, nothing run.
+    let mut m = Manager::new(s(false), t);
+    alive(&mut m, t, slave_view(), peer(true));
+    m.handle(t, Input::Maintenance(true));
+    m.handle(t, Input::Local(LocalView { primary: false, ..master_view() }));
+    m.handle(t, Input::PeerView(peer(false)));
+    let a = m.handle(t, Input::Maintenance(false));
+    assert!(runs(&a).is_empty(), "{a:?}");
+    assert!(a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("some resources only"))));
 }

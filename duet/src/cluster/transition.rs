@@ -30,6 +30,43 @@ impl Manager {
         self.start_steps(Kind::Takeover, why, after, steps);
     }
 
+    /// Maintenance mode turned on or off. When it ends, what a master holds is made to match
+    /// the role the operator left: a Primary takes the VIPs, starts the master's services and
+    /// opens its export; a Secondary still holding them gives them up.
+    pub(super) fn maintenance_changed(&mut self, on: bool) {
+        if on == self.maintenance {
+            return;
+        }
+        self.maintenance = on;
+        self.said = None;
+        if on {
+            self.event("maintenance mode on: the cluster manager takes no automatic action (no takeover, failback, handover, outdating or fencing) and refuses switchovers until `duet maintenance off`");
+            return;
+        }
+        self.event("maintenance mode off: the cluster manager acts again");
+        if self.transition.is_some() {
+            return;
+        }
+        let l = self.local;
+        if l.primary && !self.holding {
+            self.start_steps(
+                Kind::Takeover,
+                "maintenance mode ended with this node Primary: taking the VIPs, starting the master's services, opening the export".into(),
+                After::Nothing,
+                VecDeque::from([Step::VipUp, Step::ServicesMaster, Step::ExportOpen]),
+            );
+        } else if !l.any_primary && self.holding {
+            self.start_steps(
+                Kind::Release,
+                "maintenance mode ended with this node Secondary: giving up the VIPs and the master's services".into(),
+                After::Nothing,
+                VecDeque::from([Step::ExportClose, Step::ServicesSlave, Step::VipDown]),
+            );
+        } else if l.any_primary && !l.primary {
+            self.say_once("maintenance mode ended with this node Primary for some resources only: it is master of none; turn maintenance on and finish with `duet primary` or `duet secondary`".into());
+        }
+    }
+
     pub(super) fn start(&mut self, kind: Kind, why: String, after: After) {
         let steps = match kind {
             Kind::Release => VecDeque::from([
@@ -107,6 +144,8 @@ impl Manager {
                 self.local.primary = false;
                 self.local.any_primary = false;
             }
+            Step::VipUp => self.holding = true,
+            Step::VipDown => self.holding = false,
             Step::Freeze => self.frozen = true,
             Step::Thaw => self.frozen = false,
             Step::Fence { .. } if t.kind == Kind::Stonith => self.fenced = true,

@@ -126,4 +126,13 @@ pub enum CommandError {
     /// restart; nothing was applied.
     #[error("not reloaded: {0}")]
     Reload(String),
+    /// A role or link command in an HA pair outside maintenance mode: the cluster manager
+    /// owns roles there.
+    #[error(
+        "refused: in an HA pair the cluster manager owns the roles; `duet {cmd}` here would act behind its back (no VIP, no services, undone at the next decision); use {instead}, or turn maintenance mode on first (`duet maintenance on`) to act by hand"
+    )]
+    ManagedByCluster { cmd: &'static str, instead: &'static str },
+    /// `duet maintenance` refused or failed.
+    #[error("{0}")]
+    Maintenance(String),
 }

@@ -340,6 +340,11 @@ fn cluster(s: &mut Scrape, h: &crate::status::ClusterStatus) {
     let rows = h.peer_healthy.map(|p| (me.clone(), f64::from(u8::from(p)))).into_iter().collect();
     s.gauge("peer_healthy", "1 while the peer says its health checks pass.", rows);
     s.gauge(
+        "maintenance",
+        "1 while the cluster is in maintenance mode (no automatic takeover, failback or handover).",
+        vec![(me.clone(), f64::from(u8::from(h.maintenance)))],
+    );
+    s.gauge(
         "switchover_possible",
         "1 when make-master/make-slave (without --force) would start now.",
         vec![(me.clone(), f64::from(u8::from(h.switchover.possible)))],
@@ -443,6 +448,7 @@ mod tests {
         assert_eq!(one(r#"duet_vip_held{node="alpha",vip="192.0.2.10/24",interface="eth0"}"#), 1.0);
         assert_eq!(one(r#"duet_service_running{node="alpha",service="nfs"}"#), 1.0);
         assert_eq!(one(r#"duet_failovers_total{node="alpha"}"#), 1.0);
+        assert_eq!(one(r#"duet_maintenance{node="alpha"}"#), 0.0);
         assert!(
             om.contains("duet_build_info{version=\"0.1.0\",node=\"alpha\",cluster=\"demo\"} 1")
         );

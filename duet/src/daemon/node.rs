@@ -260,12 +260,51 @@ impl State {
         }
     }
 
+    /// `duet maintenance on|off` through the cluster manager.
+    pub(super) async fn maintenance(&self, on: bool) -> Result<serde_json::Value, CommandError> {
+        let ha = self.ha.get().ok_or_else(|| {
+            CommandError::Maintenance(
+                "refused: maintenance mode belongs to an HA pair (heartbeat links configured); without the cluster manager nothing acts by itself".into(),
+            )
+        })?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        ha.requests
+            .send(crate::ha::Request::Maintenance { on, reply })
+            .await
+            .map_err(|_| CommandError::ManagerStopped)?;
+        match rx.await {
+            Ok(Ok(m)) => Ok(serde_json::json!({ "cluster": m })),
+            Ok(Err(e)) => Err(CommandError::Maintenance(e)),
+            Err(_) => Err(CommandError::Dropped),
+        }
+    }
+
+    /// In an HA pair outside maintenance mode, the role and link commands are the cluster
+    /// manager's (Pacemaker's rule): refused, naming what to use instead.
+    fn managed_by_cluster(&self, cmd: &Command) -> Result<(), CommandError> {
+        let Some(ha) = self.ha.get() else { return Ok(()) };
+        if ha.status.lock().expect("status poisoned").maintenance {
+            return Ok(());
+        }
+        let (cmd, instead) = match cmd {
+            Command::Primary { force: false, .. } => ("primary", "`duet make-master`"),
+            Command::Primary { force: true, .. } => {
+                ("primary --force", "`duet make-master --force`")
+            }
+            Command::Secondary { .. } => ("secondary", "`duet make-slave`"),
+            Command::Disconnect { .. } => ("disconnect", "`duet make-slave` (or stop the daemon)"),
+            _ => return Ok(()),
+        };
+        Err(CommandError::ManagedByCluster { cmd, instead })
+    }
+
     /// Runs a role or connection command on the named resource (or all of them).
     pub(super) async fn act(
         &self,
         resource: Option<&str>,
         cmd: &Command,
     ) -> Result<serde_json::Value, CommandError> {
+        self.managed_by_cluster(cmd)?;
         let targets: Vec<(&Group, &Export)> = match resource {
             Some(n) => {
                 vec![self.find(n).ok_or_else(|| CommandError::NoSuchResource(n.to_string()))?]
@@ -287,6 +326,7 @@ impl State {
                 | Command::MakeMaster { .. }
                 | Command::MakeSlave
                 | Command::Adjust
+                | Command::Maintenance { .. }
                 | Command::Follow { .. }
                 | Command::Events { .. } => unreachable!("handled by the caller"),
                 Command::Primary { force, .. } => match e.vol.promote(*force).await {

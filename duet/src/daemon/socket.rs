@@ -212,6 +212,10 @@ async fn answer(cmd: &Command, state: &State) -> Response {
             Ok(keys) => Response::ok(serde_json::json!({ "applied": keys })),
             Err(e) => Response::err(e.to_string()),
         },
+        Command::Maintenance { on } => match state.maintenance(*on).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e.to_string()),
+        },
         Command::MakeSlave => match state.switchover(false, false).await {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),

@@ -93,6 +93,11 @@ pub enum Request {
     Stopping,
     /// `duet adjust`: the configuration the next steps read ([[service]], [hooks]).
     Reload(Box<Config>),
+    /// `duet maintenance on|off`: cluster-wide (the peer takes it from our frames), persisted.
+    Maintenance {
+        on: bool,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     /// The daemon stops (after a handover, or without one): close the exports (draining), stop
     /// the services running here, remove the VIPs (restoring a moved MAC). The answer lists
     /// what failed.
@@ -123,7 +128,13 @@ enum Back {
     },
     /// A health check's new verdict: (the generation of the checks it belongs to, index, ok).
     Health(u64, usize, bool),
+    /// A replay checkpoint write ended (the error's text if it failed).
+    Checkpoint(heartbeat::replay::Checkpoint, Result<(), String>),
 }
+
+/// Accepted frames kept while their replay checkpoint is written (the oldest go first: the
+/// newest carry the peer's state).
+const HELD_FRAMES: usize = 64;
 
 /// Whether `cfg` asks for the cluster manager (heartbeat links configured).
 pub fn enabled(cfg: &Config) -> bool {
@@ -142,6 +153,16 @@ struct Loop {
     det: Detector,
     rx: Receiver,
     mgr: Manager,
+    /// The maintenance mode as this node knows it (its own command, or the peer's newer one).
+    maintenance: frame::Maintenance,
+    /// The maintenance mode in the peer's newest frame.
+    peer_maintenance_on: Option<bool>,
+    /// (boot, sequence) of the peer's newest frame: its state is the peer's.
+    newest_frame: Option<(u64, u64)>,
+    /// Accepted frames waiting for the replay checkpoint that covers them (by link).
+    held: std::collections::VecDeque<(usize, Frame)>,
+    /// The last checkpoint write failed: frames are acted on without waiting.
+    checkpoint_failing: bool,
     links: Vec<Link>,
     host: Arc<dyn Host>,
     vips: Arc<Vips>,
@@ -185,6 +206,10 @@ impl Loop {
         let mut next_send = Instant::now();
         // As a slave first: its services and those of every node run from the start.
         steps::boot_services(&self.step_ctx()).await;
+        if self.maintenance.on {
+            self.log("maintenance mode is on (kept from before the restart)".into());
+        }
+        self.feed(Input::Maintenance(self.maintenance.on));
         self.start_probes();
         self.log(format!("cluster manager running: configured master {}, peer {}, {} heartbeat link(s); waiting up to {} ms for the peer", self.cfg.cluster.configured_master, self.peer, self.links.len(), self.timing.initdead.as_millis()));
         loop {
@@ -209,6 +234,11 @@ impl Loop {
                             self.reload(*cfg);
                             continue;
                         }
+                        Request::Maintenance { on, reply } => {
+                            let _ = reply.send(self.set_maintenance(on));
+                            self.publish();
+                            continue;
+                        }
                         Request::ReleaseLocal { reply } => {
                             let ctx = self.step_ctx();
                             tokio::spawn(async move {
@@ -228,6 +258,7 @@ impl Loop {
                         self.feed(Input::Done(o));
                     }
                     Back::Outdate { id, mask, ok } => self.feed(Input::OutdateDone { id, mask, ok }),
+                    Back::Checkpoint(c, r) => self.checkpoint_written(c, r),
                     Back::Health(generation, _, _) if generation != self.probes_gen => {}
                     Back::Health(_, i, ok) => {
                         if let Some(h) = self.health.get_mut(i) {
@@ -259,6 +290,63 @@ impl Loop {
             }
             // After every input, so `duet status` never lags a finished step.
             self.publish();
+        }
+    }
+
+    /// `duet maintenance on|off` here: a command newer than anything known, durable before it
+    /// takes effect and before the peer hears of it.
+    fn set_maintenance(&mut self, on: bool) -> Result<String, String> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let m = frame::Maintenance::set(self.maintenance, on, now_ms);
+        crate::state::save_maintenance(&self.cfg.cluster.state_dir, &self.node, m)
+            .map_err(|e| format!("maintenance mode not changed: {}", crate::error_chain(&e)))?;
+        let was = self.maintenance.on;
+        self.maintenance = m;
+        self.log(format!("operator: maintenance {}", if on { "on" } else { "off" }));
+        self.refresh_local();
+        self.feed(Input::Maintenance(on));
+        self.send(None);
+        let peer = if self.det.peer() == PeerState::Alive {
+            format!("{} takes it with this heartbeat", self.peer)
+        } else {
+            format!("{} is not heard now and takes it when it is", self.peer)
+        };
+        Ok(match (was, on) {
+            (true, true) => format!("maintenance mode was already on; {peer}"),
+            (false, false) => format!("maintenance mode was already off; {peer}"),
+            (false, true) => format!(
+                "maintenance mode on, cluster-wide ({peer}): no automatic takeover, failback or handover; change roles with `duet primary` / `duet secondary`; `duet maintenance off` ends it"
+            ),
+            (true, false) => format!(
+                "maintenance mode off, cluster-wide ({peer}): the cluster manager acts again"
+            ),
+        })
+    }
+
+    /// The peer's maintenance mode, from an authenticated frame: taken when newer than ours
+    /// (made durable first; if that fails it is taken anyway, and said).
+    fn peer_maintenance(&mut self, m: frame::Maintenance) {
+        if m <= self.maintenance {
+            return;
+        }
+        let changed = m.on != self.maintenance.on;
+        if let Err(e) = crate::state::save_maintenance(&self.cfg.cluster.state_dir, &self.node, m) {
+            self.log(format!(
+                "the peer's maintenance mode could not be saved (a restart forgets it): {}",
+                crate::error_chain(&e)
+            ));
+        }
+        self.maintenance = m;
+        if changed {
+            self.log(format!(
+                "maintenance mode {} (set on {})",
+                if m.on { "on" } else { "off" },
+                self.peer
+            ));
+            self.refresh_local();
+            self.feed(Input::Maintenance(m.on));
         }
     }
 
@@ -366,33 +454,24 @@ impl Loop {
     }
 
     fn received(&mut self, link: usize, b: &[u8]) {
-        let now = Instant::now();
         match self.rx.receive(b) {
             Ok(f) => {
-                // Durable before the frame is acted on: after a restart it is a replay.
-                if let Some(c) = self.rx.checkpoint_due() {
-                    let dir = &self.cfg.cluster.state_dir;
-                    match crate::state::save_checkpoint(dir, &self.node, &self.peer, c) {
-                        Ok(()) => self.rx.made_durable(c),
-                        Err(e) => {
-                            if let Some(held) = self.limiter.allow() {
-                                tracing::error!(suppressed = held, "{}", crate::error_chain(&e));
-                            }
-                        }
-                    }
-                }
                 if let Some(l) = self.links.get(link) {
                     l.counters.frames_in.fetch_add(1, Relaxed);
                 }
-                let ev = self.det.heard(link, now);
-                self.detector_events(ev);
-                let view = view::peer_view(&f);
-                self.peer_view = Some((view, now));
-                self.feed(Input::PeerView(view));
-                if let Some(c) = f.control {
-                    // The peer's requests too are judged on the replicator's state now.
-                    self.refresh_local();
-                    self.feed(Input::Control(c));
+                // Durable before the frame is acted on (after a restart it is a replay),
+                // written ahead and off this thread: an fsync stuck behind the disk's writeback
+                // never stops the heartbeat.
+                if let Some(c) = self.rx.take_due() {
+                    self.write_checkpoint(c);
+                }
+                if self.rx.covers(&f) || self.checkpoint_failing {
+                    self.heard(link, &f);
+                } else {
+                    self.held.push_back((link, f));
+                    if self.held.len() > HELD_FRAMES {
+                        self.held.pop_front();
+                    }
                 }
             }
             Err(why) => {
@@ -408,6 +487,72 @@ impl Loop {
                     ));
                 }
             }
+        }
+    }
+
+    /// Writes the replay checkpoint `c` in the background; the loop hears of it as
+    /// [`Back::Checkpoint`].
+    fn write_checkpoint(&self, c: heartbeat::replay::Checkpoint) {
+        let (dir, node, peer) =
+            (self.cfg.cluster.state_dir.clone(), self.node.clone(), self.peer.clone());
+        let back = self.back.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = crate::state::save_checkpoint(&dir, &node, &peer, c)
+                .map_err(|e| crate::error_chain(&e));
+            let _ = back.blocking_send(Back::Checkpoint(c, r));
+        });
+    }
+
+    /// A checkpoint write ended: the frames it covers are acted on, in the order they came.
+    /// If it failed, every held frame is (replay protection across a restart is lost while
+    /// the state directory cannot be written; the heartbeat is not), and it is said.
+    fn checkpoint_written(&mut self, c: heartbeat::replay::Checkpoint, r: Result<(), String>) {
+        match r {
+            Ok(()) => {
+                self.rx.made_durable(c);
+                self.checkpoint_failing = false;
+            }
+            Err(e) => {
+                self.rx.write_failed(c);
+                self.checkpoint_failing = true;
+                if let Some(held) = self.limiter.allow() {
+                    tracing::error!(suppressed = held, "{e}");
+                    self.events.push(format!(
+                        "the heartbeat replay checkpoint cannot be saved (frames are acted on anyway): {e}"
+                    ));
+                }
+            }
+        }
+        for (link, f) in std::mem::take(&mut self.held) {
+            if self.rx.covers(&f) || self.checkpoint_failing {
+                self.heard(link, &f);
+            } else {
+                self.held.push_back((link, f));
+            }
+        }
+    }
+
+    /// An accepted frame, covered by the replay checkpoint: the peer is heard, its state and
+    /// control message taken.
+    fn heard(&mut self, link: usize, f: &Frame) {
+        let now = Instant::now();
+        let ev = self.det.heard(link, now);
+        self.detector_events(ev);
+        // The serial line lags the UDP link, so frames arrive out of order: only the
+        // newest tells the peer's state (an older one would undo a change, and a
+        // demoted peer would look master still).
+        if self.newest_frame.is_none_or(|n| (f.boot, f.seq) > n) {
+            self.newest_frame = Some((f.boot, f.seq));
+            let view = view::peer_view(f);
+            self.peer_view = Some((view, now));
+            self.feed(Input::PeerView(view));
+            self.peer_maintenance_on = Some(f.maintenance.on);
+            self.peer_maintenance(f.maintenance);
+        }
+        if let Some(c) = f.control.clone() {
+            // The peer's requests too are judged on the replicator's state now.
+            self.refresh_local();
+            self.feed(Input::Control(c));
         }
     }
 
@@ -473,6 +618,7 @@ impl Loop {
                 boot: self.boot,
                 seq: self.seq,
                 health: if self.health_now() { 100 } else { 0 },
+                maintenance: self.maintenance,
                 resources: Vec::clone(&resources),
                 control: control.clone(),
             };
@@ -603,6 +749,7 @@ impl Loop {
                 s.running_role.clone(),
                 s.peer.clone(),
                 s.healthy,
+                s.maintenance,
                 s.links.iter().map(|l| l.state.clone()).collect::<Vec<_>>(),
                 s.vips.iter().map(|v| v.holder.clone()).collect::<Vec<_>>(),
                 s.services.iter().map(|x| x.state.clone()).collect::<Vec<_>>(),
@@ -632,6 +779,8 @@ impl Loop {
             self.peer_view.map(|(v, _)| if v.primary { "master" } else { "slave" }.to_string());
         s.peer_healthy = self.peer_view.map(|(v, _)| v.healthy);
         s.healthy = self.health_now();
+        s.maintenance = self.mgr.maintenance();
+        s.peer_maintenance = self.peer_view.and(self.peer_maintenance_on);
         s.activity = self.mgr.activity();
         s.links = links;
         s.drops = self.rx.drops.into();

@@ -189,6 +189,7 @@ async fn start_here(
         .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     let boot = crate::state::next_boot(dir, node, clock).map_err(StartError::State)?;
     let checkpoint = crate::state::load_checkpoint(dir, node, &peer).map_err(StartError::State)?;
+    let maintenance = crate::state::load_maintenance(dir, node).map_err(StartError::State)?;
     let my_id = u8::try_from(crate::config::runtime::node_id(cfg, node)).unwrap_or(0);
     let peer_id = u8::try_from(crate::config::runtime::node_id(cfg, &peer)).unwrap_or(1);
     let cluster = frame::cluster_id(&cfg.cluster.name);
@@ -198,6 +199,7 @@ async fn start_here(
         failback: format!("{:?}", cfg.cluster.failback).to_lowercase(),
         fencing: format!("{:?}", cfg.fencing.policy),
         healthy: true,
+        maintenance: maintenance.on,
         services: cfg
             .service
             .iter()
@@ -231,6 +233,11 @@ async fn start_here(
         det: Detector::new(timing, links.len(), now),
         rx: Receiver::new(vec![(1, secret.to_vec())], cluster, peer_id).resume(checkpoint),
         mgr: Manager::new(settings, now).with_id_seed(boot),
+        maintenance,
+        peer_maintenance_on: None,
+        newest_frame: None,
+        held: std::collections::VecDeque::new(),
+        checkpoint_failing: false,
         links,
         host,
         vips: Arc::clone(&vips),

@@ -293,6 +293,10 @@ fn cluster_commands_refuse_clearly() {
         assert_eq!(code(&o), 1, "{args:?}");
         assert!(stderr_of(&o).contains("duet primary"), "{}", stderr_of(&o));
     }
+    // Maintenance mode belongs to the cluster manager too.
+    let o = run(p.cli(0).args(["maintenance", "on"]), MIN);
+    assert_eq!(code(&o), 1);
+    assert!(stderr_of(&o).contains("belongs to an HA pair"), "{}", stderr_of(&o));
     assert_eq!(p.repl(0)["role"], "Secondary");
     // The event log still answers (replication events only).
     let got =
@@ -460,6 +464,9 @@ fn bad_values_for_the_new_arguments_are_usage_errors() {
         (&["status", "--watch", "--check"], "--check"),
         (&["adjust", "now"], "now"),
         (&["events", "--follow", "--since", "3"], "--since"),
+        (&["maintenance"], "<MODE>"),
+        (&["maintenance", "maybe"], "maybe"),
+        (&["maintenance", "on", "off"], "off"),
     ] {
         let out = run(n.cli().args(args), MIN);
         let err = stderr_of(&out);

@@ -80,7 +80,13 @@ fn ha_pair(ha: HaOpts) -> Pair {
 }
 
 fn ha_pair_with(ha: HaOpts, o: PairOpts) -> Pair {
+    ha_pair_set_up(ha, o, |_| {})
+}
+
+/// As [`ha_pair_with`], with `setup` run on the configured pair before it starts.
+fn ha_pair_set_up(ha: HaOpts, o: PairOpts, setup: impl FnOnce(&mut Pair)) -> Pair {
     let mut p = Pair::configure(&PairOpts { ha: Some(ha), ..o });
+    setup(&mut p);
     p.start(0);
     p.start(1);
     // Fresh metadata is Inconsistent on both nodes: nobody takes over by itself; the operator
@@ -275,9 +281,15 @@ fn make_master_is_refused_during_resync_and_when_the_peer_is_unreachable() {
 
 #[test]
 fn replication_link_cut_outdates_the_slave_over_the_heartbeat() {
-    let mut p = ha_pair(HaOpts::default());
-    // Break only replication: disconnect on alpha (the heartbeat links stay up).
-    p.ok(0, &["disconnect"]);
+    // Alpha (the connector) reaches beta's replication port only through a relay.
+    let mut relay = None;
+    let mut p = ha_pair_set_up(HaOpts::default(), PairOpts::default(), |p| {
+        let r = integration::relay::Relay::start(p.n[1].repl_port);
+        p.route_peer_through(0, r.port);
+        relay = Some(r);
+    });
+    // Break only replication (the heartbeat links stay up): the relay goes.
+    drop(relay);
     assert!(
         p.wait_for(1, Duration::from_secs(10), |r| r["disk"] == "Outdated"),
         "beta was not outdated: {}\n{}",
@@ -298,6 +310,120 @@ fn replication_link_cut_outdates_the_slave_over_the_heartbeat() {
 }
 
 #[test]
+fn maintenance_mode_holds_the_cluster_manager_back_until_it_is_off() {
+    let mut p = ha_pair(HaOpts::default());
+    // Outside maintenance mode the roles are the cluster manager's.
+    for (i, cmd, instead) in [
+        (1, &["primary"][..], "`duet make-master`"),
+        (1, &["primary", "--force"][..], "`duet make-master --force`"),
+        (0, &["secondary"][..], "`duet make-slave`"),
+        (0, &["disconnect"][..], "`duet make-slave`"),
+    ] {
+        let e = p.fails(i, cmd);
+        assert!(
+            e.contains("the cluster manager owns the roles")
+                && e.contains(instead)
+                && e.contains("duet maintenance on"),
+            "{cmd:?}: {e}"
+        );
+    }
+    assert!(p.is_master(0) && !p.is_master(1));
+    assert_eq!(p.repl(0)["connection"], "Connected", "a refused disconnect disconnected");
+    // On, from the slave: the master takes it with the next heartbeat.
+    let out = p.ok(1, &["maintenance", "on"]);
+    assert!(out.contains("maintenance mode on, cluster-wide"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(10), || p.cluster(0)["maintenance"] == true
+            && p.cluster(1)["peer_maintenance"] == true),
+        "{}",
+        p.cluster(0)
+    );
+    assert!(p.ok(0, &["status"]).contains("MAINTENANCE MODE"));
+    let o = run(p.cli(0).args(["status", "--check"]), Duration::from_secs(10));
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("maintenance mode"));
+    let e = p.fails(1, &["make-master"]);
+    assert!(e.contains("maintenance mode is on"), "{e}");
+    assert!(p.fails(0, &["make-slave"]).contains("maintenance mode is on"));
+    // Kept across a restart (beta's file, not only alpha's frames).
+    p.kill(1);
+    let saved = std::fs::read_to_string(p.dir.path().join("state/beta.maintenance")).unwrap();
+    assert!(saved.starts_with("on "), "{saved:?}");
+    p.start(1);
+    assert!(
+        wait_until(Duration::from_secs(10), || p
+            .events(1)
+            .contains("kept from before the restart")),
+        "{}",
+        p.events(1)
+    );
+    assert!(wait_until(Duration::from_secs(20), || p.wait_synced(Duration::from_secs(1))));
+    // The master dies under writes: nobody takes over while maintenance mode is on.
+    let port = p.n[0].nbd_port;
+    let seed = 7300;
+    let w = Writer::start(port, seed);
+    assert!(w.wait_more(100, Duration::from_secs(30)), "writer stalled");
+    p.kill(0);
+    assert!(
+        wait_until(Duration::from_secs(20), || p.events(1).contains("does not take over")),
+        "{}",
+        p.events(1)
+    );
+    assert!(!p.is_master(1), "beta took over in maintenance mode: {}", p.cluster(1));
+    assert_eq!(p.repl(1)["role"], "Secondary");
+    // Off: beta takes over with every write alpha acknowledged.
+    let out = p.ok(1, &["maintenance", "off"]);
+    assert!(out.contains("maintenance mode off") && out.contains("not heard now"), "{out}");
+    beta_takes_over_with_every_acknowledged_write(&p, w, port, seed);
+    // Alpha comes back with its own file saying "on" and takes beta's newer "off".
+    p.start(0);
+    assert!(
+        wait_until(Duration::from_secs(20), || p.cluster(0)["maintenance"] == false
+            && p.cluster(0)["peer"] == "alive"),
+        "{}",
+        p.cluster(0)
+    );
+    assert!(p.wait_synced(Duration::from_secs(60)), "{} / {}", p.repl(0), p.repl(1));
+    assert!(p.is_master(1) && !p.is_master(0));
+    let ev = p.events(0);
+    assert!(ev.contains("maintenance mode off (set on beta)"), "{ev}");
+    let kinds = p.ok(1, &["events", "--json"]);
+    assert!(kinds.contains(r#""kind":"maintenance""#), "{kinds}");
+}
+
+#[test]
+fn roles_changed_by_hand_in_maintenance_mode_are_taken_up_when_it_ends() {
+    let p = ha_pair(HaOpts::default());
+    p.ok(0, &["maintenance", "on"]);
+    assert!(wait_until(Duration::from_secs(10), || p.cluster(1)["maintenance"] == true));
+    // A manual switchover: alpha Secondary, beta Primary, by hand.
+    assert!(p.ok(0, &["secondary"]).contains("Secondary"));
+    assert!(p.ok(1, &["primary"]).contains("Primary"));
+    assert!(wait_until(Duration::from_secs(5), || p.cluster(1)["running_role"] == "master"));
+    // The cluster manager did nothing about it: beta serves (its export opened with the
+    // promotion), and alpha still holds what the master holds until maintenance ends.
+    let c0 = p.cluster(0);
+    assert!(c0["activity"].is_null(), "{c0}");
+    p.ok(1, &["maintenance", "off"]);
+    let ev = |i| p.events(i);
+    assert!(
+        wait_until(Duration::from_secs(20), || ev(1).contains(
+            "this node is the running master (maintenance mode ended with this node Primary"
+        ) && ev(0)
+            .contains("this node is a slave (maintenance mode ended with this node Secondary")),
+        "{}\n{}",
+        ev(0),
+        ev(1)
+    );
+    assert!(p.is_master(1) && !p.is_master(0), "{}\n{}", ev(0), ev(1));
+    // And the cluster manager acts again: make-master moves the role back.
+    p.ok(0, &["make-master"]);
+    assert!(wait_until(Duration::from_secs(20), || p.is_master(0) && !p.is_master(1)));
+    assert!(p.wait_synced(Duration::from_secs(60)));
+    assert!(p.identical());
+}
+
+#[test]
 fn hostile_heartbeat_frames_are_dropped_and_counted() {
     use heartbeat::frame::{Frame, ResourceState, cluster_id};
     let p = ha_pair(HaOpts::default());
@@ -311,6 +437,8 @@ fn hostile_heartbeat_frames_are_dropped_and_counted() {
             boot,
             seq: 1,
             health: 0,
+            // Forged frames that would turn maintenance mode on for good, were they believed.
+            maintenance: heartbeat::frame::Maintenance { on: true, stamp: u64::MAX },
             resources: vec![ResourceState { role: 1, disk: 3, conn: 0, generation: 1 }],
             control: Some(heartbeat::frame::Control::Release { id: 77 }),
         }
@@ -359,6 +487,9 @@ fn hostile_heartbeat_frames_are_dropped_and_counted() {
     assert!(serial_seen, "serial drops on beta: {b}");
     // Nothing changed: the forged "Release" was never believed, roles and links are intact.
     assert!(p.is_master(0) && !p.is_master(1), "{c}");
+    for i in 0..2 {
+        assert_eq!(p.cluster(i)["maintenance"], false, "forged maintenance believed");
+    }
     assert!(
         wait_until(Duration::from_secs(5), || links_up(&p, 0) && links_up(&p, 1)),
         "{}",

@@ -64,6 +64,8 @@ fn man_pages_render_and_completions_are_written() {
         "verify",
         "make-master",
         "make-slave",
+        "maintenance",
+        "attach",
         "events",
         "wait",
         "adjust",
