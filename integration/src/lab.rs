@@ -9,6 +9,14 @@
 //!   B: lan0 10.77.0.2/24 ──┘                │   VIP 10.77.0.100/24 (fd77::100/64) on the master
 //!   A: ded0 10.78.0.1/30 ──── B: ded0 10.78.0.2/30   (replication, UDP heartbeat)
 //! ```
+//!
+//! [`Lab::with_router`] adds an uplink router R (the "Internet" health checks ping), reached by
+//! each node over a link of its own, so one node's uplink can be cut alone:
+//!
+//! ```text
+//!   A: up0 10.79.1.2/30 ──── R: ra 10.79.1.1/30 ┐  R answers for 10.79.0.1 and 10.79.0.2
+//!   B: up0 10.79.2.2/30 ──── R: rb 10.79.2.1/30 ┘  (routed from A and B through up0)
+//! ```
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,6 +30,8 @@ pub const LAN6: [&str; 3] = ["fd77::1", "fd77::2", "fd77::10"];
 pub const DEDICATED: [&str; 2] = ["10.78.0.1", "10.78.0.2"];
 pub const VIP: &str = "10.77.0.100";
 pub const VIP6: &str = "fd77::100";
+/// The router's addresses the nodes ping ([`Lab::with_router`]).
+pub const ROUTER_TARGETS: [&str; 2] = ["10.79.0.1", "10.79.0.2"];
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -29,6 +39,8 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug)]
 pub struct Lab {
     pub ns: [String; 4],
+    /// The uplink router's namespace ([`Lab::with_router`]).
+    pub router: Option<String>,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -48,9 +60,61 @@ impl Lab {
         }
         let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let ns = ["A", "B", "C", "S"].map(|n| format!("duet{n}-{id}"));
-        let lab = Self { ns };
+        let lab = Self { ns, router: None };
         lab.build().unwrap_or_else(|e| panic!("building the lab: {e}"));
         Some(lab)
+    }
+
+    /// The lab with the uplink router R.
+    pub fn with_router() -> Option<Self> {
+        let mut lab = Self::new()?;
+        let r = lab.ns[3].replacen("duetS", "duetR", 1);
+        lab.router = Some(r.clone());
+        lab.build_router(&r).unwrap_or_else(|e| panic!("building the router: {e}"));
+        Some(lab)
+    }
+
+    fn build_router(&self, r: &str) -> Result<(), String> {
+        ip(&["netns", "add", r])?;
+        ip(&["-n", r, "link", "set", "lo", "up"])?;
+        for t in ROUTER_TARGETS {
+            ip(&["-n", r, "addr", "add", &format!("{t}/32"), "dev", "lo"])?;
+        }
+        for (i, end) in ["ra", "rb"].into_iter().enumerate() {
+            let n = &self.ns[i];
+            let net = i + 1;
+            ip(&[
+                "link", "add", "up0", "netns", n, "type", "veth", "peer", "name", end, "netns", r,
+            ])?;
+            ip(&["-n", r, "addr", "add", &format!("10.79.{net}.1/30"), "dev", end])?;
+            ip(&["-n", n, "addr", "add", &format!("10.79.{net}.2/30"), "dev", "up0"])?;
+            ip(&["-n", r, "link", "set", end, "up"])?;
+            ip(&["-n", n, "link", "set", "up0", "up"])?;
+            ip(&["-n", n, "route", "add", "10.79.0.0/24", "via", &format!("10.79.{net}.1")])?;
+        }
+        Ok(())
+    }
+
+    /// Sets node `i`'s link to the router up or down (at the router's end).
+    pub fn uplink(&self, i: usize, up: bool) {
+        let r = self.router.as_deref().expect("a lab with a router");
+        let end = ["ra", "rb"][i];
+        ip(&["-n", r, "link", "set", end, if up { "up" } else { "down" }]).expect("uplink");
+    }
+
+    /// Makes the router answer for target `k` or stop answering (for every node).
+    pub fn router_target(&self, k: usize, answer: bool) {
+        let r = self.router.as_deref().expect("a lab with a router");
+        let addr = format!("{}/32", ROUTER_TARGETS[k]);
+        ip(&["-n", r, "addr", if answer { "add" } else { "del" }, &addr, "dev", "lo"])
+            .expect("router target");
+    }
+
+    /// Sets node `i`'s LAN port on the switch up or down (its lan0 loses its carrier).
+    pub fn lan_port(&self, i: usize, up: bool) {
+        let port = format!("p{i}");
+        ip(&["-n", &self.ns[3], "link", "set", &port, if up { "up" } else { "down" }])
+            .expect("lan port");
     }
 
     fn build(&self) -> Result<(), String> {
@@ -141,7 +205,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for n in &self.ns {
+        for n in self.ns.iter().chain(self.router.as_ref()) {
             // Whatever still runs inside (a daemon's forked child, say) goes first.
             let o = run(Command::new("ip").args(["netns", "pids", n]), Duration::from_secs(10));
             for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {

@@ -27,6 +27,53 @@ pub struct Fencing {
 pub struct Health {
     /// `[[health.check]]`.
     pub check: Vec<HealthCheck>,
+    /// `[[health.group]]`.
+    pub group: Vec<HealthGroup>,
+}
+
+/// How many of a group's checks must fail for the group to fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Require {
+    /// One failing check fails the group (a check outside any group is a group of one).
+    #[default]
+    Any,
+    /// The group fails only when every one of its checks fails ("the Internet is down" when
+    /// no uplink answers, not when one router does not).
+    All,
+}
+
+/// `[[health.group]]`: checks judged together.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthGroup {
+    pub name: String,
+    #[serde(default)]
+    pub require: Require,
+}
+
+impl Health {
+    /// Healthy, given each check's verdict (in `check` order): no group failed. A check outside
+    /// any group fails the node by itself.
+    pub fn healthy(&self, ok: &[bool]) -> bool {
+        let verdict = |i: usize| ok.get(i).copied().unwrap_or(true);
+        let single = self.check.iter().enumerate().filter(|(_, c)| c.group.is_none());
+        if single.into_iter().any(|(i, _)| !verdict(i)) {
+            return false;
+        }
+        self.group.iter().all(|g| {
+            let mut members = self
+                .check
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.group.as_deref() == Some(g.name.as_str()))
+                .map(|(i, _)| verdict(i));
+            match g.require {
+                Require::Any => members.all(|v| v),
+                Require::All => members.any(|v| v),
+            }
+        })
+    }
 }
 
 /// ping | interface | script.
@@ -52,6 +99,9 @@ pub struct HealthCheck {
     pub fall: u32,
     #[serde(default = "default_2")]
     pub rise: u32,
+    /// The `[[health.group]]` this check belongs to (none: it counts alone).
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn default_1000() -> u64 {

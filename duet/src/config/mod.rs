@@ -378,6 +378,36 @@ impl Config {
             positive(&k("interval_ms"), h.interval_ms)?;
             positive(&k("fall"), u64::from(h.fall))?;
             positive(&k("rise"), u64::from(h.rise))?;
+            if let Some(g) = &h.group
+                && !self.health.group.iter().any(|x| x.name == *g)
+            {
+                return Err(invalid(
+                    k("group"),
+                    g,
+                    "no [[health.group]] of that name",
+                    "add [[health.group]] with name = that group (and require = \"any\" or \"all\"), or remove group",
+                ));
+            }
+        }
+        let mut groups = BTreeSet::new();
+        for (i, g) in self.health.group.iter().enumerate() {
+            let key = format!("health.group[{i}].name");
+            if !valid_name(&g.name) || !groups.insert(g.name.clone()) {
+                return Err(invalid(
+                    key,
+                    &g.name,
+                    "missing, invalid or duplicate",
+                    "give each group a unique name of letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if !self.health.check.iter().any(|c| c.group.as_deref() == Some(g.name.as_str())) {
+                return Err(invalid(
+                    key,
+                    &g.name,
+                    "a group without checks",
+                    "set group = \"NAME\" on the [[health.check]] entries it holds, or remove it",
+                ));
+            }
         }
         let mut names = BTreeSet::new();
         for (i, s) in self.service.iter().enumerate() {

@@ -245,6 +245,30 @@ fn broken_configs_name_the_key() {
             "health.check[0].target",
         ),
         (
+            "check in no group",
+            "[node.alpha]",
+            "[node.alpha]\n[[health.check]]\nname = \"up\"\nkind = \"ping\"\ntarget = \"192.0.2.1\"\ngroup = \"wan\"",
+            "health.check[0].group",
+        ),
+        (
+            "empty group",
+            "[node.alpha]",
+            "[node.alpha]\n[[health.group]]\nname = \"wan\"",
+            "health.group[0].name",
+        ),
+        (
+            "duplicate group",
+            "[node.alpha]",
+            "[node.alpha]\n[[health.group]]\nname = \"wan\"\n[[health.group]]\nname = \"wan\"\n[[health.check]]\nname = \"up\"\nkind = \"ping\"\ntarget = \"192.0.2.1\"\ngroup = \"wan\"",
+            "health.group[1].name",
+        ),
+        (
+            "group require",
+            "[node.alpha]",
+            "[node.alpha]\n[[health.group]]\nname = \"wan\"\nrequire = \"most\"",
+            "require",
+        ),
+        (
             "service stop",
             "[node.alpha]",
             "[node.alpha]\n[[service]]\nname = \"nfs\"\nstart = \"x\"\nstop = \"\"",
@@ -460,4 +484,30 @@ fn hooks_are_typed_and_checked() {
         let e = parse(&format!("{SINGLE}\n{extra}")).unwrap_err().to_string();
         assert!(e.contains(want), "{extra:?}: {e}");
     }
+}
+
+#[test]
+fn health_groups_fail_as_their_require_says() {
+    let text = format!(
+        "{SINGLE}\n[[health.group]]\nname = \"wan\"\nrequire = \"all\"\n[[health.group]]\nname = \"lan\"\n\
+[[health.check]]\nname = \"r1\"\nkind = \"ping\"\ntarget = \"192.0.2.1\"\ngroup = \"wan\"\n\
+[[health.check]]\nname = \"r2\"\nkind = \"ping\"\ntarget = \"2001:db8::1\"\ngroup = \"wan\"\n\
+[[health.check]]\nname = \"nic\"\nkind = \"interface\"\ntarget = \"eth0\"\ngroup = \"lan\"\n\
+[[health.check]]\nname = \"disk\"\nkind = \"script\"\ntarget = \"true\"\n"
+    );
+    let h = parse(&text).unwrap().health;
+    assert_eq!(h.group[0].require, ha::Require::All);
+    assert_eq!(h.group[1].require, ha::Require::Any, "the default");
+    // (r1, r2, nic, disk) → healthy
+    for (ok, want) in [
+        ([true, true, true, true], true),
+        ([false, true, true, true], true), // one uplink of an "all" group down: holds
+        ([true, false, true, true], true),
+        ([false, false, true, true], false), // every uplink down
+        ([true, true, false, true], false),  // the "any" group's only check
+        ([true, true, true, false], false),  // a check in no group counts alone
+    ] {
+        assert_eq!(h.healthy(&ok), want, "{ok:?}");
+    }
+    assert!(ha::Health::default().healthy(&[]));
 }

@@ -264,7 +264,7 @@ impl Loop {
                         if let Some(h) = self.health.get_mut(i) {
                             *h = ok;
                         }
-                        self.healthy = self.health.iter().all(|h| *h);
+                        self.healthy = self.cfg.health.healthy(&self.health);
                         let h = self.health_now();
                         self.feed(Input::Health(h));
                     }
@@ -381,8 +381,7 @@ impl Loop {
             self.det.set_timing(timing);
             self.timing = timing;
         }
-        let checks_changed =
-            format!("{:?}", cfg.health.check) != format!("{:?}", self.cfg.health.check);
+        let checks_changed = format!("{:?}", cfg.health) != format!("{:?}", self.cfg.health);
         if format!("{:?}", cfg.vip) != format!("{:?}", self.cfg.vip) {
             self.vips_wanted = Some(cfg.clone());
         }

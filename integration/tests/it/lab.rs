@@ -553,3 +553,90 @@ where
     .join()
     .unwrap()
 }
+
+/// Health checks against real targets: the nodes ping the lab's uplink router through a raw
+/// ICMP socket, the two router addresses in a `require = "all"` group, and watch their LAN
+/// carrier. One router address gone: the master holds (the other answers). The master's
+/// uplink cut: it hands over to the slave, which still reaches the router. The new master's
+/// LAN port down on the switch: its carrier check hands back.
+#[test]
+fn ping_and_carrier_checks_on_real_targets_hand_over_as_their_groups_say() {
+    let Some(lab) = Lab::with_router() else { return };
+    let [r1, r2] = lab::ROUTER_TARGETS;
+    let extra = format!(
+        r#"
+[[health.group]]
+name = "uplink"
+require = "all"
+
+[[health.check]]
+name = "router1"
+kind = "ping"
+target = "{r1}"
+interval_ms = 200
+fall = 3
+rise = 2
+group = "uplink"
+
+[[health.check]]
+name = "router2"
+kind = "ping"
+target = "{r2}"
+interval_ms = 200
+fall = 3
+rise = 2
+group = "uplink"
+
+[[health.check]]
+name = "lan"
+kind = "interface"
+target = "lan0"
+interval_ms = 200
+fall = 3
+rise = 2
+"#
+    );
+    let p = lab_pair(&lab, HaOpts { extra, ..HaOpts::default() });
+    let healthy = |i: usize| p.cluster(i)["healthy"] == true;
+    let changed = |i: usize, check: &str, ok: bool| {
+        p.log_text(i).contains(&format!("health check changed check={check} healthy={ok}"))
+    };
+    assert!(healthy(0) && healthy(1));
+    // One of the two uplink addresses stops answering, for both nodes: the group holds.
+    lab.router_target(0, false);
+    assert!(
+        wait_until(Duration::from_secs(30), || changed(0, "router1", false)
+            && changed(1, "router1", false)),
+        "router1 never failed: {}",
+        p.log_text(0)
+    );
+    assert!(p.is_master(0) && healthy(0) && healthy(1), "{}", p.cluster(0));
+    assert!(!p.events(0).contains("local health checks fail"), "{}", p.events(0));
+    // The master's own uplink goes: neither address answers it, and it hands over to the
+    // slave, which still reaches router2.
+    lab.uplink(0, false);
+    assert!(
+        wait_until(Duration::from_secs(30), || p.is_master(1) && !p.is_master(0)),
+        "no handover: {}\n{}",
+        p.events(0),
+        p.events(1)
+    );
+    assert!(changed(0, "router2", false), "{}", p.log_text(0));
+    let ev = p.events(0);
+    assert!(ev.contains("local health checks fail") && ev.contains("handing over"), "{ev}");
+    // Alpha's uplink and router1 come back: alpha is healthy again (and stays slave).
+    lab.uplink(0, true);
+    lab.router_target(0, true);
+    assert!(wait_until(Duration::from_secs(30), || healthy(0)), "{}", p.cluster(0));
+    assert!(p.wait_synced(Duration::from_secs(60)));
+    // Beta's LAN port goes down on the switch: its carrier check hands the role back.
+    lab.lan_port(1, false);
+    assert!(
+        wait_until(Duration::from_secs(30), || p.is_master(0) && !p.is_master(1)),
+        "no handover on carrier loss: {}\n{}",
+        p.events(0),
+        p.events(1)
+    );
+    assert!(changed(1, "lan", false), "{}", p.log_text(1));
+    assert!(healthy(0) && !healthy(1));
+}
