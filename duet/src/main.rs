@@ -135,8 +135,8 @@ enum Cmd {
     /// Planned switchover: hand the master role to the peer.
     MakeSlave,
     /// Maintenance mode, for the whole pair (run on either node; kept across restarts): while
-    /// on, the cluster manager takes no automatic action (no takeover, failback, handover,
-    /// outdating or fencing) and refuses switchovers, and `duet primary` / `secondary` /
+    /// on, the cluster manager changes no role by itself (no takeover, failback or handover;
+    /// outdating and fencing go on) and refuses switchovers, and `duet primary` / `secondary` /
     /// `disconnect` act by hand. When it goes off, a Primary takes the VIPs and services, a
     /// Secondary gives them up, and the cluster manager acts again.
     Maintenance {

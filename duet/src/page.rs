@@ -124,7 +124,7 @@ pub fn render(s: &NodeStatus, events: &[Event]) -> String {
     let (_, line) = check::node(s);
     let _ = write!(o, "<p data-field=\"check\">{}</p>", esc(&line));
     if s.ha.as_ref().is_some_and(|h| h.maintenance) {
-        o.push_str("<p data-field=\"maintenance\" class=\"warn\">MAINTENANCE MODE: the cluster manager takes no automatic action (no takeover, failback or handover); <code>duet maintenance off</code> ends it</p>");
+        o.push_str("<p data-field=\"maintenance\" class=\"warn\">MAINTENANCE MODE: the cluster manager changes no role by itself (no takeover, failback or handover); <code>duet maintenance off</code> ends it</p>");
     }
 
     // Both nodes.

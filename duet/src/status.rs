@@ -84,7 +84,7 @@ pub struct ClusterStatus {
     /// Each `[[service]]` and what its last start or stop did.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
-    /// Maintenance mode (cluster-wide): the cluster manager takes no automatic action.
+    /// Maintenance mode (cluster-wide): the cluster manager changes no role by itself.
     #[serde(default)]
     pub maintenance: bool,
     /// The maintenance mode in the peer's last frame (`None`: not heard).

@@ -24,8 +24,10 @@
 //! - `make-master` / `make-slave` are coordinated switchovers: the master releases first, the
 //!   new master promotes only when the replicator shows it in sync.
 //!
-//! In maintenance mode none of this happens: no rule is looked at, switchovers are refused,
-//! the operator runs roles by hand (`duet primary` / `secondary`). When it ends, a node whose
+//! In maintenance mode no rule changes a role: no takeover, failback, handover or release;
+//! switchovers are refused, the operator runs roles by hand (`duet primary` / `secondary`).
+//! Outdating the peer and resource-and-stonith's freeze and fencing go on: they keep the data
+//! safe whoever holds the role. When it ends, a node whose
 //! roles the operator changed takes or gives up what a master holds (VIPs, services, export)
 //! to match its role, and the rules apply again.
 

@@ -66,12 +66,11 @@ impl Manager {
         if self.transition.is_some() {
             return;
         }
-        if self.maintenance {
-            if !self.local.any_primary && self.peer == PeerState::Dead {
-                self.say_once("maintenance mode is on: the peer is dead on every heartbeat link, and this node does not take over (`duet maintenance off` lets the cluster manager act)".into());
-            }
-            return;
-        }
+        // Maintenance mode suspends every change of role; what keeps the data safe goes on
+        // (outdating the peer, resource-and-stonith's freeze and fencing), as DRBD's fencing
+        // does whatever Pacemaker's maintenance mode says: a slave that missed writes while the
+        // replication link was down must never look good enough to take over afterwards.
+        let maint = self.maintenance;
         let may_retry = self.retry_at.is_none_or(|t| self.now >= t);
         let l = self.local;
         let pv = self.peer_view;
@@ -83,7 +82,9 @@ impl Manager {
             let peer_master = l.peer_primary || l.disconnected != 0;
             if alive && pv.is_some_and(|v| v.any_primary) && peer_master {
                 self.dual_seen = true;
-                if self.s.configured_master {
+                if maint {
+                    self.say_once("maintenance mode: both nodes are master; nothing is released until `duet maintenance off`".into());
+                } else if self.s.configured_master {
                     let msg = "both nodes are master (a partition healed): the configured master keeps the role and re-announces its VIP";
                     if self.said.as_deref() != Some(msg) {
                         self.say_once(msg.into());
@@ -103,6 +104,7 @@ impl Manager {
                 && l.disconnected & !l.diskless == 0
                 && self.pending.is_none()
                 && !self.stopping
+                && !maint
             {
                 self.start(
                     Kind::Release,
@@ -165,7 +167,7 @@ impl Manager {
                     return;
                 }
             }
-            if !may_retry {
+            if !may_retry || maint {
                 return;
             }
             if !self.healthy
@@ -179,6 +181,12 @@ impl Manager {
             return;
         }
         // This node is a slave.
+        if maint {
+            if self.peer == PeerState::Dead {
+                self.say_once("maintenance mode is on: the peer is dead on every heartbeat link, and this node does not take over (`duet maintenance off` lets the cluster manager act)".into());
+            }
+            return;
+        }
         if self.pending.is_some() || !may_retry || self.stopping {
             return;
         }

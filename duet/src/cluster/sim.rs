@@ -6,7 +6,9 @@
 //! - no node promotes while the other is master and a heartbeat link between them works;
 //! - no automatic promotion with data that is not UpToDate;
 //! - two masters with a working heartbeat link do not last (one releases within 3 s);
-//! - a frozen master acknowledges nothing.
+//! - a frozen master acknowledges nothing;
+//! - in maintenance mode no takeover or release starts (one already running ends; outdating,
+//!   freezing and fencing go on).
 //!
 //! Scenarios that involve no partition also check that every acknowledged write survives.
 
@@ -82,6 +84,8 @@ struct World {
     log: Vec<String>,
     write: bool,
     next_token: Token,
+    /// The pair's maintenance mode (both nodes told at once; the frames carry it for real).
+    maintenance: bool,
 }
 
 fn timing() -> Timing {
@@ -146,6 +150,7 @@ impl World {
             log: Vec::new(),
             write: true,
             next_token: 1,
+            maintenance: false,
         }
     }
 
@@ -185,6 +190,35 @@ impl World {
         };
         let name = n.name;
         self.log.push(format!("{t:?} {name} starts"));
+        // As the daemon does from its state file.
+        let m = self.maintenance;
+        self.feed(i, Input::Maintenance(m));
+    }
+
+    /// Maintenance mode on or off, on both nodes.
+    fn set_maintenance(&mut self, on: bool) {
+        self.maintenance = on;
+        self.log.push(format!("{:?} maintenance {}", self.t(), if on { "on" } else { "off" }));
+        for i in 0..2 {
+            self.feed(i, Input::Maintenance(on));
+        }
+    }
+
+    /// In maintenance mode, the operator moves the role by hand (connected and in sync only,
+    /// as the replicator would allow): the master demoted, the other node promoted.
+    fn manual_switchover(&mut self) {
+        let Some(m) = self.master() else { return };
+        if !self.maintenance || !self.in_sync() || !self.n[1 - m].up {
+            return;
+        }
+        self.n[m].primary = false;
+        self.n[1 - m].primary = true;
+        self.log.push(format!(
+            "{:?} by hand: {} Secondary, {} Primary",
+            self.t(),
+            self.n[m].name,
+            self.n[1 - m].name
+        ));
     }
 
     fn crash(&mut self, i: usize) {
@@ -264,7 +298,15 @@ impl World {
         if !self.n[i].up {
             return;
         }
+        let was_busy = self.n[i].mgr.busy();
         let actions = self.n[i].mgr.handle(self.now, input);
+        let role_step = |a: &Action| matches!(a, Action::Run(st) if !matches!(st, Step::Freeze | Step::Thaw | Step::Fence { .. }));
+        if self.maintenance && !was_busy && actions.iter().any(role_step) {
+            panic!(
+                "{}: a transition started in maintenance mode: {actions:?}\n{:#?}",
+                self.n[i].name, self.log
+            );
+        }
         for a in actions {
             self.act(i, a);
         }
@@ -296,6 +338,7 @@ impl World {
     fn finish_step(&mut self, i: usize, step: Step) -> Outcome {
         let other_primary = self.n[1 - i].up && self.n[1 - i].primary;
         let link_alive = self.link_alive();
+        let tail: Vec<String> = self.log.iter().rev().take(40).rev().cloned().collect();
         let me = &mut self.n[i];
         match step {
             Step::Freeze => {
@@ -315,7 +358,7 @@ impl World {
                     return Outcome::Failed("the peer is Primary".into());
                 }
                 if me.disk != Disk::UpToDate && !force {
-                    panic!("{}: automatic promotion with {:?} data", me.name, me.disk);
+                    panic!("{}: automatic promotion with {:?} data: {tail:#?}", me.name, me.disk);
                 }
                 assert!(
                     !(other_primary && link_alive),
@@ -479,7 +522,8 @@ impl World {
 
     fn invariants(&mut self) {
         let dual = self.n[0].up && self.n[1].up && self.n[0].primary && self.n[1].primary;
-        if dual && self.link_alive() {
+        // (In maintenance mode the operator owns the roles: two masters are theirs to end.)
+        if dual && self.link_alive() && !self.maintenance {
             let since = *self.dual_since.get_or_insert(self.now);
             assert!(
                 self.now.duration_since(since) < ms(3000),
@@ -870,7 +914,12 @@ fn random_chaos_keeps_the_invariants() {
             n.fence_exit = Some(if run % 6 == 2 { 7 } else { 1 });
         }
         for _ in 0..25 {
-            match rnd(9) {
+            match rnd(11) {
+                9 => {
+                    let on = !w.maintenance;
+                    w.set_maintenance(on);
+                }
+                10 => w.manual_switchover(),
                 0 => {
                     let i = usize::from(rnd(2) == 1);
                     if w.n[i].up && w.n[1 - i].up {
@@ -911,7 +960,9 @@ fn random_chaos_keeps_the_invariants() {
             }
             w.run(ms(100 + rnd(3000)));
         }
-        // Heal everything: the pair must settle with exactly one master.
+        // Heal everything: the pair must settle with exactly one master. (Maintenance mode ends
+        // once the links are back: a takeover decided the instant a partition heals races the
+        // model's resync, which the real replicator answers by refusing the promotion.)
         w.hb_cut = [false, false];
         w.repl_cut = false;
         for i in 0..2 {
@@ -919,6 +970,10 @@ fn random_chaos_keeps_the_invariants() {
             if !w.n[i].up {
                 w.start(i);
             }
+        }
+        if w.maintenance {
+            w.run(ms(2000));
+            w.set_maintenance(false);
         }
         w.run(ms(5000));
         if w.split_brain {

@@ -375,13 +375,15 @@ fn maintenance_mode_stops_every_automatic_action_and_refuses_switchovers() {
     let steps = runs(&a);
     assert!(matches!(steps[..], [Step::DropPeer]), "{a:?}");
 
-    // A master: no outdating over the heartbeat, no health handover, no release or takeover
-    // for the peer, no make-slave.
+    // A master: no health handover, no release or takeover for the peer, no make-slave; but
+    // a replication link that breaks still outdates the peer (found by the simulation: a slave
+    // that missed writes took over with them once maintenance ended).
     let mut m = Manager::new(s(true), t);
     alive(&mut m, t, master_view(), peer(false));
     m.handle(t, Input::Maintenance(true));
     let a = m.handle(t, Input::Local(LocalView { disconnected: 0b01, ..master_view() }));
-    assert!(sends(&a).is_empty(), "outdated the peer in maintenance: {a:?}");
+    assert!(matches!(sends(&a)[..], [Control::Outdate { mask: 0b01, .. }]), "{a:?}");
+    m.handle(t, Input::Local(master_view()));
     let a = m.handle(t, Input::Health(false));
     assert!(sends(&a).is_empty() && runs(&a).is_empty(), "handed over in maintenance: {a:?}");
     m.handle(t, Input::Local(master_view()));

@@ -40,7 +40,7 @@ impl Manager {
         self.maintenance = on;
         self.said = None;
         if on {
-            self.event("maintenance mode on: the cluster manager takes no automatic action (no takeover, failback, handover, outdating or fencing) and refuses switchovers until `duet maintenance off`");
+            self.event("maintenance mode on: the cluster manager changes no role by itself (no takeover, failback or handover) and refuses switchovers until `duet maintenance off`; a slave is still outdated when replication breaks");
             return;
         }
         self.event("maintenance mode off: the cluster manager acts again");
