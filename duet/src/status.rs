@@ -90,6 +90,20 @@ pub struct ClusterStatus {
     /// The maintenance mode in the peer's last frame (`None`: not heard).
     #[serde(default)]
     pub peer_maintenance: Option<bool>,
+    /// Each `[[health.check]]` and its verdict (after `fall` / `rise`).
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
+}
+
+/// One `[[health.check]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    pub name: String,
+    /// ping | interface | script, and its target.
+    pub what: String,
+    /// The `[[health.group]]` it belongs to, and the group's `require`.
+    pub group: Option<String>,
+    pub ok: bool,
 }
 
 /// Whether `duet make-master` / `make-slave` (without `--force`) would start now.
@@ -249,6 +263,16 @@ pub fn render(s: &NodeStatus) -> String {
         }
         if let Some(a) = &c.activity {
             let _ = writeln!(o, "  now: {a}");
+        }
+        for h in &c.checks {
+            let _ = writeln!(
+                o,
+                "  health check {} ({}{}): {}",
+                h.name,
+                h.what,
+                h.group.as_deref().map_or(String::new(), |g| format!(", group {g}")),
+                if h.ok { "ok" } else { "FAILING" }
+            );
         }
         for l in &c.links {
             let heard = l
@@ -466,6 +490,12 @@ mod maintenance_tests {
         h.peer_maintenance = Some(false);
         let t = render(&f);
         assert!(t.contains("MAINTENANCE MODE") && t.contains("maintenance off"), "{t}");
+        assert!(
+            t.contains(
+                "health check uplink (ping 192.0.2.1, group internet (require all)): FAILING"
+            ),
+            "{t}"
+        );
         assert!(t.contains("the peer has not taken it yet"), "{t}");
         let (level, line) = check::node(&f);
         assert_eq!(level, check::Level::Warning, "{line}");
@@ -782,6 +812,12 @@ pub(crate) fn fixture() -> NodeStatus {
                 interface: "eth0".into(),
                 addresses: vec!["192.0.2.10/24".into()],
                 holder: Some("alpha".into()),
+            }],
+            checks: vec![CheckStatus {
+                name: "uplink".into(),
+                what: "ping 192.0.2.1".into(),
+                group: Some("internet (require all)".into()),
+                ok: false,
             }],
             maintenance: false,
             peer_maintenance: Some(false),

@@ -43,6 +43,16 @@ pub enum Require {
     All,
 }
 
+impl Require {
+    /// The word in the configuration.
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::All => "all",
+        }
+    }
+}
+
 /// `[[health.group]]`: checks judged together.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

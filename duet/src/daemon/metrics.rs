@@ -418,6 +418,12 @@ fn cluster(s: &mut Scrape, h: &crate::status::ClusterStatus) {
         "1 while the service's last start succeeded (and no stop since).",
         rows,
     );
+    let rows = h
+        .checks
+        .iter()
+        .map(|x| (s.labels(&[("check", &x.name)]), f64::from(u8::from(x.ok))))
+        .collect();
+    s.gauge("health_check_ok", "1 while the health check passes (after fall / rise).", rows);
 }
 
 #[cfg(test)]
@@ -449,6 +455,7 @@ mod tests {
         assert_eq!(one(r#"duet_service_running{node="alpha",service="nfs"}"#), 1.0);
         assert_eq!(one(r#"duet_failovers_total{node="alpha"}"#), 1.0);
         assert_eq!(one(r#"duet_maintenance{node="alpha"}"#), 0.0);
+        assert_eq!(one(r#"duet_health_check_ok{node="alpha",check="uplink"}"#), 0.0);
         assert!(
             om.contains("duet_build_info{version=\"0.1.0\",node=\"alpha\",cluster=\"demo\"} 1")
         );

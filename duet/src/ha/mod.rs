@@ -778,6 +778,23 @@ impl Loop {
             self.peer_view.map(|(v, _)| if v.primary { "master" } else { "slave" }.to_string());
         s.peer_healthy = self.peer_view.map(|(v, _)| v.healthy);
         s.healthy = self.health_now();
+        s.checks = self
+            .cfg
+            .health
+            .check
+            .iter()
+            .zip(&self.health)
+            .map(|(c, ok)| crate::status::CheckStatus {
+                name: c.name.clone(),
+                what: format!("{:?} {}", c.kind, c.target).to_lowercase(),
+                group: c.group.as_ref().map(|g| {
+                    let group = self.cfg.health.group.iter().find(|x| x.name == *g);
+                    let req = group.map_or("any", |x| x.require.word());
+                    format!("{g} (require {req})")
+                }),
+                ok: *ok,
+            })
+            .collect();
         s.maintenance = self.mgr.maintenance();
         s.peer_maintenance = self.peer_view.and(self.peer_maintenance_on);
         s.activity = self.mgr.activity();

@@ -622,6 +622,13 @@ rise = 2
         p.events(1)
     );
     assert!(changed(0, "router2", false), "{}", p.log_text(0));
+    let st = p.ok(0, &["status"]);
+    assert!(
+        st.contains(&format!(
+            "health check router2 (ping {r2}, group uplink (require all)): FAILING"
+        )) && st.contains("health check lan (interface lan0): ok"),
+        "{st}"
+    );
     let ev = p.events(0);
     assert!(ev.contains("local health checks fail") && ev.contains("handing over"), "{ev}");
     // Alpha's uplink and router1 come back: alpha is healthy again (and stays slave).
