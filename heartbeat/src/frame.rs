@@ -16,8 +16,9 @@
 //! ```
 //!
 //! Flags: bit 0 = maintenance mode on; the other bits are 0. The maintenance stamp orders the
-//! operator's changes of the mode (see [`Maintenance`]). Version 1 had neither (byte 7 was 0,
-//! the resources began at 40).
+//! operator's changes of the mode (see [`Maintenance`]). Version 1 (duet before maintenance
+//! mode) had neither: byte 7 was 0 and the resources began at 40. Both are decoded; a node
+//! sends what its peer speaks (see [`Versions`]), so a pair upgrades one node at a time.
 //!
 //! Decoding is pure and tells "not a whole frame yet" apart from "invalid".
 
@@ -28,8 +29,15 @@ use sha2::Sha256;
 pub const MAGIC: [u8; 4] = *b"DUHB";
 /// The version this build speaks.
 pub const VERSION: u8 = 2;
-/// Fixed part before the resources.
+/// The oldest version this build still speaks.
+pub const MIN_VERSION: u8 = 1;
+/// Fixed part before the resources (this version's; see [`header_len`]).
 pub const HEADER_LEN: usize = 48;
+
+/// The fixed part of a frame of `version` (one this build speaks).
+pub fn header_len(version: u8) -> usize {
+    if version == 1 { 40 } else { HEADER_LEN }
+}
 /// Flag bit: maintenance mode is on.
 const FLAG_MAINTENANCE: u8 = 1;
 /// Bytes per resource entry.
@@ -82,6 +90,50 @@ impl Maintenance {
     }
 }
 
+/// Which frame versions a node sends its peer, so two releases talk during a rolling upgrade:
+/// until the peer is heard, one frame of every version this node speaks per keepalive (a peer
+/// drops those it cannot read, counted as malformed); then the highest version heard from the
+/// peer's current boot. Highest, not latest: a new node hears its old-speaking partner first,
+/// and each side moves up as soon as the other shows it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    max: u8,
+    /// (the peer's boot, the highest version heard from it).
+    peer: Option<(u64, u8)>,
+}
+
+impl Versions {
+    /// A node that speaks up to `max` (normally [`VERSION`]).
+    pub fn new(max: u8) -> Self {
+        Self { max: max.clamp(MIN_VERSION, VERSION), peer: None }
+    }
+
+    /// The highest version this node speaks.
+    pub fn max(&self) -> u8 {
+        self.max
+    }
+
+    /// An authenticated frame of `version` from the peer's boot `boot` was accepted.
+    pub fn heard(&mut self, boot: u64, version: u8) {
+        self.peer = Some(match self.peer {
+            Some((b, v)) if b == boot => (b, v.max(version)),
+            Some((b, v)) if b > boot => (b, v),
+            _ => (boot, version),
+        });
+    }
+
+    /// The versions to send, one frame each, every keepalive.
+    pub fn to_send(&self) -> std::ops::RangeInclusive<u8> {
+        match self.peer {
+            None => MIN_VERSION..=self.max,
+            Some((_, v)) => {
+                let v = v.min(self.max);
+                v..=v
+            }
+        }
+    }
+}
+
 /// A control message riding in a frame. Requests carry an id; replies echo it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -116,6 +168,10 @@ impl Control {
 /// A decoded heartbeat frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The frame format ([`MIN_VERSION`]..=[`VERSION`]); a version-1 frame carries no
+    /// maintenance mode, and a Diskless disk goes out as Inconsistent (version 1 has no code
+    /// for it: never a failover target either way).
+    pub version: u8,
     pub key_id: u8,
     pub node_id: u8,
     pub cluster: u64,
@@ -137,7 +193,7 @@ pub enum FrameError {
     #[error("bad magic")]
     Magic,
     /// Another protocol version.
-    #[error("unsupported heartbeat version {0} (this build speaks {VERSION})")]
+    #[error("unsupported heartbeat version {0} (this build speaks {MIN_VERSION} to {VERSION})")]
     Version(u8),
     /// A length field out of bounds.
     #[error("bad length: {0}")]
@@ -252,13 +308,14 @@ impl Frame {
         if let Some(c) = &self.control {
             encode_control(c, &mut body);
         }
-        let total = HEADER_LEN + res.len() * RESOURCE_LEN + body.len() + MAC_LEN;
+        let v1 = self.version == 1;
+        let total = header_len(self.version) + res.len() * RESOURCE_LEN + body.len() + MAC_LEN;
         let mut o = Vec::with_capacity(total);
         o.extend_from_slice(&MAGIC);
-        o.push(VERSION);
+        o.push(if v1 { 1 } else { VERSION });
         o.push(self.key_id);
         o.push(self.node_id);
-        o.push(if self.maintenance.on { FLAG_MAINTENANCE } else { 0 });
+        o.push(if self.maintenance.on && !v1 { FLAG_MAINTENANCE } else { 0 });
         o.extend_from_slice(&self.cluster.to_be_bytes());
         o.extend_from_slice(&self.boot.to_be_bytes());
         o.extend_from_slice(&u32::try_from(total).expect("frames are small").to_be_bytes());
@@ -266,9 +323,12 @@ impl Frame {
         o.push(self.health.min(100));
         o.push(u8::try_from(res.len()).expect("at most MAX_RESOURCES"));
         o.extend_from_slice(&u16::try_from(body.len()).expect("short body").to_be_bytes());
-        o.extend_from_slice(&self.maintenance.stamp.to_be_bytes());
+        if !v1 {
+            o.extend_from_slice(&self.maintenance.stamp.to_be_bytes());
+        }
         for r in res {
-            o.extend_from_slice(&[r.role, r.disk, r.conn, 0]);
+            let disk = if v1 && r.disk > 3 { 0 } else { r.disk };
+            o.extend_from_slice(&[r.role, disk, r.conn, 0]);
             o.extend_from_slice(&r.generation.to_be_bytes());
         }
         o.extend_from_slice(&body);
@@ -279,17 +339,21 @@ impl Frame {
 
     /// The frame length announced by a buffer's first bytes, once `HEADER_LEN` bytes are there.
     pub fn announced_len(b: &[u8]) -> Result<usize, FrameError> {
-        if b.len() < HEADER_LEN {
+        if b.len() < header_len(1) {
             return Err(FrameError::Incomplete);
         }
         if b[0..4] != MAGIC {
             return Err(FrameError::Magic);
         }
-        if b[4] != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&b[4]) {
             return Err(FrameError::Version(b[4]));
         }
+        let hl = header_len(b[4]);
+        if b.len() < hl {
+            return Err(FrameError::Incomplete);
+        }
         let total = u32::from_be_bytes(b[24..28].try_into().expect("4 bytes")) as usize;
-        if !(HEADER_LEN + MAC_LEN..=MAX_FRAME).contains(&total) {
+        if !(hl + MAC_LEN..=MAX_FRAME).contains(&total) {
             return Err(FrameError::Length("frame length"));
         }
         Ok(total)
@@ -313,13 +377,16 @@ impl Frame {
         if nctl > MAX_CONTROL {
             return Err(FrameError::Length("control length"));
         }
-        if HEADER_LEN + nres * RESOURCE_LEN + nctl + MAC_LEN != total {
+        let version = b[4];
+        let hl = header_len(version);
+        if hl + nres * RESOURCE_LEN + nctl + MAC_LEN != total {
             return Err(FrameError::Length("parts do not add up to the frame length"));
         }
         let (signed, tag) = b.split_at(total - MAC_LEN);
         mac(key, signed).verify_slice(tag).map_err(|_| FrameError::Mac)?;
-        if b[7] & !FLAG_MAINTENANCE != 0 {
-            return Err(FrameError::Field("flags"));
+        let flags = if version == 1 { 0 } else { FLAG_MAINTENANCE };
+        if b[7] & !flags != 0 {
+            return Err(FrameError::Field(if version == 1 { "reserved" } else { "flags" }));
         }
         let u64_at = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let health = b[36];
@@ -328,28 +395,35 @@ impl Frame {
         }
         let mut resources = Vec::with_capacity(nres);
         for i in 0..nres {
-            let o = HEADER_LEN + i * RESOURCE_LEN;
+            let o = hl + i * RESOURCE_LEN;
             let r = ResourceState {
                 role: b[o],
                 disk: b[o + 1],
                 conn: b[o + 2],
                 generation: u64_at(o + 4),
             };
-            if r.role > 1 || r.disk > 4 || r.conn > 4 || b[o + 3] != 0 {
+            let max_disk = if version == 1 { 3 } else { 4 };
+            if r.role > 1 || r.disk > max_disk || r.conn > 4 || b[o + 3] != 0 {
                 return Err(FrameError::Field("resource state"));
             }
             resources.push(r);
         }
-        let c0 = HEADER_LEN + nres * RESOURCE_LEN;
+        let c0 = hl + nres * RESOURCE_LEN;
         let control = if nctl == 0 { None } else { Some(decode_control(&b[c0..c0 + nctl])?) };
+        let maintenance = if version == 1 {
+            Maintenance::default()
+        } else {
+            Maintenance { on: b[7] & FLAG_MAINTENANCE != 0, stamp: u64_at(40) }
+        };
         Ok(Frame {
+            version,
             key_id: b[5],
             node_id: b[6],
             cluster: u64_at(8),
             boot: u64_at(16),
             seq: u64_at(28),
             health,
-            maintenance: Maintenance { on: b[7] & FLAG_MAINTENANCE != 0, stamp: u64_at(40) },
+            maintenance,
             resources,
             control,
         })
@@ -365,6 +439,7 @@ mod tests {
 
     pub(crate) fn sample() -> Frame {
         Frame {
+            version: VERSION,
             key_id: 1,
             node_id: 0,
             cluster: cluster_id("nas-pair"),
@@ -410,8 +485,17 @@ mod tests {
                       resources in proptest::collection::vec(resource(), 0..=MAX_RESOURCES),
                       control in proptest::option::of(control())) {
             let maintenance = Maintenance { on, stamp };
-            let f = Frame { key_id, node_id, cluster, boot, seq, health, maintenance, resources, control };
+            let f = Frame { version: VERSION, key_id, node_id, cluster, boot, seq, health, maintenance, resources, control };
             let b = f.encode(KEY);
+            // The same frame in version 1: no maintenance mode, no Diskless code.
+            let old = Frame { version: 1, ..f.clone() }.encode(KEY);
+            let d = Frame::decode(&old, KEY).expect("a version-1 frame decodes");
+            prop_assert_eq!(d.version, 1);
+            prop_assert_eq!(d.maintenance, Maintenance::default());
+            prop_assert_eq!(d.encode(KEY), old.clone());
+            for (a, b) in d.resources.iter().zip(&f.resources) {
+                prop_assert_eq!(a.disk, if b.disk == 4 { 0 } else { b.disk });
+            }
             prop_assert!(b.len() <= MAX_FRAME);
             prop_assert_eq!(Frame::announced_len(&b), Ok(b.len()));
             prop_assert_eq!(Frame::decode(&b, KEY), Ok(f));
@@ -516,12 +600,64 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_frame_is_refused_naming_both_versions() {
-        let mut b = sample().encode(KEY);
-        b[4] = 1;
-        let e = Frame::decode(&resigned(b), KEY).unwrap_err();
-        assert_eq!(e, FrameError::Version(1));
-        assert_eq!(e.to_string(), "unsupported heartbeat version 1 (this build speaks 2)");
+    fn version_1_frames_are_read_and_written_and_others_refused_naming_the_range() {
+        let f = Frame { version: 1, ..sample() };
+        let b = f.encode(KEY);
+        assert_eq!((b[4], b[7]), (1, 0));
+        assert_eq!(b.len() + 8, sample().encode(KEY).len(), "no maintenance stamp");
+        let d = Frame::decode(&b, KEY).unwrap();
+        assert_eq!(d, Frame { maintenance: Maintenance::default(), ..f });
+        // Version 1 has no flags and no Diskless code.
+        let mut t = b.clone();
+        t[7] = 1;
+        assert_eq!(Frame::decode(&resigned(t), KEY), Err(FrameError::Field("reserved")));
+        let mut t = b.clone();
+        t[40 + 1] = 4;
+        assert_eq!(Frame::decode(&resigned(t), KEY), Err(FrameError::Field("resource state")));
+        for v in [0u8, 3, 9] {
+            let mut t = sample().encode(KEY);
+            t[4] = v;
+            let e = Frame::decode(&resigned(t), KEY).unwrap_err();
+            assert_eq!(e, FrameError::Version(v));
+            assert_eq!(
+                e.to_string(),
+                format!("unsupported heartbeat version {v} (this build speaks 1 to 2)")
+            );
+        }
+    }
+
+    #[test]
+    fn versions_start_with_every_one_and_settle_on_the_highest_both_speak() {
+        // Two nodes of this release: both start sending 1 and 2 and settle on 2, whichever
+        // frame each hears first.
+        let (mut a, mut b) = (Versions::new(VERSION), Versions::new(VERSION));
+        assert_eq!(a.to_send(), 1..=2);
+        b.heard(10, 1);
+        assert_eq!(b.to_send(), 1..=1, "heard only version 1 so far");
+        a.heard(20, 1);
+        a.heard(20, 2);
+        assert_eq!(a.to_send(), 2..=2);
+        b.heard(10, 2);
+        assert_eq!(b.to_send(), 2..=2);
+        b.heard(10, 1);
+        assert_eq!(b.to_send(), 2..=2, "a late version-1 frame of the same boot changes nothing");
+        // An old peer (version 1 only): this node speaks 1 to it.
+        let mut c = Versions::new(VERSION);
+        c.heard(5, 1);
+        assert_eq!(c.to_send(), 1..=1);
+        // It restarts upgraded (a newer boot, version 2): this node moves up.
+        c.heard(6, 2);
+        assert_eq!(c.to_send(), 2..=2);
+        // Downgraded again (newer boot, version 1 only): back to 1; older boots are ignored.
+        c.heard(7, 1);
+        assert_eq!(c.to_send(), 1..=1);
+        c.heard(6, 2);
+        assert_eq!(c.to_send(), 1..=1);
+        // A node held to version 1 never sends 2.
+        let mut old = Versions::new(1);
+        assert_eq!(old.to_send(), 1..=1);
+        old.heard(1, 2);
+        assert_eq!(old.to_send(), 1..=1);
     }
 
     #[test]
@@ -549,6 +685,7 @@ mod tests {
     fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
         let key = b"fuzz key";
         let base = Frame {
+            version: VERSION,
             key_id: 1,
             node_id: 1,
             cluster: cluster_id("fuzz"),
@@ -587,6 +724,7 @@ mod tests {
                     ..base.clone()
                 },
             ),
+            ("version1", Frame { version: 1, seq: 6, ..base.clone() }),
             (
                 "takeover",
                 Frame {

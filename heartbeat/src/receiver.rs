@@ -56,6 +56,8 @@ pub struct Receiver {
     durable: Option<Checkpoint>,
     writing: Option<Checkpoint>,
     due: Option<Checkpoint>,
+    /// The newest frame version accepted.
+    max_version: u8,
     /// Counted drops.
     pub drops: DropCounts,
     /// Frames accepted.
@@ -74,9 +76,17 @@ impl Receiver {
             durable: None,
             writing: None,
             due: None,
+            max_version: crate::frame::VERSION,
             drops: DropCounts::default(),
             accepted: 0,
         }
+    }
+
+    /// Refuses frames newer than `v` (a node held to an older version, as that release would).
+    #[must_use]
+    pub fn max_version(mut self, v: u8) -> Self {
+        self.max_version = v;
+        self
     }
 
     /// After a restart: the sender's window as the checkpoint on disk left it.
@@ -139,6 +149,9 @@ impl Receiver {
 
     fn check(&mut self, b: &[u8]) -> Result<Frame, Dropped> {
         Frame::announced_len(b).map_err(Dropped::Malformed)?;
+        if b[4] > self.max_version {
+            return Err(Dropped::Malformed(FrameError::Version(b[4])));
+        }
         let kid = b[5];
         let key = self.keys.iter().find(|(k, _)| *k == kid).ok_or(Dropped::KeyId(kid))?;
         let f = Frame::decode(b, &key.1).map_err(|e| match e {
@@ -173,6 +186,7 @@ mod tests {
 
     fn frame(node: u8, cluster: &str, boot: u64, seq: u64) -> Frame {
         Frame {
+            version: crate::frame::VERSION,
             key_id: 1,
             node_id: node,
             cluster: cluster_id(cluster),

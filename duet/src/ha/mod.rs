@@ -159,6 +159,8 @@ struct Loop {
     peer_maintenance_on: Option<bool>,
     /// (boot, sequence) of the peer's newest frame: its state is the peer's.
     newest_frame: Option<(u64, u64)>,
+    /// The heartbeat versions to send the peer.
+    versions: frame::Versions,
     /// Accepted frames waiting for the replay checkpoint that covers them (by link).
     held: std::collections::VecDeque<(usize, Frame)>,
     /// The last checkpoint write failed: frames are acted on without waiting.
@@ -535,6 +537,17 @@ impl Loop {
     /// control message taken.
     fn heard(&mut self, link: usize, f: &Frame) {
         let now = Instant::now();
+        let before = self.versions.to_send();
+        self.versions.heard(f.boot, f.version);
+        let speak = self.versions.to_send();
+        if speak != before && speak.start() == speak.end() {
+            let v = *speak.start();
+            self.log(format!(
+                "the peer speaks heartbeat version {} (this node up to {}): sending version {v}",
+                f.version.max(v),
+                self.versions.max()
+            ));
+        }
         let ev = self.det.heard(link, now);
         self.detector_events(ev);
         // The serial line lags the UDP link, so frames arrive out of order: only the
@@ -604,13 +617,17 @@ impl Loop {
         view::local_view(&summaries)
     }
 
-    /// Sends our state (and a control message) on every link.
+    /// Sends our state (and a control message) on every link, in each frame version the peer
+    /// may speak ([`frame::Versions`]).
     fn send(&mut self, control: Option<Control>) {
-        let resources =
+        let resources: Vec<ResourceState> =
             self.host.volumes().iter().map(|v| view::resource_state(&v.summary())).collect();
-        for l in &self.links {
+        for (l, version) in
+            self.links.iter().flat_map(|l| self.versions.to_send().map(move |v| (l, v)))
+        {
             self.seq += 1;
             let f = Frame {
+                version,
                 key_id: 1,
                 node_id: self.my_id,
                 cluster: self.cluster,

@@ -190,6 +190,12 @@ async fn start_here(
     let boot = crate::state::next_boot(dir, node, clock).map_err(StartError::State)?;
     let checkpoint = crate::state::load_checkpoint(dir, node, &peer).map_err(StartError::State)?;
     let maintenance = crate::state::load_maintenance(dir, node).map_err(StartError::State)?;
+    // Test-only: hold this node to an older heartbeat version, as the previous release speaks
+    // (the rolling-upgrade test). Not a configuration key: nothing else should ever set it.
+    let max_version = std::env::var("DUET_TEST_HEARTBEAT_VERSION")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .unwrap_or(frame::VERSION);
     let my_id = u8::try_from(crate::config::runtime::node_id(cfg, node)).unwrap_or(0);
     let peer_id = u8::try_from(crate::config::runtime::node_id(cfg, &peer)).unwrap_or(1);
     let cluster = frame::cluster_id(&cfg.cluster.name);
@@ -231,11 +237,14 @@ async fn start_here(
         boot,
         seq: 0,
         det: Detector::new(timing, links.len(), now),
-        rx: Receiver::new(vec![(1, secret.to_vec())], cluster, peer_id).resume(checkpoint),
+        rx: Receiver::new(vec![(1, secret.to_vec())], cluster, peer_id)
+            .resume(checkpoint)
+            .max_version(max_version),
         mgr: Manager::new(settings, now).with_id_seed(boot),
         maintenance,
         peer_maintenance_on: None,
         newest_frame: None,
+        versions: frame::Versions::new(max_version),
         held: std::collections::VecDeque::new(),
         checkpoint_failing: false,
         links,

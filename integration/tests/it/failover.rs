@@ -423,6 +423,69 @@ fn roles_changed_by_hand_in_maintenance_mode_are_taken_up_when_it_ends() {
     assert!(p.identical());
 }
 
+/// A rolling upgrade's middle: beta speaks only heartbeat version 1, as the release before
+/// maintenance mode did. The pair settles on version 1, and switches over both ways under
+/// writes with every acknowledged write kept; a frame of an unknown version is refused naming
+/// the range this build speaks.
+#[test]
+fn a_node_speaking_the_previous_heartbeat_version_pairs_and_switches_over_both_ways() {
+    let mut p = ha_pair_set_up(HaOpts::default(), PairOpts::default(), |p| {
+        p.n[1].env.push(("DUET_TEST_HEARTBEAT_VERSION".into(), "1".into()));
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || p.events(0).contains(
+            "the peer speaks heartbeat version 1 (this node up to 2): sending version 1"
+        )),
+        "{}",
+        p.events(0)
+    );
+    assert!(wait_until(Duration::from_secs(10), || links_up(&p, 0) && links_up(&p, 1)));
+    let port = p.n[0].nbd_port;
+    let seed = 7700;
+    let w = Writer::start(port, seed);
+    assert!(w.wait_more(100, Duration::from_secs(30)), "writer stalled");
+    // To the old-speaking node and back.
+    assert!(p.ok(1, &["make-master"]).contains("running master"));
+    assert!(p.is_master(1) && !p.is_master(0));
+    assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through beta");
+    assert!(p.wait_synced(Duration::from_secs(60)));
+    assert!(p.ok(1, &["make-slave"]).contains("running master"));
+    assert!(wait_until(Duration::from_secs(10), || p.is_master(0) && !p.is_master(1)));
+    assert!(w.wait_more(100, Duration::from_secs(30)), "no writes through alpha again");
+    let acked = w.finish();
+    check_log(port, seed, &acked);
+    // The old-speaking node never heard a frame it could not read after the first ones (it
+    // drops alpha's version-2 frames only until alpha settles).
+    let early = p.cluster(1)["drops"]["malformed"].as_u64().unwrap();
+    assert!(early <= 8, "beta dropped {early} frames");
+    // A frame of a version nobody speaks.
+    let f = heartbeat::frame::Frame {
+        version: heartbeat::frame::VERSION,
+        key_id: 1,
+        node_id: 1,
+        cluster: heartbeat::frame::cluster_id("itest-pair"),
+        boot: u64::MAX / 2,
+        seq: 1,
+        health: 100,
+        maintenance: heartbeat::frame::Maintenance::default(),
+        resources: vec![],
+        control: None,
+    };
+    let mut b = f.encode(b"correct horse battery staple");
+    b[4] = 3;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.send_to(&b, ("127.0.0.1", p.udp_ends(0).0)).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || p
+            .events(0)
+            .contains("unsupported heartbeat version 3 (this build speaks 1 to 2)")),
+        "{}",
+        p.events(0)
+    );
+    p.stop(1);
+    p.stop(0);
+}
+
 #[test]
 fn hostile_heartbeat_frames_are_dropped_and_counted() {
     use heartbeat::frame::{Frame, ResourceState, cluster_id};
@@ -431,6 +494,7 @@ fn hostile_heartbeat_frames_are_dropped_and_counted() {
     let secret = b"correct horse battery staple";
     let frame = |cluster: &str, node: u8, boot: u64, key: &[u8]| {
         Frame {
+            version: heartbeat::frame::VERSION,
             key_id: 1,
             node_id: node,
             cluster: cluster_id(cluster),
