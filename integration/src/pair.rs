@@ -98,6 +98,8 @@ pub struct PairNode {
     pub log: PathBuf,
     /// Extra environment for the daemon (set before `start`).
     pub env: Vec<(String, String)>,
+    /// Another duet binary for this node's daemon (a previous release; set before `start`).
+    pub bin: Option<PathBuf>,
     /// A config file of this node's own instead of the shared one (see
     /// [`Pair::route_peer_through`]).
     pub config: Option<PathBuf>,
@@ -151,6 +153,7 @@ impl Pair {
                 http_port: if o.http { free_port() } else { 0 },
                 log: dir.path().join(format!("{name}.log")),
                 env: Vec::new(),
+                bin: None,
                 config: None,
                 child: None,
             }
@@ -345,13 +348,14 @@ replication_address = "{h1}:{r1}"
             .append(true)
             .open(&self.n[i].log)
             .expect("log");
+        let bin = self.n[i].bin.clone().unwrap_or_else(duet_bin);
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns[i]]).arg(duet_bin());
+                c.args(["netns", "exec", &ns[i]]).arg(&bin);
                 c
             }
-            None => Command::new(duet_bin()),
+            None => Command::new(&bin),
         };
         let child = cmd
             .arg("--config")
