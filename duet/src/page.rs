@@ -294,6 +294,22 @@ pub fn render(s: &NodeStatus, events: &[Event]) -> String {
             o.push_str("</table>");
         }
 
+        if !h.checks.is_empty() {
+            o.push_str("<h2>Health checks</h2><table id=\"checks\"><tr><th>check</th><th>what</th><th>group</th><th>verdict</th></tr>");
+            for x in &h.checks {
+                let _ = write!(
+                    o,
+                    "<tr data-check=\"{n}\">{}{}{}{}</tr>",
+                    td("name", &x.name),
+                    td("what", &x.what),
+                    td("group", x.group.as_deref().unwrap_or("")),
+                    td("verdict", if x.ok { "ok" } else { "FAILING" }),
+                    n = esc(&x.name),
+                );
+            }
+            o.push_str("</table>");
+        }
+
         let _ = write!(
             o,
             "<h2>Switchover</h2><p data-field=\"switchover\" data-possible=\"{}\">{}: {}</p>",
@@ -395,10 +411,18 @@ mod tests {
             "data-possible=\"true\">possible now: make-slave here hands over",
             "event 59",
             "http-equiv=\"refresh\"",
+            "<tr data-check=\"uplink\"><td data-field=\"name\">uplink</td><td data-field=\"what\">ping 192.0.2.1</td><td data-field=\"group\">internet (require all)</td><td data-field=\"verdict\">FAILING</td></tr>",
         ] {
             assert!(p.contains(want), "{want} missing in {p}");
         }
         assert!(!p.contains("event 9<"), "only the last {EVENTS_SHOWN} events");
+        assert!(!p.contains("MAINTENANCE MODE"));
+        let mut m = s.clone();
+        m.ha.as_mut().unwrap().maintenance = true;
+        assert!(
+            render(&m, &events)
+                .contains("data-field=\"maintenance\" class=\"warn\">MAINTENANCE MODE")
+        );
         assert!(p.find("event 59").unwrap() < p.find("event 58").unwrap(), "newest first");
         assert!(!p.contains("src=") && !p.contains("http://") && !p.contains("<script"));
     }

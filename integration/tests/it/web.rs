@@ -258,6 +258,26 @@ fn metrics_and_the_status_page_of_a_live_pair_follow_a_failover_and_a_resync_and
         p.log_text(0)
     );
     assert!(p.synced(), "the refused reload disturbed the pair");
+
+    // Maintenance mode, turned on at the slave: the master's page and metrics say so.
+    p.ok(0, &["maintenance", "on"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || gauge(
+            &scrape(&p, 1),
+            r#"duet_maintenance{node="beta"}"#
+        ) == 1.0),
+        "{}",
+        scrape(&p, 1)
+    );
+    let dom = page(&p, 1, "pair-in-maintenance");
+    assert!(field(&dom, "", "maintenance").starts_with("MAINTENANCE MODE"), "{dom}");
+    assert!(field(&dom, "", "check").contains("maintenance mode"), "{dom}");
+    assert!(field(&dom, "", "switchover").contains("maintenance mode is on"), "{dom}");
+    p.ok(1, &["maintenance", "off"]);
+    assert!(wait_until(Duration::from_secs(10), || gauge(
+        &scrape(&p, 0),
+        r#"duet_maintenance{node="alpha"}"#
+    ) == 0.0));
 }
 
 #[test]
