@@ -168,8 +168,9 @@ impl Receiver {
         let far = |c: Option<Checkpoint>| {
             c.is_some_and(|c| c.boot == f.boot && c.ceiling >= f.seq.saturating_add(AHEAD))
         };
-        // One write at a time: the next is asked for by the first frame after it ends.
-        let writing = self.writing.is_some_and(|w| w.boot == f.boot);
+        // One write at a time (they replace the same file): the next is asked for by the first
+        // frame after it ends.
+        let writing = self.writing.is_some();
         if !far(self.durable) && !writing && !far(self.due) {
             self.due = Some(Checkpoint { boot: f.boot, ceiling: f.seq.saturating_add(STRIDE) });
         }
@@ -266,6 +267,18 @@ mod tests {
         assert!(r.covers(&f));
         // An older checkpoint finishing late never lowers the durable one.
         r.made_durable(first);
+        assert!(r.covers(&f));
+        // A new boot while a write runs waits for it: never two writes at once.
+        let _ = r.receive(&frame(1, "c", 3, first.ceiling + 30).encode(KEY)).unwrap();
+        let busy = r.take_due().expect("due");
+        let f = r.receive(&frame(1, "c", 4, 1).encode(KEY)).unwrap();
+        assert_eq!(r.take_due(), None, "a second write while one runs");
+        r.made_durable(busy);
+        assert!(!r.covers(&f));
+        let _ = r.receive(&frame(1, "c", 4, 2).encode(KEY)).unwrap();
+        let next = r.take_due().expect("the new boot's checkpoint after the write");
+        assert_eq!(next.boot, 4);
+        r.made_durable(next);
         assert!(r.covers(&f));
     }
 
