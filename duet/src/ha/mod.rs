@@ -803,7 +803,7 @@ impl Loop {
             .zip(&self.health)
             .map(|(c, ok)| crate::status::CheckStatus {
                 name: c.name.clone(),
-                what: format!("{:?} {}", c.kind, c.target).to_lowercase(),
+                what: format!("{} {}", format!("{:?}", c.kind).to_lowercase(), c.target),
                 group: c.group.as_ref().map(|g| {
                     let group = self.cfg.health.group.iter().find(|x| x.name == *g);
                     let req = group.map_or("any", |x| x.require.word());
