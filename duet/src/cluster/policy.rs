@@ -54,6 +54,16 @@ impl Manager {
             }
             None => {}
         }
+        // Replication came back before the peer confirmed: the request is withdrawn, so a late
+        // copy does not outdate a peer that is connected and in sync again.
+        if let Some((_, mask, _)) = self.outdating
+            && mask & self.local.disconnected == 0
+        {
+            self.outdating = None;
+            self.event(
+                "replication is back before the peer confirmed the outdate: request withdrawn",
+            );
+        }
         if let Some((id, mask, sent)) = self.outdating
             && now.saturating_duration_since(sent) >= resend
         {

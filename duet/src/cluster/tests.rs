@@ -447,3 +447,20 @@ fn ending_maintenance_matches_what_a_master_holds_to_the_role_the_operator_left(
     assert!(runs(&a).is_empty(), "{a:?}");
     assert!(a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("some resources only"))));
 }
+
+#[test]
+fn an_outdate_request_is_withdrawn_when_replication_comes_back_before_the_answer() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    let a = m.handle(t, Input::Local(LocalView { disconnected: 0b01, ..master_view() }));
+    assert!(matches!(sends(&a)[..], [Control::Outdate { mask: 0b01, .. }]), "{a:?}");
+    // Reconnected (and resynced) before the peer answered: no more copies go out, so none can
+    // outdate a peer that is in sync again.
+    let a = m.handle(t + Duration::from_millis(100), Input::Local(master_view()));
+    assert!(a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("withdrawn"))), "{a:?}");
+    for i in 1..5 {
+        let a = m.handle(t + Duration::from_millis(600 * i), Input::Tick);
+        assert!(sends(&a).is_empty(), "{a:?}");
+    }
+}
