@@ -125,6 +125,11 @@ impl ConnState {
     }
 
     /// A replication session is live (frames flow to the peer).
+    /// A session is up and not being torn down.
+    pub fn in_session(self) -> bool {
+        self.live() && self != Self::Disconnecting
+    }
+
     pub fn live(self) -> bool {
         match self {
             Self::Connected
@@ -331,9 +336,25 @@ impl State {
                 (
                     Role::Secondary,
                     DiskState::Outdated | DiskState::Consistent | DiskState::UpToDate,
-                ) => next.disk = DiskState::Outdated,
+                ) => {
+                    next.disk = DiskState::Outdated;
+                    // The peer asks because it lost the session while we still hold one: we
+                    // have not noticed the loss yet, or the request is older than a reconnect.
+                    // Either way the session goes, and the next handshake resyncs whatever the
+                    // peer holds that this Outdated disk lacks (nothing, if it was in sync): a
+                    // late request never leaves us Outdated beside an UpToDate peer.
+                    if self.conn.in_session() {
+                        next.conn = ConnState::Disconnecting;
+                    }
+                }
             },
-            Event::PeerOutdated => next.peer_disk = Some(DiskState::Outdated),
+            // Only outside a session: within one, the peer's own reports are the truth, and a
+            // confirmation that arrives after a reconnect is about the session before.
+            Event::PeerOutdated => {
+                if !self.conn.in_session() {
+                    next.peer_disk = Some(DiskState::Outdated);
+                }
+            }
             Event::Invalidate => match self.role {
                 Role::Primary => return Err(Refusal::PrimaryCannotBeInvalidated),
                 Role::Secondary if self.disk == DiskState::Diskless => {
@@ -616,7 +637,31 @@ mod tests {
         }
         let mut s = st(SECONDARY, D::Inconsistent, C::Connecting);
         assert_eq!(s.step(Event::Outdate), Ok(Outcome::Unchanged), "already unusable");
-        let mut s = st(PRIMARY, D::UpToDate, C::Connected);
+        let mut s = st(PRIMARY, D::UpToDate, C::Connecting);
+        s.step(Event::PeerOutdated).unwrap();
+        assert_eq!(s.peer_disk, Some(D::Outdated));
+    }
+
+    #[test]
+    fn a_late_outdate_ends_the_session_and_a_late_confirmation_is_ignored() {
+        // The Secondary, outdated while it still holds a session, leaves it (the reconnect
+        // resyncs it); an Inconsistent one has nothing to protect and stays.
+        for c in [C::Connected, C::SyncSource, C::VerifyTarget] {
+            let mut s = st(SECONDARY, D::UpToDate, c);
+            s.step(Event::Outdate).unwrap();
+            assert_eq!((s.disk, s.conn), (D::Outdated, C::Disconnecting), "{c:?}");
+        }
+        let mut s = st(SECONDARY, D::Inconsistent, C::SyncTarget);
+        assert_eq!(s.step(Event::Outdate), Ok(Outcome::Unchanged));
+        assert_eq!(s.conn, C::SyncTarget);
+        // The Primary, connected again, keeps what the session says of the peer.
+        for c in [C::Connected, C::SyncSource] {
+            let mut s = st(PRIMARY, D::UpToDate, c);
+            s.peer_disk = Some(D::UpToDate);
+            assert_eq!(s.step(Event::PeerOutdated), Ok(Outcome::Unchanged), "{c:?}");
+            assert_eq!(s.peer_disk, Some(D::UpToDate));
+        }
+        let mut s = st(PRIMARY, D::UpToDate, C::Disconnecting);
         s.step(Event::PeerOutdated).unwrap();
         assert_eq!(s.peer_disk, Some(D::Outdated));
     }

@@ -682,19 +682,8 @@ impl Loop {
                     let mut ok = true;
                     for (i, v) in vols.iter().enumerate() {
                         if i < 32 && mask & (1 << i) != 0 {
+                            // (A session still up ends there: see the engine's `Outdate`.)
                             ok &= v.outdate().await.is_ok();
-                            // Still connected here: either this node has not noticed the link
-                            // loss the peer saw, or the request is older than a reconnect. The
-                            // session goes either way; the next connect resyncs whatever the
-                            // peer holds that this Outdated disk lacks (nothing, if it was in
-                            // sync), so a late request never leaves it Outdated beside an
-                            // UpToDate peer.
-                            if !matches!(
-                                v.summary().connection,
-                                ConnState::StandAlone | ConnState::Connecting
-                            ) {
-                                v.drop_peer(Duration::from_secs(2)).await;
-                            }
                         }
                     }
                     let _ = back.send(Back::Outdate { id, mask, ok }).await;

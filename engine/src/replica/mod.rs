@@ -271,7 +271,13 @@ impl<W> Replica<W> {
     }
 
     /// The peer is known to be Outdated (recorded, so a restart alone knows we are newest).
+    /// Ignored within a session: the confirmation is about the session before (the handshake
+    /// since compared generations and planned any resync), and a flag left on disk from it
+    /// would make a later restart alone call this data UpToDate whatever happened meanwhile.
     pub fn peer_outdated(&mut self) -> Persist {
+        if self.st.conn.in_session() {
+            return Persist::NOTHING;
+        }
         self.sb.flags |= FLAG_PEER_OUTDATED;
         let _ = self.st.step(Event::PeerOutdated);
         Persist::SUPERBLOCK

@@ -131,10 +131,19 @@ fn outdate_is_refused_on_a_primary_and_a_noop_when_inconsistent() {
 #[test]
 fn peer_outdated_is_recorded_and_survives_an_attach() {
     let (mut r, _) = primary_live();
-    let _ = r.peer_outdated();
+    let _ = r.teardown();
+    assert_eq!(r.peer_outdated(), Persist::SUPERBLOCK);
     let s = r.next_superblock();
     let back = Replica::<()>::attach(s, Bitmap::new(SIZE, G), &[]).0;
     assert_eq!(back.st.disk, DiskState::UpToDate);
+}
+
+#[test]
+fn a_confirmation_of_the_outdate_that_arrives_in_a_new_session_is_not_recorded() {
+    let (mut r, _) = primary_live();
+    assert_eq!(r.peer_outdated(), Persist::NOTHING);
+    assert_eq!(r.st.peer_disk, Some(DiskState::UpToDate));
+    assert_eq!(r.next_superblock().flags & FLAG_PEER_OUTDATED, 0);
 }
 
 #[test]

@@ -25,13 +25,16 @@ impl Sim {
         // outdates the Secondary, so it never takes over with data the Primary goes on
         // changing (the heartbeat is not simulated; it is assumed up).
         // (Never by a Diskless Primary: the Secondary holds the only copy.)
-        if let Some(p) = self.serving()
-            && !self.n[p].diskless()
-            && self.n[1 - p].alive
-            && self.n[1 - p].r.st.role == Role::Secondary
-            && self.n[1 - p].outdate()
-        {
-            self.n[p].peer_outdated();
+        // The Secondary is outdated before its own teardown (it may not have noticed the loss
+        // yet); the Primary records the confirmation once its session is gone, as the real
+        // one hears it only after it saw the link down.
+        let outdated = self.serving().filter(|&p| {
+            !self.n[p].diskless()
+                && self.n[1 - p].alive
+                && self.n[1 - p].r.st.role == Role::Secondary
+                && self.n[1 - p].outdate()
+        });
+        if let Some(p) = outdated {
             self.log(format!("{} outdated over the heartbeat", self.n[1 - p].name));
         }
         self.link.live = false;
@@ -62,6 +65,9 @@ impl Sim {
                 self.n[i].disk.flush();
                 self.flush_acked(fid);
             }
+        }
+        if let Some(p) = outdated {
+            self.n[p].peer_outdated();
         }
     }
 

@@ -109,6 +109,11 @@ fn metrics_and_the_status_page_of_a_live_pair_follow_a_failover_and_a_resync_and
     p.ok(0, &["make-master", "--force"]);
     assert!(p.wait_synced(Duration::from_secs(120)), "the initial sync did not finish");
     assert!(wait_until(Duration::from_secs(10), || p.is_master(0)), "alpha never became master");
+    // The outdate alpha sent when it became master before replication was up arrives while
+    // beta is already its (Inconsistent) resync target: a no-op, which neither restarts the
+    // resync nor, confirmed late, leaves alpha calling the synced peer Outdated.
+    let ev = p.events(0);
+    assert_eq!(ev.matches("resync as source").count(), 1, "{ev}");
     let links: Vec<String> = p.cluster(1)["links"]
         .as_array()
         .unwrap()
