@@ -1,12 +1,17 @@
 //! The control protocol between `duet <command>` and the daemon: one JSON object per line over a
 //! Unix socket (mode 0600), one request and one response per connection. Every message carries
-//! `v`, the protocol version; a daemon refuses versions it does not speak with a message that says
-//! so, and a CLI does the same with replies.
+//! `v`, the sender's highest protocol version. The envelope (`v`, `ok`, `result` | `error`) never
+//! changes; a version that only adds commands or fields keeps [`MIN_VERSION`], so each side takes
+//! any version from its own minimum up (a newer CLI may talk to the daemon that is still running
+//! after a package upgrade, and names a command the older one lacks in a clear "bad request"),
+//! and refuses an older one below it with a message naming both.
 
 use serde::{Deserialize, Serialize};
 
-/// The version this build speaks.
+/// The highest version this build speaks.
 pub const VERSION: u32 = 1;
+/// The lowest.
+pub const MIN_VERSION: u32 = 1;
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
 
@@ -214,7 +219,7 @@ pub enum DecodeError {
     #[error("request is not JSON: {0}")]
     NotJson(String),
     #[error(
-        "control protocol version {0} is not supported (this daemon speaks {VERSION}); use the duet CLI of the same release"
+        "control protocol version {0} is older than this daemon speaks ({MIN_VERSION} to {VERSION}); use the duet CLI of the daemon's release"
     )]
     Version(u64),
     #[error("request has no protocol version \"v\"")]
@@ -231,7 +236,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
     let value: serde_json::Value =
         serde_json::from_slice(line).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) if v >= u64::from(MIN_VERSION) => {}
         Some(v) => return Err(DecodeError::Version(v)),
         None => return Err(DecodeError::NoVersion),
     }
@@ -296,7 +301,9 @@ mod tests {
             (b"", "not JSON"),
             (b"\xff\xfe", "not JSON"),
             (br#"{"cmd":"status"}"#, "no protocol version"),
-            (br#"{"v":2,"cmd":"status"}"#, "version 2 is not supported"),
+            (br#"{"v":0,"cmd":"status"}"#, "version 0 is older than this daemon speaks"),
+            (br#"{"v":4294967296,"cmd":"status"}"#, "bad request"),
+            (br#"{"v":-1,"cmd":"status"}"#, "no protocol version"),
             (br#"{"v":1,"cmd":"format-disk"}"#, "bad request"),
             (br#"{"v":1}"#, "bad request"),
             (br#"[1,2,3]"#, "no protocol version"),
@@ -313,5 +320,15 @@ mod tests {
             assert!(e.contains(want), "{line:?}: {e}");
         }
         assert_eq!(decode_request(&vec![b' '; MAX_LINE + 1]), Err(DecodeError::TooLong));
+    }
+
+    #[test]
+    fn a_newer_cli_is_understood_as_far_as_this_daemon_goes() {
+        let newer = VERSION + 1;
+        let line = format!(r#"{{"v":{newer},"cmd":"status"}}"#);
+        assert_eq!(decode_request(line.as_bytes()).unwrap().cmd, Command::Status);
+        let line = format!(r#"{{"v":{newer},"cmd":"grow-volume"}}"#);
+        let e = decode_request(line.as_bytes()).unwrap_err().to_string();
+        assert!(e.starts_with("bad request: unknown variant `grow-volume`"), "{e}");
     }
 }

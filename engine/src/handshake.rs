@@ -15,7 +15,7 @@ use sha2::Sha256;
 
 use crate::generation::Generations;
 use crate::seal::Protection;
-use crate::wire::{Cursor, Kind, VERSION, WireError, put_string};
+use crate::wire::{Cursor, Kind, MIN_VERSION, VERSION, WireError, put_string};
 
 /// Features this build understands (bit set). None are optional yet; the field exists so a
 /// later build can refuse or adapt with a clear message instead of misreading frames.
@@ -63,9 +63,10 @@ impl Hello {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error(
-        "peer speaks protocol version {0}, this node {VERSION}; run the same duet release on both nodes"
+        "peer speaks replication protocol versions up to {peer}, this node {}: upgrade the older node (a rolling upgrade goes one release at a time)",
+        range(*min, *max)
     )]
-    Version(u32),
+    Version { peer: u32, min: u32, max: u32 },
     #[error("peer belongs to cluster {0:?}, not ours; check [cluster] name on both nodes")]
     Cluster(String),
     #[error("peer is node {got:?}, expected {want:?}; check the replication_address of each node")]
@@ -89,6 +90,34 @@ pub enum Refusal {
         "peer's volume is {peer} bytes but ours is {mine}: the node that receives the data needs at least the primary's size; grow its disk and run `duet create-md` there"
     )]
     Size { mine: u64, peer: u64 },
+}
+
+fn range(min: u32, max: u32) -> String {
+    if min == max { format!("only {min}") } else { format!("{min} to {max}") }
+}
+
+/// The replication protocol versions a node speaks. Each Hello carries the sender's highest;
+/// both sides then speak the lower of the two highest, which each must speak. A new version
+/// that only adds (a frame kind, a flag the older side never sees unasked) keeps `min`; one an
+/// older build would misread raises it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    pub min: u32,
+    pub max: u32,
+}
+
+impl Versions {
+    /// What this build speaks.
+    pub const THIS: Self = Self { min: MIN_VERSION, max: VERSION };
+
+    /// The version of a session with a peer whose highest is `theirs`.
+    pub fn agree(self, theirs: u32) -> Result<u32, Refusal> {
+        let v = theirs.min(self.max);
+        if v < self.min {
+            return Err(Refusal::Version { peer: theirs, min: self.min, max: self.max });
+        }
+        Ok(v)
+    }
 }
 
 fn peer_encrypts(code: u8) -> &'static str {
@@ -134,7 +163,8 @@ pub fn verify_tag(secret: &[u8], a: &AuthInput<'_>, tag: &[u8]) -> Result<(), Re
     auth_mac(secret, a).verify_slice(tag).map_err(|_| Refusal::Auth)
 }
 
-/// Checks the peer's Hello against what we expect (`protection`: ours).
+/// Checks the peer's Hello against what we expect (`protection`: ours). The version is
+/// [`Versions::agree`]'s.
 pub fn check_hello(
     h: &Hello,
     cluster: &str,
@@ -142,9 +172,6 @@ pub fn check_hello(
     resource: &str,
     protection: Protection,
 ) -> Result<(), Refusal> {
-    if h.version != VERSION {
-        return Err(Refusal::Version(h.version));
-    }
     if h.cluster != cluster {
         return Err(Refusal::Cluster(h.cluster.clone()));
     }
@@ -286,13 +313,42 @@ mod tests {
         assert!(matches!(check_hello(&h, "d", "alpha", "vol0", e), Err(Refusal::Cluster(_))));
         assert!(matches!(check_hello(&h, "c", "beta", "vol0", e), Err(Refusal::Node { .. })));
         assert!(matches!(check_hello(&h, "c", "alpha", "vol1", e), Err(Refusal::Resource { .. })));
-        let old = Hello { version: 0, ..hello() };
-        assert_eq!(check_hello(&old, "c", "alpha", "vol0", e), Err(Refusal::Version(0)));
         let plain = check_hello(&h, "c", "alpha", "vol0", Protection::Authenticate).unwrap_err();
         assert_eq!(
             plain.to_string(),
             "peer has link_encryption = true, this node false; set the same in [cluster] on both nodes"
         );
+    }
+
+    #[test]
+    fn versions_agree_on_the_lower_highest_that_both_speak() {
+        let this = Versions { min: 2, max: 3 };
+        // A peer of the same range, an older one within ours, a newer one that speaks down.
+        assert_eq!(this.agree(3), Ok(3));
+        assert_eq!(this.agree(2), Ok(2));
+        assert_eq!(this.agree(9), Ok(3));
+        let e = this.agree(1).unwrap_err();
+        assert_eq!(e, Refusal::Version { peer: 1, min: 2, max: 3 });
+        assert_eq!(
+            e.to_string(),
+            "peer speaks replication protocol versions up to 1, this node 2 to 3: upgrade the older node (a rolling upgrade goes one release at a time)"
+        );
+        // Both sides reach the same version, or one of them refuses.
+        for (a, b) in [((2, 3), (3, 4)), ((1, 2), (2, 2)), ((2, 2), (3, 3)), ((1, 4), (2, 3))] {
+            let (a, b) = (Versions { min: a.0, max: a.1 }, Versions { min: b.0, max: b.1 });
+            match (a.agree(b.max), b.agree(a.max)) {
+                (Ok(x), Ok(y)) => assert_eq!(x, y, "{a:?} {b:?}"),
+                (x, y) => assert!(x.is_err() || y.is_err(), "{a:?} {b:?}"),
+            }
+        }
+        assert!(
+            Versions { min: 3, max: 3 }
+                .agree(2)
+                .unwrap_err()
+                .to_string()
+                .contains("this node only 3")
+        );
+        const { assert!(Versions::THIS.min <= Versions::THIS.max) };
     }
 
     #[test]

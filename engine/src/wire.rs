@@ -17,8 +17,11 @@ use sha2::{Digest as _, Sha256};
 
 /// "DUP1".
 pub const MAGIC: u32 = 0x4455_5031;
-/// Protocol version spoken by this build.
+/// The highest protocol version this build speaks.
 pub const VERSION: u32 = 2;
+/// The lowest (see [`crate::handshake::Versions`]): 2 sealed every frame after the handshake,
+/// which version 1 did not.
+pub const MIN_VERSION: u32 = 2;
 /// Header length.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted (a block of data plus a digest, or a bitmap chunk).

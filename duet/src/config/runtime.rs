@@ -160,7 +160,18 @@ pub fn volume_config(
             node,
             &r.name,
         )),
+        versions: test_versions(std::env::var("DUET_TEST_PEER_PROTOCOL").ok().as_deref())
+            .unwrap_or(handshake::Versions::THIS),
     })
+}
+
+/// Test-only: the replication protocol versions to speak, `"V"` or `"MIN-MAX"` (the
+/// rolling-upgrade tests). Not a configuration key: nothing else should ever set it.
+fn test_versions(v: Option<&str>) -> Option<handshake::Versions> {
+    let v = v?;
+    let (min, max) = v.split_once('-').unwrap_or((v, v));
+    let (min, max) = (min.trim().parse().ok()?, max.trim().parse().ok()?);
+    (min <= max).then_some(handshake::Versions { min, max })
 }
 
 /// The resync controller's settings of `[resource.resync]` (at start, and at `duet adjust`).
@@ -178,5 +189,21 @@ pub fn resync_settings(s: &config::Resync) -> ratectl::Settings {
         delay_target: ms(s.delay_target_ms),
         max_rate_kib: s.max_rate_kib,
         min_rate_kib: s.min_rate_kib,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_test_protocol_setting_takes_one_version_or_a_range_and_nothing_else() {
+        let v = |min, max| Some(handshake::Versions { min, max });
+        assert_eq!(test_versions(Some("1")), v(1, 1));
+        assert_eq!(test_versions(Some("2-3")), v(2, 3));
+        for bad in ["", "x", "3-2", "1-", "-1", "1-2-3", "-"] {
+            assert_eq!(test_versions(Some(bad)), None, "{bad:?}");
+        }
+        assert_eq!(test_versions(None), None);
     }
 }

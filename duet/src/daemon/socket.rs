@@ -243,10 +243,12 @@ pub async fn call(sock: &PathBuf, cmd: Command) -> Result<serde_json::Value, Cal
     rd.read_until(b'\n', &mut line).await.map_err(|e| CallError::Protocol(e.to_string()))?;
     let resp: Response = serde_json::from_slice(&line)
         .map_err(|e| CallError::Protocol(format!("bad reply: {e}")))?;
-    if resp.v != control::VERSION {
+    // (See `control`: any version from ours up; the envelope does not change.)
+    if resp.v < control::MIN_VERSION {
         return Err(CallError::Protocol(format!(
-            "daemon speaks control protocol {} and this CLI speaks {}; use the CLI of the daemon's release",
+            "daemon speaks control protocol {} and this CLI {} to {}; use the CLI of the daemon's release",
             resp.v,
+            control::MIN_VERSION,
             control::VERSION
         )));
     }

@@ -136,13 +136,15 @@ fn status_text_json_and_metrics() {
 }
 
 #[test]
-fn control_socket_refuses_garbage_and_other_versions() {
+fn control_socket_refuses_garbage_and_older_versions_and_answers_newer_ones() {
     let n = Node::start(&NodeOpts::default());
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
     for (req, want) in [
         (&b"hello\n"[..], "not JSON"),
-        (b"{\"v\":99,\"cmd\":\"status\"}\n", "version 99"),
+        (b"{\"v\":0,\"cmd\":\"status\"}\n", "version 0 is older"),
+        // A newer CLI's command this daemon lacks: named in a clear refusal.
+        (b"{\"v\":99,\"cmd\":\"grow-volume\"}\n", "unknown variant `grow-volume`"),
         (b"{\"v\":1,\"cmd\":\"wipe\"}\n", "bad request"),
         (b"{\"v\":1,\"cmd\":\"events\",\"since_ms\":\"soon\"}\n", "bad request"),
         (b"{\"v\":1,\"cmd\":\"make-master\",\"force\":2}\n", "bad request"),
@@ -157,6 +159,14 @@ fn control_socket_refuses_garbage_and_other_versions() {
         assert_eq!(v["ok"], "false", "{line}");
         assert!(v["error"].as_str().unwrap().contains(want), "{line}");
     }
+    // A newer CLI's request this daemon knows is answered (a rolling upgrade: the package's
+    // new CLI beside the daemon still running).
+    let mut s = UnixStream::connect(&n.socket).unwrap();
+    s.write_all(b"{\"v\":99,\"cmd\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((v["ok"].as_str(), v["result"]["node"].as_str()), (Some("true"), Some("alpha")));
     // Still answering afterwards.
     assert_eq!(n.status()["node"], "alpha");
 }

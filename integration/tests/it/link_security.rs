@@ -299,3 +299,57 @@ fn stalled_handshakes_from_the_peers_address_do_not_delay_the_real_peer() {
 fn connect_from_elsewhere(to: SocketAddr) -> bool {
     integration::tcp_from(2, to.port()).is_ok()
 }
+
+/// A rolling upgrade on the replication link (the test-only setting stands in for the next
+/// release): a node that also speaks a newer version replicates with this one at the version
+/// both speak, in both roles; a node that speaks only a newer one, or only an older one, is
+/// refused on both sides with a message naming both versions, and nothing is replicated.
+#[test]
+fn replication_versions_are_negotiated_and_a_node_outside_the_range_is_refused_by_name() {
+    let size = 16u64 << 20;
+    let mut p = Pair::configure(&PairOpts { size, ..PairOpts::default() });
+    p.n[1].env.push(("DUET_TEST_PEER_PROTOCOL".into(), "2-3".into()));
+    p.start(0);
+    p.start(1);
+    p.ok(0, &["primary", "--force"]);
+    assert!(p.wait_synced(Duration::from_secs(60)), "{} / {}", p.repl(0), p.repl(1));
+    for i in 0..2 {
+        let ev = p.events(i);
+        assert!(ev.contains("(protocol version 2)"), "{ev}");
+    }
+    // Data both ways: alpha writes, the roles swap, beta reads it and writes, and back.
+    let uri = |p: &Pair, i: usize| {
+        let open = || p.status(i)["resources"][0]["exporting"] == true;
+        assert!(wait_until(Duration::from_secs(10), open), "{}", p.status(i));
+        p.uri()
+    };
+    integration::qemu_io(&uri(&p, 0), &["write -P 0x3a 0 1M"]);
+    p.ok(0, &["secondary"]);
+    p.ok(1, &["primary"]);
+    integration::qemu_io(&uri(&p, 1), &["read -P 0x3a 0 1M", "write -P 0x3b 1M 1M"]);
+    p.ok(1, &["secondary"]);
+    p.ok(0, &["primary"]);
+    integration::qemu_io(&uri(&p, 0), &["read -P 0x3a 0 1M", "read -P 0x3b 1M 1M"]);
+
+    // Beta speaks only a newer version: it refuses alpha, and alpha shows beta's words.
+    let refused = |p: &Pair, words: &[&str]| {
+        (0..2).all(|i| {
+            p.wait_for(i, Duration::from_secs(20), |r| {
+                r["last_refusal"].as_str().is_some_and(|w| words.iter().all(|x| w.contains(x)))
+            })
+        })
+    };
+    let upgrade = "upgrade the older node";
+    for (range, words) in [
+        ("3", ["versions up to 2, this node only 3", upgrade]),
+        ("1", ["versions up to 1, this node only 2", upgrade]),
+    ] {
+        p.stop(1);
+        p.n[1].env = vec![("DUET_TEST_PEER_PROTOCOL".into(), range.into())];
+        p.start(1);
+        assert!(refused(&p, &words), "{range}: {} / {}", p.repl(0), p.repl(1));
+        for i in 0..2 {
+            assert_ne!(p.repl(i)["connection"], "Connected", "{range}");
+        }
+    }
+}

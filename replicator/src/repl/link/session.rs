@@ -10,6 +10,8 @@ pub(super) struct Authenticated {
     wr: OwnedWriteHalf,
     challenge: [u8; 32],
     theirs: Hello,
+    /// The protocol version both sides speak in this session.
+    version: u32,
 }
 
 /// Steps 1 and 2 of the handshake, Hello both ways and mutual authentication: nothing of the
@@ -27,7 +29,7 @@ pub(super) async fn authenticate(cfg: &VolumeConfig, sock: TcpStream) -> Res<Aut
     // 1. Hello both ways.
     let challenge = random_bytes::<32>().map_err(|e| LinkError::NoRandomness("a challenge", e))?;
     let hello = Hello {
-        version: wire::VERSION,
+        version: cfg.versions.max,
         features: handshake::FEATURES,
         cluster: cfg.cluster.clone(),
         node: cfg.node.clone(),
@@ -40,12 +42,17 @@ pub(super) async fn authenticate(cfg: &VolumeConfig, sock: TcpStream) -> Res<Aut
     send_now(&mut wr, None, Kind::Hello, 0, &b).await?;
     let theirs = Hello::decode(&r.expect(Kind::Hello, t).await?)?;
     let refuse = LinkError::Handshake;
-    if let Err(e) =
+    let checked = cfg.versions.agree(theirs.version).and_then(|v| {
         handshake::check_hello(&theirs, &cfg.cluster, &cfg.peer, &cfg.resource, cfg.protection)
-    {
-        let _ = send_now(&mut wr, None, Kind::Refuse, 0, e.to_string().as_bytes()).await;
-        return Err(refuse(e));
-    }
+            .map(|()| v)
+    });
+    let version = match checked {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = send_now(&mut wr, None, Kind::Refuse, 0, e.to_string().as_bytes()).await;
+            return Err(refuse(e));
+        }
+    };
     // 2. Mutual authentication, bound to the cluster, the resource and both names.
     let mine = handshake::AuthInput {
         cluster: &cfg.cluster,
@@ -68,7 +75,7 @@ pub(super) async fn authenticate(cfg: &VolumeConfig, sock: TcpStream) -> Res<Aut
         let _ = send_now(&mut wr, None, Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
     }
-    Ok(Authenticated { r, wr, challenge, theirs })
+    Ok(Authenticated { r, wr, challenge, theirs, version })
 }
 
 /// One authenticated connection to its end. `Ok(reason)` for an orderly end.
@@ -78,7 +85,7 @@ pub(super) async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Res<String> {
     let cfg = vol.config().expect("replicated").clone();
-    let Authenticated { mut r, mut wr, challenge, theirs } = authed;
+    let Authenticated { mut r, mut wr, challenge, theirs, version } = authed;
     let t = cfg.timeout;
     let refuse = LinkError::Handshake;
     // From here every frame is sealed, both ways.
@@ -120,7 +127,7 @@ pub(super) async fn session(
     let (me_f, peer_f) = (facts(&cfg.node, &mine), facts(&cfg.peer, &peer));
     let (the_plan, verdict) = plan(&cfg.policies, &me_f, &peer_f, resolve);
     vol.event(format!(
-        "connected to {}: generations compared, rule {} → {:?}; plan {:?}",
+        "connected to {} (protocol version {version}): generations compared, rule {} → {:?}; plan {:?}",
         cfg.peer, verdict.rule, verdict.decision, the_plan
     ));
     match &the_plan {

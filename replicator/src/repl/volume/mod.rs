@@ -83,6 +83,9 @@ pub struct VolumeConfig {
     pub on_io_error: OnIoError,
     /// Where a detach is recorded (see [`marker_path`]); `None`: nowhere (tests).
     pub detached_marker: Option<std::path::PathBuf>,
+    /// The replication protocol versions spoken ([`handshake::Versions::THIS`] but in the
+    /// rolling-upgrade tests).
+    pub versions: super::handshake::Versions,
 }
 
 /// Counters (status and metrics).
