@@ -42,6 +42,7 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
 
 pub mod cluster;
 pub mod config;
+pub mod connection_test;
 pub mod control;
 pub mod daemon;
 pub mod events;

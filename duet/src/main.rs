@@ -72,7 +72,17 @@ enum Cmd {
         watch: bool,
     },
     /// Validate the configuration and print what each node will do.
-    CheckConfig,
+    CheckConfig {
+        /// Test the pair as configured, through the running daemons (start them on both nodes
+        /// first): this node's addresses, the replication handshake with the peer (reached,
+        /// authenticated, same settings, volume sizes), every heartbeat link, and the subnets
+        /// of the heartbeat peers and the VIPs. Prints a table; exit 1 when a check fails.
+        #[arg(long)]
+        connect: bool,
+        /// With --connect: how long to wait for a link that is still coming up, in seconds.
+        #[arg(long, default_value_t = 10, requires = "connect")]
+        wait: u64,
+    },
     /// Initialise the replication metadata of this node's disks (the daemon must be stopped).
     CreateMd {
         /// Only this resource.
@@ -210,7 +220,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Cmd::CheckConfig = cli.cmd {
+    if let Cmd::CheckConfig { connect: false, .. } = cli.cmd {
         duet::out!("{}", plan::describe(&cfg));
         return ExitCode::SUCCESS;
     }
@@ -237,7 +247,8 @@ fn main() -> ExitCode {
         }
     };
     let call = match cli.cmd {
-        Cmd::CheckConfig | Cmd::Generate { .. } => unreachable!("handled above"),
+        Cmd::CheckConfig { wait, .. } => return connection_test(&rt, &cfg, &node, wait),
+        Cmd::Generate { .. } => unreachable!("handled above"),
         Cmd::CreateMd { resource, force } => {
             return md::create(&rt, &cfg, &node, resource.as_deref(), force);
         }
@@ -300,6 +311,42 @@ fn adjust(rt: &tokio::runtime::Runtime, cfg: &config::Config, node: &str) -> Exi
             ExitCode::SUCCESS
         }
         Err(e) => call_failed(&e),
+    }
+}
+
+/// `duet check-config --connect`: judged again every 200 ms until every check passes or
+/// `wait` seconds went by (a peer just started is still connecting), then the table.
+fn connection_test(
+    rt: &tokio::runtime::Runtime,
+    cfg: &config::Config,
+    node: &str,
+    wait: u64,
+) -> ExitCode {
+    use duet::connection_test::{judge, local_addrs, table};
+    let addrs = match local_addrs() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("duet: cannot list this host's addresses: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let sock = cfg.control_socket(node);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    loop {
+        let status = rt
+            .block_on(daemon::call(&sock, control::Command::Status))
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                serde_json::from_value::<status::NodeStatus>(v)
+                    .map_err(|e| format!("the daemon's status does not read: {e}"))
+            });
+        let rows = judge(cfg, node, &addrs, status.as_ref().map_err(Clone::clone));
+        let (text, ok) = table(&rows);
+        if ok || std::time::Instant::now() >= end {
+            duet::out!("{text}");
+            return if ok { ExitCode::SUCCESS } else { ExitCode::from(EXIT_RUNTIME) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -216,6 +216,10 @@ pub enum Refusal {
     )]
     PeerIsPrimary,
     #[error(
+        "the connected peer's volume is {peer} bytes, this node's {mine}: as Primary it could not receive all of this one's; give both the same size (`duet check-config --connect` compares them)"
+    )]
+    PeerTooSmall { mine: u64, peer: u64 },
+    #[error(
         "this node is receiving a resync (SyncTarget); wait until it finishes (see `duet status`)"
     )]
     ReceivingResync,

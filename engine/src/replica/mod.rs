@@ -118,6 +118,8 @@ pub struct Replica<W> {
     pub resyncing: bool,
     /// The resync source's generations (from SyncUuid), adopted when the resync finishes.
     pub sync_source_gens: Option<Generations>,
+    /// The peer's volume size, from the last handshake that reached its parameters.
+    pub peer_size: Option<u64>,
     epochs: u64,
 }
 
@@ -133,6 +135,7 @@ impl<W> Replica<W> {
             session: None,
             resyncing: false,
             sync_source_gens: None,
+            peer_size: None,
             epochs: 0,
         }
     }
@@ -225,6 +228,13 @@ impl<W> Replica<W> {
         }
         let was = self.st.disk;
         let new_history = was == DiskState::Inconsistent && force;
+        // A bigger volume beside a smaller peer replicates one way only (the receiver needs the
+        // sender's size): this node's writes past the peer's end would break the session.
+        if self.st.conn.in_session()
+            && let Some(peer) = self.peer_size.filter(|&p| p < self.sb.volume_size)
+        {
+            return Err(Refusal::PeerTooSmall { mine: self.sb.volume_size, peer });
+        }
         self.st.step(Event::Promote { force })?;
         self.sb.flags |= FLAG_WAS_PRIMARY | FLAG_CRASHED_PRIMARY;
         if new_history {

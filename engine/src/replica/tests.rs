@@ -406,3 +406,19 @@ fn frames_a_node_takes_only_in_the_right_state() {
     assert!(c.check_resync_data(false).is_ok(), "a verify's repair");
     assert!(c.check_resync_data(true).is_err(), "RsSame answers only a target's request");
 }
+
+#[test]
+fn a_bigger_volume_beside_a_smaller_connected_peer_is_not_promoted() {
+    let mut r = up_to_date();
+    let s = r.new_session(TransferLog::new(bound(), 16 * G, u64::MAX));
+    let _ = r.go_live(s, Sync::None, false, false);
+    r.peer_size = Some(SIZE - G);
+    assert_eq!(r.promote(false, 1), Err(Refusal::PeerTooSmall { mine: SIZE, peer: SIZE - G }));
+    assert_eq!(r.st.role, Role::Secondary);
+    // A peer as big, or bigger, and a peer no longer connected: promoted.
+    r.peer_size = Some(SIZE + G);
+    assert!(matches!(r.promote(false, 1), Ok(Promotion::Promoted { .. })));
+    let mut r = up_to_date();
+    r.peer_size = Some(SIZE - G);
+    assert!(matches!(r.promote(false, 1), Ok(Promotion::Promoted { .. })));
+}

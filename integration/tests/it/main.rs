@@ -7,6 +7,7 @@
 
 mod cli;
 mod clients;
+mod connection_test;
 mod disk_failure;
 mod engine;
 mod failover;

@@ -21,6 +21,18 @@ pub(super) async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: A
     let mut settings = vol.watch_resync_settings();
     let mut ctl = RateController::new(settings.borrow_and_update().unwrap_or(cfg.resync));
     let g = vol.with_core(|c| c.r.bitmap.granularity());
+    // A target bigger than its source gets what the source has: the blocks past the source's
+    // size exist on neither side's replicated volume, so they are not asked for, and their
+    // bits go (the handshake refuses the other way round: a target smaller than its source).
+    let end = vol.with_core(|c| {
+        let end = c.r.peer_size.map_or(vol.size(), |p| p.min(vol.size()));
+        // From the first whole block past it: a block the source's end cuts is still asked for.
+        let cut = end.next_multiple_of(g);
+        if cut < vol.size() {
+            c.r.resync_applied(cut, vol.size() - cut);
+        }
+        end
+    });
     let mut cursor = 0u64;
     let mut tick = tokio::time::interval(TICK);
     let mut budget = 0u64;
@@ -61,6 +73,13 @@ pub(super) async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: A
             });
             let Some((s, e)) = next else { break };
             let (off, len) = (s * g, ((e - s) * g).min(vol.size() - s * g));
+            // (Bits past `end` were cleared above; one marked there since, by a failed write,
+            // has no source either.)
+            if off >= end {
+                vol.with_core(|c| c.r.resync_applied(off, vol.size() - off));
+                break;
+            }
+            let len = len.min(end - off);
             let kib = len.div_ceil(1024);
             if kib > budget {
                 break;

@@ -107,6 +107,7 @@ pub(super) async fn session(
     mine.encode(&mut b);
     send_now(&mut wr, Some(&mut sealer), Kind::Params, 0, &b).await?;
     let peer = Params::decode(&r.expect(Kind::Params, t).await?)?;
+    vol.with_core(|c| (c.r.peer_size, c.protocol_version) = (Some(peer.size), Some(version)));
     if let Err(e) = handshake::check_params(&mine, &peer) {
         let _ =
             send_now(&mut wr, Some(&mut sealer), Kind::Refuse, 0, e.to_string().as_bytes()).await;

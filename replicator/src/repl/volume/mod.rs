@@ -148,6 +148,9 @@ pub(crate) struct Core {
     pub pri_lost: bool,
     /// The local disk failed (see [`Volume::disk_failure`]).
     pub disk_failure: Option<DiskFailure>,
+    /// The protocol version agreed at the last authenticated handshake (`duet check-config
+    /// --connect` shows it).
+    pub protocol_version: Option<u32>,
 }
 
 /// The volume.
@@ -391,6 +394,7 @@ impl Volume {
                 events: VecDeque::new(),
                 pri_lost: false,
                 disk_failure: None,
+                protocol_version: None,
             }),
             al: Mutex::new(al),
             al_freed: tokio::sync::Notify::new(),

@@ -51,6 +51,12 @@ pub struct ReplStatus {
     /// The local disk failed: which, what failed, what was done (see `on_io_error`).
     #[serde(default)]
     pub disk_failure: Option<super::DiskFailure>,
+    /// The peer's volume size, from the last handshake that reached its parameters.
+    #[serde(default)]
+    pub peer_size_bytes: Option<u64>,
+    /// The replication protocol version agreed at the last authenticated handshake.
+    #[serde(default)]
+    pub protocol_version: Option<u32>,
     pub events: Vec<Event>,
 }
 
@@ -194,6 +200,8 @@ impl Volume {
             slow_writes: self.store.slow_inline_writes(),
             peer_unflushed_bytes: unflushed,
             disk_failure: c.disk_failure.clone(),
+            peer_size_bytes: c.r.peer_size,
+            protocol_version: c.protocol_version,
             events: c.events.iter().rev().take(20).rev().cloned().collect(),
         }
     }
