@@ -96,8 +96,31 @@ pub fn judge(
     for r in &cfg.resource {
         replication(r, &peer, s, &mut rows);
     }
+    configuration(cfg, &peer, s, &mut rows);
     heartbeat(cfg, node, s, &mut rows);
     rows
+}
+
+/// Both files, key by key, as the last handshake compared them.
+fn configuration(cfg: &Config, peer: &str, s: &NodeStatus, rows: &mut Vec<Row>) {
+    let Some(x) = s.resources.iter().find_map(|r| r.replication.as_ref()) else { return };
+    let name = "configuration";
+    rows.push(match &x.config_differs {
+        Some(d) if d.is_empty() => {
+            row(name, true, format!("the same as {peer}'s ({} keys compared)", cfg.keys.len()))
+        }
+        Some(d) => row(
+            name,
+            false,
+            format!("{peer}'s file differs in: {}; use the same file on both nodes", d.join(", ")),
+        ),
+        None if x.connection.in_session() => row(
+            name,
+            true,
+            format!("not compared: {peer} runs a release that does not compare configurations"),
+        ),
+        None => row(name, false, "unknown: no handshake with the peer got this far"),
+    });
 }
 
 /// The addresses this node's configuration names are this host's, and each peer it talks to

@@ -17,9 +17,12 @@ use crate::generation::Generations;
 use crate::seal::Protection;
 use crate::wire::{Cursor, Kind, MIN_VERSION, VERSION, WireError, put_string};
 
-/// Features this build understands (bit set). None are optional yet; the field exists so a
-/// later build can refuse or adapt with a clear message instead of misreading frames.
-pub const FEATURES: u64 = 0;
+/// Hello feature: the sender exchanges [`ConfigKeys`] after the parameters. Additions that an
+/// older build can simply go without travel as features (each side uses one only when both
+/// Hellos carry it); changes it would misread raise the version.
+pub const F_CONFIG_KEYS: u64 = 1;
+/// Features this build understands (bit set).
+pub const FEATURES: u64 = F_CONFIG_KEYS;
 const AUTH_CONTEXT: &[u8] = b"duet-peer-auth-v2";
 
 /// First frame in each direction.
@@ -270,6 +273,68 @@ pub fn check_params(mine: &Params, peer: &Params) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// A node's configuration as its keys (`cluster.failback`) with a hash of each value, so the
+/// two nodes can name the keys in which their files differ without sending the values.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigKeys(pub Vec<(String, u64)>);
+
+impl ConfigKeys {
+    /// Most keys sent (a file has a few dozen); with [`Self::MAX_KEY`], the frame fits the
+    /// handshake's 64 KiB.
+    pub const MAX: usize = 512;
+    /// Longest key path, in bytes (a longer one is cut at a character boundary).
+    pub const MAX_KEY: usize = 96;
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        let n = self.0.len().min(Self::MAX);
+        out.put_u16(u16::try_from(n).expect("bounded"));
+        for (k, h) in self.0.iter().take(n) {
+            let mut end = k.len().min(Self::MAX_KEY);
+            while !k.is_char_boundary(end) {
+                end -= 1;
+            }
+            put_string(out, &k[..end]);
+            out.put_u64(*h);
+        }
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut c = Cursor::new(Kind::ConfigKeys, b);
+        let n = usize::from(c.u16()?);
+        if n > Self::MAX {
+            return Err(WireError::Payload(Kind::ConfigKeys, "too many keys"));
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push((c.string(Self::MAX_KEY)?, c.u64()?));
+        }
+        c.end()?;
+        Ok(Self(v))
+    }
+
+    /// The keys whose values differ, then those only one side sets (`"x (only here)"`,
+    /// `"y (only on the peer)"`), each once, sorted.
+    pub fn differences(&self, theirs: &Self) -> Vec<String> {
+        use std::collections::BTreeMap;
+        let mine: BTreeMap<&str, u64> = self.0.iter().map(|(k, h)| (k.as_str(), *h)).collect();
+        let peer: BTreeMap<&str, u64> = theirs.0.iter().map(|(k, h)| (k.as_str(), *h)).collect();
+        let mut out: Vec<String> = mine
+            .iter()
+            .filter(|(k, h)| peer.get(*k).is_some_and(|p| p != *h))
+            .map(|(k, _)| (*k).to_string())
+            .collect();
+        out.extend(
+            mine.keys().filter(|k| !peer.contains_key(*k)).map(|k| format!("{k} (only here)")),
+        );
+        out.extend(
+            peer.keys()
+                .filter(|k| !mine.contains_key(*k))
+                .map(|k| format!("{k} (only on the peer)")),
+        );
+        out
+    }
+}
+
 /// The fingerprint of the settings both nodes must share (FNV-1a over a canonical text).
 pub fn fingerprint(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -318,6 +383,56 @@ mod tests {
             plain.to_string(),
             "peer has link_encryption = true, this node false; set the same in [cluster] on both nodes"
         );
+    }
+
+    #[test]
+    fn config_keys_round_trip_refuse_garbage_and_name_what_differs() {
+        let a = ConfigKeys(vec![
+            ("cluster.failback".into(), 1),
+            ("heartbeat.deadtime_ms".into(), 2),
+            ("resource[0].resync.rate_kib".into(), 3),
+            ("hooks.split_brain".into(), 4),
+        ]);
+        let mut b = BytesMut::new();
+        a.encode(&mut b);
+        assert_eq!(ConfigKeys::decode(&b).unwrap(), a);
+        for n in 0..b.len() {
+            assert!(ConfigKeys::decode(&b[..n]).is_err(), "prefix {n}");
+        }
+        let mut long = b.clone();
+        long.put_u8(0);
+        assert!(ConfigKeys::decode(&long).is_err(), "trailing byte");
+        assert!(ConfigKeys::decode(&[0xff, 0xff]).is_err(), "too many keys");
+        let peer = ConfigKeys(vec![
+            ("cluster.failback".into(), 9),
+            ("heartbeat.deadtime_ms".into(), 2),
+            ("resource[0].resync.rate_kib".into(), 3),
+            ("vip[0].address".into(), 5),
+        ]);
+        assert_eq!(
+            a.differences(&peer),
+            [
+                "cluster.failback",
+                "hooks.split_brain (only here)",
+                "vip[0].address (only on the peer)"
+            ]
+        );
+        assert!(a.differences(&a).is_empty());
+        // Too many keys to send: the first MAX go, and they decode.
+        let many = ConfigKeys((0..ConfigKeys::MAX + 5).map(|i| (format!("k{i}"), 0)).collect());
+        let mut b = BytesMut::new();
+        many.encode(&mut b);
+        assert_eq!(ConfigKeys::decode(&b).unwrap().0.len(), ConfigKeys::MAX);
+        // The largest frame fits the handshake's limit; a long key is cut, never split inside
+        // a character.
+        let big = ConfigKeys(
+            (0..ConfigKeys::MAX).map(|i| (format!("{i}{}", "é".repeat(60)), 0)).collect(),
+        );
+        let mut b = BytesMut::new();
+        big.encode(&mut b);
+        assert!(b.len() + 64 <= 64 * 1024, "{}", b.len());
+        let back = ConfigKeys::decode(&b).unwrap();
+        assert!(back.0.iter().all(|(k, _)| k.len() <= ConfigKeys::MAX_KEY && k.ends_with('é')));
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub enum Kind {
     Params = 3,
     /// Out-of-sync bitmap as runs of set bits.
     Bitmap = 4,
+    /// Handshake, when both Hellos carry [`crate::handshake::F_CONFIG_KEYS`]: the sender's
+    /// configuration keys and a hash of each value.
+    ConfigKeys = 6,
     /// The sender refuses the connection; payload is the reason.
     Refuse = 5,
     /// Replicated write.
@@ -105,6 +108,7 @@ impl Kind {
             3 => Params,
             4 => Bitmap,
             5 => Refuse,
+            6 => ConfigKeys,
             10 => Data,
             11 => RecvAck,
             12 => WriteAck,
@@ -305,6 +309,10 @@ impl<'a> Cursor<'a> {
     pub fn u8(&mut self) -> Result<u8, WireError> {
         self.need(1)?;
         Ok(self.b.get_u8())
+    }
+    pub fn u16(&mut self) -> Result<u16, WireError> {
+        self.need(2)?;
+        Ok(self.b.get_u16())
     }
     pub fn u32(&mut self) -> Result<u32, WireError> {
         self.need(4)?;

@@ -1,5 +1,5 @@
 //! Everything a replication peer can send, through the pure decoders: frame headers (with the
-//! digest check of block payloads), Hello, Params, bitmap runs, activity-log records; sealed
+//! digest check of block payloads), Hello, Params, configuration keys, bitmap runs, activity-log records; sealed
 //! frames as they arrive (lengths and tags), and the same bytes sealed with the right key so the
 //! header inside is reached too. None may panic, and a header that decodes must re-encode to the
 //! same bytes.
@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use replicator::repl::actlog::ActivityLog;
 use replicator::repl::bitmap::Bitmap;
-use replicator::repl::handshake::{Hello, Params};
+use replicator::repl::handshake::{ConfigKeys, Hello, Params};
 use replicator::repl::seal::{self, KeyInput, Opener, Protection};
 use replicator::repl::wire::{self, Digest};
 
@@ -61,6 +61,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = Hello::decode(data);
     let _ = Params::decode(data);
+    if let Ok(k) = ConfigKeys::decode(data) {
+        // What decodes re-encodes to the same bytes, and compares with anything.
+        let mut again = BytesMut::new();
+        k.encode(&mut again);
+        assert_eq!(&again[..], data);
+        let _ = k.differences(&ConfigKeys(vec![("cluster.name".into(), 1)]));
+    }
     let mut bm = Bitmap::new(64 << 20, 4096);
     let _ = bm.apply_runs(data);
     let _ = ActivityLog::decode(data);

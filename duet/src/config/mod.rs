@@ -91,6 +91,32 @@ pub struct Config {
     /// `[hooks]`.
     #[serde(default)]
     pub hooks: Hooks,
+    /// Every key the file sets, by its path (`cluster.failback`, `resource[0].resync.rate_kib`),
+    /// with a hash of its value: what the replication handshake compares with the peer's, to
+    /// name the keys in which the two nodes' files differ.
+    #[serde(skip)]
+    pub keys: Vec<(String, u64)>,
+}
+
+/// The leaves of a TOML table, by path, each with a hash of its value.
+fn leaves(prefix: &str, t: &toml::Table, out: &mut Vec<(String, u64)>) {
+    for (k, v) in t {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(t) => leaves(&path, t, out),
+            toml::Value::Array(a) if a.iter().all(toml::Value::is_table) && !a.is_empty() => {
+                for (i, t) in a.iter().enumerate() {
+                    if let toml::Value::Table(t) = t {
+                        leaves(&format!("{path}[{i}]"), t, out);
+                    }
+                }
+            }
+            v => {
+                let h = replicator::repl::handshake::fingerprint(&[&v.to_string()]);
+                out.push((path, h));
+            }
+        }
+    }
 }
 
 fn valid_name(s: &str) -> bool {
@@ -136,6 +162,10 @@ impl Config {
             }
         })?;
         cfg.validate()?;
+        let mut cfg = cfg;
+        if let Ok(t) = text.parse::<toml::Table>() {
+            leaves("", &t, &mut cfg.keys);
+        }
         Ok(cfg)
     }
 

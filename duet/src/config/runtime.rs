@@ -162,6 +162,12 @@ pub fn volume_config(
         )),
         versions: test_versions(std::env::var("DUET_TEST_PEER_PROTOCOL").ok().as_deref())
             .unwrap_or(handshake::Versions::THIS),
+        // Test-only, as the versions: the features a previous release sent (0).
+        features: std::env::var("DUET_TEST_PEER_FEATURES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(handshake::FEATURES),
+        config_keys: handshake::ConfigKeys(cfg.keys.clone()),
     })
 }
 

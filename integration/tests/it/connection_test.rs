@@ -47,6 +47,7 @@ fn a_good_pair_passes_every_check_from_either_node() {
             "heartbeat link 0 subnet",
             "replication (vol0)",
             "volume size (vol0)",
+            "configuration",
             "heartbeat link 0",
             "heartbeat link 1",
         ] {
@@ -56,7 +57,8 @@ fn a_good_pair_passes_every_check_from_either_node() {
         assert!(line(&t, "replication (vol0)").contains("protocol version 2"), "{t}");
         assert!(line(&t, "volume size (vol0)").contains(&both), "{t}");
         assert!(line(&t, "heartbeat link 1").contains("serial"), "{t}");
-        assert!(t.contains("all 6 checks passed"), "{t}");
+        assert!(line(&t, "configuration").contains("the same as"), "{t}");
+        assert!(t.contains("all 7 checks passed"), "{t}");
     }
     // Nothing the test did disturbed the pair.
     assert!(p.synced() && p.is_master(0));
@@ -157,4 +159,32 @@ fn volumes_of_different_sizes_are_named_and_the_bigger_standby_still_syncs() {
         r["last_refusal"].as_str().is_some_and(|w| w.contains("needs at least the primary's size"))
     };
     assert!(p.wait_for(1, Duration::from_secs(20), small), "{}", p.repl(1));
+}
+
+#[test]
+fn keys_in_which_the_two_files_differ_are_named() {
+    let mut p = Pair::configure(&PairOpts { resync: "rate_kib = 100000".into(), ..ha() });
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    assert!(text.contains("failback = \"off\"") && text.contains("rate_kib = 100000"));
+    let beta = p.dir.path().join("beta.toml");
+    let changed = text
+        .replace("failback = \"off\"", "failback = \"auto\"")
+        .replace("rate_kib = 100000", "rate_kib = 200000\nmin_rate_kib = 1024");
+    std::fs::write(&beta, changed).unwrap();
+    p.n[1].config = Some(beta);
+    p.start(0);
+    p.start(1);
+    p.ok(0, &["make-master", "--force"]);
+    assert!(p.wait_synced(Duration::from_secs(60)));
+    for (i, other) in [(0, "beta"), (1, "alpha")] {
+        let (code, t) = connect_test(&p, i, 0);
+        assert_eq!(code, Some(1), "{t}");
+        let l = line(&t, "configuration");
+        assert!(l.contains(&format!("{other}'s file differs in: cluster.failback, ")), "{t}");
+        assert!(l.contains("resource[0].resync.rate_kib"), "{t}");
+        let only = if i == 0 { "(only on the peer)" } else { "(only here)" };
+        assert!(l.contains(&format!("resource[0].resync.min_rate_kib {only}")), "{t}");
+        assert!(passed(&t, "replication (vol0)"), "{t}");
+        assert!(p.events(i).contains(&format!("the configuration differs from {other}'s in")));
+    }
 }

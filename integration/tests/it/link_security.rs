@@ -309,6 +309,8 @@ fn replication_versions_are_negotiated_and_a_node_outside_the_range_is_refused_b
     let size = 16u64 << 20;
     let mut p = Pair::configure(&PairOpts { size, ..PairOpts::default() });
     p.n[1].env.push(("DUET_TEST_PEER_PROTOCOL".into(), "2-3".into()));
+    // Nor does it compare configurations (a release before that feature).
+    p.n[1].env.push(("DUET_TEST_PEER_FEATURES".into(), "0".into()));
     p.start(0);
     p.start(1);
     p.ok(0, &["primary", "--force"]);
@@ -316,6 +318,7 @@ fn replication_versions_are_negotiated_and_a_node_outside_the_range_is_refused_b
     for i in 0..2 {
         let ev = p.events(i);
         assert!(ev.contains("(protocol version 2)"), "{ev}");
+        assert_eq!(p.repl(i)["config_differs"], serde_json::Value::Null, "{}", p.repl(i));
     }
     // Data both ways: alpha writes, the roles swap, beta reads it and writes, and back.
     let uri = |p: &Pair, i: usize| {

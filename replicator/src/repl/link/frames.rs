@@ -320,7 +320,7 @@ impl Session {
                 return Err(LinkError::PeerRefused(String::from_utf8_lossy(&p).into_owned()));
             }
             Kind::Disconnect => return Ok(Some("the peer disconnected".into())),
-            Kind::Hello | Kind::Auth | Kind::Params | Kind::Bitmap => {
+            Kind::Hello | Kind::Auth | Kind::Params | Kind::Bitmap | Kind::ConfigKeys => {
                 return Err(LinkError::HandshakeMidSession(h.kind));
             }
         }

@@ -30,7 +30,7 @@ pub(super) async fn authenticate(cfg: &VolumeConfig, sock: TcpStream) -> Res<Aut
     let challenge = random_bytes::<32>().map_err(|e| LinkError::NoRandomness("a challenge", e))?;
     let hello = Hello {
         version: cfg.versions.max,
-        features: handshake::FEATURES,
+        features: cfg.features,
         cluster: cfg.cluster.clone(),
         node: cfg.node.clone(),
         resource: cfg.resource.clone(),
@@ -113,6 +113,21 @@ pub(super) async fn session(
             send_now(&mut wr, Some(&mut sealer), Kind::Refuse, 0, e.to_string().as_bytes()).await;
         return Err(refuse(e));
     }
+    // 3b. Both files' keys, when both sides compare them: named, not refused (what must match
+    // is in the fingerprint above).
+    let differs = if cfg.features & theirs.features & handshake::F_CONFIG_KEYS != 0 {
+        let mut b = BytesMut::new();
+        cfg.config_keys.encode(&mut b);
+        send_now(&mut wr, Some(&mut sealer), Kind::ConfigKeys, 0, &b).await?;
+        let keys = handshake::ConfigKeys::decode(&r.expect(Kind::ConfigKeys, t).await?)?;
+        Some(cfg.config_keys.differences(&keys))
+    } else {
+        None
+    };
+    if let Some(d) = differs.as_ref().filter(|d| !d.is_empty()) {
+        vol.event(format!("the configuration differs from {}'s in: {}", cfg.peer, d.join(", ")));
+    }
+    vol.with_core(|c| c.config_differs = differs);
     let facts = |name: &str, p: &Params| Facts {
         name: name.into(),
         side: Side {

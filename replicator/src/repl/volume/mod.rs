@@ -86,6 +86,10 @@ pub struct VolumeConfig {
     /// The replication protocol versions spoken ([`handshake::Versions::THIS`] but in the
     /// rolling-upgrade tests).
     pub versions: super::handshake::Versions,
+    /// The Hello's features ([`handshake::FEATURES`] but in the rolling-upgrade tests).
+    pub features: u64,
+    /// This node's configuration keys, compared with the peer's at each handshake.
+    pub config_keys: super::handshake::ConfigKeys,
 }
 
 /// Counters (status and metrics).
@@ -151,6 +155,9 @@ pub(crate) struct Core {
     /// The protocol version agreed at the last authenticated handshake (`duet check-config
     /// --connect` shows it).
     pub protocol_version: Option<u32>,
+    /// The configuration keys in which the peer's file differs from ours, from the last
+    /// handshake that compared them (`None`: none did; the peer's release does not).
+    pub config_differs: Option<Vec<String>>,
 }
 
 /// The volume.
@@ -395,6 +402,7 @@ impl Volume {
                 pri_lost: false,
                 disk_failure: None,
                 protocol_version: None,
+                config_differs: None,
             }),
             al: Mutex::new(al),
             al_freed: tokio::sync::Notify::new(),

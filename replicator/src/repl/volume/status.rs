@@ -57,6 +57,10 @@ pub struct ReplStatus {
     /// The replication protocol version agreed at the last authenticated handshake.
     #[serde(default)]
     pub protocol_version: Option<u32>,
+    /// The configuration keys in which the peer's file differs from this node's, from the last
+    /// handshake that compared them (`None`: none did).
+    #[serde(default)]
+    pub config_differs: Option<Vec<String>>,
     pub events: Vec<Event>,
 }
 
@@ -202,6 +206,7 @@ impl Volume {
             disk_failure: c.disk_failure.clone(),
             peer_size_bytes: c.r.peer_size,
             protocol_version: c.protocol_version,
+            config_differs: c.config_differs.clone(),
             events: c.events.iter().rev().take(20).rev().cloned().collect(),
         }
     }
