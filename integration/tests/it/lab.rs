@@ -647,3 +647,59 @@ rise = 2
     assert!(changed(1, "lan", false), "{}", p.log_text(1));
     assert!(healthy(0) && !healthy(1));
 }
+
+/// `duet check-config --connect` run inside each node's namespace, on its real interfaces:
+/// the lab pair passes; a file whose VIP is off the LAN's subnet and whose heartbeat peer is
+/// off the dedicated link's is named on both counts.
+#[test]
+fn the_connection_test_reads_the_real_interfaces_and_names_a_vip_and_a_heartbeat_peer_off_their_subnets()
+ {
+    let Some(lab) = Lab::new() else { return };
+    let ha = HaOpts { extra: vip_toml(&format!("{}/24", lab::VIP), ""), ..HaOpts::default() };
+    let p = lab_pair(&lab, ha);
+    assert!(wait_until(Duration::from_secs(5), || lab.holds(0, lab::VIP)));
+    let test = |i: usize, config: &std::path::Path, wait: &str| {
+        let o = integration::run(
+            lab.exec(i, integration::duet_bin().to_str().unwrap())
+                .arg("--config")
+                .arg(config)
+                .args(["--node", p.n[i].name, "check-config", "--connect", "--wait", wait]),
+            Duration::from_secs(60),
+        );
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let vip_row = format!("vip {}/24 subnet", lab::VIP);
+    for i in 0..2 {
+        let (code, t) = test(i, p.config_of(i), "10");
+        assert_eq!(code, Some(0), "{t}");
+        let lan = lab::LAN[i];
+        let vip = t.lines().find(|l| l.starts_with(&vip_row)).unwrap_or_default();
+        // (The master holds the VIP on lan0 too: its own address is what counts.)
+        assert!(vip.contains(&format!("ok    in {lan}/24 on lan0")), "{t}");
+        let hb = t.lines().find(|l| l.starts_with("heartbeat link 0 subnet")).unwrap_or_default();
+        assert!(hb.contains("/30 on ded0"), "{t}");
+    }
+    // Alpha's file as someone got it wrong.
+    let text = std::fs::read_to_string(p.config_of(0)).unwrap();
+    let hb_peer = format!("peer = \"{}:694\"", lab::DEDICATED[1]);
+    assert!(text.contains(&hb_peer), "{text}");
+    let wrong = text
+        .replace(&format!("address = \"{}/24\"", lab::VIP), "address = \"10.99.0.100/24\"")
+        .replacen(&hb_peer, &format!("peer = \"{}:694\"", lab::LAN[1]), 1);
+    let bad = p.dir.path().join("alpha-wrong.toml");
+    std::fs::write(&bad, wrong).unwrap();
+    let (code, t) = test(0, &bad, "0");
+    assert_eq!(code, Some(1), "{t}");
+    let vip = t.lines().find(|l| l.starts_with("vip 10.99.0.100/24 subnet")).unwrap_or_default();
+    assert!(vip.contains("FAIL  outside every subnet of lan0"), "{t}");
+    assert!(vip.contains(&format!("{}/24", lab::LAN[0])), "{t}");
+    let hb = t.lines().find(|l| l.starts_with("heartbeat link 0 subnet")).unwrap_or_default();
+    assert!(
+        hb.contains(&format!(
+            "FAIL  the peer {}:694 is outside {}/30 (ded0)",
+            lab::LAN[1],
+            lab::DEDICATED[0]
+        )),
+        "{t}"
+    );
+}
