@@ -56,6 +56,42 @@ pub fn in_subnet(a: IpAddr, net: IpAddr, prefix: u8) -> bool {
     }
 }
 
+/// What an ARP probe for a VIP heard, by VIP address: the MAC of a host that answered, none,
+/// or why it could not be sent.
+pub type Probes = Vec<(IpAddr, Result<Option<[u8; 6]>, String>)>;
+
+/// ARP-probes each IPv4 VIP this node does not hold on its interface (300 ms each): whether
+/// some host answers for it. Needs root (a raw socket). IPv6 VIPs are not probed.
+pub async fn probe_vips(cfg: &Config, node: &str, addrs: &[IfAddr]) -> Probes {
+    let mut out = Vec::new();
+    let macs = std::sync::Arc::new(crate::state::MacFiles::new(&cfg.cluster.state_dir, node));
+    let agent = vip::agent::Agent::new(macs);
+    for v in &cfg.vip {
+        let IpAddr::V4(ip) = v.address.addr else { continue };
+        if addrs.iter().any(|a| a.interface == v.interface && a.addr == v.address.addr) {
+            continue; // held here: this node answers for it
+        }
+        let r = match &agent {
+            Err(e) => Err(e.to_string()),
+            Ok(agent) => match agent.link(&v.interface).await {
+                Err(e) => Err(e.to_string()),
+                Ok((index, mac)) => {
+                    let (name, mine) = (v.interface.clone(), v.mac.map_or(mac, |m| m.0));
+                    tokio::task::spawn_blocking(move || {
+                        let wait = std::time::Duration::from_millis(300);
+                        vip::agent::probe(index, &name, mine, ip, wait)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                }
+            },
+        };
+        out.push((v.address.addr, r));
+    }
+    out
+}
+
 /// One line of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -74,6 +110,7 @@ pub fn judge(
     cfg: &Config,
     node: &str,
     addrs: &[IfAddr],
+    probes: &Probes,
     status: Result<&NodeStatus, String>,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -82,6 +119,7 @@ pub fn judge(
         return rows;
     };
     local_addresses(cfg, node, addrs, &mut rows);
+    answered(&peer, probes, status.as_ref().ok().copied(), &mut rows);
     let s = match status {
         Ok(s) => s,
         Err(why) => {
@@ -205,6 +243,40 @@ fn local_addresses(cfg: &Config, node: &str, addrs: &[IfAddr], rows: &mut Vec<Ro
                 ),
             ));
         }
+    }
+}
+
+/// Who answers for each VIP this node does not hold: the peer, when it is the master that holds
+/// it; nobody, when nobody does; anyone else is an address conflict.
+fn answered(peer: &str, probes: &Probes, s: Option<&NodeStatus>, rows: &mut Vec<Row>) {
+    for (ip, r) in probes {
+        let name = format!("vip {ip} on the LAN");
+        let holder = s.and_then(|s| s.ha.as_ref()).and_then(|h| {
+            h.vips.iter().find(|v| v.addresses.iter().any(|a| a.starts_with(&format!("{ip}/"))))
+        });
+        let by_peer = holder.and_then(|v| v.holder.as_deref()) == Some(peer);
+        rows.push(match r {
+            Err(why) => row(name, false, format!("not probed: {why} (the ARP probe needs root)")),
+            Ok(Some(mac)) if by_peer => row(
+                name,
+                true,
+                format!("answered by {} ({peer}, the master)", vip::packets::mac_string(mac)),
+            ),
+            Ok(Some(mac)) => row(
+                name,
+                false,
+                format!(
+                    "another host answers for it ({}): an address conflict; no node of this pair holds it",
+                    vip::packets::mac_string(mac)
+                ),
+            ),
+            Ok(None) if by_peer => row(
+                name,
+                false,
+                format!("{peer} is the master and holds it, yet nothing answers for it here: is this node on that LAN?"),
+            ),
+            Ok(None) => row(name, true, "nobody answers for it: free"),
+        });
     }
 }
 
@@ -365,6 +437,51 @@ mod tests {
     }
 
     #[test]
+    fn who_answers_for_a_vip_is_judged_by_who_holds_it() {
+        use crate::status::{ClusterStatus, VipStatus};
+        let status = |holder: Option<&str>| NodeStatus {
+            schema: 1,
+            node: "alpha".into(),
+            cluster: "c".into(),
+            version: "0".into(),
+            pid: 1,
+            uptime_s: 1,
+            peer: Some("beta".into()),
+            shutting_down: false,
+            resources: vec![],
+            ha: Some(ClusterStatus {
+                vips: vec![VipStatus {
+                    interface: "eth0".into(),
+                    addresses: vec!["192.0.2.100/24".into()],
+                    holder: holder.map(str::to_string),
+                }],
+                ..ClusterStatus::default()
+            }),
+        };
+        let ip: IpAddr = "192.0.2.100".parse().unwrap();
+        let mac = [2, 0, 0, 0, 0, 9];
+        let one = |r: Result<Option<[u8; 6]>, String>, s: Option<&NodeStatus>| {
+            let mut rows = Vec::new();
+            answered("beta", &vec![(ip, r)], s, &mut rows);
+            rows.pop().unwrap()
+        };
+        let (peer, nobody) = (status(Some("beta")), status(None));
+        let r = one(Ok(Some(mac)), Some(&peer));
+        assert!(r.ok && r.detail == "answered by 02:00:00:00:00:09 (beta, the master)", "{r:?}");
+        let r = one(Ok(Some(mac)), Some(&nobody));
+        assert!(!r.ok && r.detail.contains("an address conflict"), "{r:?}");
+        let r = one(Ok(Some(mac)), None);
+        assert!(!r.ok && r.detail.contains("an address conflict"), "{r:?}");
+        let r = one(Ok(None), Some(&peer));
+        assert!(!r.ok && r.detail.contains("nothing answers for it here"), "{r:?}");
+        let r = one(Ok(None), Some(&nobody));
+        assert!(r.ok && r.detail.contains("free"), "{r:?}");
+        let r = one(Err("Operation not permitted".into()), Some(&nobody));
+        assert!(!r.ok && r.detail.contains("needs root"), "{r:?}");
+        assert_eq!(r.check, "vip 192.0.2.100 on the LAN");
+    }
+
+    #[test]
     fn subnets_of_both_families() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(in_subnet(ip("10.1.2.3"), ip("10.1.0.1"), 16));
@@ -380,7 +497,13 @@ mod tests {
 
     #[test]
     fn the_local_checks_pass_on_the_host_the_config_describes() {
-        let rows = judge(&cfg(), "alpha", &good(), Err("cannot reach the duet daemon".into()));
+        let rows = judge(
+            &cfg(),
+            "alpha",
+            &good(),
+            &Vec::new(),
+            Err("cannot reach the duet daemon".into()),
+        );
         for check in
             ["replication address (vol0)", "heartbeat link 0 subnet", "vip 192.0.2.100/24 subnet"]
         {
@@ -398,7 +521,8 @@ mod tests {
     fn each_address_problem_is_named() {
         let c = cfg();
         // The replication and heartbeat address on no interface here.
-        let rows = judge(&c, "alpha", &[addr("eth0", "192.0.2.11", 24)], Err(String::new()));
+        let rows =
+            judge(&c, "alpha", &[addr("eth0", "192.0.2.11", 24)], &Vec::new(), Err(String::new()));
         let r = find(&rows, "replication address (vol0)");
         assert!(
             !r.ok && r.detail.contains("198.51.100.1:7789 is no address of this host"),
@@ -408,7 +532,7 @@ mod tests {
         assert!(!h.ok && h.detail.contains("bind address 198.51.100.1 is no address"), "{h:?}");
         // The dedicated NIC with a prefix too narrow for the peer.
         let narrow = vec![addr("eth1", "198.51.100.1", 31), addr("eth0", "192.0.2.11", 24)];
-        let rows = judge(&c, "alpha", &narrow, Err(String::new()));
+        let rows = judge(&c, "alpha", &narrow, &Vec::new(), Err(String::new()));
         let h = find(&rows, "heartbeat link 0 subnet");
         assert!(
             !h.ok
@@ -417,7 +541,7 @@ mod tests {
         );
         // The VIP's interface on another subnet, and missing altogether.
         let other = vec![addr("eth1", "198.51.100.1", 24), addr("eth0", "203.0.113.5", 24)];
-        let rows = judge(&c, "alpha", &other, Err(String::new()));
+        let rows = judge(&c, "alpha", &other, &Vec::new(), Err(String::new()));
         let v = find(&rows, "vip 192.0.2.100/24 subnet");
         assert!(
             !v.ok
@@ -425,12 +549,12 @@ mod tests {
                 && v.detail.contains("203.0.113.5/24"),
             "{v:?}"
         );
-        let rows = judge(&c, "alpha", &good()[..2], Err(String::new()));
+        let rows = judge(&c, "alpha", &good()[..2], &Vec::new(), Err(String::new()));
         let v = find(&rows, "vip 192.0.2.100/24 subnet");
         assert!(!v.ok && v.detail.contains("interface eth0 does not exist"), "{v:?}");
         // The VIP itself on the interface (this node holds it) is no subnet of its own.
         let only_vip = vec![addr("eth1", "198.51.100.1", 24), addr("eth0", "192.0.2.100", 24)];
-        let rows = judge(&c, "alpha", &only_vip, Err(String::new()));
+        let rows = judge(&c, "alpha", &only_vip, &Vec::new(), Err(String::new()));
         assert!(!find(&rows, "vip 192.0.2.100/24 subnet").ok);
         // A single node has nothing to test.
         let single = Config::parse(
@@ -438,7 +562,7 @@ mod tests {
             "[cluster]\nname = \"d\"\nconfigured_master = \"alpha\"\n[node.alpha]\n[[resource]]\nname = \"v\"\n[resource.on.alpha]\ndisk = \"/tmp/x\"\n",
         )
         .unwrap();
-        let rows = judge(&single, "alpha", &good(), Err(String::new()));
+        let rows = judge(&single, "alpha", &good(), &Vec::new(), Err(String::new()));
         assert_eq!(rows.len(), 1);
         assert!(!rows[0].ok && rows[0].detail.contains("no second node"));
     }

@@ -322,7 +322,7 @@ fn connection_test(
     node: &str,
     wait: u64,
 ) -> ExitCode {
-    use duet::connection_test::{judge, local_addrs, table};
+    use duet::connection_test::{judge, local_addrs, probe_vips, table};
     let addrs = match local_addrs() {
         Ok(a) => a,
         Err(e) => {
@@ -330,6 +330,7 @@ fn connection_test(
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let probes = rt.block_on(probe_vips(cfg, node, &addrs));
     let sock = cfg.control_socket(node);
     let end = std::time::Instant::now() + std::time::Duration::from_secs(wait);
     loop {
@@ -340,7 +341,7 @@ fn connection_test(
                 serde_json::from_value::<status::NodeStatus>(v)
                     .map_err(|e| format!("the daemon's status does not read: {e}"))
             });
-        let rows = judge(cfg, node, &addrs, status.as_ref().map_err(Clone::clone));
+        let rows = judge(cfg, node, &addrs, &probes, status.as_ref().map_err(Clone::clone));
         let (text, ok) = table(&rows);
         if ok || std::time::Instant::now() >= end {
             duet::out!("{text}");

@@ -679,6 +679,39 @@ fn the_connection_test_reads_the_real_interfaces_and_names_a_vip_and_a_heartbeat
         let hb = t.lines().find(|l| l.starts_with("heartbeat link 0 subnet")).unwrap_or_default();
         assert!(hb.contains("/30 on ded0"), "{t}");
     }
+    // Who answers for each VIP, heard from beta with real ARP probes: alpha (the master) for
+    // the VIP; the client for an address it took, which a second VIP names (a conflict); nobody
+    // for a third.
+    lab.ip(2, &["addr", "add", "10.77.0.150/24", "dev", "lan0"]);
+    let beta_text = std::fs::read_to_string(p.config_of(1)).unwrap();
+    let more = p.dir.path().join("beta-more-vips.toml");
+    std::fs::write(
+        &more,
+        format!(
+            "{beta_text}\n{}\n{}",
+            vip_toml("10.77.0.150/24", ""),
+            vip_toml("10.77.0.151/24", "")
+        ),
+    )
+    .unwrap();
+    let (code, t) = test(1, &more, "0");
+    assert_eq!(code, Some(1), "{t}");
+    let row =
+        |check: &str| t.lines().find(|l| l.starts_with(check)).unwrap_or_default().to_string();
+    let mac_a = lab.mac(0, "lan0");
+    assert!(
+        row(&format!("vip {} on the LAN", lab::VIP))
+            .contains(&format!("ok    answered by {mac_a} (alpha, the master)")),
+        "{t}"
+    );
+    let mac_c = lab.mac(2, "lan0");
+    assert!(
+        row("vip 10.77.0.150 on the LAN")
+            .contains(&format!("FAIL  another host answers for it ({mac_c})")),
+        "{t}"
+    );
+    assert!(row("vip 10.77.0.151 on the LAN").contains("ok    nobody answers for it: free"), "{t}");
+
     // Alpha's file as someone got it wrong.
     let text = std::fs::read_to_string(p.config_of(0)).unwrap();
     let hb_peer = format!("peer = \"{}:694\"", lab::DEDICATED[1]);
