@@ -60,6 +60,11 @@ pub enum Command {
         #[serde(default)]
         resource: Option<String>,
     },
+    /// Retry the requests a failing disk holds (`on_io_error = "freeze"`).
+    ResumeIo {
+        #[serde(default)]
+        resource: Option<String>,
+    },
     /// Online verify.
     Verify {
         #[serde(default)]
@@ -108,6 +113,7 @@ impl Command {
             | Self::Connect { resource, .. }
             | Self::Disconnect { resource }
             | Self::Invalidate { resource }
+            | Self::ResumeIo { resource }
             | Self::Verify { resource, .. } => resource.as_deref(),
         }
     }

@@ -136,6 +136,11 @@ enum Cmd {
         #[arg(long)]
         resource: Option<String>,
     },
+    /// Retry the requests a failing disk holds (`on_io_error = "freeze"`), once it is back.
+    ResumeIo {
+        #[arg(long)]
+        resource: Option<String>,
+    },
     /// Planned switchover: make this node the running master (the peer releases first).
     MakeMaster {
         /// Take the role even with the peer unreachable or the local data not UpToDate.
@@ -267,6 +272,7 @@ fn main() -> ExitCode {
         }
         Cmd::Disconnect { resource } => control::Command::Disconnect { resource },
         Cmd::Invalidate { resource } => control::Command::Invalidate { resource },
+        Cmd::ResumeIo { resource } => control::Command::ResumeIo { resource },
         Cmd::Verify { resource, repair } => control::Command::Verify { resource, repair },
         Cmd::MakeMaster { force } => control::Command::MakeMaster { force },
         Cmd::MakeSlave => control::Command::MakeSlave,

@@ -597,7 +597,19 @@ pub mod check {
         let mut level = Level::Ok;
         let mut parts = Vec::new();
         for r in &s.resources {
+            let frozen = r
+                .replication
+                .as_ref()
+                .and_then(|x| x.disk_failure.as_ref())
+                .filter(|f| f.action.starts_with("frozen"));
             let (l, why) = match &r.replication {
+                _ if frozen.is_some() => (
+                    Level::Critical,
+                    format!(
+                        "I/O frozen by a disk error ({}): `duet resume-io` once the disk is back",
+                        frozen.map_or("", |f| f.error.as_str())
+                    ),
+                ),
                 None => (Level::Ok, "single node".to_string()),
                 Some(x) => judge(&Replica {
                     role: x.role,

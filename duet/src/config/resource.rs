@@ -47,6 +47,8 @@ pub enum OnIoError {
     Detach,
     /// Return the error to the client.
     Pass,
+    /// A Primary holds every failing request until `duet resume-io`, then retries it.
+    Freeze,
 }
 
 /// `data_integrity`.
@@ -104,7 +106,7 @@ pub struct Resource {
     /// off | crc32 | sha256.
     #[serde(default)]
     pub data_integrity: DataIntegrity,
-    /// detach | pass.
+    /// detach | pass | freeze.
     #[serde(default)]
     pub on_io_error: OnIoError,
     /// `[resource.on.NAME]`.

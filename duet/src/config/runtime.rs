@@ -154,6 +154,7 @@ pub fn volume_config(
         on_io_error: match r.on_io_error {
             config::OnIoError::Detach => replicator::repl::volume::OnIoError::Detach,
             config::OnIoError::Pass => replicator::repl::volume::OnIoError::Pass,
+            config::OnIoError::Freeze => replicator::repl::volume::OnIoError::Freeze,
         },
         detached_marker: Some(replicator::repl::volume::marker_path(
             &cfg.cluster.state_dir,

@@ -274,6 +274,11 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
     tracing::info!("shutting down: finishing in-flight requests");
     state.shutting_down.store(true, Ordering::Relaxed);
     for g in &state.groups {
+        // Requests a failing disk holds (`on_io_error = "freeze"`) fail now: the drain waits
+        // for them.
+        for e in g.server.exports() {
+            e.vol.give_up_held_io();
+        }
         let _ = g.serving.lock().await.as_ref().map(|s| s.0.send(true));
     }
     for g in &state.groups {

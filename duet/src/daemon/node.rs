@@ -356,6 +356,11 @@ impl State {
                 }
                 Command::Disconnect { .. } => e.vol.disconnect().map_err(|r| r.0),
                 Command::Invalidate { .. } => e.vol.invalidate().await.map_err(|r| r.0),
+                Command::ResumeIo { .. } => Ok(if e.vol.resume_io() {
+                    "I/O resumed: the held requests are tried again".into()
+                } else {
+                    "no I/O was held".into()
+                }),
                 Command::Verify { repair, .. } => link::verify(&e.vol, *repair).map_err(|r| r.0),
             };
             match r {

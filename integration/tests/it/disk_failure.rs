@@ -255,3 +255,64 @@ fn a_master_whose_disk_fails_hands_over_with_every_acknowledged_write_and_is_no_
     assert!(!p.is_master(0), "a Diskless node took over");
     drop(disk);
 }
+
+/// `on_io_error = "freeze"`: the Primary's disk fails under fio; every failing request is held
+/// (no error reaches fio, nothing is detached) until the disk is back and `duet resume-io`
+/// retries them; fio finishes and verifies, both disks equal.
+#[test]
+fn a_frozen_primary_disk_holds_the_clients_io_until_resume_io_and_loses_nothing() {
+    if !tools() {
+        return;
+    }
+    let o = PairOpts { resource_extra: "on_io_error = \"freeze\"".into(), ..PairOpts::default() };
+    let mut p = Pair::configure(&o);
+    let trigger = p.dir.path().join("alpha-fails");
+    let _disk = failing_disk(&p, 0, &trigger);
+    p.start(0);
+    p.start(1);
+    p.ok(0, &["primary", "--force"]);
+    assert!(p.wait_synced(Duration::from_secs(120)), "initial sync: {}", p.repl(0));
+    assert!(p.ok(0, &["resume-io"]).contains("no I/O was held"));
+
+    let uri = p.uri();
+    let job =
+        std::thread::spawn(move || fio(&uri, &["--rw=randwrite", "--size=16M", "--fsync=64"]));
+    let base = p.num(0, "sent_data_bytes");
+    assert!(
+        wait_until(Duration::from_secs(60), || p.num(0, "sent_data_bytes") >= base + (4 << 20)),
+        "fio wrote nothing: {}",
+        p.repl(0)
+    );
+    std::fs::write(&trigger, b"").unwrap();
+    let frozen = |r: &serde_json::Value| {
+        r["disk_failure"]["action"].as_str().is_some_and(|a| a.starts_with("frozen"))
+    };
+    assert!(p.wait_for(0, Duration::from_secs(60), frozen), "never frozen: {}", p.repl(0));
+    let r = p.repl(0);
+    assert_eq!(
+        (r["disk"].as_str(), r["role"].as_str()),
+        (Some("UpToDate"), Some("Primary")),
+        "{r}"
+    );
+    let check = run(p.cli(0).args(["status", "--check"]), Duration::from_secs(10));
+    assert_eq!(check.status.code(), Some(2), "{}", text(&check));
+    assert!(text(&check).contains("I/O frozen by a disk error"), "{}", text(&check));
+    assert!(p.events(0).contains("I/O frozen (on_io_error = \"freeze\")"));
+
+    // The disk is back; the operator resumes.
+    std::fs::remove_file(&trigger).unwrap();
+    assert!(p.ok(0, &["resume-io"]).contains("I/O resumed"));
+    let out = job.join().unwrap();
+    assert!(out.status.success() && no_eio(&out), "an error reached fio: {}", text(&out));
+    assert!(!verify_errors(&out), "fio verify failed: {}", text(&out));
+    assert_eq!(p.res(0)["stats"]["request_errors"], 0, "an NBD request failed: {}", p.res(0));
+    let r = p.repl(0);
+    assert_eq!(r["disk"], "UpToDate", "{r}");
+    assert_eq!(r["disk_failure"], serde_json::Value::Null, "{r}");
+    assert!(p.wait_synced(Duration::from_secs(60)), "{} / {}", p.repl(0), p.repl(1));
+    let size = p.data_size_of(1);
+    assert_eq!(served_digest(&p.uri(), size), file_digest(&p.n[1].disk, size));
+    p.stop(0);
+    p.stop(1);
+    assert_eq!(file_digest(&real_image(&p, 0), size), file_digest(&p.n[1].disk, size));
+}

@@ -22,6 +22,31 @@ pub enum OnIoError {
     /// Pass the error to the client (a Secondary's failed replicated write makes it
     /// Inconsistent until resynced).
     Pass,
+    /// A Primary holds the failing request, and every later one that fails, until the
+    /// operator runs `duet resume-io` (the path to the disk is back: a SAN, a multipath
+    /// failover), then retries them: no error reaches a client, nothing is detached. A
+    /// Secondary detaches as under `Detach` (holding its writes would stall the Primary's).
+    Freeze,
+}
+
+/// What a request does after its local I/O failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The disk is detached: the request goes on without it.
+    Detached,
+    /// The error is the request's answer.
+    Stands,
+    /// I/O was held and has been resumed: try again.
+    Retry,
+}
+
+/// Whether I/O is held by a disk error (`on_io_error = "freeze"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    Off,
+    On,
+    /// The daemon stops: what was held fails (it is answered, never acknowledged).
+    GiveUp,
 }
 
 /// What `duet status` (and the marker) say about the failed disk.
@@ -126,7 +151,7 @@ impl Volume {
         }
         let (outcome, role) = self.with_core(|c| {
             let o = match cfg.on_io_error {
-                OnIoError::Detach => Some(c.r.detach()),
+                OnIoError::Detach | OnIoError::Freeze => Some(c.r.detach()),
                 OnIoError::Pass => None,
             };
             if c.r.diskless() {
@@ -187,6 +212,77 @@ impl Volume {
                 false
             }
         }
+    }
+
+    /// A Primary's local I/O for `op` at `offset` failed with `e`: held until `duet resume-io`
+    /// under `on_io_error = "freeze"` (then tried again), else [`Volume::disk_failed`].
+    pub(crate) async fn local_fault(&self, op: &str, offset: u64, e: Errno) -> Fault {
+        let freezes = self.cfg.as_ref().is_some_and(|c| c.on_io_error == OnIoError::Freeze)
+            && is_disk_error(e)
+            && self.with_core(|c| c.r.st.role) == Role::Primary;
+        if !freezes {
+            return if self.disk_failed(op, offset, e).await {
+                Fault::Detached
+            } else {
+                Fault::Stands
+            };
+        }
+        let mut rx = self.disk_hold.subscribe();
+        if *rx.borrow() == Hold::GiveUp {
+            return Fault::Stands;
+        }
+        let disk = self.store.path().display().to_string();
+        let first = self.disk_hold.send_if_modified(|h| {
+            let was = *h == Hold::Off;
+            *h = Hold::On;
+            was
+        });
+        if first {
+            let failure = DiskFailure {
+                at: now_secs(),
+                disk: disk.clone(),
+                op: op.to_string(),
+                offset,
+                error: e.desc().to_string(),
+                action: "frozen: I/O waits for `duet resume-io`".into(),
+                size: self.size,
+            };
+            self.with_core(|c| c.disk_failure = Some(failure));
+            self.event(format!(
+                "I/O error on {disk}: {op} at {offset} failed ({e}); I/O frozen (on_io_error = \"freeze\"): every request waits until `duet resume-io`"
+            ));
+            self.notify();
+        }
+        let _ = rx.wait_for(|h| *h != Hold::On).await;
+        if *rx.borrow() == Hold::GiveUp { Fault::Stands } else { Fault::Retry }
+    }
+
+    /// `duet resume-io`: requests held by a disk error are tried again (one that fails again
+    /// freezes I/O again). `Ok(false)`: nothing was held.
+    pub fn resume_io(&self) -> bool {
+        let held = self.disk_hold.send_if_modified(|h| {
+            let was = *h == Hold::On;
+            if was {
+                *h = Hold::Off;
+            }
+            was
+        });
+        if held {
+            self.with_core(|c| c.disk_failure = None);
+            self.event("I/O resumed (`duet resume-io`): held requests are tried again".into());
+            self.notify();
+        }
+        held
+    }
+
+    /// At shutdown: requests held by a disk error fail (answered, never acknowledged).
+    pub fn give_up_held_io(&self) {
+        self.disk_hold.send_replace(Hold::GiveUp);
+    }
+
+    /// I/O is held by a disk error.
+    pub fn io_held(&self) -> bool {
+        *self.disk_hold.borrow() == Hold::On
     }
 
     /// Reads through the peer (a Diskless Primary), in pieces of at most [`PEER_READ_MAX`].

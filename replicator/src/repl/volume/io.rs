@@ -2,6 +2,7 @@
 //! activity log around them, and the peer's part of each (registered with the engine's
 //! session, answered under the protocol's completion rule).
 
+use super::failure::Fault;
 use super::*;
 
 /// What a replicated write waits for: receipt (protocol B) and the peer's write.
@@ -176,11 +177,15 @@ impl Volume {
         if self.cfg.is_some() && self.diskless() {
             return self.peer_read(offset, len).await;
         }
-        match self.store.read(offset, len).await {
-            Err(e) if self.disk_failed("read", offset, e).await => {
-                self.peer_read(offset, len).await
+        loop {
+            match self.store.read(offset, len).await {
+                Err(e) => match self.local_fault("read", offset, e).await {
+                    Fault::Detached => return self.peer_read(offset, len).await,
+                    Fault::Stands => return Err(e),
+                    Fault::Retry => {}
+                },
+                r => return r,
             }
-            r => r,
         }
     }
 
@@ -234,10 +239,17 @@ impl Volume {
         if self.diskless() {
             comp.peer_only();
         } else {
-            match self.store.write(offset, buf, fua).await {
-                // Detached: the peer's copy is the write.
-                Err(e) if self.disk_failed("write", offset, e).await => comp.peer_only(),
-                r => comp.local_done(r),
+            loop {
+                match self.store.write(offset, Arc::clone(&buf), fua).await {
+                    Err(e) => match self.local_fault("write", offset, e).await {
+                        // Detached: the peer's copy is the write.
+                        Fault::Detached => comp.peer_only(),
+                        Fault::Stands => comp.local_done(Err(e)),
+                        Fault::Retry => continue,
+                    },
+                    r => comp.local_done(r),
+                }
+                break;
             }
         }
         self.complete(comp, acks, offset, len, Some(gate)).await
@@ -246,11 +258,15 @@ impl Volume {
     /// [`Volume::al_begin`], and a failing activity-log write detaches the disk (the write goes
     /// on without it) instead of failing the request.
     async fn al_begin_or_detach(&self, offset: u64, len: u64) -> Result<AlRef<'_>, Errno> {
-        match self.al_begin(offset, len).await {
-            Err(e) if self.disk_failed("activity log write", offset, e).await => {
-                Ok(AlRef { v: self, offset, len: 0 })
+        loop {
+            match self.al_begin(offset, len).await {
+                Err(e) => match self.local_fault("activity log write", offset, e).await {
+                    Fault::Detached => return Ok(AlRef { v: self, offset, len: 0 }),
+                    Fault::Stands => return Err(e),
+                    Fault::Retry => {}
+                },
+                r => return r,
             }
-            r => r,
         }
     }
 
@@ -342,9 +358,16 @@ impl Volume {
         if self.cfg.is_some() && self.diskless() {
             comp.peer_only();
         } else {
-            match self.store.flush().await {
-                Err(e) if self.disk_failed("flush", 0, e).await => comp.peer_only(),
-                r => comp.local_done(r),
+            loop {
+                match self.store.flush().await {
+                    Err(e) => match self.local_fault("flush", 0, e).await {
+                        Fault::Detached => comp.peer_only(),
+                        Fault::Stands => comp.local_done(Err(e)),
+                        Fault::Retry => continue,
+                    },
+                    r => comp.local_done(r),
+                }
+                break;
             }
         }
         self.complete(comp, acks, 0, 0, None).await
@@ -396,10 +419,16 @@ impl Volume {
             }
             None
         } else {
-            match self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await {
-                Err(Errno::EOPNOTSUPP) => return Err(Errno::EOPNOTSUPP), // nothing happened
-                Err(e) if self.disk_failed("write zeroes", offset, e).await => None,
-                r => Some(r),
+            loop {
+                match self.store.write_zeroes(offset, len, fua, may_trim, fast_only).await {
+                    Err(Errno::EOPNOTSUPP) => return Err(Errno::EOPNOTSUPP), // nothing happened
+                    Err(e) => match self.local_fault("write zeroes", offset, e).await {
+                        Fault::Detached => break None,
+                        Fault::Stands => break Some(Err(e)),
+                        Fault::Retry => {}
+                    },
+                    r => break Some(r),
+                }
             }
         };
         // Registered only now: a request registered and never sent would wait for an answer

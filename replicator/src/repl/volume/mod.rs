@@ -190,6 +190,8 @@ pub struct Volume {
     /// I/O frozen (fencing in progress): writes that reached only this node wait before their
     /// reply.
     frozen: watch::Sender<bool>,
+    /// I/O held by a disk error (`on_io_error = "freeze"`) until `duet resume-io`.
+    pub(crate) disk_hold: watch::Sender<failure::Hold>,
     /// The resync controller's settings now (the configuration's at start; `duet adjust`
     /// changes them, and a running resync follows at its next tick). `None`: not replicated.
     resync_settings: watch::Sender<Option<crate::ratectl::Settings>>,
@@ -415,6 +417,7 @@ impl Volume {
             app_writes: AtomicU64::new(0),
             resync_wake: tokio::sync::Notify::new(),
             frozen: watch::channel(false).0,
+            disk_hold: watch::channel(failure::Hold::Off).0,
             detached: std::sync::atomic::AtomicBool::new(r_diskless),
         })
     }
