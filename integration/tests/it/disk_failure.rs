@@ -31,6 +31,19 @@ fn failing_disk(p: &Pair, node: usize, trigger: &Path) -> NbdkitDisk {
     NbdkitDisk::install(p, node, &["--filter=error"], &["error-rate=100%", &file])
 }
 
+/// A pair whose node `failing` has its disk fail while `trigger` exists (see
+/// [`failing_disk`]), alpha Primary and in sync.
+fn failing_and_alpha_primary(o: &PairOpts, failing: usize) -> (Pair, PathBuf, NbdkitDisk) {
+    let mut p = Pair::configure(o);
+    let trigger = p.dir.path().join(format!("{}-fails", p.n[failing].name));
+    let disk = failing_disk(&p, failing, &trigger);
+    p.start(0);
+    p.start(1);
+    p.ok(0, &["primary", "--force"]);
+    assert!(p.wait_synced(Duration::from_secs(120)), "initial sync: {}", p.repl(0));
+    (p, trigger, disk)
+}
+
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
@@ -82,13 +95,7 @@ fn a_failing_primary_disk_detaches_under_fio_and_serves_through_the_peer_until_a
     }
     let hooks = tempfile::tempdir().unwrap();
     let o = PairOpts { extra: recording_hooks(hooks.path(), ""), ..PairOpts::default() };
-    let mut p = Pair::configure(&o);
-    let trigger = p.dir.path().join("alpha-fails");
-    let disk = failing_disk(&p, 0, &trigger);
-    p.start(0);
-    p.start(1);
-    p.ok(0, &["primary", "--force"]);
-    assert!(p.wait_synced(Duration::from_secs(120)), "initial sync: {}", p.repl(0));
+    let (mut p, trigger, disk) = failing_and_alpha_primary(&o, 0);
 
     let out = fio_with_failure(&p, &trigger, &["--rw=randwrite", "--size=16M"]);
     assert!(out.status.success() && no_eio(&out), "an error reached fio: {}", text(&out));
@@ -161,13 +168,7 @@ fn a_failing_secondary_disk_detaches_and_the_primary_goes_on() {
     if !tools() {
         return;
     }
-    let mut p = Pair::configure(&PairOpts::default());
-    let trigger = p.dir.path().join("beta-fails");
-    let disk = failing_disk(&p, 1, &trigger);
-    p.start(0);
-    p.start(1);
-    p.ok(0, &["primary", "--force"]);
-    assert!(p.wait_synced(Duration::from_secs(120)), "initial sync: {}", p.repl(1));
+    let (mut p, trigger, disk) = failing_and_alpha_primary(&PairOpts::default(), 1);
     let out = fio_with_failure(&p, &trigger, &["--rw=randwrite", "--size=16M"]);
     assert!(out.status.success() && no_eio(&out), "an error reached fio: {}", text(&out));
     assert!(!verify_errors(&out), "{}", text(&out));
@@ -265,13 +266,7 @@ fn a_frozen_primary_disk_holds_the_clients_io_until_resume_io_and_loses_nothing(
         return;
     }
     let o = PairOpts { resource_extra: "on_io_error = \"freeze\"".into(), ..PairOpts::default() };
-    let mut p = Pair::configure(&o);
-    let trigger = p.dir.path().join("alpha-fails");
-    let _disk = failing_disk(&p, 0, &trigger);
-    p.start(0);
-    p.start(1);
-    p.ok(0, &["primary", "--force"]);
-    assert!(p.wait_synced(Duration::from_secs(120)), "initial sync: {}", p.repl(0));
+    let (mut p, trigger, _disk) = failing_and_alpha_primary(&o, 0);
     assert!(p.ok(0, &["resume-io"]).contains("no I/O was held"));
 
     let uri = p.uri();

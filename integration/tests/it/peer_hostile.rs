@@ -79,10 +79,12 @@ impl Conn {
     }
 }
 
-fn hello(cluster: &str) -> Hello {
+/// Our Hello as `cluster`'s alpha, announcing `features` (0 but where a case is about one: a
+/// peer that compares no configuration keys, as a release before that feature).
+fn hello(cluster: &str, features: u64) -> Hello {
     Hello {
         version: wire::VERSION,
-        features: handshake::FEATURES,
+        features,
         cluster: cluster.into(),
         node: "alpha".into(),
         resource: "vol0".into(),
@@ -93,9 +95,13 @@ fn hello(cluster: &str) -> Hello {
 
 /// Hello and Auth with `secret` as "alpha"; returns the connection and beta's challenge.
 fn authenticate(port: u16, secret: &[u8]) -> (Conn, [u8; 32]) {
+    authenticate_with(port, secret, 0)
+}
+
+fn authenticate_with(port: u16, secret: &[u8], features: u64) -> (Conn, [u8; 32]) {
     let mut c = Conn::open(port);
     let theirs = c.their_hello();
-    let mine = hello("itest-pair");
+    let mine = hello("itest-pair", features);
     let mut b = BytesMut::new();
     mine.encode(&mut b);
     c.send(Kind::Hello, &b);
@@ -116,7 +122,11 @@ fn authenticate(port: u16, secret: &[u8]) -> (Conn, [u8; 32]) {
 
 /// Authenticated with the right secret, beta's Auth read, the link's keys on: ready for Params.
 fn authenticated(port: u16, secret: &[u8]) -> Conn {
-    let (mut c, theirs) = authenticate(port, secret);
+    authenticated_with(port, secret, 0)
+}
+
+fn authenticated_with(port: u16, secret: &[u8], features: u64) -> Conn {
+    let (mut c, theirs) = authenticate_with(port, secret, features);
     let (k, _) = c.frame().unwrap();
     assert_eq!(k, Kind::Auth);
     let keys = seal::derive(&KeyInput {
@@ -170,7 +180,7 @@ fn hostile_peers_are_refused_and_nothing_is_written() {
     let mut c = Conn::open(port);
     let _ = c.their_hello();
     let mut b = BytesMut::new();
-    hello("someone-else").encode(&mut b);
+    hello("someone-else", 0).encode(&mut b);
     c.send(Kind::Hello, &b);
     assert!(c.refusal().contains("cluster"));
 
@@ -230,6 +240,28 @@ fn hostile_peers_are_refused_and_nothing_is_written() {
     c.send(Kind::Params, &b);
     let why = c.refusal();
     assert!(why.contains("volume"), "{why}");
+
+    // Configuration keys: garbage from a peer that announced them, and keys from one that did
+    // not (out of place). Each drops the connection, naming the frame.
+    for (features, keys, why) in [
+        (
+            handshake::F_CONFIG_KEYS,
+            &[0xff_u8, 0xff, 1][..],
+            "malformed ConfigKeys payload: too many keys",
+        ),
+        (0, &[0, 0][..], "expected Bitmap, peer sent ConfigKeys"),
+    ] {
+        let mut c = authenticated_with(port, secret, features);
+        let (k, theirs) = c.frame().unwrap();
+        assert_eq!(k, Kind::Params);
+        let mut b = BytesMut::new();
+        Params { flags: 0, bitmap_weight: 0, ..Params::decode(&theirs).unwrap() }.encode(&mut b);
+        c.send(Kind::Params, &b);
+        c.send(Kind::ConfigKeys, keys);
+        let _ = c.refusal();
+        let named = |r: &serde_json::Value| r["last_refusal"].as_str() == Some(why);
+        assert!(p.wait_for(1, Duration::from_secs(10), named), "{features}: {}", p.repl(1));
+    }
 
     // A data frame right after authentication (skipping Params): refused.
     let mut c = authenticated(port, secret);
