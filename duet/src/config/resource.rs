@@ -47,7 +47,7 @@ pub enum OnIoError {
     Detach,
     /// Return the error to the client.
     Pass,
-    /// A Primary holds every failing request until `duet resume-io`, then retries it.
+    /// A Primary holds each request its disk refuses until `duet resume-io`, then retries it.
     Freeze,
 }
 

@@ -22,8 +22,8 @@ pub enum OnIoError {
     /// Pass the error to the client (a Secondary's failed replicated write makes it
     /// Inconsistent until resynced).
     Pass,
-    /// A Primary holds the failing request, and every later one that fails, until the
-    /// operator runs `duet resume-io` (the path to the disk is back: a SAN, a multipath
+    /// A Primary holds each request its disk refuses (while the disk fails, that is every
+    /// request that reaches it) until the operator runs `duet resume-io` (the path to the disk is back: a SAN, a multipath
     /// failover), then retries them: no error reaches a client, nothing is detached. A
     /// Secondary detaches as under `Detach` (holding its writes would stall the Primary's).
     Freeze,
@@ -258,7 +258,7 @@ impl Volume {
     }
 
     /// `duet resume-io`: requests held by a disk error are tried again (one that fails again
-    /// freezes I/O again). `Ok(false)`: nothing was held.
+    /// freezes I/O again). `false`: nothing was held.
     pub fn resume_io(&self) -> bool {
         let held = self.disk_hold.send_if_modified(|h| {
             let was = *h == Hold::On;
@@ -278,11 +278,6 @@ impl Volume {
     /// At shutdown: requests held by a disk error fail (answered, never acknowledged).
     pub fn give_up_held_io(&self) {
         self.disk_hold.send_replace(Hold::GiveUp);
-    }
-
-    /// I/O is held by a disk error.
-    pub fn io_held(&self) -> bool {
-        *self.disk_hold.borrow() == Hold::On
     }
 
     /// Reads through the peer (a Diskless Primary), in pieces of at most [`PEER_READ_MAX`].
