@@ -121,6 +121,10 @@ pub struct PeerView {
     pub healthy: bool,
     /// Resources whose disk the peer reports Diskless (bit i = resource i).
     pub diskless: u32,
+    /// Resources whose disk the peer reports Inconsistent or Outdated: nothing there can be
+    /// promoted, so nothing needs outdating (a request sent as the master takes over before
+    /// replication is up only reached a resync target later, and dropped its session).
+    pub unusable: u32,
 }
 
 /// Token of an operator command waiting for its answer.

@@ -125,8 +125,10 @@ impl Manager {
                 return;
             }
             // Outdate the peer over the heartbeat when replication is down but the peer answers.
-            // (Never where this node is Diskless: the peer's copy is the only one.)
-            let need = l.disconnected & !self.peer_outdated & !l.diskless;
+            // (Never where this node is Diskless: the peer's copy is the only one; nor where
+            // the peer's own frames say its disk is already unusable.)
+            let unusable = pv.map_or(0, |v| v.unusable);
+            let need = l.disconnected & !self.peer_outdated & !l.diskless & !unusable;
             if alive && need != 0 && self.outdating.is_none() {
                 let id = self.id();
                 self.event(&format!("replication link down but the peer answers on a heartbeat link: outdating its data (resources {need:#x})"));
@@ -144,7 +146,8 @@ impl Manager {
                 if l.disconnected == 0 {
                     self.fenced = false;
                 }
-                let exposed = l.disconnected & !self.peer_outdated != 0 && !self.fenced;
+                let exposed =
+                    l.disconnected & !(self.peer_outdated | unusable) != 0 && !self.fenced;
                 if !self.frozen && exposed {
                     self.start_steps(
                         Kind::Stonith,

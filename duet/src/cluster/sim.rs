@@ -269,6 +269,7 @@ impl World {
             uptodate: me.disk == Disk::UpToDate,
             healthy: me.healthy,
             diskless: 0,
+            unusable: u32::from(matches!(me.disk, Disk::Inconsistent | Disk::Outdated)),
         }
     }
 

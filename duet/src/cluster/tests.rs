@@ -36,7 +36,14 @@ fn slave_view() -> LocalView {
 }
 
 fn peer(primary: bool) -> PeerView {
-    PeerView { primary, any_primary: primary, uptodate: true, healthy: true, diskless: 0 }
+    PeerView {
+        primary,
+        any_primary: primary,
+        uptodate: true,
+        healthy: true,
+        diskless: 0,
+        unusable: 0,
+    }
 }
 
 fn alive(m: &mut Manager, t: Instant, local: LocalView, pv: PeerView) {
@@ -125,6 +132,28 @@ fn the_master_outdates_a_peer_that_answers_only_on_the_heartbeat_and_stops_when_
     assert!(a.contains(&Action::PeerOutdated { mask: 0b10 }), "{a:?}");
     let a = m.handle(t + Duration::from_millis(2000), Input::Tick);
     assert!(sends(&a).is_empty(), "no more requests once confirmed: {a:?}");
+}
+
+#[test]
+fn a_peer_whose_frames_say_its_disk_is_unusable_is_not_outdated_until_they_say_otherwise() {
+    let t = Instant::now();
+    let mut m = Manager::new(s(true), t);
+    // Resource 1 Inconsistent at the peer (a resync target, say): nothing to outdate there.
+    alive(&mut m, t, master_view(), PeerView { unusable: 0b10, ..peer(false) });
+    let a = m.handle(t, Input::Local(LocalView { disconnected: 0b10, ..master_view() }));
+    assert!(sends(&a).is_empty(), "{a:?}");
+    let a = m.handle(t + Duration::from_millis(600), Input::Tick);
+    assert!(sends(&a).is_empty(), "{a:?}");
+    // Its next frame says UpToDate (the resync finished just before the link broke): outdated.
+    let a = m.handle(t + Duration::from_millis(700), Input::PeerView(peer(false)));
+    assert!(matches!(sends(&a)[..], [Control::Outdate { mask: 0b10, .. }]), "{a:?}");
+    // Under resource-and-stonith, an unusable peer disk exposes nothing: no freeze.
+    for (unusable, freezes) in [(0b1, false), (0, true)] {
+        let mut m = Manager::new(Settings { fencing: Fencing::ResourceAndStonith, ..s(true) }, t);
+        alive(&mut m, t, master_view(), PeerView { unusable, ..peer(false) });
+        let a = m.handle(t, Input::Local(LocalView { disconnected: 0b1, ..master_view() }));
+        assert_eq!(a.iter().any(|x| matches!(x, Action::Run(Step::Freeze))), freezes, "{a:?}");
+    }
 }
 
 #[test]

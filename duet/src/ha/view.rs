@@ -72,6 +72,18 @@ pub(super) fn peer_view(f: &Frame) -> PeerView {
             .enumerate()
             .filter(|(i, r)| *i < 32 && DiskState::from_code(r.disk) == Some(DiskState::Diskless))
             .fold(0, |m, (i, _)| m | 1 << i),
+        unusable: f
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                *i < 32
+                    && matches!(
+                        DiskState::from_code(r.disk),
+                        Some(DiskState::Inconsistent | DiskState::Outdated)
+                    )
+            })
+            .fold(0, |m, (i, _)| m | 1 << i),
     }
 }
 

@@ -130,7 +130,11 @@ fn volumes_of_different_sizes_are_named_and_the_bigger_standby_still_syncs() {
         p
     };
     p.ok(0, &["primary", "--force"]);
-    assert!(wait_until(Duration::from_secs(30), || p.repl(0)["peer_size_bytes"].is_u64()));
+    // (A first handshake, both Secondary, was refused for the sizes: wait for the session the
+    // promotion allows.)
+    let live =
+        |r: &serde_json::Value| r["connection"] == "Connected" || r["connection"] == "SyncSource";
+    assert!(p.wait_for(0, Duration::from_secs(60), live), "{}", p.repl(0));
     let (code, t) = connect_test(&p, 0, 0);
     assert_eq!(code, Some(1), "{t}");
     let l = line(&t, "volume size (vol0)");
