@@ -238,15 +238,17 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
     }
     let watcher = tokio::spawn(node::watch_states(Arc::clone(&state), sd_rx.clone()));
     tokio::spawn(hooks::run_hooks(Arc::clone(&state), sd_rx.clone()));
-    let sock_path = cfg.control_socket(&node);
-    let control = bind_control(&sock_path, policy.admin.is_some() || policy.read.is_some()).await?;
-    let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), policy, sd_rx.clone()));
+    // The HTTP endpoint before the control socket: whoever sees the socket (an operator, a
+    // unit's ExecStartPost, a test) finds the endpoint up too.
     if let Some(addr) = cfg.metrics_listen(&node) {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| DaemonError::Metrics { addr, source })?;
         tokio::spawn(serve_http(l, Arc::clone(&state), sd_rx.clone()));
     }
+    let sock_path = cfg.control_socket(&node);
+    let control = bind_control(&sock_path, policy.admin.is_some() || policy.read.is_some()).await?;
+    let ctl_task = tokio::spawn(serve_control(control, Arc::clone(&state), policy, sd_rx.clone()));
     tracing::info!(node = %node, "duet daemon running");
     notify::ready(&state.summary());
     if state.ha.get().is_none() {
