@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use crate::config::Config;
 use crate::config::LinkKind;
 use crate::status::NodeStatus;
+use replicator::nbd::server::Network;
 
 /// One address of this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,19 +42,13 @@ pub fn local_addrs() -> std::io::Result<Vec<IfAddr>> {
     Ok(out)
 }
 
-/// Whether `a` lies in `net/prefix`.
+/// Whether `a` lies in `net/prefix` (the NBD allow-list's [`Network`] test; a prefix longer
+/// than the family's is no network).
 pub fn in_subnet(a: IpAddr, net: IpAddr, prefix: u8) -> bool {
-    match (a, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) if prefix <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) if prefix <= 128 => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
+    let width = if net.is_ipv4() { 32 } else { 128 };
+    prefix <= width
+        && a.is_ipv4() == net.is_ipv4()
+        && Network { addr: net, len: prefix }.contains(a)
 }
 
 /// What an ARP probe for a VIP heard, by VIP address: the MAC of a host that answered, none,
