@@ -320,6 +320,8 @@ mod tests {
             (br#"{"v":1,"cmd":"maintenance"}"#, "bad request"),
             (br#"{"v":1,"cmd":"maintenance","on":"yes"}"#, "bad request"),
             (br#"{"v":1,"cmd":"maintenance","on":1}"#, "bad request"),
+            (br#"{"v":1,"cmd":"resume-io","resource":5}"#, "bad request"),
+            (br#"{"v":1,"cmd":"resume_io"}"#, "bad request"),
         ];
         for (line, want) in cases {
             let e = decode_request(line).unwrap_err().to_string();

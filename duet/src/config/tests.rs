@@ -511,3 +511,19 @@ fn health_groups_fail_as_their_require_says() {
     }
     assert!(ha::Health::default().healthy(&[]));
 }
+
+#[test]
+fn on_io_error_takes_its_three_values_and_names_them_otherwise() {
+    let with = |v: &str| {
+        parse(
+            &SINGLE
+                .replace("[resource.on.alpha]", &format!("on_io_error = {v}\n[resource.on.alpha]")),
+        )
+    };
+    assert_eq!(with("\"freeze\"").unwrap().resource[0].on_io_error, OnIoError::Freeze);
+    assert_eq!(with("\"pass\"").unwrap().resource[0].on_io_error, OnIoError::Pass);
+    for bad in ["\"sometimes\"", "1", "\"Freeze\""] {
+        let e = with(bad).unwrap_err().to_string();
+        assert!(e.contains("on_io_error") || e.contains("detach"), "{bad}: {e}");
+    }
+}
