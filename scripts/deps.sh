@@ -2,8 +2,8 @@
 # Installs the Debian packages duet's demo and tests use (glue only). Sourced by demo.sh/test.sh.
 # Runs apt-get only when something is missing; needs root or sudo then.
 
-DUET_PACKAGES=(libnbd-bin nbdkit fio qemu-utils iproute2 nftables socat e2fsprogs fuse3 util-linux faketime openssl prometheus chromium)
-DUET_TOOLS=(nbdinfo nbdcopy nbdfuse nbdkit fio qemu-io qemu-nbd ip nft socat mkfs.ext4 e2fsck fusermount3 losetup nsenter faketime openssl promtool chromium)
+DUET_PACKAGES=(libnbd-bin nbdkit fio qemu-utils iproute2 nftables socat e2fsprogs xfsprogs fuse3 util-linux faketime openssl prometheus chromium)
+DUET_TOOLS=(nbdinfo nbdcopy nbdfuse nbdkit fio qemu-io qemu-nbd ip nft socat mkfs.ext4 e2fsck mkfs.xfs fusermount3 losetup nsenter faketime openssl promtool chromium)
 
 install_deps() {
   local missing=()

@@ -51,6 +51,7 @@ pub mod manpage;
 pub mod md;
 pub mod page;
 pub mod plan;
+pub mod schedule;
 pub mod state;
 pub mod status;
 

@@ -324,6 +324,27 @@ pub fn render(s: &NodeStatus) -> String {
                 f.op, f.offset, f.disk, f.error, f.action
             );
         }
+        if let Some(sc) = r.replication.as_ref().and_then(|x| x.scheduled.as_ref()) {
+            let when = |t: Option<f64>| t.map_or("not yet".to_string(), timestamp);
+            let _ = writeln!(
+                o,
+                "  scheduled sync: last consistent point {}; next catch-up {}",
+                when(sc.last_consistent),
+                sc.next_run.map_or("when the Primary starts one".to_string(), timestamp)
+            );
+            if let Some(k) = &sc.kept {
+                let _ = writeln!(
+                    o,
+                    "  kept consistent state (in sync at {}){}",
+                    when(k.consistent_at.or(Some(k.taken_at))),
+                    if sc.restorable {
+                        ": the catch-up was cut off; a promotion restores it"
+                    } else {
+                        ", until the catch-up finishes"
+                    }
+                );
+            }
+        }
         match (&r.nbd_listen, r.exporting) {
             (Some(a), true) => {
                 let _ = writeln!(o, "  NBD export {} on {a}", r.name);

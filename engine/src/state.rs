@@ -206,6 +206,10 @@ pub enum Event {
     /// goes on alone), unless it is the resync source (the only good copy: refused). A Primary detaches only beside a connected, UpToDate Secondary, through
     /// which it serves on; otherwise its disk holds the only good copy and it is refused.
     Detach,
+    /// The last consistent state, kept before a resync as target (`sync = "scheduled"`), was
+    /// copied back over the half-synced data: Consistent again, with that state's generations.
+    /// Only a Secondary outside a session whose disk is Inconsistent has one to restore.
+    Restored,
 }
 
 /// Why an event was refused. The message says what to do.
@@ -253,6 +257,10 @@ pub enum Refusal {
         "cannot detach the failed disk: the peer is not a connected UpToDate Secondary (connection {0:?}, peer disk {1:?}), so this disk holds the only good copy; its errors go to the clients"
     )]
     OnlyCopy(ConnState, Option<DiskState>),
+    #[error(
+        "nothing to restore: the kept consistent state replaces only half-synced data of a Secondary without a session (this one is {0:?}, disk {1:?}, connection {2:?})"
+    )]
+    NotRestorable(Role, DiskState, ConnState),
 }
 
 /// What an accepted event did.
@@ -544,6 +552,14 @@ impl State {
                     }
                     next.disk = DiskState::Diskless;
                     next.want_connect = false;
+                }
+            },
+            Event::Restored => match (self.role, self.disk, self.conn.live()) {
+                (Role::Secondary, DiskState::Inconsistent, false) => {
+                    next.disk = DiskState::Consistent;
+                }
+                (r @ (Role::Primary | Role::Secondary), d, _) => {
+                    return Err(Refusal::NotRestorable(r, d, self.conn));
                 }
             },
         }
@@ -882,6 +898,31 @@ mod tests {
         assert_eq!((s.role, s.conn), (SECONDARY, C::Disconnecting));
         assert_eq!(DiskState::from_code(D::Diskless.code()), Some(D::Diskless));
         assert!(D::Diskless < D::Inconsistent, "the lowest disk state");
+    }
+
+    #[test]
+    fn only_a_half_synced_secondary_without_a_session_is_restored() {
+        let mut s = st(SECONDARY, D::Inconsistent, C::Connecting);
+        assert_eq!(s.step(Event::Restored), Ok(Outcome::Changed));
+        assert_eq!((s.role, s.disk, s.conn), (SECONDARY, D::Consistent, C::Connecting));
+        for (role, disk, conn) in [
+            (SECONDARY, D::Inconsistent, C::SyncTarget),
+            (SECONDARY, D::Inconsistent, C::Disconnecting),
+            (SECONDARY, D::UpToDate, C::StandAlone),
+            (SECONDARY, D::Consistent, C::StandAlone),
+            (SECONDARY, D::Diskless, C::StandAlone),
+            (PRIMARY, D::UpToDate, C::StandAlone),
+        ] {
+            let mut s = st(role, disk, conn);
+            let before = s;
+            assert_eq!(s.step(Event::Restored), Err(Refusal::NotRestorable(role, disk, conn)));
+            assert_eq!(s, before);
+        }
+        assert!(
+            Refusal::NotRestorable(SECONDARY, D::UpToDate, C::StandAlone)
+                .to_string()
+                .contains("nothing to restore")
+        );
     }
 
     #[test]

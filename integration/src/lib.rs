@@ -489,6 +489,59 @@ impl Drop for FuseDisk {
     }
 }
 
+/// An XFS filesystem with reflinks (`mkfs.xfs -m reflink=1`) on a loop device over a sparse
+/// file, mounted under a temporary directory: a place for disk files a reflink copy can be
+/// taken of. Unmounted and detached at drop, even when a test fails.
+#[derive(Debug)]
+pub struct XfsMount {
+    pub mnt: PathBuf,
+    lo: String,
+    _dir: tempfile::TempDir,
+}
+
+impl XfsMount {
+    /// `None` (the reason printed) without root or `mkfs.xfs`.
+    pub fn new(size: u64) -> Option<Self> {
+        if !is_root("a loop device and a mount") || !have("mkfs.xfs") {
+            return None;
+        }
+        let _ = std::fs::create_dir_all("/var/tmp/duet-tests");
+        let dir = tempfile::Builder::new()
+            .prefix("xfs-")
+            .tempdir_in("/var/tmp/duet-tests")
+            .expect("tempdir");
+        let img = dir.path().join("xfs.img");
+        std::fs::File::create(&img).and_then(|f| f.set_len(size)).expect("image");
+        let lo = {
+            let f = std::fs::File::create("/var/tmp/duet-tests/loop.lock").expect("lock file");
+            let _lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok();
+            run_ok(
+                Command::new("losetup").args(["-f", "--show"]).arg(&img),
+                Duration::from_secs(20),
+            )
+            .trim()
+            .to_string()
+        };
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).expect("mount point");
+        let me = Self { mnt, lo, _dir: dir };
+        run_ok(
+            Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1", &me.lo]),
+            Duration::from_secs(60),
+        );
+        run_ok(Command::new("mount").arg(&me.lo).arg(&me.mnt), Duration::from_secs(30));
+        Some(me)
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").arg(&self.mnt), Duration::from_secs(30));
+        let _ = run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(30));
+        let _ = run(Command::new("losetup").args(["-d", &self.lo]), Duration::from_secs(20));
+    }
+}
+
 /// One HTTP/1.0 GET (or another method) to 127.0.0.1:`port`: the status code, the head, the
 /// body. Panics if the server does not answer within 10 s.
 pub fn http(port: u16, method: &str, path: &str, headers: &str) -> (u16, String, String) {

@@ -33,6 +33,8 @@ pub struct PairOpts {
     pub http: bool,
     /// Extra top-level TOML, at the end (`[hooks]`).
     pub extra: String,
+    /// Where the disk files go (default: the pair's directory), e.g. an [`crate::XfsMount`].
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// The cluster manager's part of the config.
@@ -81,6 +83,7 @@ impl Default for PairOpts {
             netns: None,
             http: false,
             extra: String::new(),
+            disk_dir: None,
         }
     }
 }
@@ -142,7 +145,7 @@ impl Pair {
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .expect("secret mode");
         let node = |name: &'static str| {
-            let disk = dir.path().join(format!("{name}.img"));
+            let disk = o.disk_dir.as_deref().unwrap_or(dir.path()).join(format!("{name}.img"));
             std::fs::File::create(&disk).and_then(|f| f.set_len(o.size)).expect("disk");
             PairNode {
                 name,

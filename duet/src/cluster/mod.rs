@@ -108,6 +108,14 @@ pub struct LocalView {
     /// Resources whose local disk failed and is detached (bit i = resource i): the peer holds
     /// their only copy (never outdated), and this node is unhealthy (it hands over).
     pub diskless: u32,
+    /// Resources with `sync = "scheduled"` (bit i = resource i): their link is idle between
+    /// catch-ups on purpose and the standby keeps the last consistent state, so the peer is
+    /// never outdated for it and no write waits for it (resource-and-stonith).
+    pub scheduled: u32,
+    /// Every resource whose disk is not UpToDate holds a consistent state kept before a
+    /// resync that was cut off (`sync = "scheduled"`), which a promotion restores: this node
+    /// can take over from a dead master.
+    pub restorable: bool,
     /// The worst local disk state, for messages ("Outdated", "Inconsistent", ...).
     pub worst_disk: &'static str,
 }

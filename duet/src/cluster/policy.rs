@@ -128,7 +128,10 @@ impl Manager {
             // (Never where this node is Diskless: the peer's copy is the only one; nor where
             // the peer's own frames say its disk is already unusable.)
             let unusable = pv.map_or(0, |v| v.unusable);
-            let need = l.disconnected & !self.peer_outdated & !l.diskless & !unusable;
+            // Nor for scheduled sync: its link idles between catch-ups on purpose, and the standby's
+            // last consistent state is what a failover is meant to promote.
+            let need =
+                l.disconnected & !self.peer_outdated & !l.diskless & !unusable & !l.scheduled;
             if alive && need != 0 && self.outdating.is_none() {
                 let id = self.id();
                 self.event(&format!("replication link down but the peer answers on a heartbeat link: outdating its data (resources {need:#x})"));
@@ -146,8 +149,8 @@ impl Manager {
                 if l.disconnected == 0 {
                     self.fenced = false;
                 }
-                let exposed =
-                    l.disconnected & !(self.peer_outdated | unusable) != 0 && !self.fenced;
+                let exposed = l.disconnected & !(self.peer_outdated | unusable | l.scheduled) != 0
+                    && !self.fenced;
                 if !self.frozen && exposed {
                     self.start_steps(
                         Kind::Stonith,
@@ -206,7 +209,10 @@ impl Manager {
         match self.peer {
             PeerState::Unknown => {}
             PeerState::Dead => {
-                if l.uptodate {
+                if l.uptodate || l.restorable {
+                    if l.restorable {
+                        self.event("the peer died during a scheduled catch-up: taking over with the last consistent state kept before it");
+                    }
                     self.takeover(
                         "the peer is dead on every heartbeat link".into(),
                         true,

@@ -252,6 +252,8 @@ impl World {
                 self.in_sync() && other.disk == Disk::UpToDate && me.disk == Disk::UpToDate,
             ),
             diskless: 0,
+            scheduled: 0,
+            restorable: false,
             worst_disk: match me.disk {
                 Disk::Inconsistent => "Inconsistent",
                 Disk::Outdated => "Outdated",

@@ -27,6 +27,8 @@ fn master_view() -> LocalView {
         disconnected: 0,
         synced: 0b11,
         diskless: 0,
+        scheduled: 0,
+        restorable: false,
         worst_disk: "UpToDate",
     }
 }

@@ -51,6 +51,19 @@ pub enum OnIoError {
     Freeze,
 }
 
+/// `sync`: how the standby follows the Primary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Every write reaches the peer as `protocol` says.
+    #[default]
+    Continuous,
+    /// The link is idle between the runs of `schedule`; at each run the standby catches up,
+    /// keeping its last consistent state (a reflink copy, or `hooks.before_resync_target`)
+    /// until it is in sync. A failover loses what was written since the last run.
+    Scheduled,
+}
+
 /// `data_integrity`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -109,6 +122,12 @@ pub struct Resource {
     /// detach | pass | freeze.
     #[serde(default)]
     pub on_io_error: OnIoError,
+    /// continuous | scheduled.
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// With `sync = "scheduled"`: when the standby catches up (see [`crate::schedule`]).
+    #[serde(default)]
+    pub schedule: String,
     /// `[resource.on.NAME]`.
     #[serde(default)]
     pub on: BTreeMap<String, ResourceOn>,
@@ -247,6 +266,17 @@ impl Default for PeerTimers {
     }
 }
 
+impl Resource {
+    /// The catch-up schedule of a `sync = "scheduled"` resource (validated: `None` only for
+    /// continuous sync).
+    pub fn schedule(&self) -> Option<crate::schedule::Schedule> {
+        match self.sync {
+            SyncMode::Continuous => None,
+            SyncMode::Scheduled => self.schedule.parse().ok(),
+        }
+    }
+}
+
 impl Config {
     pub(super) fn validate_resource(
         &self,
@@ -354,6 +384,43 @@ impl Config {
                 "both nodes use the same address",
                 "give each node its own address",
             ));
+        }
+        match (r.sync, r.schedule.trim().is_empty()) {
+            (SyncMode::Continuous, true) => {}
+            (SyncMode::Continuous, false) => {
+                return Err(invalid(
+                    k("schedule"),
+                    &r.schedule,
+                    "a schedule needs sync = \"scheduled\" (this resource syncs continuously)",
+                    "add sync = \"scheduled\", or remove schedule",
+                ));
+            }
+            (SyncMode::Scheduled, true) => {
+                return Err(invalid(
+                    k("schedule"),
+                    "",
+                    "missing; sync = \"scheduled\" needs to know when the standby catches up",
+                    "e.g. schedule = \"daily 02:00\", \"hourly\" or \"every 30m\"",
+                ));
+            }
+            (SyncMode::Scheduled, false) => {
+                if let Err(e) = r.schedule.parse::<crate::schedule::Schedule>() {
+                    return Err(invalid(
+                        k("schedule"),
+                        &r.schedule,
+                        "not a schedule",
+                        &e.to_string(),
+                    ));
+                }
+                if self.node.len() != 2 {
+                    return Err(invalid(
+                        k("sync"),
+                        "scheduled",
+                        "needs a peer: a single node has no standby to sync",
+                        "use sync = \"continuous\" (the default) on a single node",
+                    ));
+                }
+            }
         }
         let s = &r.resync;
         let ks = |f: &str| format!("resource[{i}].resync.{f}");

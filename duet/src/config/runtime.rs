@@ -125,12 +125,22 @@ pub fn volume_config(
         cluster: cfg.cluster.name.clone(),
         protocol,
         digest,
-        fingerprint: handshake::fingerprint(&[
-            &r.name,
-            r.protocol.fingerprint_name(),
-            &r.bitmap_granularity_kib.to_string(),
-            r.data_integrity.fingerprint_name(),
-        ]),
+        // Scheduled sync joins the fingerprint only where it is on: a continuous pair keeps the
+        // fingerprint of releases without it (a rolling upgrade still connects), and two nodes
+        // that disagree on it never replicate.
+        fingerprint: {
+            let granularity = r.bitmap_granularity_kib.to_string();
+            let mut parts = vec![
+                r.name.as_str(),
+                r.protocol.fingerprint_name(),
+                &granularity,
+                r.data_integrity.fingerprint_name(),
+            ];
+            if r.sync == config::SyncMode::Scheduled {
+                parts.push("sync=scheduled");
+            }
+            handshake::fingerprint(&parts)
+        },
         policies,
         resync: resync_settings(s),
         checksum_resync: s.checksum,
@@ -169,7 +179,22 @@ pub fn volume_config(
             .and_then(|v| v.parse().ok())
             .unwrap_or(handshake::FEATURES),
         config_keys: handshake::ConfigKeys(cfg.keys.clone()),
+        scheduled: (r.sync == config::SyncMode::Scheduled).then(|| {
+            let disk = r.on.get(node).map(|on| on.disk.clone()).unwrap_or_default();
+            replicator::repl::volume::Scheduled {
+                copy: disk.is_file().then(|| kept_copy_path(&disk)),
+                consistent_file: cfg.cluster.state_dir.join(format!("{}.consistent-at", r.name)),
+            }
+        }),
     })
+}
+
+/// Where the last consistent state of a file-backed disk is kept under `sync = "scheduled"`:
+/// next to it (a reflink copy must be on the same filesystem), `<disk>.consistent`.
+pub fn kept_copy_path(disk: &std::path::Path) -> std::path::PathBuf {
+    let mut s = disk.as_os_str().to_owned();
+    s.push(".consistent");
+    s.into()
 }
 
 /// Test-only: the replication protocol versions to speak, `"V"` or `"MIN-MAX"` (the

@@ -54,6 +54,10 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "resource[{index}] ({name}): sync = \"scheduled\" keeps the standby's last consistent state before each catch-up, and {why}"
+    )]
+    NoKeptState { index: usize, name: String, why: String },
     #[error("resource {name}")]
     Volume {
         name: String,

@@ -19,6 +19,7 @@ mod http;
 pub mod metrics;
 mod node;
 pub mod notify;
+mod scheduled;
 mod socket;
 
 use crate::config::runtime::{meta_of, node_id, read_secret, volume_config};
@@ -122,6 +123,11 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
             config::IoEngine::Uring => EngineKind::Uring,
             config::IoEngine::Threads => EngineKind::Threads,
         };
+        let reflink = if r.sync == config::SyncMode::Scheduled && peer.is_some() {
+            kept_state_possible(&cfg, i, r, &on.disk)?
+        } else {
+            false
+        };
         let opts = StoreOptions { engine, direct: r.direct_io, read_only: false };
         let store = Arc::new(Store::open(&on.disk, opts).map_err(|source| DaemonError::Store {
             index: i,
@@ -133,7 +139,10 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
         let vol = match &peer {
             None => Volume::standalone(store),
             Some(p) => {
-                let vc = volume_config(&cfg, r, &node, p, &secret)?;
+                let mut vc = volume_config(&cfg, r, &node, p, &secret)?;
+                if let Some(s) = vc.scheduled.as_mut().filter(|_| !reflink) {
+                    s.copy = None; // the before_resync_target hook keeps the state
+                }
                 // A disk detached after an I/O error stays so: neither its data nor its
                 // metadata is read again until `duet attach` (or `create-md` on a new disk).
                 let detached = vc.detached_marker.as_deref().and_then(read_marker);
@@ -176,6 +185,9 @@ pub async fn run(cfg: Config, node: String, config_path: PathBuf) -> Result<(), 
                 ));
                 // Every line the link logs says which resource and which peer (an error-level
                 // span: enabled whatever DUET_LOG lets through, so its fields always show).
+                if let Some(sched) = r.schedule() {
+                    tokio::spawn(scheduled::run(Arc::clone(&vol), sched, sd_rx.clone()));
+                }
                 let span = tracing::error_span!("link", resource = %r.name, peer = %p);
                 let run = link::run(Arc::clone(&vol), listener, sd_rx.clone());
                 links.push(tokio::spawn(tracing::Instrument::instrument(run, span)));
@@ -385,5 +397,40 @@ async fn wait_for_signal(state: &State) -> Result<(), DaemonError> {
                 notify::ready(&state.summary());
             }
         }
+    }
+}
+
+/// A scheduled resource's disk can keep its consistent state: a file on a filesystem with
+/// reflinks (probed next to it: `Ok(true)`), or any disk with a `before_resync_target` hook
+/// (which keeps it the operator's way, an LVM snapshot say: `Ok(false)`).
+fn kept_state_possible(
+    cfg: &Config,
+    index: usize,
+    r: &config::Resource,
+    disk: &std::path::Path,
+) -> Result<bool, DaemonError> {
+    let hook = !cfg.hooks.before_resync_target.trim().is_empty();
+    let fail = |why: String| DaemonError::NoKeptState { index, name: r.name.clone(), why };
+    if !disk.is_file() {
+        if hook {
+            return Ok(false);
+        }
+        return Err(fail(format!(
+            "{} is not a regular file (a reflink copy needs one); set hooks.before_resync_target to a command that keeps it (an LVM snapshot, say), or put the disk in a file on XFS (mkfs.xfs -m reflink=1) or btrfs",
+            disk.display()
+        )));
+    }
+    let dir = disk.parent().unwrap_or(std::path::Path::new("/"));
+    match replicator::repl::volume::probe_reflink(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if hook => {
+            tracing::warn!(resource = %r.name, dir = %dir.display(), error = %e, "no reflinks here: the before_resync_target hook keeps the consistent state, and a failover during a catch-up needs it restored by hand");
+            Ok(false)
+        }
+        Err(e) => Err(fail(format!(
+            "{} cannot hold a reflink copy of {} (FICLONE: {e}); put the disk file on XFS (mkfs.xfs -m reflink=1) or btrfs",
+            dir.display(),
+            disk.display()
+        ))),
     }
 }

@@ -19,8 +19,11 @@ pub(super) fn local_view(summaries: &[Summary]) -> LocalView {
         disconnected: 0,
         synced: 0,
         diskless: 0,
+        scheduled: 0,
+        restorable: false,
         worst_disk: DiskState::UpToDate.name(),
     };
+    let mut restorable = any;
     let mut worst = DiskState::UpToDate;
     for (i, s) in summaries.iter().enumerate() {
         let primary = s.role == Role::Primary;
@@ -49,7 +52,12 @@ pub(super) fn local_view(summaries: &[Summary]) -> LocalView {
         if s.disk == DiskState::Diskless && i < 32 {
             v.diskless |= 1 << i;
         }
+        if s.scheduled && i < 32 {
+            v.scheduled |= 1 << i;
+        }
+        restorable &= s.disk == DiskState::UpToDate || s.restorable;
     }
+    v.restorable = restorable && !v.uptodate;
     v.worst_disk = worst.name();
     v
 }
@@ -110,6 +118,8 @@ mod tests {
             peer_disk,
             out_of_sync_bytes: 0,
             generation: 1,
+            scheduled: false,
+            restorable: false,
         }
     }
 

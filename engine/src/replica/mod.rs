@@ -616,6 +616,21 @@ impl<W> Replica<W> {
         Ok(Persist::METADATA)
     }
 
+    /// The last consistent state kept before a resync as target was copied back over the
+    /// half-synced data (see [`Event::Restored`]): Consistent with that state's generations,
+    /// and every block out of sync, since the interrupted resync may have moved blocks the
+    /// peer no longer counts as out of sync, and whatever the peer holds now is unknown here.
+    /// The superblock and the whole bitmap must reach the disk.
+    pub fn restored(&mut self, uuids: Generations) -> Result<Persist, Refusal> {
+        self.st.step(Event::Restored)?;
+        self.sb.uuids = uuids;
+        self.sync_source_gens = None;
+        self.resyncing = false;
+        self.bitmap.set_all();
+        self.bitmap.mark_all_dirty();
+        Ok(Persist::METADATA)
+    }
+
     /// As source, the target says it has everything.
     pub fn source_done(&mut self) -> Result<Persist, Refusal> {
         self.st.step(Event::SourceDone)?;

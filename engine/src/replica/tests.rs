@@ -422,3 +422,24 @@ fn a_bigger_volume_beside_a_smaller_connected_peer_is_not_promoted() {
     r.peer_size = Some(SIZE - G);
     assert!(matches!(r.promote(false, 1), Ok(Promotion::Promoted { .. })));
 }
+
+#[test]
+fn a_restored_state_is_consistent_with_its_generations_and_all_out_of_sync() {
+    // Half-synced: Inconsistent, the session gone.
+    let mut r = Replica::<u32>::attach(sb(0), Bitmap::new(SIZE, G), &[]).0;
+    let _ = r.bitmap.take_dirty();
+    let kept = Generations { current: 0x20, bitmap: 0, history: [0x10, 0] };
+    assert_eq!(r.restored(kept), Ok(Persist::METADATA));
+    assert_eq!(r.st.disk, DiskState::Consistent);
+    assert_eq!(r.sb.uuids, kept);
+    assert_eq!(r.bitmap.weight(), r.bitmap.bits(), "every block out of sync");
+    assert!(!r.bitmap.take_dirty().is_empty(), "the whole bitmap goes to disk");
+    assert!(r.next_superblock().flags & FLAG_CONSISTENT != 0);
+    // Never over data that is consistent already, or with a session up.
+    let mut r = secondary();
+    assert_eq!(
+        r.restored(kept),
+        Err(Refusal::NotRestorable(Role::Secondary, DiskState::Consistent, ConnState::StandAlone))
+    );
+    assert_eq!(r.sb.uuids.current, 0x10, "a refusal changes nothing");
+}

@@ -21,6 +21,7 @@ mod nbd_tls;
 mod packaging;
 mod peer_hostile;
 mod replication;
+mod scheduled_sync;
 mod shutdown;
 mod systemd_notify;
 mod web;

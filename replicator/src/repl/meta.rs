@@ -345,6 +345,17 @@ impl Meta {
         Ok((me, sb))
     }
 
+    /// The same layout in another file: a whole-file copy of a disk with internal metadata
+    /// (the kept consistent state of `sync = "scheduled"`), whose metadata is rewritten there.
+    pub(crate) fn in_copy(&self, path: &Path) -> Result<Self, MetaError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| MetaError::Open { path: path.to_owned(), source })?;
+        Ok(Self { file, path: path.to_owned(), layout: self.layout })
+    }
+
     /// Path of the metadata (the device for internal metadata).
     pub fn path(&self) -> &Path {
         &self.path

@@ -271,6 +271,7 @@ impl Session {
                     c.r.source_done()
                 })?;
                 let _ = vol.persist(p).await;
+                vol.mark_in_sync();
                 vol.event("resync finished (source): the peer is UpToDate".into());
                 vol.notify();
             }

@@ -47,6 +47,9 @@ use crate::store::IoBuf;
 use engine::state::{Event, Sync};
 use engine::translog::TransferLog;
 
+/// What a `sync = "scheduled"` node says to a connection while its link is idle on purpose.
+pub const IDLE_REFUSAL: &str = "idle between scheduled catch-ups";
+
 /// Largest frame accepted before authentication.
 const HANDSHAKE_MAX: u32 = 64 * 1024;
 /// Largest resync request, bytes (one bitmap bit when the granularity is larger). Bounded in
@@ -299,7 +302,17 @@ pub async fn run(
             tokio::select! {
                 _ = stopped(&mut shutdown) => return,
                 _ = changed.changed() => continue,
-                Some(Ok((s, _))) = accept(listener.as_ref()) => { drop(s); continue; }
+                Some(Ok((s, _))) = accept(listener.as_ref()) => {
+                    // A scheduled Primary between catch-ups says so (the standby keeps quiet
+                    // about it); anyone else just sees the connection close.
+                    if vol.scheduled().is_some() {
+                        let mut s = s;
+                        let mut b = BytesMut::new();
+                        wire::encode(&mut b, Kind::Refuse, 0, 0, 0, IDLE_REFUSAL.as_bytes());
+                        let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(&b)).await;
+                    }
+                    continue;
+                }
             }
         } else if connector {
             tokio::select! {
@@ -463,6 +476,11 @@ async fn accept_peer(
 /// A session that failed, or a handshake that did not authenticate: counted, logged, shown by
 /// `duet status`.
 fn count_failure(vol: &Volume, warn: &impl Fn(&str), e: &LinkError) {
+    if matches!(e, LinkError::PeerRefused(m) if m == IDLE_REFUSAL) {
+        // Not a failure: the scheduled Primary idles until its next catch-up.
+        vol.with_core(|c| c.r.last_refusal = Some(e.to_string()));
+        return;
+    }
     vol.stats.peer_errors.fetch_add(1, Relaxed);
     if e.is_forgery() {
         vol.stats.peer_auth_failures.fetch_add(1, Relaxed);

@@ -7,7 +7,8 @@ use frames::hashes;
 /// The resync as target: request out-of-sync blocks at the controller's rate until none are left.
 pub(super) async fn resync_target(vol: Arc<Volume>, peer: Arc<Peer>, inflight: Arc<AtomicU64>) {
     let cfg = vol.config().expect("replicated").clone();
-    if let Some(hook) = vol.before_resync_target() {
+    // (A scheduled resource ran it in the handshake, before anything reached its disk.)
+    if let Some(hook) = vol.before_resync_target().filter(|_| vol.scheduled().is_none()) {
         // Nothing is requested until it is done (a snapshot of the old data, say); the session
         // stays up meanwhile, and the source only waits for requests.
         if let Err(why) = (hook.0)().await {
@@ -125,6 +126,8 @@ async fn finish_target(vol: &Arc<Volume>, peer: &Arc<Peer>) {
     // (Refused only when the connection changed meanwhile: the teardown takes over.)
     let Ok(p) = p else { return };
     let _ = vol.persist(p).await;
+    vol.mark_in_sync();
+    vol.drop_kept_state();
     peer.send(small_frame(Kind::RsDone, 0, 0, 0, &[])).await;
     vol.event("resync finished (target): this node is UpToDate".into());
     vol.send_state().await;

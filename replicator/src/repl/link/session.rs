@@ -167,6 +167,18 @@ pub(super) async fn session(
         Plan::NoSync | Plan::Source { .. } | Plan::Target { .. } => {}
     }
     vol.with_core(|c| engine::session::apply_fixup(&mut c.r.sb.uuids, verdict.fixup));
+    // 3c. A scheduled standby keeps its consistent state before anything of the resync (or of
+    // the replicated writes that start with the session) reaches it.
+    if matches!(the_plan, Plan::Target { .. })
+        && vol.scheduled().is_some()
+        && let Err(why) = vol.keep_consistent_state().await
+    {
+        vol.event(format!(
+            "cannot keep the last consistent state before the resync: {why}; not resyncing (the link retries)"
+        ));
+        let _ = send_now(&mut wr, Some(&mut sealer), Kind::Refuse, 0, why.as_bytes()).await;
+        return Err(LinkError::Retry(format!("cannot keep the last consistent state: {why}")));
+    }
     // 4. Bitmaps both ways, OR-ed. From here until the session is live no application write
     // runs: one that missed the peer has marked its blocks before our bitmap is read, and the
     // next one replicates.
@@ -232,6 +244,9 @@ pub(super) async fn session(
     if vol.persist(persist).await.is_err() {
         peer_h.tx.close();
         return Err(LinkError::Metadata);
+    }
+    if sync == Sync::None {
+        vol.mark_in_sync();
     }
     if sync == Sync::Source {
         let id = random_u64().map_err(|e| LinkError::NoRandomness("a sync generation", e))?;

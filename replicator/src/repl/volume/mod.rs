@@ -18,12 +18,14 @@
 mod failure;
 mod io;
 mod roles;
+mod snapshot;
 mod status;
 
 pub(crate) use failure::PEER_READ_MAX;
 pub use failure::{DiskFailure, OnIoError, is_disk_error, marker_path, read_marker, write_marker};
 pub use io::VolumePlug;
-pub use status::{ReplStatus, Run, Summary};
+pub use snapshot::{Kept, Scheduled, probe as probe_reflink, read_kept, record_path};
+pub use status::{ReplStatus, Run, ScheduledStatus, Summary};
 
 use nix::errno::Errno;
 use std::collections::{HashMap, VecDeque};
@@ -90,6 +92,8 @@ pub struct VolumeConfig {
     pub features: u64,
     /// This node's configuration keys, compared with the peer's at each handshake.
     pub config_keys: super::handshake::ConfigKeys,
+    /// `sync = "scheduled"`: the link idles between catch-ups (see [`Scheduled`]).
+    pub scheduled: Option<Scheduled>,
 }
 
 /// Counters (status and metrics).
@@ -158,6 +162,12 @@ pub(crate) struct Core {
     /// The configuration keys in which the peer's file differs from ours, from the last
     /// handshake that compared them (`None`: none did; the peer's release does not).
     pub config_differs: Option<Vec<String>>,
+    /// When this node was last in sync with its peer (seconds since the epoch), since start.
+    pub in_sync_at: Option<f64>,
+    /// The consistent state kept before the current resync (`sync = "scheduled"`).
+    pub kept: Option<snapshot::Kept>,
+    /// When the scheduler next starts a catch-up (seconds since the epoch), if it set one.
+    pub next_run: Option<f64>,
 }
 
 /// The volume.
@@ -405,6 +415,9 @@ impl Volume {
                 disk_failure: None,
                 protocol_version: None,
                 config_differs: None,
+                in_sync_at: None,
+                kept: None,
+                next_run: None,
             }),
             al: Mutex::new(al),
             al_freed: tokio::sync::Notify::new(),
@@ -455,6 +468,7 @@ impl Volume {
             tracing::warn!(resource = %cfg.resource, extents = al_hot.len(), "this node crashed while Primary: its hot activity-log extents are marked out of sync");
         }
         let v = Self::build(Some(cfg), store, Some(meta), size, r, al);
+        v.load_kept_state();
         if persist.bitmap {
             v.event(format!(
                 "attached after a crash as Primary: {} hot extents marked out of sync",
@@ -550,9 +564,17 @@ impl Volume {
         self.before_resync_target.get()
     }
 
-    /// Sends every later event to `sink` too (the first call wins).
+    /// Sends every event to `sink` too (the first call wins): those of the ring so far (what
+    /// the volume found as it attached), then every later one.
     pub fn set_event_sink(&self, sink: EventSink) {
-        let _ = self.sink.set(sink);
+        let earlier: Vec<String> = self.events().into_iter().map(|e| e.what).collect();
+        if self.sink.set(sink).is_ok()
+            && let Some(s) = self.sink.get()
+        {
+            for what in &earlier {
+                (s.0)(what);
+            }
+        }
     }
 
     /// Appends to the event log (and logs it).

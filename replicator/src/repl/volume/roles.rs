@@ -9,6 +9,16 @@ impl Volume {
 
     /// `duet primary [--force]`.
     pub async fn promote(&self, force: bool) -> Result<String, Refused> {
+        // A scheduled standby cut off mid-catch-up promotes its last consistent state, never
+        // the half-synced data (forced: it is the newest state this node can vouch for).
+        let restored = match self.restorable() {
+            Some(kept) => {
+                self.restore_consistent_state(&kept).await?;
+                true
+            }
+            None => false,
+        };
+        let force = force || restored;
         let new_id = random_u64().map_err(|e| {
             Refused(format!(
                 "the kernel gave no randomness for a generation identifier ({e}); not promoted"
@@ -24,7 +34,14 @@ impl Volume {
         }
         self.send_state().await;
         self.event(format!("promoted to Primary{}", if force { " (forced)" } else { "" }));
+        self.drop_kept_state();
         self.notify();
+        if restored {
+            return Ok(
+                "Primary, with the last consistent state (the resync that was running is undone)"
+                    .into(),
+            );
+        }
         Ok(if fresh {
             "Primary (forced: this node's data is now the source of truth)".into()
         } else {

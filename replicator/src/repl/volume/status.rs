@@ -61,7 +61,24 @@ pub struct ReplStatus {
     /// handshake that compared them (`None`: none did).
     #[serde(default)]
     pub config_differs: Option<Vec<String>>,
+    /// `sync = "scheduled"`: the catch-ups and the kept state.
+    #[serde(default)]
+    pub scheduled: Option<ScheduledStatus>,
     pub events: Vec<Event>,
+}
+
+/// What `duet status` shows of a `sync = "scheduled"` resource.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScheduledStatus {
+    /// When this node was last in sync with the peer (seconds since the epoch; now while it
+    /// is): the standby's data is the Primary's of that moment.
+    pub last_consistent: Option<f64>,
+    /// When the next catch-up starts, if this node's scheduler runs them (the Primary's).
+    pub next_run: Option<f64>,
+    /// The consistent state kept before the resync that has not finished, if any.
+    pub kept: Option<super::Kept>,
+    /// A promotion now restores the kept state (the resync was cut off).
+    pub restorable: bool,
 }
 
 /// How long a pace window lasts: the rate `duet status` shows is the one over the last window.
@@ -144,6 +161,11 @@ pub struct Summary {
     pub peer_role: Option<Role>,
     pub out_of_sync_bytes: u64,
     pub generation: u64,
+    /// `sync = "scheduled"`: the link is idle between catch-ups on purpose.
+    pub scheduled: bool,
+    /// A promotion would restore the state kept before a resync that was cut off (so this
+    /// Inconsistent disk can still take over).
+    pub restorable: bool,
 }
 
 impl Volume {
@@ -163,12 +185,15 @@ impl Volume {
                 0
             },
             generation: c.r.sb.uuids.current,
+            scheduled: self.scheduled().is_some(),
+            restorable: Self::restorable_now(&c),
         }
     }
 
     /// What `duet status` shows.
     pub fn status(&self) -> ReplStatus {
         let now = Instant::now();
+        let last_consistent = self.scheduled().and_then(|_| self.last_consistent());
         let c = self.core.lock().expect("volume state poisoned");
         let unflushed = c.r.session.as_ref().map_or(0, |s| s.tl.held_bytes());
         let oos =
@@ -207,6 +232,12 @@ impl Volume {
             peer_size_bytes: c.r.peer_size,
             protocol_version: c.protocol_version,
             config_differs: c.config_differs.clone(),
+            scheduled: self.scheduled().map(|_| ScheduledStatus {
+                last_consistent,
+                next_run: c.next_run,
+                kept: c.kept.clone(),
+                restorable: Self::restorable_now(&c),
+            }),
             events: c.events.iter().rev().take(20).rev().cloned().collect(),
         }
     }
