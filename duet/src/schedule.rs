@@ -127,6 +127,13 @@ impl Schedule {
         t.clone() + Duration::days(1)
     }
 
+    /// [`Schedule::next_after`] in UTC, in seconds since the epoch (`None` outside chrono's
+    /// range): for callers without a time zone at hand (the fuzz target).
+    pub fn next_after_utc(&self, epoch_s: i64) -> Option<i64> {
+        let t = chrono::DateTime::from_timestamp(epoch_s, 0)?;
+        Some(self.next_after(&t).timestamp())
+    }
+
     /// The local times of runs on `date`, in order.
     fn times_on(&self, date: NaiveDate) -> Vec<NaiveTime> {
         let hm = |m: u32| NaiveTime::from_hms_opt(m / 60, m % 60, 0).expect("within a day");

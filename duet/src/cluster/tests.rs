@@ -495,3 +495,56 @@ fn an_outdate_request_is_withdrawn_when_replication_comes_back_before_the_answer
         assert!(sends(&a).is_empty(), "{a:?}");
     }
 }
+
+#[test]
+fn a_scheduled_peer_is_never_outdated_nor_a_reason_to_freeze() {
+    let t = Instant::now();
+    // Resource 1 syncs on a schedule: its idle link outdates nothing; resource 0's still does.
+    let mut m = Manager::new(s(true), t);
+    alive(&mut m, t, master_view(), peer(false));
+    let idle = LocalView { disconnected: 0b10, scheduled: 0b10, ..master_view() };
+    let a = m.handle(t, Input::Local(idle));
+    assert!(sends(&a).is_empty(), "{a:?}");
+    let a = m.handle(t + Duration::from_millis(600), Input::Tick);
+    assert!(sends(&a).is_empty(), "{a:?}");
+    let a = m.handle(
+        t + Duration::from_millis(700),
+        Input::Local(LocalView { disconnected: 0b11, ..idle }),
+    );
+    assert!(matches!(sends(&a)[..], [Control::Outdate { mask: 0b01, .. }]), "{a:?}");
+    // Under resource-and-stonith an idle scheduled link holds no write back.
+    for (scheduled, freezes) in [(0b1, false), (0, true)] {
+        let mut m = Manager::new(Settings { fencing: Fencing::ResourceAndStonith, ..s(true) }, t);
+        alive(&mut m, t, master_view(), peer(false));
+        let a =
+            m.handle(t, Input::Local(LocalView { disconnected: 0b1, scheduled, ..master_view() }));
+        assert_eq!(a.iter().any(|x| matches!(x, Action::Run(Step::Freeze))), freezes, "{a:?}");
+    }
+}
+
+#[test]
+fn a_slave_cut_off_mid_catch_up_takes_over_only_with_a_kept_state() {
+    let t = Instant::now();
+    let half_synced = LocalView {
+        uptodate: false,
+        in_sync: false,
+        worst_disk: "Inconsistent",
+        disconnected: 0b11,
+        synced: 0,
+        ..slave_view()
+    };
+    for (restorable, takes_over) in [(true, true), (false, false)] {
+        let mut m = Manager::new(s(false), t);
+        m.handle(t, Input::Local(LocalView { restorable, ..half_synced }));
+        let a = m.handle(t, Input::Peer(PeerState::Dead));
+        let promotes = a.iter().any(|x| matches!(x, Action::Run(Step::Promote { .. })))
+            || run_out(&mut m, t, &a).iter().any(|s| matches!(s, Step::Promote { .. }));
+        assert_eq!(promotes, takes_over, "restorable {restorable}: {a:?}");
+        if !takes_over {
+            assert!(
+                a.iter().any(|x| matches!(x, Action::Event(e) if e.contains("Inconsistent"))),
+                "{a:?}"
+            );
+        }
+    }
+}

@@ -527,3 +527,34 @@ fn on_io_error_takes_its_three_values_and_names_them_otherwise() {
         assert!(e.contains("on_io_error") || e.contains("detach"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn scheduled_sync_needs_a_schedule_a_peer_and_a_schedule_that_parses() {
+    let pair = &include_str!("../../../duet.example.toml").replacen("sync = \"continuous\"", "", 1);
+    let with = |text: &str, lines: &str| {
+        parse(&text.replacen("[resource.on.alpha]", &format!("{lines}\n[resource.on.alpha]"), 1))
+    };
+    let c = with(pair, "sync = \"scheduled\"\nschedule = \"daily 02:00\"").unwrap();
+    assert_eq!(c.resource[0].sync, SyncMode::Scheduled);
+    assert_eq!(c.resource[0].schedule().map(|s| s.to_string()).as_deref(), Some("daily 02:00"));
+    assert_eq!(parse(pair).unwrap().resource[0].schedule(), None, "continuous by default");
+    for (lines, key, says) in [
+        ("sync = \"scheduled\"", "resource[0].schedule", "missing"),
+        (
+            "sync = \"scheduled\"\nschedule = \"sometimes\"",
+            "resource[0].schedule",
+            "not a schedule",
+        ),
+        ("sync = \"scheduled\"\nschedule = \"daily 25:00\"", "resource[0].schedule", "23:59"),
+        ("schedule = \"hourly\"", "resource[0].schedule", "needs sync = \"scheduled\""),
+    ] {
+        let e = with(pair, lines).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(says), "{lines}: {e}");
+    }
+    for lines in ["sync = \"weekly\"", "sync = 1", "sync = \"Scheduled\"", "schedule = 5"] {
+        let e = with(pair, lines).unwrap_err().to_string();
+        assert!(e.contains("sync") || e.contains("schedule"), "{lines}: {e}");
+    }
+    let e = with(SINGLE, "sync = \"scheduled\"\nschedule = \"hourly\"").unwrap_err().to_string();
+    assert!(e.contains("resource[0].sync") && e.contains("needs a peer"), "{e}");
+}

@@ -302,6 +302,24 @@ pub fn encode_status(st: &NodeStatus, http: &HttpCounters) -> String {
     s.gauge("resync_rate_bytes_per_second", "The running resync's average rate.", rows);
     let rows = resyncs.iter().filter_map(|(l, p)| p.eta_s.map(|e| (l.clone(), e as f64))).collect();
     s.gauge("resync_eta_seconds", "Seconds the running resync still needs at its rate.", rows);
+    let scheduled: Vec<_> = st
+        .resources
+        .iter()
+        .filter_map(|r| r.replication.as_ref()?.scheduled.as_ref().map(|x| (res(&s, r), x)))
+        .collect();
+    let rows =
+        scheduled.iter().filter_map(|(l, x)| x.last_consistent.map(|t| (l.clone(), t))).collect();
+    s.gauge(
+        "scheduled_last_consistent_timestamp_seconds",
+        "sync = \"scheduled\": when this node was last in sync with its peer (Unix time; the standby serves that state after a failover).",
+        rows,
+    );
+    let rows = scheduled.iter().filter_map(|(l, x)| x.next_run.map(|t| (l.clone(), t))).collect();
+    s.gauge(
+        "scheduled_next_run_timestamp_seconds",
+        "sync = \"scheduled\": when the Primary starts its next catch-up (Unix time).",
+        rows,
+    );
     if let Some(h) = &st.ha {
         cluster(&mut s, h);
     }

@@ -428,7 +428,7 @@ fn kept_state_possible(
             Ok(false)
         }
         Err(e) => Err(fail(format!(
-            "{} cannot hold a reflink copy of {} (FICLONE: {e}); put the disk file on XFS (mkfs.xfs -m reflink=1) or btrfs",
+            "{} cannot hold a reflink copy of {} (FICLONE: {e}); put the disk file on XFS (mkfs.xfs -m reflink=1) or btrfs, or set hooks.before_resync_target to a command that keeps it",
             dir.display(),
             disk.display()
         ))),

@@ -621,9 +621,16 @@ impl<W> Replica<W> {
     /// and every block out of sync, since the interrupted resync may have moved blocks the
     /// peer no longer counts as out of sync, and whatever the peer holds now is unknown here.
     /// The superblock and the whole bitmap must reach the disk.
+    ///
+    /// The kept generation also goes to the front of the history: the peer holds it in its own
+    /// history by now (it moved on while the link idled, and rotated its sync generation at
+    /// each catch-up), so once this node writes anew the two are recognised as related, a
+    /// split brain to resolve, not unrelated data.
     pub fn restored(&mut self, uuids: Generations) -> Result<Persist, Refusal> {
         self.st.step(Event::Restored)?;
-        self.sb.uuids = uuids;
+        let older = if uuids.bitmap != 0 { uuids.bitmap } else { uuids.history[0] };
+        self.sb.uuids =
+            Generations { current: uuids.current, bitmap: 0, history: [uuids.current, older] };
         self.sync_source_gens = None;
         self.resyncing = false;
         self.bitmap.set_all();

@@ -431,7 +431,19 @@ fn a_restored_state_is_consistent_with_its_generations_and_all_out_of_sync() {
     let kept = Generations { current: 0x20, bitmap: 0, history: [0x10, 0] };
     assert_eq!(r.restored(kept), Ok(Persist::METADATA));
     assert_eq!(r.st.disk, DiskState::Consistent);
-    assert_eq!(r.sb.uuids, kept);
+    assert_eq!(r.sb.uuids, Generations { current: 0x20, bitmap: 0, history: [0x20, 0x10] });
+    // Promoted and written, it meets a peer that moved on from the kept generation (0x20 in
+    // its history) as a split brain, not as unrelated data.
+    r.sb.uuids.new_current(0x41, true);
+    use crate::generation::Side;
+    let me = Side { uuids: r.sb.uuids, crashed_primary: false, primary: true };
+    let peer = Side {
+        uuids: Generations { current: 0x51, bitmap: 0x62, history: [0x61, 0x20] },
+        crashed_primary: true,
+        primary: false,
+    };
+    let v = crate::generation::compare(&me, &peer, false);
+    assert_eq!((v.decision, v.rule), (crate::generation::Decision::SplitBrainDisconnect, 100));
     assert_eq!(r.bitmap.weight(), r.bitmap.bits(), "every block out of sync");
     assert!(!r.bitmap.take_dirty().is_empty(), "the whole bitmap goes to disk");
     assert!(r.next_superblock().flags & FLAG_CONSISTENT != 0);

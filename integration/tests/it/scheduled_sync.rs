@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use integration::pair::{HaOpts, Pair, PairOpts};
-use integration::{XfsMount, have, qemu_io, wait_until};
+use integration::{XfsMount, duet_bin, have, qemu_io, run, wait_until};
 
 const MIN: Duration = Duration::from_secs(60);
 
@@ -150,6 +150,118 @@ fn a_scheduled_standby_catches_up_at_each_run_and_a_failover_mid_catch_up_promot
     // And it serves it.
     let o = qemu_io(&uri, &["read -P 0xa1 0 8M", "read -P 0 16M 32M"]);
     assert!(!o.contains("Pattern verification failed"), "{o}");
+    // The old master comes back with writes the new one never saw: a split brain, named as
+    // one; the operator discards the old master's writes and it resyncs from the new one.
+    p.start(0);
+    assert!(
+        wait_until(MIN, || p.repl(0)["split_brain"].is_string()),
+        "the old master's return is not a split brain: {}\n{}",
+        p.repl(0),
+        p.events(0)
+    );
+    p.ok(0, &["connect", "--discard-my-data"]);
+    p.ok(1, &["connect"]);
+    assert!(
+        wait_until(2 * MIN, || runs_done(&p, 1) >= 1 && p.repl(0)["disk"] == "UpToDate"),
+        "no resync after the split brain was resolved: {}\n{}",
+        p.repl(0),
+        p.repl(1)
+    );
+    assert_eq!(p.digest(0, size), consistent, "the old master did not take the new one's data");
     drop(p);
     drop(xfs);
+}
+
+#[test]
+fn without_reflinks_scheduled_sync_is_refused_unless_before_resync_target_keeps_the_state() {
+    if !have("qemu-io") {
+        return;
+    }
+    std::fs::create_dir_all("/var/tmp/duet-tests").unwrap();
+    let disks =
+        tempfile::Builder::new().prefix("noreflink-").tempdir_in("/var/tmp/duet-tests").unwrap();
+    if replicator::repl::volume::probe_reflink(disks.path()).is_ok() {
+        eprintln!(
+            "SKIP: {} has reflinks (this test needs a filesystem without)",
+            disks.path().display()
+        );
+        return;
+    }
+    let beta_disk = disks.path().join("beta.img");
+    let scheduled = format!("sync = \"scheduled\"\nschedule = \"{}\"", far_schedule());
+    let o = PairOpts {
+        disk_dir: Some(disks.path().to_owned()),
+        resource_extra: scheduled,
+        ..PairOpts::default()
+    };
+    // No reflinks and no hook: nothing could keep the standby's state; the daemon says so.
+    let mut p = Pair::configure(&o);
+    let out = run(
+        std::process::Command::new(duet_bin())
+            .arg("--config")
+            .arg(&p.config)
+            .args(["--node", "alpha", "daemon"]),
+        Duration::from_secs(20),
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without a way to keep the state: {e}");
+    assert!(
+        e.contains("resource[0] (vol0): sync = \"scheduled\"")
+            && e.contains("FICLONE")
+            && e.contains("mkfs.xfs -m reflink=1")
+            && e.contains("before_resync_target"),
+        "{e}"
+    );
+    drop(p);
+    // With a hook that keeps it (a plain copy here; an LVM snapshot in life): it runs before a
+    // catch-up reaches the standby, once per catch-up, and never of half-synced data.
+    let hook = format!(
+        "[hooks]\nbefore_resync_target = \"cp --sparse=always {d} {d}.kept-$$\"\ntimeout_ms = 10000\n",
+        d = beta_disk.display()
+    );
+    let _ = std::fs::remove_file(&beta_disk);
+    let _ = std::fs::remove_file(disks.path().join("alpha.img"));
+    p = Pair::configure(&PairOpts { extra: hook, http: true, ..o });
+    p.start(0);
+    p.start(1);
+    p.ok(0, &["primary", "--force"]);
+    wait_run_done(&p, 1);
+    let kept = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(disks.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|f| f.to_string_lossy().contains(".kept-"))
+            .collect()
+    };
+    assert!(kept().is_empty(), "the hook ran before the initial sync (nothing consistent to keep)");
+    let size = p.data_size();
+    let consistent = p.digest(1, size);
+    qemu_io(&p.uri(), &["write -P 0xc3 0 24M"]);
+    p.ok(0, &["connect"]);
+    wait_run_done(&p, 2);
+    let copies = kept();
+    assert_eq!(copies.len(), 1, "{copies:?}\n{}", p.events(1));
+    let digest_of = |f: &std::path::Path| {
+        let o = run(
+            std::process::Command::new("sh")
+                .args(["-c", &format!("head -c {size} {} | sha256sum", f.display())]),
+            Duration::from_secs(60),
+        );
+        String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    };
+    assert_eq!(
+        digest_of(&copies[0]),
+        consistent,
+        "the hook saw more than the last consistent state"
+    );
+    assert_eq!(p.digest(1, size), p.digest(0, size), "the catch-up left the replicas different");
+    assert!(p.events(1).contains("before_resync_target hook kept the last consistent state"));
+    // The last consistent point and the next run, for alerting.
+    if have("promtool") {
+        let m = crate::web::scrape(&p, 1);
+        assert!(m.contains("duet_scheduled_last_consistent_timestamp_seconds{"), "{m}");
+        let m = crate::web::scrape(&p, 0);
+        assert!(m.contains("duet_scheduled_next_run_timestamp_seconds{"), "{m}");
+    }
 }

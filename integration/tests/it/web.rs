@@ -15,7 +15,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 }
 
 /// `/metrics` of node `i`, checked by `promtool check metrics`.
-fn scrape(p: &Pair, i: usize) -> String {
+pub(crate) fn scrape(p: &Pair, i: usize) -> String {
     let (code, head, body) = http(p.n[i].http_port, "GET", "/metrics", "");
     assert_eq!(code, 200, "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
