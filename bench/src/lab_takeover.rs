@@ -42,7 +42,7 @@ fn power_off(lab: &Lab, node: usize) {
 }
 
 /// One duet takeover; seconds from power loss to the first completed write through the VIP.
-fn duet_once(keepalive: u64, deadtime: u64) -> anyhow::Result<f64> {
+fn duet_once(duet: &Path, keepalive: u64, deadtime: u64) -> anyhow::Result<f64> {
     let lab = Arc::new(Lab::new().context("the lab needs root and iproute2")?);
     let extra = format!(
         "[[vip]]\ninterface = \"lan0\"\naddress = \"{}/24\"\nannounce_count = 3\nannounce_interval_ms = 100\n",
@@ -56,7 +56,7 @@ fn duet_once(keepalive: u64, deadtime: u64) -> anyhow::Result<f64> {
         extra,
         ..HaOpts::default()
     };
-    let mut p = Pair::start_in_lab(&lab, ha, 32 << 20);
+    let mut p = Pair::start_in_lab_with(&lab, ha, 32 << 20, Some(duet.to_path_buf()));
     let wait = |what: &str, f: &dyn Fn() -> bool| -> anyhow::Result<()> {
         if integration::wait_until(Duration::from_secs(60), f) {
             Ok(())
@@ -203,8 +203,8 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
-/// Runs the comparison and prints the table.
-pub fn run(dir: &Path, runs: usize, out: &Path) -> anyhow::Result<()> {
+/// Runs the comparison with the `duet` binary given (the release build) and prints the table.
+pub fn run(duet: &Path, dir: &Path, runs: usize, out: &Path) -> anyhow::Result<()> {
     let have = |t: &str| {
         Command::new(t)
             .arg("--version")
@@ -213,17 +213,21 @@ pub fn run(dir: &Path, runs: usize, out: &Path) -> anyhow::Result<()> {
             .status()
             .is_ok()
     };
+    crate::need_binary(duet)?;
     if !have("keepalived") {
         bail!("the comparison needs keepalived: apt-get install -y keepalived");
     }
     if !nix::unistd::geteuid().is_root() {
         bail!("the lab needs root (network namespaces)");
     }
+    if !have("ip") {
+        bail!("the lab needs iproute2: apt-get install -y iproute2");
+    }
     let mut rows = Vec::new();
     for (name, k, d) in [("duet defaults", 200u64, 1000u64), ("duet aggressive", 100, 300)] {
         let mut v = Vec::new();
         for i in 0..runs {
-            let s = duet_once(k, d)?;
+            let s = duet_once(duet, k, d)?;
             eprintln!("{name} (keepalive {k} ms, deadtime {d} ms): run {i}: {:.0} ms", s * 1000.0);
             v.push(s);
         }

@@ -591,6 +591,18 @@ fn per_rep(
     (!v.is_empty()).then(|| median(v))
 }
 
+/// Every mode runs the binaries it is given: each must exist (a release build: `cargo build
+/// --release -p duet`), said before anything starts.
+pub(crate) fn need_binary(p: &std::path::Path) -> anyhow::Result<()> {
+    if !p.is_file() {
+        bail!(
+            "{} is missing: build it first (`cargo build --release -p duet`), or name another with --duet / --base",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(tib) = args.rss_tib {
@@ -598,11 +610,16 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(runs) = args.lab_takeover_runs {
         let out = args.out.with_file_name("lab-takeover.json");
-        return lab_takeover::run(&args.dir, runs.max(1), &out);
+        return lab_takeover::run(&args.duet, &args.dir, runs.max(1), &out);
     }
     if let Some(runs) = args.takeover_runs {
         let out = args.out.with_file_name("takeover.json");
+        need_binary(&args.duet)?;
         return takeover::run(&args.duet, &args.dir, runs.max(1), &out);
+    }
+    need_binary(&args.duet)?;
+    if let Some(b) = &args.base {
+        need_binary(b)?;
     }
     let servers: Vec<&str> = SERVERS
         .iter()

@@ -54,7 +54,13 @@ pub fn verdict(s: &NodeStatus) -> Verdict {
     if s.resources.iter().any(|r| r.disk_state == "Diskless") {
         return Verdict::Degraded;
     }
-    if s.peer.is_none() || s.resources.iter().any(|r| r.connection == "StandAlone") {
+    // (A scheduled Primary's link idles between catch-ups on purpose.)
+    let standalone = |r: &crate::status::ResourceStatus| {
+        r.connection == "StandAlone"
+            && !(r.role == "Primary"
+                && r.replication.as_ref().is_some_and(|x| x.scheduled.is_some()))
+    };
+    if s.peer.is_none() || s.resources.iter().any(standalone) {
         return Verdict::Standalone;
     }
     if s.resources.iter().any(|r| r.connection == "SyncSource" || r.connection == "SyncTarget") {
@@ -239,6 +245,24 @@ pub fn render(s: &NodeStatus, events: &[Event]) -> String {
                 esc(why)
             );
         }
+        if let Some(sc) = x.and_then(|x| x.scheduled.as_ref()) {
+            let when = |t: Option<f64>, none: &str| t.map_or(none.to_string(), timestamp);
+            let kept = match (&sc.kept, sc.restorable) {
+                (None, _) => String::new(),
+                (Some(_), true) => {
+                    "; the catch-up was cut off: a promotion restores the kept consistent state"
+                        .into()
+                }
+                (Some(_), false) => "; the consistent state is kept until the catch-up ends".into(),
+            };
+            let _ = write!(
+                o,
+                "<tr><td colspan=\"8\" data-field=\"scheduled\">scheduled sync: last consistent point <span data-field=\"last-consistent\">{}</span>, next catch-up {}{}</td></tr>",
+                esc(&when(sc.last_consistent, "not yet")),
+                esc(&when(sc.next_run, "when the Primary starts one")),
+                esc(&kept)
+            );
+        }
     }
     o.push_str("</table>");
 
@@ -383,6 +407,24 @@ mod tests {
         let mut alone = fixture();
         alone.resources[0].connection = "StandAlone".into();
         assert_eq!(verdict(&alone), Verdict::Standalone);
+        // A scheduled master between catch-ups is healthy, and the page says when the standby
+        // was last in sync.
+        repl(&mut alone).connection = ConnState::StandAlone;
+        repl(&mut alone).peer_disk = None;
+        repl(&mut alone).scheduled = Some(replicator::repl::volume::ScheduledStatus {
+            last_consistent: Some(1_796_000_000.0),
+            next_run: Some(1_796_003_600.0),
+            kept: None,
+            restorable: false,
+        });
+        assert_eq!(verdict(&alone), Verdict::Healthy, "{:?}", check::node(&alone));
+        let page = render(&alone, &[]);
+        assert!(
+            page.contains(
+                "scheduled sync: last consistent point <span data-field=\"last-consistent\">2026-"
+            ),
+            "{page}"
+        );
         let mut single = fixture();
         single.peer = None;
         single.ha = None;

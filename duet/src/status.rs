@@ -574,6 +574,10 @@ pub mod check {
         pub peer_disk: Option<DiskState>,
         pub out_of_sync_bytes: u64,
         pub split_brain: bool,
+        /// `sync = "scheduled"`: the link idles between catch-ups on purpose.
+        pub scheduled: bool,
+        /// A scheduled standby cut off mid-catch-up holds a state a promotion restores.
+        pub restorable: bool,
     }
 
     /// One resource's level and why.
@@ -588,6 +592,28 @@ pub mod check {
         }
         if r.role == Role::Primary && r.disk != UpToDate {
             return (Level::Critical, format!("Primary on a {:?} disk", r.disk));
+        }
+        if r.scheduled {
+            // Between catch-ups an idle link is the plan: the master writes alone and tracks
+            // what the standby lacks; the standby waits with the last run's data.
+            match (r.role, r.connection, r.disk) {
+                (Role::Primary, StandAlone, _) => {
+                    return (Level::Ok, "scheduled sync: link idle until the next catch-up".into());
+                }
+                (Role::Secondary, Connecting, UpToDate | Consistent) => {
+                    return (
+                        Level::Ok,
+                        "scheduled sync: the standby holds the last catch-up's data".into(),
+                    );
+                }
+                (Role::Secondary, Connecting, Inconsistent) if r.restorable => {
+                    return (
+                        Level::Warning,
+                        "scheduled sync: a catch-up was cut off; the standby keeps its last consistent state (a promotion restores it)".into(),
+                    );
+                }
+                _ => {}
+            }
         }
         match r.connection {
             StandAlone => {
@@ -639,6 +665,8 @@ pub mod check {
                     peer_disk: x.peer_disk,
                     out_of_sync_bytes: x.out_of_sync_bytes,
                     split_brain: x.split_brain.is_some(),
+                    scheduled: x.scheduled.is_some(),
+                    restorable: x.scheduled.as_ref().is_some_and(|s| s.restorable),
                 }),
             };
             level = level.max(l);
@@ -676,6 +704,8 @@ pub mod check {
                 peer_disk: Some(DiskState::UpToDate),
                 out_of_sync_bytes: 0,
                 split_brain: false,
+                scheduled: false,
+                restorable: false,
             }
         }
 
@@ -727,6 +757,52 @@ pub mod check {
                 (Replica { peer_disk: None, ..good() }, Level::Warning, "unknown"),
                 (Replica { out_of_sync_bytes: 4096, ..good() }, Level::Warning, "out of sync"),
                 (Replica { connection: ConnState::VerifySource, ..good() }, Level::Ok, "in sync"),
+                // Scheduled sync: the idle link between catch-ups is no fault.
+                (
+                    Replica { connection: ConnState::StandAlone, scheduled: true, ..good() },
+                    Level::Ok,
+                    "link idle",
+                ),
+                (
+                    Replica {
+                        role: Role::Secondary,
+                        connection: ConnState::Connecting,
+                        scheduled: true,
+                        peer_disk: None,
+                        ..good()
+                    },
+                    Level::Ok,
+                    "last catch-up",
+                ),
+                (
+                    Replica {
+                        role: Role::Secondary,
+                        disk: DiskState::Inconsistent,
+                        connection: ConnState::Connecting,
+                        scheduled: true,
+                        restorable: true,
+                        ..good()
+                    },
+                    Level::Warning,
+                    "cut off",
+                ),
+                // ... but a standby the operator disconnected, or a catch-up waiting for its
+                // peer, is.
+                (
+                    Replica {
+                        role: Role::Secondary,
+                        connection: ConnState::StandAlone,
+                        scheduled: true,
+                        ..good()
+                    },
+                    Level::Critical,
+                    "StandAlone",
+                ),
+                (
+                    Replica { connection: ConnState::Connecting, scheduled: true, ..good() },
+                    Level::Warning,
+                    "not connected",
+                ),
             ];
             for (r, level, word) in cases {
                 let (l, why) = judge(&r);

@@ -35,6 +35,9 @@ pub struct PairOpts {
     pub extra: String,
     /// Where the disk files go (default: the pair's directory), e.g. an [`crate::XfsMount`].
     pub disk_dir: Option<PathBuf>,
+    /// The duet binary for the daemons and the CLI (default: the debug build, [`duet_bin`]);
+    /// a node's own [`PairNode::bin`] still wins for its daemon.
+    pub bin: Option<PathBuf>,
 }
 
 /// The cluster manager's part of the config.
@@ -84,6 +87,7 @@ impl Default for PairOpts {
             http: false,
             extra: String::new(),
             disk_dir: None,
+            bin: None,
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct Pair {
     pub cable: Option<crate::pty::PtyCable>,
     /// The namespaces the daemons run in (lab pairs).
     pub netns: Option<[String; 2]>,
+    /// The duet binary of the CLI and (unless a node names its own) the daemons.
+    pub bin: PathBuf,
 }
 
 fn http_line(port: u16) -> String {
@@ -265,7 +271,8 @@ replication_address = "{h1}:{r1}"
         // binds it. On one host only one can be Primary at a time, which the tests respect
         // (and split-brain tests demote before promoting the other, or use separate ports).
         std::fs::write(&config, text).expect("config");
-        let p = Self { dir, config, secret, n, cable, netns: o.netns.clone() };
+        let bin = o.bin.clone().unwrap_or_else(duet_bin);
+        let p = Self { dir, config, secret, n, cable, netns: o.netns.clone(), bin };
         for i in 0..2 {
             run_ok(p.cli(i).args(["create-md"]), Duration::from_secs(30));
         }
@@ -322,7 +329,7 @@ replication_address = "{h1}:{r1}"
 
     /// A `duet` CLI command for node `i`.
     pub fn cli(&self, i: usize) -> Command {
-        let mut c = Command::new(duet_bin());
+        let mut c = Command::new(&self.bin);
         c.arg("--config").arg(self.config_of(i)).args(["--node", self.n[i].name]);
         c
     }
@@ -351,7 +358,7 @@ replication_address = "{h1}:{r1}"
             .append(true)
             .open(&self.n[i].log)
             .expect("log");
-        let bin = self.n[i].bin.clone().unwrap_or_else(duet_bin);
+        let bin = self.n[i].bin.clone().unwrap_or_else(|| self.bin.clone());
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -534,10 +541,22 @@ impl Pair {
 impl Pair {
     /// A pair whose daemons run inside the lab's namespaces A and B, both started.
     pub fn start_in_lab(lab: &crate::lab::Lab, ha: HaOpts, size: u64) -> Self {
+        Self::start_in_lab_with(lab, ha, size, None)
+    }
+
+    /// As [`Pair::start_in_lab`], with `bin` for the daemons and the CLI (`None`: the debug
+    /// build).
+    pub fn start_in_lab_with(
+        lab: &crate::lab::Lab,
+        ha: HaOpts,
+        size: u64,
+        bin: Option<PathBuf>,
+    ) -> Self {
         let o = PairOpts {
             size,
             ha: Some(ha),
             netns: Some([lab.ns[0].clone(), lab.ns[1].clone()]),
+            bin,
             ..PairOpts::default()
         };
         let mut p = Self::configure(&o);

@@ -88,6 +88,11 @@ fn a_scheduled_standby_catches_up_at_each_run_and_a_failover_mid_catch_up_promot
     assert!(sched["kept"].is_null(), "the kept state outlived a finished catch-up: {sched}");
     let text = p.ok(1, &["status"]);
     assert!(text.contains("scheduled sync: last consistent point 20"), "{text}");
+    // Monitoring sees no fault in the idle link (`--check` exits 0).
+    let check = p.ok(0, &["status", "--check"]);
+    assert!(check.starts_with("DUET OK") && check.contains("link idle"), "{check}");
+    let check = p.ok(1, &["status", "--check"]);
+    assert!(check.starts_with("DUET OK") && check.contains("last catch-up"), "{check}");
 
     // More writes, then a catch-up that the master's death cuts off.
     qemu_io(&uri, &["write -P 0xb2 8M 48M"]);
