@@ -204,6 +204,11 @@ impl Volume {
     /// At start: the state kept before a resync that did not finish. A copy beside data that is
     /// consistent (the resync finished, and the daemon stopped before removing it) is none.
     pub(super) fn load_kept_state(&self) {
+        // The consistent point recorded before this start (read once; kept in memory after).
+        let recorded = self.scheduled().and_then(|s| {
+            std::fs::read_to_string(&s.consistent_file).ok()?.trim().parse::<f64>().ok()
+        });
+        self.with_core(|c| c.in_sync_at = c.in_sync_at.or(recorded));
         let Some(copy) = self.scheduled().and_then(|s| s.copy.clone()) else { return };
         let kept = read_kept(&copy).filter(|k| k.size == self.store.size());
         let half_synced = self.with_core(|c| c.r.st.disk == DiskState::Inconsistent);
@@ -226,12 +231,7 @@ impl Volume {
     /// A kept state that a promotion would restore: this node is a Secondary without a session
     /// whose data is half-synced, and a copy was kept before that resync.
     pub fn restorable(&self) -> Option<Kept> {
-        self.with_core(|c| {
-            let ok = c.r.st.role == Role::Secondary
-                && c.r.st.disk == DiskState::Inconsistent
-                && !c.r.st.conn.live();
-            c.kept.clone().filter(|_| ok)
-        })
+        self.with_core(|c| c.kept.clone().filter(|_| Self::restorable_now(c)))
     }
 
     /// Whether a promotion now would restore a kept state (cheap: the cluster manager asks).
@@ -323,10 +323,7 @@ impl Volume {
         if synced {
             return Some(now_s());
         }
-        at.or_else(|| {
-            let f = &self.scheduled()?.consistent_file;
-            std::fs::read_to_string(f).ok()?.trim().parse().ok()
-        })
+        at
     }
 
     /// Records that this node is in sync with its peer now (and, scheduled, on disk: status
