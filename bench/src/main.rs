@@ -8,17 +8,19 @@
 //! The machines this runs on are shared and noisy, so only ratios within one run mean anything;
 //! the order of servers rotates every repetition so that none always runs first.
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod lab_takeover;
+mod report;
 mod takeover;
+mod topo;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use topo::Topology;
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark duet's NBD server against nbdkit and qemu-nbd with fio")]
@@ -74,6 +76,19 @@ struct Args {
     /// the same cold cache, instead of whatever its image copy and initial sync left cached.
     #[arg(long)]
     drop_caches: bool,
+    /// Where the processes run: `shared` (everything on loopback, on any CPU) and/or
+    /// `two-hosts` (root: the pair in two network namespaces joined by a veth, the client and
+    /// the Primary on CPU 0, the Secondary on CPU 1). Several, comma-separated, run in turn
+    /// within each repetition.
+    #[arg(long, value_delimiter = ',', default_value = "shared")]
+    topology: Vec<String>,
+    /// Also write an HTML report with SVG charts into this directory: of this run, or with
+    /// `--from`, of earlier results (and the takeover JSON files found beside them).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// With --report: draw from this results file instead of running anything.
+    #[arg(long, requires = "report")]
+    from: Option<PathBuf>,
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -96,7 +111,8 @@ fn rss_check(args: &Args, tib: u64) -> anyhow::Result<()> {
     let beta = args.dir.join("beta.img");
     let _ = std::fs::remove_file(&beta);
     std::fs::File::create(&beta)?.set_len(tib << 40)?;
-    let r = start_pair_nowait("C", args, &file, 20999)?;
+    let shared = Topology::new("shared")?;
+    let r = start_pair_nowait("C", args, &shared, &file, 20999)?;
     std::thread::sleep(Duration::from_secs(8));
     for (i, c) in r.children.iter().enumerate() {
         let kib = vm_rss_kib(c.id());
@@ -143,8 +159,11 @@ const SERVERS: [&str; 11] = [
     "qsd-mirror",
 ];
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Sample {
+    /// `shared` or `two-hosts` (results from before topologies existed are `shared`).
+    #[serde(default = "shared")]
+    topology: String,
     workload: String,
     server: String,
     rep: usize,
@@ -155,6 +174,10 @@ struct Sample {
     /// CPU time (user + system) of the server's processes per I/O, over the whole fio run
     /// (ramp included, so the I/O count is estimated as IOPS × (runtime + ramp)).
     cpu_us_per_io: f64,
+}
+
+fn shared() -> String {
+    "shared".into()
 }
 
 /// CPU seconds (user + system, all threads) used so far by these processes.
@@ -198,27 +221,30 @@ fn start_pair(
     protocol: &str,
     bin: &Path,
     args: &Args,
+    topo: &Topology,
     file: &Path,
     port: u16,
 ) -> anyhow::Result<Running> {
     std::fs::copy(file, args.dir.join("beta.img")).context("copying the image for beta")?;
-    start_pair_inner(protocol, bin, args, file, port, true)
+    start_pair_inner(protocol, bin, args, topo, file, port, true)
 }
 
 /// A pair whose beta disk already exists, promoted but not waited for.
 fn start_pair_nowait(
     protocol: &str,
     args: &Args,
+    topo: &Topology,
     file: &Path,
     port: u16,
 ) -> anyhow::Result<Running> {
-    start_pair_inner(protocol, &args.duet, args, file, port, false)
+    start_pair_inner(protocol, &args.duet, args, topo, file, port, false)
 }
 
 fn start_pair_inner(
     protocol: &str,
     bin: &Path,
     args: &Args,
+    topo: &Topology,
     file: &Path,
     port: u16,
     wait: bool,
@@ -247,14 +273,16 @@ fn start_pair_inner(
             "[cluster]\nname = \"bench\"\nsecret_file = \"{secret}\"\nconfigured_master = \"alpha\"\ncontrol_socket = \"{d}/alpha.sock\"\nstate_dir = \"{d}/state\"\nmetrics_listen = \"\"\n{cluster_extra}\
              [node.alpha]\n[node.beta]\ncontrol_socket = \"{d}/beta.sock\"\n\
              [[resource]]\nname = \"vol0\"\nprotocol = \"{protocol}\"\nio_engine = \"{engine}\"\nnbd_listen = \"127.0.0.1:{port}\"\n\
-             [resource.on.alpha]\ndisk = \"{a}\"\nreplication_address = \"127.0.0.1:{r0}\"\n\
-             [resource.on.beta]\ndisk = \"{b}\"\nreplication_address = \"127.0.0.1:{r1}\"\n\
+             [resource.on.alpha]\ndisk = \"{a}\"\nreplication_address = \"{h0}:{r0}\"\n\
+             [resource.on.beta]\ndisk = \"{b}\"\nreplication_address = \"{h1}:{r1}\"\n\
              [resource.resync]\n{rate}\n",
             secret = d.join("secret").display(),
             d = d.display(),
             engine = args.duet_engine,
             a = file.display(),
             b = beta.display(),
+            h0 = topo.addr[0],
+            h1 = topo.addr[1],
             r0 = port + 100,
             r1 = port + 101,
         ),
@@ -271,14 +299,13 @@ fn start_pair_inner(
         }
     }
     let mut children = Vec::new();
-    for n in ["alpha", "beta"] {
-        children.push(
-            duet(n)
-                .arg("daemon")
-                .env("DUET_LOG", std::env::var("DUET_LOG").unwrap_or_else(|_| "warn".into()))
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
+    for (n, place) in [("alpha", &topo.primary), ("beta", &topo.secondary)] {
+        let mut c = duet(n);
+        c.arg("daemon")
+            .env("DUET_LOG", std::env::var("DUET_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null());
+        place.apply(&mut c);
+        children.push(c.spawn()?);
     }
     let mut r = Running { children, uri: format!("nbd://127.0.0.1:{port}/vol0"), sync: None };
     let status = |n: &str| -> Option<serde_json::Value> {
@@ -318,34 +345,40 @@ fn start_pair_inner(
     }
     let bytes = status("alpha").map_or(0, |a| a["resync_sent_bytes"].as_u64().unwrap_or(0));
     r.sync = Some((t0.map_or(0.0, |t| t.elapsed().as_secs_f64()), bytes));
-    wait_port(port)?;
+    topo.wait_port("127.0.0.1", port)?;
     Ok(r)
 }
 
 /// qemu-storage-daemon exporting `file` over NBD with an active (write-blocking) mirror to an
 /// `nbdkit file` target: every write completes on both before it is acknowledged.
-fn start_qsd_mirror(file: &Path, args: &Args, port: u16) -> anyhow::Result<Running> {
+fn start_qsd_mirror(
+    file: &Path,
+    args: &Args,
+    topo: &Topology,
+    port: u16,
+) -> anyhow::Result<Running> {
     let target = args.dir.join("mirror-target.img");
     std::fs::copy(file, &target)?;
     let tport = port + 200;
-    let nbdkit = Command::new("nbdkit")
-        .args(["-f", "-p", &tport.to_string(), "-i", "127.0.0.1", "file"])
+    let thost = topo.addr[1];
+    let mut c = Command::new("nbdkit");
+    c.args(["-f", "-p", &tport.to_string(), "-i", thost, "file"])
         .arg(format!("file={}", target.display()))
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting nbdkit (mirror target)")?;
+        .stdout(Stdio::null());
+    topo.secondary.apply(&mut c);
+    let nbdkit = c.spawn().context("starting nbdkit (mirror target)")?;
     let mut r =
         Running { children: vec![nbdkit], uri: format!("nbd://127.0.0.1:{port}/vol0"), sync: None };
-    wait_port(tport)?;
+    topo.wait_port(thost, tport)?;
     let qmp = args.dir.join("qsd.qmp");
     let _ = std::fs::remove_file(&qmp);
-    let qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
+    let mut c = Command::new("qemu-storage-daemon");
+    c.arg("--blockdev")
         .arg(format!("driver=file,filename={},node-name=src-file,cache.direct=off", file.display()))
         .args(["--blockdev", "driver=raw,file=src-file,node-name=src"])
         .arg("--blockdev")
         .arg(format!(
-            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={tport},node-name=dst"
+            "driver=nbd,server.type=inet,server.host={thost},server.port={tport},node-name=dst"
         ))
         .arg("--nbd-server")
         .arg(format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"))
@@ -353,11 +386,11 @@ fn start_qsd_mirror(file: &Path, args: &Args, port: u16) -> anyhow::Result<Runni
         .arg("--chardev")
         .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
         .args(["--monitor", "chardev=qmp0"])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting qemu-storage-daemon (apt-get install qemu-utils)")?;
+        .stdout(Stdio::null());
+    topo.primary.apply(&mut c);
+    let qsd = c.spawn().context("starting qemu-storage-daemon (apt-get install qemu-utils)")?;
     r.children.push(qsd);
-    wait_port(port)?;
+    topo.wait_port("127.0.0.1", port)?;
     let t0 = Instant::now();
     qmp_mirror(&qmp)?;
     r.sync = Some((t0.elapsed().as_secs_f64(), 0));
@@ -412,28 +445,23 @@ fn qmp_mirror(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn wait_port(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("server on port {port} did not come up")
-}
-
-fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Running> {
+fn start(
+    server: &str,
+    args: &Args,
+    topo: &Topology,
+    file: &Path,
+    port: u16,
+) -> anyhow::Result<Running> {
     let null = || Stdio::null();
-    let (child, uri) = match server {
+    let (mut cmd, what, uri) = match server {
         "duet-A" | "duet-B" | "duet-C" | "duet-C-plain" => {
-            return start_pair(&server[5..], &args.duet, args, file, port);
+            return start_pair(&server[5..], &args.duet, args, topo, file, port);
         }
         "base-A" | "base-B" | "base-C" => {
             let Some(bin) = &args.base else { bail!("{server} needs --base BINARY") };
-            return start_pair(&server[5..], bin, args, file, port);
+            return start_pair(&server[5..], bin, args, topo, file, port);
         }
-        "qsd-mirror" => return start_qsd_mirror(file, args, port),
+        "qsd-mirror" => return start_qsd_mirror(file, args, topo, port),
         "duet" => {
             let cfg = args.dir.join("duet.toml");
             std::fs::write(
@@ -447,71 +475,77 @@ fn start(server: &str, args: &Args, file: &Path, port: u16) -> anyhow::Result<Ru
                     file.display()
                 ),
             )?;
-            let c = Command::new(&args.duet)
-                .args(["--config"])
+            let mut c = Command::new(&args.duet);
+            c.args(["--config"])
                 .arg(&cfg)
                 .args(["--node", "bench", "daemon"])
                 .env("DUET_LOG", std::env::var("DUET_LOG").unwrap_or_else(|_| "warn".into()))
-                .stdout(null())
-                .spawn()
-                .with_context(|| format!("starting {}", args.duet.display()))?;
-            (c, format!("nbd://127.0.0.1:{port}/vol0"))
+                .stdout(null());
+            (c, args.duet.display().to_string(), format!("nbd://127.0.0.1:{port}/vol0"))
         }
         "nbdkit" => {
-            let c = Command::new("nbdkit")
-                .args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1", "file"])
+            let mut c = Command::new("nbdkit");
+            c.args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1", "file"])
                 .arg(format!("file={}", file.display()))
-                .stdout(null())
-                .spawn()
-                .context("starting nbdkit (apt-get install nbdkit)")?;
-            (c, format!("nbd://127.0.0.1:{port}/"))
+                .stdout(null());
+            (c, "nbdkit (apt-get install nbdkit)".into(), format!("nbd://127.0.0.1:{port}/"))
         }
         "qemu-nbd" => {
-            let c = Command::new("qemu-nbd")
-                .args([
-                    "-f",
-                    "raw",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-x",
-                    "vol0",
-                    "--persistent",
-                    "--shared=8",
-                ])
-                .arg(file)
-                .stdout(null())
-                .spawn()
-                .context("starting qemu-nbd (apt-get install qemu-utils)")?;
-            (c, format!("nbd://127.0.0.1:{port}/vol0"))
+            let mut c = Command::new("qemu-nbd");
+            c.args([
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-x",
+                "vol0",
+                "--persistent",
+                "--shared=8",
+            ])
+            .arg(file)
+            .stdout(null());
+            (
+                c,
+                "qemu-nbd (apt-get install qemu-utils)".into(),
+                format!("nbd://127.0.0.1:{port}/vol0"),
+            )
         }
         other => bail!("unknown server {other}"),
     };
+    // A reference server runs where the Primary would, its client beside it.
+    topo.primary.apply(&mut cmd);
+    let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
     let r = Running { children: vec![child], uri, sync: None };
-    wait_port(port)?;
+    topo.wait_port("127.0.0.1", port)?;
     Ok(r)
 }
 
-fn fio(uri: &str, w: &Workload, args: &Args) -> anyhow::Result<(f64, f64, f64, f64)> {
-    let out = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            "--output-format=json",
-            "--time_based",
-            "--norandommap",
-            "--randrepeat=0",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--rw={}", w.rw))
-        .arg(format!("--bs={}", w.bs))
-        .arg(format!("--iodepth={}", w.qd))
-        .arg(format!("--size={}M", args.size_mib))
-        .arg(format!("--runtime={}", args.runtime))
-        .arg(format!("--ramp_time={RAMP_S}"))
-        .output()
-        .context("running fio (apt-get install fio)")?;
+fn fio(
+    uri: &str,
+    w: &Workload,
+    args: &Args,
+    topo: &Topology,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=bench",
+        "--ioengine=nbd",
+        "--output-format=json",
+        "--time_based",
+        "--norandommap",
+        "--randrepeat=0",
+    ])
+    .arg(format!("--uri={uri}"))
+    .arg(format!("--rw={}", w.rw))
+    .arg(format!("--bs={}", w.bs))
+    .arg(format!("--iodepth={}", w.qd))
+    .arg(format!("--size={}M", args.size_mib))
+    .arg(format!("--runtime={}", args.runtime))
+    .arg(format!("--ramp_time={RAMP_S}"));
+    topo.client.apply(&mut cmd);
+    let out = cmd.output().context("running fio (apt-get install fio)")?;
     if !out.status.success() {
         bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -533,40 +567,9 @@ fn fio(uri: &str, w: &Workload, args: &Args) -> anyhow::Result<(f64, f64, f64, f
 /// fio's ramp before it counts, seconds.
 const RAMP_S: u64 = 1;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
-
-/// Round trip of 16 bytes between two threads over loopback TCP, each blocked in `recv`: what
-/// one synchronous exchange with a peer process costs on this machine (two wake-ups), the floor
-/// under protocol C's extra latency. Median of `n`, in microseconds.
-fn loopback_rtt_us(n: usize) -> anyhow::Result<f64> {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        let mut b = [0u8; 16];
-        while s.read_exact(&mut b).is_ok() {
-            s.write_all(&b)?;
-        }
-        Ok(())
-    });
-    let mut c = std::net::TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let mut b = [7u8; 16];
-    let mut lat = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        c.write_all(&b)?;
-        c.read_exact(&mut b)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    drop(c);
-    let _ = echo.join();
-    Ok(median(lat))
 }
 
 /// Median over repetitions of a per-repetition figure of two servers (`f(a, b)`), for the pairs
@@ -605,6 +608,9 @@ pub(crate) fn need_binary(p: &std::path::Path) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(from), Some(dir)) = (&args.from, &args.report) {
+        return report::from_file(from, dir);
+    }
     if let Some(tib) = args.rss_tib {
         return rss_check(&args, tib);
     }
@@ -653,173 +659,88 @@ fn main() -> anyhow::Result<()> {
             bail!("dd failed");
         }
     }
+    let topologies =
+        args.topology.iter().map(|t| Topology::new(t)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut samples = Vec::new();
     let mut syncs = Vec::new();
     let mut rtts = Vec::new();
     for rep in 0..args.reps {
-        let rtt = loopback_rtt_us(20_000)?;
-        eprintln!("rep {rep}: loopback TCP round trip between two threads: p50 {rtt:.1} us");
-        rtts.push(rtt);
-        for w in &workloads {
-            // Every other repetition runs the servers in reverse order, and the rotation moves
-            // on every two: a rotation alone keeps each server behind the same predecessor,
-            // whose writeback it then meets every time (seen as a steady 15 % on sequential
-            // writes for the server that always followed qsd-mirror).
-            let n = servers.len();
-            for k in 0..n {
-                let at = (k + rep / 2) % n;
-                let server = if rep % 2 == 0 { servers[at] } else { servers[n - 1 - at] };
-                let file = args.dir.join(format!("{server}.img"));
-                std::fs::copy(&seed, &file).context("copying the seed image")?;
-                let port = 20809 + 10 * u16::try_from(k).unwrap_or(0);
-                let r = start(server, &args, &file, port)?;
-                if let Some((secs, bytes)) = r.sync {
+        for topo in &topologies {
+            let t = topo.name;
+            let rtt = topo.rtt_us(20_000)?;
+            eprintln!(
+                "rep {rep} {t}: TCP round trip, Primary's side to Secondary's: p50 {rtt:.1} us"
+            );
+            rtts.push(RoundTrip { topology: t.into(), rep, us: rtt });
+            for w in &workloads {
+                // Every other repetition runs the servers in reverse order, and the rotation
+                // moves on every two: a rotation alone keeps each server behind the same
+                // predecessor, whose writeback it then meets every time (seen as a steady 15 %
+                // on sequential writes for the server that always followed qsd-mirror).
+                let n = servers.len();
+                for k in 0..n {
+                    let at = (k + rep / 2) % n;
+                    let server = if rep % 2 == 0 { servers[at] } else { servers[n - 1 - at] };
+                    let file = args.dir.join(format!("{server}.img"));
+                    std::fs::copy(&seed, &file).context("copying the seed image")?;
+                    let port = 20809 + 10 * u16::try_from(k).unwrap_or(0);
+                    let r = start(server, &args, topo, &file, port)?;
+                    if let Some((secs, bytes)) = r.sync {
+                        eprintln!(
+                            "rep {rep} {t} {server}: initial sync of {} MiB took {secs:.2} s ({:.0} MiB/s)",
+                            bytes >> 20,
+                            bytes as f64 / 1048576.0 / secs
+                        );
+                        syncs.push(serde_json::json!({"topology": t, "server": server, "rep": rep, "seconds": secs, "bytes": bytes}));
+                    }
+                    // The image copies and the initial sync leave a gigabyte or two dirty:
+                    // write it back now, so no server is measured against another's writeback.
+                    // SAFETY: sync(2) takes no arguments and cannot fail.
+                    unsafe { libc::sync() };
+                    if args.drop_caches {
+                        std::fs::write("/proc/sys/vm/drop_caches", "3")
+                            .context("dropping the page cache (needs root)")?;
+                    }
+                    let cpu0 = cpu_seconds(&r.children);
+                    let (iops, mib_s, p50, p99) = fio(&r.uri, w, &args, topo)?;
+                    let cpu = cpu_seconds(&r.children) - cpu0;
+                    let ios = iops * (args.runtime + RAMP_S) as f64;
+                    let cpu_us_per_io = if ios > 0.0 { cpu * 1e6 / ios } else { 0.0 };
+                    drop(r);
                     eprintln!(
-                        "rep {rep} {server}: initial sync of {} MiB took {secs:.2} s ({:.0} MiB/s)",
-                        bytes >> 20,
-                        bytes as f64 / 1048576.0 / secs
-                    );
-                    syncs.push(serde_json::json!({"server": server, "rep": rep, "seconds": secs, "bytes": bytes}));
-                }
-                // The image copies and the initial sync leave a gigabyte or two dirty: write it
-                // back now, so no server is measured against another's writeback.
-                // SAFETY: sync(2) takes no arguments and cannot fail.
-                unsafe { libc::sync() };
-                if args.drop_caches {
-                    std::fs::write("/proc/sys/vm/drop_caches", "3")
-                        .context("dropping the page cache (needs root)")?;
-                }
-                let cpu0 = cpu_seconds(&r.children);
-                let (iops, mib_s, p50, p99) = fio(&r.uri, w, &args)?;
-                let cpu = cpu_seconds(&r.children) - cpu0;
-                let ios = iops * (args.runtime + RAMP_S) as f64;
-                let cpu_us_per_io = if ios > 0.0 { cpu * 1e6 / ios } else { 0.0 };
-                drop(r);
-                eprintln!(
-                    "rep {rep} {:<18} {server:<9} {iops:>9.0} IOPS {mib_s:>8.1} MiB/s p50 {p50:>7.1}us p99 {p99:>7.1}us",
-                    w.name
-                );
-                samples.push(Sample {
-                    workload: w.name.into(),
-                    server: server.into(),
-                    rep,
-                    iops,
-                    mib_s,
-                    lat_p50_us: p50,
-                    lat_p99_us: p99,
-                    cpu_us_per_io,
-                });
-            }
-        }
-    }
-    let pick = |w: &str, s: &str, f: &dyn Fn(&Sample) -> f64| {
-        median(samples.iter().filter(|x| x.workload == w && x.server == s).map(f).collect())
-    };
-    println!(
-        "\nmedians of {} repetitions, {} s each (ratio = duet/peer; >1 is better for IOPS and MiB/s, <1 for latency)",
-        args.reps, args.runtime
-    );
-    println!(
-        "{:<18} {:<9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}",
-        "workload",
-        "server",
-        "IOPS",
-        "MiB/s",
-        "p50 us",
-        "p99 us",
-        "IOPS ratio",
-        "p50 ratio",
-        "CPU us/IO"
-    );
-    let mut summary = Vec::new();
-    for w in &workloads {
-        let duet_iops = pick(w.name, "duet", &|x| x.iops);
-        let duet_p50 = pick(w.name, "duet", &|x| x.lat_p50_us);
-        for s in &servers {
-            let (iops, mib, p50, p99, cpu) = (
-                pick(w.name, s, &|x| x.iops),
-                pick(w.name, s, &|x| x.mib_s),
-                pick(w.name, s, &|x| x.lat_p50_us),
-                pick(w.name, s, &|x| x.lat_p99_us),
-                pick(w.name, s, &|x| x.cpu_us_per_io),
-            );
-            // The ratios compare standalone duet with each server (blank when it did not run).
-            let ratio = if *s == "duet" || iops == 0.0 || duet_iops == 0.0 {
-                String::new()
-            } else {
-                format!("{:.2}", duet_iops / iops)
-            };
-            let lratio = if *s == "duet" || p50 == 0.0 || duet_p50 == 0.0 || !w.latency {
-                String::new()
-            } else {
-                format!("{:.2}", duet_p50 / p50)
-            };
-            println!(
-                "{:<18} {:<9} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>12.1}",
-                w.name, s, iops, mib, p50, p99, ratio, lratio, cpu
-            );
-            summary.push(serde_json::json!({"workload": w.name, "server": s, "iops": iops, "mib_s": mib, "lat_p50_us": p50, "lat_p99_us": p99, "cpu_us_per_io": cpu}));
-        }
-    }
-    // Replication against its references, repetition by repetition (servers of one repetition
-    // run back to back, so the machine's mood is shared).
-    let rtt = median(rtts.clone());
-    println!("\nreplication, per-repetition medians (issue 3's targets in brackets)");
-    let mut repl = Vec::new();
-    for w in &workloads {
-        for p in ["duet-A", "duet-B", "duet-C", "base-A", "base-B", "base-C"] {
-            let base = format!("base-{}", &p[5..]);
-            let peers: &[&str] = if p == "duet-C" {
-                &["nbdkit", "qsd-mirror", &base, "duet-C-plain"]
-            } else if p.starts_with("duet") {
-                &["nbdkit", "qsd-mirror", &base]
-            } else {
-                &["nbdkit", "qsd-mirror"]
-            };
-            for &peer in peers {
-                let Some(r) = per_rep(&samples, w.name, p, peer, &|a, b| a.iops / b.iops) else {
-                    continue;
-                };
-                let target = match (p, peer, w.name) {
-                    ("duet-C", "nbdkit", "randwrite-4k-qd32") => " [>= 0.8]",
-                    ("duet-C", "nbdkit", "seqwrite-1m-qd8") => " [>= 0.5]",
-                    ("duet-C", "qsd-mirror", "randwrite-4k-qd32") => " [>= 2]",
-                    ("duet-C", "qsd-mirror", "seqwrite-1m-qd8") => " [>= 3]",
-                    _ => "",
-                };
-                println!("{:<18} {p} / {peer:<10} throughput {r:>6.2}x{target}", w.name);
-                if let Some(c) =
-                    per_rep(&samples, w.name, p, peer, &|a, b| a.cpu_us_per_io / b.cpu_us_per_io)
-                {
-                    println!("{:<18} {p} / {peer:<10} server CPU per I/O {c:>6.2}x", w.name);
-                    repl.push(serde_json::json!({"workload": w.name, "server": p, "peer": peer, "cpu_per_io_ratio": c}));
-                }
-                repl.push(
-                    serde_json::json!({"workload": w.name, "server": p, "peer": peer, "ratio": r}),
-                );
-                if w.latency {
-                    let d = per_rep(&samples, w.name, p, peer, &|a, b| a.lat_p50_us - b.lat_p50_us)
-                        .unwrap_or(0.0);
-                    let target =
-                        if p == "duet-C" && peer == "nbdkit" { " [<= +40 us]" } else { "" };
-                    println!(
-                        "{:<18} {p} - {peer:<10} p50 latency {d:>+7.1} us{target} (one loopback round trip: {rtt:.1} us)",
+                        "rep {rep} {t:<9} {:<18} {server:<12} {iops:>9.0} IOPS {mib_s:>8.1} MiB/s p50 {p50:>7.1}us p99 {p99:>7.1}us",
                         w.name
                     );
-                    repl.push(serde_json::json!({"workload": w.name, "server": p, "peer": peer, "p50_extra_us": d}));
+                    samples.push(Sample {
+                        topology: t.into(),
+                        workload: w.name.into(),
+                        server: server.into(),
+                        rep,
+                        iops,
+                        mib_s,
+                        lat_p50_us: p50,
+                        lat_p99_us: p99,
+                        cpu_us_per_io,
+                    });
                 }
             }
         }
     }
+    let results = Results {
+        reps: args.reps,
+        runtime_s: args.runtime,
+        size_mib: args.size_mib,
+        samples,
+        round_trips: rtts,
+        initial_syncs: syncs,
+        medians: Vec::new(),
+        replication: Vec::new(),
+    };
+    let results = summarize(results, &servers, &workloads);
     if let Some(d) = args.out.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let doc = serde_json::json!({
-        "reps": args.reps, "runtime_s": args.runtime, "size_mib": args.size_mib,
-        "medians": summary, "samples": samples, "initial_syncs": syncs,
-        "replication": repl, "loopback_rtt_us": rtts,
-    });
-    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
     println!("\nall samples written to {}", args.out.display());
     for s in &servers {
         let _ = std::fs::remove_file(args.dir.join(format!("{s}.img")));
@@ -827,5 +748,171 @@ fn main() -> anyhow::Result<()> {
     for f in ["beta.img", "mirror-target.img"] {
         let _ = std::fs::remove_file(args.dir.join(f));
     }
+    if let Some(dir) = &args.report {
+        report::write(&results, &args.out, dir)?;
+    }
     Ok(())
+}
+
+/// One round trip measurement (see [`Topology::rtt_us`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RoundTrip {
+    topology: String,
+    rep: usize,
+    us: f64,
+}
+
+/// Everything a fio run of the benchmark found; the results file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Results {
+    reps: usize,
+    runtime_s: u64,
+    size_mib: u64,
+    samples: Vec<Sample>,
+    #[serde(default)]
+    round_trips: Vec<RoundTrip>,
+    #[serde(default)]
+    initial_syncs: Vec<serde_json::Value>,
+    /// Per topology, workload and server: the median of each figure.
+    #[serde(default)]
+    medians: Vec<serde_json::Value>,
+    /// Per-repetition ratios of the pairs against their references.
+    #[serde(default)]
+    replication: Vec<serde_json::Value>,
+}
+
+/// The targets of the throughput issue (18), for the summary's brackets.
+fn target(topology: &str, server: &str, peer: &str, workload: &str) -> &'static str {
+    match (topology, server, peer, workload) {
+        ("shared", "duet-C", "nbdkit", "randwrite-4k-qd32") => " [>= 0.9]",
+        ("shared", "duet-C", "nbdkit", "seqwrite-1m-qd8") => " [>= 0.6]",
+        ("shared", "duet-C", "qsd-mirror", "randwrite-4k-qd32") => " [>= 5]",
+        ("shared", "duet-C", "qsd-mirror", "seqwrite-1m-qd8") => " [>= 4]",
+        ("two-hosts", "duet-C", "nbdkit", "randwrite-4k-qd32" | "seqwrite-1m-qd8") => " [>= 1.0]",
+        _ => "",
+    }
+}
+
+/// Prints the medians and the per-repetition ratios of each topology and fills them in.
+fn summarize(mut res: Results, servers: &[&str], workloads: &[Workload]) -> Results {
+    let topologies: Vec<String> = {
+        let mut t: Vec<String> = res.samples.iter().map(|s| s.topology.clone()).collect();
+        t.dedup();
+        t.sort();
+        t.dedup();
+        t
+    };
+    for topo in &topologies {
+        let samples: Vec<Sample> =
+            res.samples.iter().filter(|s| &s.topology == topo).cloned().collect();
+        let rtt_of = |rep: usize| {
+            res.round_trips.iter().find(|r| &r.topology == topo && r.rep == rep).map(|r| r.us)
+        };
+        let pick = |w: &str, s: &str, f: &dyn Fn(&Sample) -> f64| {
+            median(samples.iter().filter(|x| x.workload == w && x.server == s).map(f).collect())
+        };
+        println!(
+            "\n{topo}: medians of {} repetitions, {} s each (ratio = duet/peer; >1 is better for IOPS and MiB/s, <1 for latency)",
+            res.reps, res.runtime_s
+        );
+        println!(
+            "{:<18} {:<12} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}",
+            "workload",
+            "server",
+            "IOPS",
+            "MiB/s",
+            "p50 us",
+            "p99 us",
+            "IOPS ratio",
+            "p50 ratio",
+            "CPU us/IO"
+        );
+        for w in workloads {
+            let duet_iops = pick(w.name, "duet", &|x| x.iops);
+            let duet_p50 = pick(w.name, "duet", &|x| x.lat_p50_us);
+            for s in servers {
+                let (iops, mib, p50, p99, cpu) = (
+                    pick(w.name, s, &|x| x.iops),
+                    pick(w.name, s, &|x| x.mib_s),
+                    pick(w.name, s, &|x| x.lat_p50_us),
+                    pick(w.name, s, &|x| x.lat_p99_us),
+                    pick(w.name, s, &|x| x.cpu_us_per_io),
+                );
+                // The ratios compare standalone duet with each server (blank when it did not
+                // run).
+                let ratio = if *s == "duet" || iops == 0.0 || duet_iops == 0.0 {
+                    String::new()
+                } else {
+                    format!("{:.2}", duet_iops / iops)
+                };
+                let lratio = if *s == "duet" || p50 == 0.0 || duet_p50 == 0.0 || !w.latency {
+                    String::new()
+                } else {
+                    format!("{:.2}", duet_p50 / p50)
+                };
+                println!(
+                    "{:<18} {:<12} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>12.1}",
+                    w.name, s, iops, mib, p50, p99, ratio, lratio, cpu
+                );
+                res.medians.push(serde_json::json!({"topology": topo, "workload": w.name, "server": s, "iops": iops, "mib_s": mib, "lat_p50_us": p50, "lat_p99_us": p99, "cpu_us_per_io": cpu}));
+            }
+        }
+        // Replication against its references, repetition by repetition (servers of one
+        // repetition run back to back, so the machine's mood is shared).
+        let rtt =
+            median(res.round_trips.iter().filter(|r| &r.topology == topo).map(|r| r.us).collect());
+        println!("\n{topo}: replication, per-repetition medians (issue 18's targets in brackets)");
+        for w in workloads {
+            for p in ["duet-A", "duet-B", "duet-C", "base-A", "base-B", "base-C"] {
+                let base = format!("base-{}", &p[5..]);
+                let peers: &[&str] = if p == "duet-C" {
+                    &["nbdkit", "qsd-mirror", &base, "duet-C-plain"]
+                } else if p.starts_with("duet") {
+                    &["nbdkit", "qsd-mirror", &base]
+                } else {
+                    &["nbdkit", "qsd-mirror"]
+                };
+                for &peer in peers {
+                    let Some(r) = per_rep(&samples, w.name, p, peer, &|a, b| a.iops / b.iops)
+                    else {
+                        continue;
+                    };
+                    let t = target(topo, p, peer, w.name);
+                    println!("{:<18} {p} / {peer:<12} throughput {r:>6.2}x{t}", w.name);
+                    let mut row = serde_json::json!({"topology": topo, "workload": w.name, "server": p, "peer": peer, "ratio": r});
+                    if let Some(c) = per_rep(&samples, w.name, p, peer, &|a, b| {
+                        a.cpu_us_per_io / b.cpu_us_per_io
+                    }) {
+                        let t = if p == "duet-C" && peer == "nbdkit" && w.name == "seqwrite-1m-qd8"
+                        {
+                            " [<= 2]"
+                        } else {
+                            ""
+                        };
+                        println!("{:<18} {p} / {peer:<12} server CPU per I/O {c:>6.2}x{t}", w.name);
+                        row["cpu_per_io_ratio"] = c.into();
+                    }
+                    if w.latency {
+                        let d =
+                            per_rep(&samples, w.name, p, peer, &|a, b| a.lat_p50_us - b.lat_p50_us)
+                                .unwrap_or(0.0);
+                        // The extra latency in round trips of the same repetition.
+                        let trips = per_rep(&samples, w.name, p, peer, &|a, b| {
+                            rtt_of(a.rep).map_or(f64::NAN, |r| (a.lat_p50_us - b.lat_p50_us) / r)
+                        })
+                        .unwrap_or(f64::NAN);
+                        let t = if p == "duet-C" && peer == "nbdkit" { " [<= 1.0]" } else { "" };
+                        println!(
+                            "{:<18} {p} - {peer:<12} p50 latency {d:>+7.1} us = {trips:>5.2} round trips{t} (round trip p50 {rtt:.1} us)",
+                            w.name
+                        );
+                        row["p50_extra_us"] = d.into();
+                        row["p50_extra_round_trips"] = trips.into();
+                    }
+                    res.replication.push(row);
+                }
+            }
+        }
+    }
+    res
 }
