@@ -137,6 +137,22 @@ impl Topology {
                         .context("opening the lab's namespace")?;
                     Ok(Place { netns: Some(Arc::new(f.into())), cpu: Some(cpu) })
                 };
+                // A veth hands each packet to the receiving stack on the sender's CPU: the
+                // Secondary's TCP receive work would land on CPU 0. Receive packet steering puts
+                // it on the receiver's CPU, as a NIC of its own would.
+                for (i, mask) in [(0usize, "1"), (1, "2")] {
+                    let o = std::process::Command::new("ip")
+                        .args(["netns", "exec", &lab.ns[i], "sh", "-c"])
+                        .arg(format!("echo {mask} > /sys/class/net/ded0/queues/rx-0/rps_cpus"))
+                        .output()
+                        .context("running ip netns exec")?;
+                    if !o.status.success() {
+                        bail!(
+                            "steering the receive side of the veth to its CPU: {}",
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        );
+                    }
+                }
                 let a = place(0, 0)?;
                 Ok(Self {
                     name: "two-hosts",
@@ -257,6 +273,20 @@ mod tests {
             let allowed = text.lines().next().unwrap().split_whitespace().nth(1).unwrap();
             assert_eq!(allowed, cpu, "{text}");
             assert!(text.contains(&format!(" {addr}/")), "{addr} not in {text}");
+        }
+        // Each side's veth end steers its receive work to that side's CPU.
+        for (i, mask) in [(0usize, "1"), (1, "2")] {
+            let ns = t._lab.as_ref().map(|l| l.ns[i].clone()).unwrap();
+            let o = Command::new("ip")
+                .args(["netns", "exec", &ns, "cat", "/sys/class/net/ded0/queues/rx-0/rps_cpus"])
+                .output()
+                .unwrap();
+            let got = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(
+                u32::from_str_radix(got.trim().replace(',', "").as_str(), 16).ok(),
+                mask.parse().ok(),
+                "{got}"
+            );
         }
         // A thread of this process moved to the secondary's side sees its address, not ours.
         let here = t
