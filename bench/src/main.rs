@@ -145,7 +145,7 @@ const WORKLOADS: [Workload; 4] = [
     Workload { name: "write-4k-qd1", rw: "randwrite", bs: "4k", qd: 1, latency: true },
 ];
 
-const SERVERS: [&str; 11] = [
+const SERVERS: [&str; 12] = [
     "duet",
     "duet-A",
     "duet-B",
@@ -154,6 +154,7 @@ const SERVERS: [&str; 11] = [
     "base-A",
     "base-B",
     "base-C",
+    "base-C-plain",
     "nbdkit",
     "qemu-nbd",
     "qsd-mirror",
@@ -293,9 +294,19 @@ fn start_pair_inner(
         c
     };
     for n in ["alpha", "beta"] {
-        let st = duet(n).args(["create-md", "--force"]).stdout(Stdio::null()).status()?;
-        if !st.success() {
-            bail!("create-md on {n} failed");
+        let mut o = duet(n).args(["create-md", "--force"]).stdout(Stdio::null()).output()?;
+        // A build from before `state_dir` (a --base binary) keeps its state beside the control
+        // socket: the same configuration without that key.
+        if !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("unknown field `state_dir`")
+        {
+            let text = std::fs::read_to_string(&cfg)?;
+            let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("state_dir =")).collect();
+            std::fs::write(&cfg, kept.join("\n") + "\n")?;
+            o = duet(n).args(["create-md", "--force"]).stdout(Stdio::null()).output()?;
+        }
+        if !o.status.success() {
+            bail!("create-md on {n} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
         }
     }
     let mut children = Vec::new();
@@ -457,7 +468,7 @@ fn start(
         "duet-A" | "duet-B" | "duet-C" | "duet-C-plain" => {
             return start_pair(&server[5..], &args.duet, args, topo, file, port);
         }
-        "base-A" | "base-B" | "base-C" => {
+        "base-A" | "base-B" | "base-C" | "base-C-plain" => {
             let Some(bin) = &args.base else { bail!("{server} needs --base BINARY") };
             return start_pair(&server[5..], bin, args, topo, file, port);
         }
@@ -863,7 +874,16 @@ fn summarize(mut res: Results, servers: &[&str], workloads: &[Workload]) -> Resu
             median(res.round_trips.iter().filter(|r| &r.topology == topo).map(|r| r.us).collect());
         println!("\n{topo}: replication, per-repetition medians (issue 18's targets in brackets)");
         for w in workloads {
-            for p in ["duet-A", "duet-B", "duet-C", "base-A", "base-B", "base-C"] {
+            for p in [
+                "duet-A",
+                "duet-B",
+                "duet-C",
+                "duet-C-plain",
+                "base-A",
+                "base-B",
+                "base-C",
+                "base-C-plain",
+            ] {
                 let base = format!("base-{}", &p[5..]);
                 let peers: &[&str] = if p == "duet-C" {
                     &["nbdkit", "qsd-mirror", &base, "duet-C-plain"]
