@@ -310,9 +310,6 @@ pub(crate) fn write(res: &Results, results_file: &Path, dir: &Path) -> anyhow::R
             ("p50", &(|x: &Sample| x.lat_p50_us) as &dyn Fn(&Sample) -> f64),
             ("p99", &|x: &Sample| x.lat_p99_us),
         ] {
-            if !latency(w) && label == "p99" {
-                continue;
-            }
             let file = format!("latency-{label}-{w}.svg");
             draw_bars(
                 &dir.join(&file),
@@ -492,6 +489,7 @@ mod tests {
             "throughput-randwrite-4k-qd32.svg",
             "latency-p50-write-4k-qd1.svg",
             "latency-p99-write-4k-qd1.svg",
+            "latency-p99-randwrite-4k-qd32.svg",
             "cpu-randwrite-4k-qd32.svg",
             "lab-takeover.svg",
         ] {
