@@ -17,6 +17,8 @@
 //!   [`ratectl`] (the resync rate controller);
 //! - the codecs: [`wire`] (peer frames), [`handshake`] (its messages and authentication),
 //!   [`superblock`] (metadata);
+//! - [`quorum`]: majority votes held as leases, and epochs of up-to-date nodes, so that three or
+//!   four nodes never have two Primaries nor promote one that missed writes (not wired yet);
 //! - [`sim`]: a deterministic simulation of a pair of [`replica::Replica`]s (virtual clock, disks
 //!   with a volatile write cache, a link that delays, cuts and heals, seeded faults), run by the
 //!   `duet-sim` binary and the test suite.
@@ -32,6 +34,7 @@ pub mod generation;
 pub mod handshake;
 pub mod liveness;
 pub mod policy;
+pub mod quorum;
 pub mod ratectl;
 pub mod replica;
 pub mod seal;

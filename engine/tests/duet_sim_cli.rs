@@ -32,6 +32,18 @@ fn one_seed_replays_with_its_trace() {
 }
 
 #[test]
+fn the_quorum_simulation_runs_three_and_four_nodes() {
+    let (code, out, _) = sim(&["--quorum", "--seeds", "40"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.lines().last(), Some("40 seeds, 0 violations"), "{out}");
+    assert!(out.contains("3 nodes") && out.contains("4 nodes"), "{out}");
+    let (code, out, _) = sim(&["--quorum", "--seed", "5", "--trace"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(" holds (version "), "{out}");
+    assert_eq!(out.lines().last(), Some("1 seeds, 0 violations"));
+}
+
+#[test]
 fn bad_arguments_are_refused_with_usage() {
     for args in
         [&["--seeds", "many"][..], &["--seeds"][..], &["--steps", "-1"][..], &["--frobnicate"][..]]
