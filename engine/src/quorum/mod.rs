@@ -42,7 +42,7 @@
 //! state: if every member of the newest epoch is gone, the remaining nodes do not promote on
 //! their own.
 //!
-//! [`sim`] runs three and four nodes with drifting clocks, delays, lost and late messages,
+//! [`wire`] is the messages' byte form. [`sim`] runs three and four nodes with drifting clocks, delays, lost and late messages,
 //! one-way link cuts, partitions and crashes, and checks that no two nodes hold at one
 //! instant, that a node cut off from a majority stops holding within one lease, that every
 //! new holder has every acknowledged write, and that a holder emerges once the faults stop.
@@ -50,6 +50,7 @@
 pub mod sim;
 #[cfg(test)]
 mod tests;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
