@@ -188,6 +188,11 @@ impl Config {
         self.lease / 3
     }
 
+    /// Whether the nodes in `mask` are a majority.
+    fn is_majority(&self, mask: u8) -> bool {
+        mask.count_ones() as usize >= self.majority()
+    }
+
     fn is_data(&self, n: NodeId) -> bool {
         n < self.nodes && self.data & bit(n) != 0
     }
@@ -273,9 +278,8 @@ struct Candidacy {
     last_sent: Instant,
     /// Each voter's vote counts until then (ours included).
     until: [Option<Instant>; MAX_NODES],
-    /// The epoch we proposed and who stored it.
+    /// The epoch we proposed and who stored it (committed once that is a majority).
     proposal: Option<(Epoch, u8)>,
-    committed: Option<Epoch>,
     /// A voter told us it promised someone else, or voted in a later term.
     setback: Option<Refusal>,
 }
@@ -472,15 +476,11 @@ impl Quorum {
                 }
             }
             Msg::Stored { number } => {
-                let majority = self.cfg.majority();
                 if let Some(c) = self.cand.as_mut()
                     && let Some((e, acked)) = c.proposal.as_mut()
                     && e.number == number
                 {
                     *acked |= bit(from);
-                    if acked.count_ones() as usize >= majority {
-                        c.committed = Some(*e);
-                    }
                 }
             }
         }
@@ -505,7 +505,7 @@ impl Quorum {
             c.last_sent = now;
             c.sent.retain(|_, &mut t| t + lease > now);
             if let Some((e, acked)) = c.proposal
-                && c.committed != Some(e)
+                && !self.cfg.is_majority(acked)
             {
                 // Voters that missed the proposal get it again with the renewal.
                 for to in (0..self.cfg.nodes).filter(|&n| n != me && acked & bit(n) == 0) {
@@ -531,7 +531,6 @@ impl Quorum {
                 last_sent: now,
                 until: [None; MAX_NODES],
                 proposal: None,
-                committed: None,
                 setback: None,
             });
             self.request(now, &mut out);
@@ -578,7 +577,7 @@ impl Quorum {
     /// Whether this node holds quorum at `now`. The executor checks it before it promotes and
     /// before it answers a write; when it turns false the Primary freezes or demotes.
     pub fn holds(&self, now: Instant) -> bool {
-        self.counted(now).count_ones() as usize >= self.cfg.majority()
+        self.cfg.is_majority(self.counted(now))
     }
 
     /// Whether this node stands.
@@ -613,7 +612,6 @@ impl Quorum {
         c.seq += 1;
         let epoch = Epoch { number: c.term << SEQ_BITS | c.seq, members };
         c.proposal = Some((epoch, bit(me)));
-        c.committed = None;
         let mut out = Actions::default();
         self.learn(epoch, &mut out);
         self.broadcast(Msg::Propose { epoch }, &mut out);
@@ -627,11 +625,8 @@ impl Quorum {
 
     /// The epoch a majority stored in this tenure, when it is the latest proposed.
     pub fn committed(&self) -> Option<Epoch> {
-        let c = self.cand.as_ref()?;
-        match (c.proposal, c.committed) {
-            (Some((p, _)), Some(e)) if p == e => Some(e),
-            _ => None,
-        }
+        let (e, acked) = self.cand.as_ref()?.proposal?;
+        self.cfg.is_majority(acked).then_some(e)
     }
 
     /// What `duet status` shows about quorum.
@@ -639,7 +634,7 @@ impl Quorum {
         let counted = self.counted(now);
         Status {
             candidate: self.cand.is_some(),
-            holds: counted.count_ones() as usize >= self.cfg.majority(),
+            holds: self.cfg.is_majority(counted),
             counted,
             needed: self.cfg.majority(),
             promised: self.promise.filter(|&(_, u)| u > now).map(|(p, _)| p),
