@@ -57,10 +57,19 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
 
 /// Replaces `path` with `bytes` atomically and durably; a symbolic link at `path` is replaced,
 /// never followed, and the temporary file is created fresh (O_EXCL, O_NOFOLLOW).
+///
+/// The temporary file is `<path>.tmp`: one per target, so writers of different files never
+/// meet (a shared `<stem>.tmp` let the events writer's rewrite remove the temporary file of a
+/// maintenance save made at the same instant, and the save failed). Writers of one target
+/// within this process take turns.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    static TURNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let err = |source| StateError::Write { path: path.to_owned(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _turn = TURNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -260,6 +269,37 @@ mod tests {
             let e = load_maintenance(d.path(), "a").unwrap_err().to_string();
             assert!(e.contains("a.maintenance") && e.contains("remove it"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn writers_of_different_files_at_once_never_fail() {
+        // alpha.events, alpha.maintenance and alpha.peer-beta written by threads at once (and
+        // two VIPs' MAC files): each write succeeds and each file ends with its own last text.
+        let d = tempfile::tempdir().unwrap();
+        let names = [
+            "alpha.events",
+            "alpha.maintenance",
+            "alpha.peer-beta",
+            "alpha.mac-lan0-192.0.2.10",
+            "alpha.mac-lan0-192.0.2.11",
+        ];
+        std::thread::scope(|s| {
+            for name in names {
+                let path = d.path().join(name);
+                s.spawn(move || {
+                    for i in 0..300 {
+                        write_atomic(&path, format!("{name} {i}\n").as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        for name in names {
+            let text = std::fs::read_to_string(d.path().join(name)).unwrap();
+            assert_eq!(text, format!("{name} 299\n"));
+        }
+        let left: Vec<_> =
+            std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), names.len(), "temporary files left: {left:?}");
     }
 
     #[test]
